@@ -1,0 +1,44 @@
+# productsvc — see README.md.
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS  := -s -w -X main.version=$(VERSION)
+FUZZTIME ?= 20s
+IMAGE    ?= productsvc:$(VERSION)
+
+.PHONY: run build test lint test-faults fuzz bench docker-build docker-run
+
+## run: build and start the service on :8080 with ./products.db (Redis when REDIS_URL is set)
+run: build
+	./productsvc
+
+## build: a static binary, ./productsvc
+build:
+	CGO_ENABLED=0 go build -trimpath -ldflags "$(LDFLAGS)" -o productsvc .
+
+## test: unit and integration tests with the race detector (real SQLite, real redis-server when installed)
+test:
+	go test -race -count=1 -timeout 15m .
+
+## lint: gofmt and go vet
+lint:
+	@out="$$(gofmt -l .)"; if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	go vet ./...
+
+## test-faults: the black-box fault suite against the real binary (see e2e/)
+test-faults:
+	go test -count=1 -v -timeout 40m ./e2e/
+
+## fuzz: run each fuzz target for FUZZTIME
+fuzz:
+	go test -run '^$$' -fuzz '^FuzzDecodeProductInput$$' -fuzztime $(FUZZTIME) .
+	go test -run '^$$' -fuzz '^FuzzParseListQuery$$' -fuzztime $(FUZZTIME) .
+	go test -run '^$$' -fuzz '^FuzzHandler$$' -fuzztime $(FUZZTIME) .
+
+## bench: the reproducible benchmark; writes bench/results.md
+bench:
+	bash bench/run.sh
+
+docker-build:
+	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .
+
+docker-run:
+	docker run --rm -p 8080:8080 -v productsvc-data:/data -e API_TOKEN $(IMAGE)

@@ -1,0 +1,241 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/url"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// config is the service's configuration: each setting comes from its flag
+// if given, else its environment variable, else its default.
+type config struct {
+	Addr            string
+	DBPath          string
+	DBSync          string
+	DBTimeout       time.Duration
+	RedisURL        string
+	RedisTimeout    time.Duration
+	CacheTTL        time.Duration
+	LocalCacheSize  int
+	APITokens       []string
+	LogLevel        slog.Level
+	ShutdownDelay   time.Duration
+	ShutdownTimeout time.Duration
+	MetricsAddr     string
+	AdminAddr       string
+	RateLimitRPS    float64
+	RateLimitBurst  int
+	MaxInFlight     int
+
+	Version     bool
+	HealthCheck bool
+}
+
+// configError is an invalid setting; the process exits with status 2.
+type configError struct{ msg string }
+
+func (e *configError) Error() string { return e.msg }
+
+// setting is one configuration value, its sources and its parser.
+type setting struct {
+	env, flag, def, usage string
+	set                   func(string) error
+}
+
+func (c *config) settings() []setting {
+	return []setting{
+		{"ADDR", "addr", ":8080", "listen address", strSetting(&c.Addr, nonEmpty)},
+		{"DB_PATH", "db", "products.db", "SQLite database file", strSetting(&c.DBPath, nonEmpty)},
+		{"DB_SYNC", "db-sync", "full", "SQLite synchronous mode: full (durable on power loss) or normal", strSetting(&c.DBSync, oneOf("full", "normal"))},
+		{"DB_TIMEOUT", "db-timeout", "2s", "bound on each database query and write batch", durSetting(&c.DBTimeout, time.Millisecond)},
+		{"REDIS_URL", "redis-url", "", "Redis URL for the shared cache, e.g. redis://localhost:16379/0 (empty: no Redis)", strSetting(&c.RedisURL, redisURL)},
+		{"REDIS_TIMEOUT", "redis-timeout", "100ms", "bound on each Redis call", durSetting(&c.RedisTimeout, time.Millisecond)},
+		{"CACHE_TTL", "cache-ttl", "5m", "how long cached products live", durSetting(&c.CacheTTL, time.Second)},
+		{"LOCAL_CACHE_SIZE", "local-cache-size", "10000", "products kept in the in-process cache (0: none)", intSetting(&c.LocalCacheSize, 0, 10_000_000)},
+		{"API_TOKEN", "api-token", "", "comma-separated bearer tokens accepted for writes (empty: one is generated and logged)", func(s string) error {
+			c.APITokens = nil
+			for _, t := range strings.Split(s, ",") {
+				if t = strings.TrimSpace(t); t != "" {
+					c.APITokens = append(c.APITokens, t)
+				}
+			}
+			if s != "" && len(c.APITokens) == 0 {
+				return errors.New("must list at least one non-empty token")
+			}
+			return nil
+		}},
+		{"LOG_LEVEL", "log-level", "info", "debug, info, warn or error", func(s string) error {
+			return c.LogLevel.UnmarshalText([]byte(s))
+		}},
+		{"SHUTDOWN_DELAY", "shutdown-delay", "0s", "how long to keep serving after a shutdown signal, with /ready failing", durSetting(&c.ShutdownDelay, 0)},
+		{"SHUTDOWN_TIMEOUT", "shutdown-timeout", "25s", "how long to wait for in-flight requests to finish", durSetting(&c.ShutdownTimeout, time.Millisecond)},
+		{"METRICS_ADDR", "metrics-addr", "", "separate listen address for /metrics (empty: on the main listener)", strSetting(&c.MetricsAddr, hostPort)},
+		{"ADMIN_ADDR", "admin-addr", "", "loopback listen address for pprof and /metrics (empty: off)", strSetting(&c.AdminAddr, loopbackHostPort)},
+		{"RATE_LIMIT_RPS", "rate-limit-rps", "0", "requests per second per client (0: no limit)", func(s string) error {
+			v, err := strconv.ParseFloat(s, 64)
+			if err != nil || v < 0 || v > 1e6 || v != v {
+				return errors.New("must be a number from 0 to 1000000")
+			}
+			c.RateLimitRPS = v
+			return nil
+		}},
+		{"RATE_LIMIT_BURST", "rate-limit-burst", "0", "burst per client (0: the rate, rounded up)", intSetting(&c.RateLimitBurst, 0, 1_000_000)},
+		{"MAX_IN_FLIGHT", "max-in-flight", strconv.Itoa(256 * runtime.GOMAXPROCS(0)), "concurrent requests served before shedding load with 503 (0: no limit)", intSetting(&c.MaxInFlight, 0, 1_000_000)},
+	}
+}
+
+func strSetting(dst *string, check func(string) error) func(string) error {
+	return func(s string) error {
+		if err := check(s); err != nil {
+			return err
+		}
+		*dst = s
+		return nil
+	}
+}
+
+func durSetting(dst *time.Duration, min time.Duration) func(string) error {
+	return func(s string) error {
+		d, err := time.ParseDuration(s)
+		if err != nil || d < min || d > 24*time.Hour {
+			return fmt.Errorf("must be a duration such as 250ms or 5s, from %s to 24h", min)
+		}
+		*dst = d
+		return nil
+	}
+}
+
+func intSetting(dst *int, min, max int) func(string) error {
+	return func(s string) error {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < min || n > max {
+			return fmt.Errorf("must be an integer from %d to %d", min, max)
+		}
+		*dst = n
+		return nil
+	}
+}
+
+func nonEmpty(s string) error {
+	if s == "" {
+		return errors.New("must not be empty")
+	}
+	return nil
+}
+
+func oneOf(choices ...string) func(string) error {
+	return func(s string) error {
+		for _, c := range choices {
+			if s == c {
+				return nil
+			}
+		}
+		return fmt.Errorf("must be one of %s", strings.Join(choices, ", "))
+	}
+}
+
+func hostPort(s string) error {
+	if s == "" {
+		return nil
+	}
+	if _, _, err := net.SplitHostPort(s); err != nil {
+		return errors.New("must be host:port")
+	}
+	return nil
+}
+
+// loopbackHostPort accepts only loopback addresses: the admin listener
+// serves pprof, which must never be reachable from outside the host.
+func loopbackHostPort(s string) error {
+	if s == "" {
+		return nil
+	}
+	host, _, err := net.SplitHostPort(s)
+	if err != nil {
+		return errors.New("must be host:port")
+	}
+	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		return errors.New("must be a loopback address such as 127.0.0.1:6060")
+	}
+	return nil
+}
+
+func redisURL(s string) error {
+	if s == "" {
+		return nil
+	}
+	u, err := url.Parse(s)
+	if err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") || u.Host == "" {
+		return errors.New("must be a URL such as redis://localhost:6379/0")
+	}
+	return nil
+}
+
+// parseConfig reads flags from args and the environment through getenv.
+func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*config, error) {
+	c := &config{}
+	fs := flag.NewFlagSet(args[0], flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	settings := c.settings()
+	flagVals := make(map[string]*string, len(settings))
+	for _, s := range settings {
+		flagVals[s.flag] = fs.String(s.flag, s.def, s.usage+" (env "+s.env+")")
+	}
+	fs.BoolVar(&c.Version, "version", false, "print the version and exit")
+	fs.BoolVar(&c.HealthCheck, "healthcheck", false, "GET this service's /health and exit 0 if it answers 200, else 1")
+	if err := fs.Parse(args[1:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, err
+		}
+		return nil, &configError{msg: err.Error()}
+	}
+	if fs.NArg() > 0 {
+		return nil, &configError{msg: fmt.Sprintf("unexpected argument %q", fs.Arg(0))}
+	}
+	given := make(map[string]bool)
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	for _, s := range settings {
+		v, source := s.def, "default"
+		if given[s.flag] {
+			v, source = *flagVals[s.flag], "-"+s.flag
+		} else if e := getenv(s.env); e != "" {
+			v, source = e, s.env
+		}
+		if err := s.set(v); err != nil {
+			name := s.env
+			if source == "-"+s.flag {
+				name = source
+			}
+			shown := v
+			if s.env == "API_TOKEN" {
+				shown = "[redacted]"
+			}
+			return nil, &configError{msg: fmt.Sprintf("invalid %s %q: %v", name, shown, err)}
+		}
+	}
+	return c, nil
+}
+
+// logAttrs describes the effective configuration, secrets redacted.
+func (c *config) logAttrs() []any {
+	redis := c.RedisURL
+	if u, err := url.Parse(redis); err == nil && redis != "" {
+		redis = u.Redacted()
+	}
+	return []any{
+		"addr", c.Addr, "db_path", c.DBPath, "db_sync", c.DBSync, "db_timeout", c.DBTimeout.String(),
+		"redis_url", redis, "redis_timeout", c.RedisTimeout.String(), "cache_ttl", c.CacheTTL.String(),
+		"local_cache_size", c.LocalCacheSize, "api_tokens", len(c.APITokens), "log_level", c.LogLevel.String(),
+		"shutdown_delay", c.ShutdownDelay.String(), "shutdown_timeout", c.ShutdownTimeout.String(),
+		"metrics_addr", c.MetricsAddr, "admin_addr", c.AdminAddr,
+		"rate_limit_rps", c.RateLimitRPS, "rate_limit_burst", c.RateLimitBurst, "max_in_flight", c.MaxInFlight,
+	}
+}

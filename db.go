@@ -1,0 +1,753 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"errors"
+	"fmt"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"modernc.org/sqlite"
+	sqlite3 "modernc.org/sqlite/lib"
+)
+
+// productColumns is the column list every product query selects, in the
+// order scanProduct reads them.
+const productColumns = `id, sku, name, description, category, price_cents, currency, stock, version, created_at, updated_at`
+
+// migrations are applied in order, each once, in one transaction each.
+// Append only: a released migration never changes.
+var migrations = []string{
+	// 1: products, their sort indexes and the full-text index.
+	`CREATE TABLE products (
+		id          INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused, so (id, version) is unique forever
+		sku         TEXT    NOT NULL UNIQUE,
+		name        TEXT    NOT NULL,
+		description TEXT    NOT NULL DEFAULT '',
+		category    TEXT    NOT NULL DEFAULT '',
+		price_cents INTEGER NOT NULL CHECK (price_cents BETWEEN 0 AND 1000000000000),
+		currency    TEXT    NOT NULL DEFAULT 'USD',
+		stock       INTEGER NOT NULL DEFAULT 0 CHECK (stock BETWEEN 0 AND 1000000000000),
+		version     INTEGER NOT NULL DEFAULT 1,
+		created_at  INTEGER NOT NULL, -- Unix microseconds, UTC
+		updated_at  INTEGER NOT NULL
+	);
+	CREATE INDEX products_name_id ON products (name, id);
+	CREATE INDEX products_price_id ON products (price_cents, id);
+	CREATE INDEX products_created_id ON products (created_at, id);
+	CREATE INDEX products_category_id ON products (category, id);
+	CREATE INDEX products_category_price_id ON products (category, price_cents, id);
+	CREATE VIRTUAL TABLE products_fts USING fts5(
+		name, description, content='products', content_rowid='id',
+		tokenize='unicode61 remove_diacritics 2'
+	);
+	CREATE TRIGGER products_fts_insert AFTER INSERT ON products BEGIN
+		INSERT INTO products_fts (rowid, name, description) VALUES (new.id, new.name, new.description);
+	END;
+	CREATE TRIGGER products_fts_delete AFTER DELETE ON products BEGIN
+		INSERT INTO products_fts (products_fts, rowid, name, description) VALUES ('delete', old.id, old.name, old.description);
+	END;
+	CREATE TRIGGER products_fts_update AFTER UPDATE OF name, description ON products BEGIN
+		INSERT INTO products_fts (products_fts, rowid, name, description) VALUES ('delete', old.id, old.name, old.description);
+		INSERT INTO products_fts (rowid, name, description) VALUES (new.id, new.name, new.description);
+	END;`,
+	// 2: stored responses of writes made with an Idempotency-Key.
+	`CREATE TABLE idempotency_keys (
+		scope       TEXT    NOT NULL,
+		key         TEXT    NOT NULL,
+		fingerprint TEXT    NOT NULL,
+		status      INTEGER NOT NULL,
+		body        BLOB    NOT NULL,
+		product_id  INTEGER NOT NULL,
+		version     INTEGER NOT NULL,
+		created_at  INTEGER NOT NULL, -- Unix microseconds
+		PRIMARY KEY (scope, key)
+	) WITHOUT ROWID;
+	CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);`,
+}
+
+// StoreConfig configures OpenStore.
+type StoreConfig struct {
+	Path    string
+	Sync    string        // "full" or "normal"
+	Timeout time.Duration // bound on every query and on each write batch
+	Readers int           // read-only connections; 0 picks a default
+}
+
+// Store is the SQLite product store. It has one writer connection, fed by a
+// single goroutine that commits concurrent writes in groups (one transaction
+// and one fsync per group), and a pool of read-only connections.
+type Store struct {
+	write   *sql.DB
+	read    *sql.DB
+	timeout time.Duration
+	now     func() time.Time
+
+	writes    chan *writeOp
+	stop      chan struct{}
+	loopDone  chan struct{}
+	closeOnce sync.Once
+
+	getStmt *sql.Stmt
+	stmtsMu sync.Mutex
+	stmts   map[string]*sql.Stmt // list queries by their SQL text
+
+	count atomic.Int64 // number of products, kept up to date by writes
+}
+
+// maxBatch bounds how many writes share one transaction.
+const maxBatch = 128
+
+// OpenStore opens (creating if needed) and migrates the database at cfg.Path.
+func OpenStore(ctx context.Context, cfg StoreConfig) (*Store, error) {
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 2 * time.Second
+	}
+	if cfg.Sync == "" {
+		cfg.Sync = "full"
+	}
+	if cfg.Readers <= 0 {
+		cfg.Readers = max(4, 2*runtime.GOMAXPROCS(0))
+	}
+	busy := cfg.Timeout.Milliseconds()
+	common := fmt.Sprintf("_pragma=busy_timeout(%d)&_pragma=foreign_keys(1)&_pragma=temp_store(memory)", busy)
+	// A URI filename, so the readers can ask for mode=ro; escape what URI
+	// syntax would read as its own.
+	path := "file:" + strings.NewReplacer("%", "%25", "?", "%3f", "#", "%23").Replace(cfg.Path)
+
+	wdb, err := sql.Open("sqlite", path+"?"+common+
+		"&_pragma=journal_mode(WAL)&_pragma=synchronous("+cfg.Sync+")&_txlock=immediate")
+	if err != nil {
+		return nil, fmt.Errorf("open database: %w", err)
+	}
+	wdb.SetMaxOpenConns(1)
+	wdb.SetMaxIdleConns(1)
+	wdb.SetConnMaxLifetime(0)
+	wdb.SetConnMaxIdleTime(0)
+
+	s := &Store{
+		write:    wdb,
+		timeout:  cfg.Timeout,
+		now:      time.Now,
+		writes:   make(chan *writeOp, maxBatch),
+		stop:     make(chan struct{}),
+		loopDone: make(chan struct{}),
+		stmts:    make(map[string]*sql.Stmt),
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := s.migrate(ctx); err != nil {
+		wdb.Close()
+		return nil, err
+	}
+
+	// Readers open the file read-only: a bug in a read path can never write.
+	rdb, err := sql.Open("sqlite", path+"?mode=ro&"+common+"&_pragma=query_only(1)")
+	if err != nil {
+		wdb.Close()
+		return nil, fmt.Errorf("open database: %w", err)
+	}
+	rdb.SetMaxOpenConns(cfg.Readers)
+	rdb.SetMaxIdleConns(cfg.Readers)
+	rdb.SetConnMaxIdleTime(0)
+	s.read = rdb
+
+	if s.getStmt, err = rdb.PrepareContext(ctx, `SELECT `+productColumns+` FROM products WHERE id = ?`); err != nil {
+		s.closeDBs()
+		return nil, fmt.Errorf("prepare: %w", err)
+	}
+	var n int64
+	if err := rdb.QueryRowContext(ctx, `SELECT count(*) FROM products`).Scan(&n); err != nil {
+		s.closeDBs()
+		return nil, fmt.Errorf("count products: %w", err)
+	}
+	s.count.Store(n)
+
+	go s.writeLoop()
+	return s, nil
+}
+
+func (s *Store) migrate(ctx context.Context) error {
+	if _, err := s.write.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
+		version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)`); err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	for i, stmt := range migrations {
+		version := i + 1
+		err := func() error {
+			tx, err := s.write.BeginTx(ctx, nil)
+			if err != nil {
+				return err
+			}
+			defer tx.Rollback()
+			var applied int
+			if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM schema_migrations WHERE version = ?`, version).Scan(&applied); err != nil {
+				return err
+			}
+			if applied > 0 {
+				return nil
+			}
+			if _, err := tx.ExecContext(ctx, stmt); err != nil {
+				return err
+			}
+			if _, err := tx.ExecContext(ctx, `INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)`, version, time.Now().Unix()); err != nil {
+				return err
+			}
+			return tx.Commit()
+		}()
+		if err != nil {
+			return fmt.Errorf("migrate to version %d: %w", version, err)
+		}
+	}
+	return nil
+}
+
+// Close stops the writer, checkpoints the WAL into the main file and closes
+// every connection. Writes still queued get ErrUnavailable.
+func (s *Store) Close() error {
+	var err error
+	s.closeOnce.Do(func() {
+		close(s.stop)
+		<-s.loopDone
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		s.read.Close() // readers first, so the writer's close is the last and removes the WAL
+		if _, cerr := s.write.ExecContext(ctx, `PRAGMA wal_checkpoint(TRUNCATE)`); cerr != nil {
+			err = fmt.Errorf("checkpoint: %w", cerr)
+		}
+		if cerr := s.write.Close(); cerr != nil && err == nil {
+			err = cerr
+		}
+	})
+	return err
+}
+
+func (s *Store) closeDBs() {
+	if s.read != nil {
+		s.read.Close()
+	}
+	s.write.Close()
+}
+
+// Count returns the number of products, maintained by writes (no query).
+func (s *Store) Count() int64 { return s.count.Load() }
+
+// Stats returns the read and write pools' statistics.
+func (s *Store) Stats() (read, write sql.DBStats) { return s.read.Stats(), s.write.Stats() }
+
+// Ping checks that a read connection can run a query.
+func (s *Store) Ping(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	var one int
+	return translate(ctx, s.read.QueryRowContext(ctx, `SELECT 1`).Scan(&one))
+}
+
+// Get returns the product with id, or ErrNotFound.
+func (s *Store) Get(ctx context.Context, id int64) (Product, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	p, err := scanProduct(s.getStmt.QueryRowContext(ctx, id))
+	if err != nil {
+		return Product{}, fmt.Errorf("get product %d: %w", id, translate(ctx, err))
+	}
+	return p, nil
+}
+
+type rowScanner interface{ Scan(dest ...any) error }
+
+func scanProduct(row rowScanner) (Product, error) {
+	var p Product
+	var created, updated int64
+	err := row.Scan(&p.ID, &p.SKU, &p.Name, &p.Description, &p.Category, &p.PriceCents,
+		&p.Currency, &p.Stock, &p.Version, &created, &updated)
+	p.CreatedAt = time.UnixMicro(created).UTC()
+	p.UpdatedAt = time.UnixMicro(updated).UTC()
+	return p, err
+}
+
+// List returns one page of products in keyset order.
+func (s *Store) List(ctx context.Context, f ListFilter) (Page, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	query, args := listQuery(f)
+	stmt, err := s.listStmt(ctx, query)
+	if err != nil {
+		return Page{}, fmt.Errorf("list products: %w", translate(ctx, err))
+	}
+	rows, err := stmt.QueryContext(ctx, args...)
+	if err != nil {
+		return Page{}, fmt.Errorf("list products: %w", translate(ctx, err))
+	}
+	defer rows.Close()
+	items := make([]Product, 0, f.Limit+1)
+	for rows.Next() {
+		p, err := scanProduct(rows)
+		if err != nil {
+			return Page{}, fmt.Errorf("list products: %w", translate(ctx, err))
+		}
+		items = append(items, p)
+	}
+	if err := rows.Err(); err != nil {
+		return Page{}, fmt.Errorf("list products: %w", translate(ctx, err))
+	}
+	var page Page
+	if len(items) > f.Limit {
+		items = items[:f.Limit]
+		page.NextCursor = cursorAfter(f, items[len(items)-1]).encode()
+	}
+	page.Items = items
+	return page, nil
+}
+
+// listStmt returns a prepared statement for query. The number of distinct
+// queries is bounded by the combinations of filters and sorts (a few hundred).
+func (s *Store) listStmt(ctx context.Context, query string) (*sql.Stmt, error) {
+	s.stmtsMu.Lock()
+	defer s.stmtsMu.Unlock()
+	if st, ok := s.stmts[query]; ok {
+		return st, nil
+	}
+	st, err := s.read.PrepareContext(ctx, query)
+	if err != nil {
+		return nil, err
+	}
+	s.stmts[query] = st
+	return st, nil
+}
+
+// listQuery builds the SQL for f. Every value is a bound parameter; only
+// column names from the closed set in sortColumns reach the SQL text.
+func listQuery(f ListFilter) (string, []any) {
+	var where []string
+	var args []any
+	if f.Category != nil {
+		where = append(where, "category = ?")
+		args = append(args, *f.Category)
+	}
+	if f.MinPriceCents != nil {
+		where = append(where, "price_cents >= ?")
+		args = append(args, *f.MinPriceCents)
+	}
+	if f.MaxPriceCents != nil {
+		where = append(where, "price_cents <= ?")
+		args = append(args, *f.MaxPriceCents)
+	}
+	if f.InStock != nil {
+		if *f.InStock {
+			where = append(where, "stock > 0")
+		} else {
+			where = append(where, "stock = 0")
+		}
+	}
+	if f.Query != "" {
+		where = append(where, "id IN (SELECT rowid FROM products_fts WHERE products_fts MATCH ?)")
+		args = append(args, f.Query)
+	}
+	col := sortColumns[f.Sort]
+	cmp, dir := ">", "ASC"
+	if f.Desc {
+		cmp, dir = "<", "DESC"
+	}
+	if f.After != nil {
+		if col == "id" {
+			where = append(where, "id "+cmp+" ?")
+			args = append(args, f.After.ID)
+		} else {
+			where = append(where, "("+col+", id) "+cmp+" (?, ?)")
+			args = append(args, f.After.Key, f.After.ID)
+		}
+	}
+	var b strings.Builder
+	b.WriteString("SELECT " + productColumns + " FROM products")
+	if len(where) > 0 {
+		b.WriteString(" WHERE " + strings.Join(where, " AND "))
+	}
+	if col == "id" {
+		b.WriteString(" ORDER BY id " + dir)
+	} else {
+		b.WriteString(" ORDER BY " + col + " " + dir + ", id " + dir)
+	}
+	b.WriteString(" LIMIT ?")
+	args = append(args, f.Limit+1)
+	return b.String(), args
+}
+
+// writeOp is one write waiting for the writer goroutine. fn runs inside its
+// own savepoint of the group's transaction, so a failing write (a conflict,
+// say) rolls back alone; onCommit runs on the writer goroutine after the
+// group commits, in commit order.
+type writeOp struct {
+	ctx      context.Context
+	fn       func(ctx context.Context, tx *sql.Tx) error
+	onCommit func()
+	idem     *idemWrite
+	done     chan error
+}
+
+// idemWrite records a write's response under its idempotency key, in the
+// write's own savepoint: the write and its record commit together or not at
+// all, so a retry after a crash can never apply the write twice.
+type idemWrite struct {
+	key    *IdempotencyKey
+	status int
+	result func() Product
+}
+
+// writeTx runs fn in the writer's next group transaction and returns once
+// that transaction has committed (durably, with the configured sync) or
+// failed. A write that was queued is waited for even if ctx ends, so the
+// caller always learns its fate.
+func (s *Store) writeTx(ctx context.Context, idem *idemWrite, fn func(ctx context.Context, tx *sql.Tx) error, onCommit func()) error {
+	op := &writeOp{ctx: ctx, fn: fn, onCommit: onCommit, idem: idem, done: make(chan error, 1)}
+	select {
+	case s.writes <- op:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-s.stop:
+		return fmt.Errorf("store closed: %w", ErrUnavailable)
+	}
+	return <-op.done
+}
+
+func (s *Store) writeLoop() {
+	defer close(s.loopDone)
+	batch := make([]*writeOp, 0, maxBatch)
+	for {
+		select {
+		case op := <-s.writes:
+			batch = append(batch[:0], op)
+		fill:
+			for len(batch) < maxBatch {
+				select {
+				case op := <-s.writes:
+					batch = append(batch, op)
+				default:
+					break fill
+				}
+			}
+			s.commitGroup(batch)
+			clear(batch)
+		case <-s.stop:
+			// Fail whatever is still queued; writeTx callers are waiting.
+			for {
+				select {
+				case op := <-s.writes:
+					op.done <- fmt.Errorf("store closed: %w", ErrUnavailable)
+				default:
+					return
+				}
+			}
+		}
+	}
+}
+
+// commitGroup runs ops in one transaction, each in a savepoint, and commits
+// once. If the transaction itself fails, every op in it fails: none of them
+// was acknowledged, and none is half-applied.
+func (s *Store) commitGroup(ops []*writeOp) {
+	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
+	defer cancel()
+	errs := make([]error, len(ops))
+	failAll := func(err error) {
+		err = translate(ctx, err)
+		for _, op := range ops {
+			op.done <- err
+		}
+	}
+	tx, err := s.write.BeginTx(ctx, nil)
+	if err != nil {
+		failAll(fmt.Errorf("begin: %w", err))
+		return
+	}
+	defer tx.Rollback()
+	for i, op := range ops {
+		if err := op.ctx.Err(); err != nil {
+			errs[i] = err // the client left before its write started: skip it
+			continue
+		}
+		if _, err := tx.ExecContext(ctx, `SAVEPOINT w`); err != nil {
+			failAll(err)
+			return
+		}
+		opErr := translate(ctx, s.runOp(ctx, tx, op))
+		if opErr != nil {
+			if errors.Is(opErr, ErrUnavailable) {
+				// A database failure may have rolled back the whole transaction.
+				failAll(opErr)
+				return
+			}
+			errs[i] = opErr
+			if _, err := tx.ExecContext(ctx, `ROLLBACK TO w`); err != nil {
+				failAll(err)
+				return
+			}
+		}
+		if _, err := tx.ExecContext(ctx, `RELEASE w`); err != nil {
+			failAll(err)
+			return
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		failAll(fmt.Errorf("commit: %w", err))
+		return
+	}
+	for i, op := range ops {
+		if errs[i] == nil && op.onCommit != nil {
+			op.onCommit()
+		}
+		op.done <- errs[i]
+	}
+}
+
+// runOp runs one write, checking and recording its idempotency key.
+func (s *Store) runOp(ctx context.Context, tx *sql.Tx, op *writeOp) error {
+	if op.idem == nil {
+		return op.fn(ctx, tx)
+	}
+	k := op.idem.key
+	cutoff := s.now().Add(-idempotencyTTL).UnixMicro()
+	var fp string
+	var r Replay
+	err := tx.QueryRowContext(ctx, `SELECT fingerprint, status, body, product_id, version
+		FROM idempotency_keys WHERE scope = ? AND key = ? AND created_at > ?`, k.Scope, k.Key, cutoff).
+		Scan(&fp, &r.Status, &r.Body, &r.ProductID, &r.Version)
+	switch {
+	case err == nil && fp != k.Fingerprint:
+		return ErrIdempotencyMismatch
+	case err == nil:
+		return &r
+	case !errors.Is(err, sql.ErrNoRows):
+		return err
+	}
+	if err := op.fn(ctx, tx); err != nil {
+		return err
+	}
+	p := op.idem.result()
+	_, err = tx.ExecContext(ctx, `INSERT INTO idempotency_keys
+		(scope, key, fingerprint, status, body, product_id, version, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+		ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint, status = excluded.status,
+		body = excluded.body, product_id = excluded.product_id, version = excluded.version, created_at = excluded.created_at`,
+		k.Scope, k.Key, k.Fingerprint, op.idem.status, appendProduct(nil, &p), p.ID, p.Version, s.now().UnixMicro())
+	return err
+}
+
+// ExpireIdempotencyKeys deletes keys older than idempotencyTTL.
+func (s *Store) ExpireIdempotencyKeys(ctx context.Context) error {
+	cutoff := s.now().Add(-idempotencyTTL).UnixMicro()
+	return s.writeTx(ctx, nil, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, `DELETE FROM idempotency_keys WHERE created_at <= ?`, cutoff)
+		return err
+	}, nil)
+}
+
+// Create inserts p and returns it with its id, version and timestamps.
+// It returns ErrConflict if the SKU is taken.
+func (s *Store) Create(ctx context.Context, p Product, idem *IdempotencyKey, onCommit func(Product)) (Product, error) {
+	var out Product
+	err := s.writeTx(ctx, idemRecord(idem, 201, &out), func(ctx context.Context, tx *sql.Tx) error {
+		now := s.now().UTC().Truncate(time.Microsecond)
+		row := tx.QueryRowContext(ctx, `INSERT INTO products
+			(sku, name, description, category, price_cents, currency, stock, version, created_at, updated_at)
+			VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?) RETURNING `+productColumns,
+			p.SKU, p.Name, p.Description, p.Category, p.PriceCents, p.Currency, p.Stock, now.UnixMicro(), now.UnixMicro())
+		var err error
+		out, err = scanProduct(row)
+		return err
+	}, func() {
+		s.count.Add(1)
+		if onCommit != nil {
+			onCommit(out)
+		}
+	})
+	if err != nil {
+		return Product{}, fmt.Errorf("create product: %w", err)
+	}
+	return out, nil
+}
+
+// Update applies change to the product with id inside the write transaction
+// and stores the result with the next version. change sees the current
+// product and returns ErrPrecondition, a validation error or errUnchanged
+// (nothing to write: the current product is returned as it is). Update
+// returns ErrNotFound, ErrConflict (SKU taken) or change's error.
+func (s *Store) Update(ctx context.Context, id int64, change func(*Product) error, onCommit func(Product)) (Product, error) {
+	var out Product
+	changed := false
+	err := s.writeTx(ctx, nil, func(ctx context.Context, tx *sql.Tx) error {
+		cur, err := scanProduct(tx.QueryRowContext(ctx, `SELECT `+productColumns+` FROM products WHERE id = ?`, id))
+		if err != nil {
+			return err
+		}
+		next := cur
+		if err := change(&next); err != nil {
+			if errors.Is(err, errUnchanged) {
+				out = cur
+				return nil
+			}
+			return err
+		}
+		now := s.now().UTC().Truncate(time.Microsecond)
+		out, err = scanProduct(tx.QueryRowContext(ctx, `UPDATE products SET
+			sku = ?, name = ?, description = ?, category = ?, price_cents = ?, currency = ?, stock = ?,
+			version = version + 1, updated_at = ?
+			WHERE id = ? RETURNING `+productColumns,
+			next.SKU, next.Name, next.Description, next.Category, next.PriceCents, next.Currency, next.Stock,
+			now.UnixMicro(), id))
+		changed = err == nil
+		return err
+	}, func() {
+		if changed && onCommit != nil {
+			onCommit(out)
+		}
+	})
+	if err != nil {
+		return Product{}, fmt.Errorf("update product %d: %w", id, err)
+	}
+	return out, nil
+}
+
+func idemRecord(k *IdempotencyKey, status int, out *Product) *idemWrite {
+	if k == nil {
+		return nil
+	}
+	return &idemWrite{key: k, status: status, result: func() Product { return *out }}
+}
+
+// errUnchanged tells Update that a change left the product as it was.
+var errUnchanged = errors.New("unchanged")
+
+// AdjustStock adds delta to the stock of the product with id in one
+// statement, so concurrent adjustments never lose an update. check, if not
+// nil, sees the current version first (If-Match). It returns ErrNotFound,
+// check's error, or ErrInsufficientStock if the stock would go below zero
+// (or above the maximum), in which case nothing changes.
+func (s *Store) AdjustStock(ctx context.Context, id, delta int64, check func(version int64) error, idem *IdempotencyKey, onCommit func(Product)) (Product, error) {
+	var out Product
+	err := s.writeTx(ctx, idemRecord(idem, 200, &out), func(ctx context.Context, tx *sql.Tx) error {
+		now := s.now().UTC().Truncate(time.Microsecond)
+		var err error
+		if check != nil {
+			var version int64
+			if err := tx.QueryRowContext(ctx, `SELECT version FROM products WHERE id = ?`, id).Scan(&version); err != nil {
+				return err
+			}
+			if err := check(version); err != nil {
+				return err
+			}
+		}
+		out, err = scanProduct(tx.QueryRowContext(ctx, `UPDATE products SET
+			stock = stock + ?1, version = version + 1, updated_at = ?2
+			WHERE id = ?3 AND stock + ?1 BETWEEN 0 AND 1000000000000
+			RETURNING `+productColumns, delta, now.UnixMicro(), id))
+		if errors.Is(err, sql.ErrNoRows) {
+			var exists int
+			if err := tx.QueryRowContext(ctx, `SELECT 1 FROM products WHERE id = ?`, id).Scan(&exists); err != nil {
+				return err // ErrNoRows: not found
+			}
+			return ErrInsufficientStock
+		}
+		return err
+	}, func() {
+		if onCommit != nil {
+			onCommit(out)
+		}
+	})
+	if err != nil {
+		return Product{}, fmt.Errorf("adjust stock of product %d: %w", id, err)
+	}
+	return out, nil
+}
+
+// Delete removes the product with id. check, if not nil, sees the current
+// product first and may refuse with ErrPrecondition. Delete returns
+// ErrNotFound if there is no such product.
+func (s *Store) Delete(ctx context.Context, id int64, check func(Product) error, onCommit func(Product)) error {
+	var gone Product
+	err := s.writeTx(ctx, nil, func(ctx context.Context, tx *sql.Tx) error {
+		cur, err := scanProduct(tx.QueryRowContext(ctx, `SELECT `+productColumns+` FROM products WHERE id = ?`, id))
+		if err != nil {
+			return err
+		}
+		if check != nil {
+			if err := check(cur); err != nil {
+				return err
+			}
+		}
+		gone = cur
+		_, err = tx.ExecContext(ctx, `DELETE FROM products WHERE id = ?`, id)
+		return err
+	}, func() {
+		s.count.Add(-1)
+		if onCommit != nil {
+			onCommit(gone)
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("delete product %d: %w", id, err)
+	}
+	return nil
+}
+
+// dbFailure is a failure of the database itself (I/O error, disk full,
+// read-only file, lock held past busy_timeout, deadline): the kind of error
+// the circuit breaker counts. It unwraps to ErrUnavailable; the driver's
+// text stays in the log and never reaches a client.
+type dbFailure struct{ err error }
+
+func (e *dbFailure) Error() string   { return "database failure: " + e.err.Error() }
+func (e *dbFailure) Unwrap() []error { return []error{ErrUnavailable, e.err} }
+
+// translate turns driver errors into domain errors at the storage boundary.
+// ctx is the context the failed call ran under: a deadline there is a
+// database failure, a cancellation is the client's doing and is not.
+func translate(ctx context.Context, err error) error {
+	if err == nil {
+		return nil
+	}
+	var replay *Replay
+	if errors.Is(err, ErrUnavailable) || errors.Is(err, ErrNotFound) || errors.As(err, &replay) {
+		return err
+	}
+	if errors.Is(err, sql.ErrNoRows) {
+		return ErrNotFound
+	}
+	var se *sqlite.Error
+	if errors.As(err, &se) {
+		switch se.Code() & 0xff {
+		case sqlite3.SQLITE_CONSTRAINT:
+			if se.Code() == sqlite3.SQLITE_CONSTRAINT_UNIQUE || se.Code() == sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY {
+				return fmt.Errorf("%w: %s", ErrConflict, "a product with this sku already exists")
+			}
+			return fmt.Errorf("%w: constraint violated", ErrInvalid)
+		case sqlite3.SQLITE_INTERRUPT:
+			if ctx.Err() == nil || errors.Is(context.Cause(ctx), context.Canceled) {
+				return context.Canceled
+			}
+			return &dbFailure{err}
+		case sqlite3.SQLITE_ERROR:
+			// A logic error (bad SQL, a bad FTS query) is a bug, not an outage.
+			return err
+		}
+		return &dbFailure{err}
+	}
+	switch {
+	case errors.Is(err, context.Canceled):
+		return err
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, driver.ErrBadConn),
+		errors.Is(err, sql.ErrConnDone), errors.Is(err, sql.ErrTxDone):
+		return &dbFailure{err}
+	}
+	if ctx.Err() != nil {
+		if errors.Is(ctx.Err(), context.Canceled) {
+			return context.Canceled
+		}
+		return &dbFailure{err}
+	}
+	return err
+}

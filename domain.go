@@ -1,0 +1,366 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+	"unicode"
+	"unicode/utf8"
+)
+
+// Domain errors. The handler maps each to one HTTP status in one table
+// (errorStatus); everything else that goes wrong is an internal error.
+var (
+	ErrNotFound          = errors.New("product not found")
+	ErrConflict          = errors.New("conflict")
+	ErrInsufficientStock = errors.New("insufficient stock")
+	ErrInvalid           = errors.New("invalid input")
+	ErrPrecondition      = errors.New("precondition failed")
+	ErrUnavailable       = errors.New("service unavailable")
+	// ErrIdempotencyMismatch is a reused Idempotency-Key with a different request.
+	ErrIdempotencyMismatch = errors.New("idempotency key reused with a different request")
+)
+
+// IdempotencyKey identifies a write that a client may retry. Scope keeps one
+// client's keys apart from another's (the token's digest); Fingerprint is a
+// digest of the request, so the same key with another body is refused.
+type IdempotencyKey struct {
+	Scope       string
+	Key         string
+	Fingerprint string
+}
+
+// idempotencyTTL is how long a key's response is kept for replay.
+const idempotencyTTL = 24 * time.Hour
+
+// Replay is the stored outcome of an earlier request with the same
+// Idempotency-Key. It is returned as an error: the write was not applied again.
+type Replay struct {
+	Status    int
+	Body      []byte
+	ProductID int64
+	Version   int64
+}
+
+func (r *Replay) Error() string { return "replay of an earlier request with the same idempotency key" }
+
+// Limits of the product fields.
+const (
+	maxSKULen         = 64
+	maxNameLen        = 200
+	maxDescriptionLen = 4000
+	maxCategoryLen    = 64
+	maxPriceCents     = 1_000_000_000_000
+	maxStock          = 1_000_000_000_000
+	defaultCurrency   = "USD"
+)
+
+// Product is a catalog entry. Money is an integer number of cents, never a float.
+type Product struct {
+	ID          int64     `json:"id"`
+	SKU         string    `json:"sku"`
+	Name        string    `json:"name"`
+	Description string    `json:"description"`
+	Category    string    `json:"category"`
+	PriceCents  int64     `json:"price_cents"`
+	Currency    string    `json:"currency"`
+	Stock       int64     `json:"stock"`
+	Version     int64     `json:"version"`
+	CreatedAt   time.Time `json:"created_at"`
+	UpdatedAt   time.Time `json:"updated_at"`
+}
+
+// ProductInput holds the writable fields for a create (POST) or a full
+// replacement (PUT). Pointers tell "absent" from "zero" for the required
+// fields, so a missing price is an error and not a free product.
+type ProductInput struct {
+	SKU         *string `json:"sku"`
+	Name        *string `json:"name"`
+	Description *string `json:"description"`
+	Category    *string `json:"category"`
+	PriceCents  *int64  `json:"price_cents"`
+	Currency    *string `json:"currency"`
+	Stock       *int64  `json:"stock"`
+}
+
+// Valid reports the problems with in by field name; an empty map means valid.
+func (in ProductInput) Valid() map[string]string {
+	problems := make(map[string]string)
+	if in.SKU == nil {
+		problems["sku"] = "is required"
+	} else if msg := validSKU(*in.SKU); msg != "" {
+		problems["sku"] = msg
+	}
+	if in.Name == nil {
+		problems["name"] = "is required"
+	} else if msg := validText(*in.Name, 1, maxNameLen, false); msg != "" {
+		problems["name"] = msg
+	}
+	if in.Description != nil {
+		if msg := validText(*in.Description, 0, maxDescriptionLen, true); msg != "" {
+			problems["description"] = msg
+		}
+	}
+	if in.Category != nil {
+		if msg := validText(*in.Category, 0, maxCategoryLen, false); msg != "" {
+			problems["category"] = msg
+		}
+	}
+	if in.PriceCents == nil {
+		problems["price_cents"] = "is required"
+	} else if msg := validPrice(*in.PriceCents); msg != "" {
+		problems["price_cents"] = msg
+	}
+	if in.Currency != nil {
+		if msg := validCurrency(*in.Currency); msg != "" {
+			problems["currency"] = msg
+		}
+	}
+	if in.Stock != nil {
+		if msg := validStock(*in.Stock); msg != "" {
+			problems["stock"] = msg
+		}
+	}
+	return problems
+}
+
+// apply writes the input's fields onto p. Optional fields that are absent take
+// their defaults, except stock when keepStock is set: a catalogue PUT that
+// omits stock must not wipe the inventory that order services maintain.
+func (in ProductInput) apply(p *Product, keepStock bool) {
+	p.SKU = *in.SKU
+	p.Name = *in.Name
+	p.PriceCents = *in.PriceCents
+	p.Description = deref(in.Description, "")
+	p.Category = deref(in.Category, "")
+	p.Currency = deref(in.Currency, defaultCurrency)
+	if in.Stock != nil {
+		p.Stock = *in.Stock
+	} else if !keepStock {
+		p.Stock = 0
+	}
+}
+
+func deref[T any](p *T, def T) T {
+	if p == nil {
+		return def
+	}
+	return *p
+}
+
+// ProductPatch is a JSON merge patch (RFC 7396) of a product. A field that is
+// absent keeps its value; a field set to null resets an optional field to its
+// default and is an error for a required one.
+type ProductPatch struct {
+	SKU         optional[string]
+	Name        optional[string]
+	Description optional[string]
+	Category    optional[string]
+	PriceCents  optional[int64]
+	Currency    optional[string]
+	Stock       optional[int64]
+}
+
+// optional is one field of a merge patch.
+type optional[T any] struct {
+	Set   bool // the field was present
+	Null  bool // the field was present and null
+	Value T
+}
+
+// Valid reports the problems with the patch by field name.
+func (pt ProductPatch) Valid() map[string]string {
+	problems := make(map[string]string)
+	checkRequired := func(name string, o optional[string], check func(string) string) {
+		switch {
+		case o.Null:
+			problems[name] = "is required and cannot be null"
+		case o.Set:
+			if msg := check(o.Value); msg != "" {
+				problems[name] = msg
+			}
+		}
+	}
+	checkRequired("sku", pt.SKU, validSKU)
+	checkRequired("name", pt.Name, func(s string) string { return validText(s, 1, maxNameLen, false) })
+	if pt.PriceCents.Null {
+		problems["price_cents"] = "is required and cannot be null"
+	} else if pt.PriceCents.Set {
+		if msg := validPrice(pt.PriceCents.Value); msg != "" {
+			problems["price_cents"] = msg
+		}
+	}
+	if pt.Description.Set && !pt.Description.Null {
+		if msg := validText(pt.Description.Value, 0, maxDescriptionLen, true); msg != "" {
+			problems["description"] = msg
+		}
+	}
+	if pt.Category.Set && !pt.Category.Null {
+		if msg := validText(pt.Category.Value, 0, maxCategoryLen, false); msg != "" {
+			problems["category"] = msg
+		}
+	}
+	if pt.Currency.Set && !pt.Currency.Null {
+		if msg := validCurrency(pt.Currency.Value); msg != "" {
+			problems["currency"] = msg
+		}
+	}
+	if pt.Stock.Set && !pt.Stock.Null {
+		if msg := validStock(pt.Stock.Value); msg != "" {
+			problems["stock"] = msg
+		}
+	}
+	return problems
+}
+
+// apply merges the patch into p. It reports whether anything changed.
+func (pt ProductPatch) apply(p *Product) bool {
+	before := *p
+	mergeField(&p.SKU, pt.SKU, "")
+	mergeField(&p.Name, pt.Name, "")
+	mergeField(&p.Description, pt.Description, "")
+	mergeField(&p.Category, pt.Category, "")
+	mergeField(&p.PriceCents, pt.PriceCents, 0)
+	mergeField(&p.Currency, pt.Currency, defaultCurrency)
+	mergeField(&p.Stock, pt.Stock, 0)
+	return *p != before
+}
+
+func mergeField[T any](dst *T, o optional[T], def T) {
+	switch {
+	case o.Null:
+		*dst = def
+	case o.Set:
+		*dst = o.Value
+	}
+}
+
+func validSKU(s string) string {
+	if s == "" || len(s) > maxSKULen {
+		return fmt.Sprintf("must be 1 to %d characters", maxSKULen)
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return "may contain only A-Z, a-z, 0-9, '.', '_' and '-'"
+		}
+	}
+	return ""
+}
+
+// validText checks a free-text field: valid UTF-8, min to max characters, no
+// control characters (newlines and tabs only where multiline is set).
+func validText(s string, min, max int, multiline bool) string {
+	if !utf8.ValidString(s) {
+		return "must be valid UTF-8"
+	}
+	n := utf8.RuneCountInString(s)
+	if n < min || n > max {
+		if min == 0 {
+			return fmt.Sprintf("must be at most %d characters", max)
+		}
+		return fmt.Sprintf("must be %d to %d characters", min, max)
+	}
+	for _, r := range s {
+		if unicode.IsControl(r) && !(multiline && (r == '\n' || r == '\t' || r == '\r')) {
+			return "must not contain control characters"
+		}
+	}
+	if min > 0 && strings.TrimSpace(s) == "" {
+		return "must not be blank"
+	}
+	return ""
+}
+
+func validPrice(v int64) string {
+	if v < 0 || v > maxPriceCents {
+		return "must be an integer from 0 to 1000000000000"
+	}
+	return ""
+}
+
+func validStock(v int64) string {
+	if v < 0 || v > maxStock {
+		return "must be an integer from 0 to 1000000000000"
+	}
+	return ""
+}
+
+func validCurrency(s string) string {
+	if len(s) != 3 {
+		return "must be 3 upper-case letters (ISO 4217)"
+	}
+	for i := 0; i < 3; i++ {
+		if s[i] < 'A' || s[i] > 'Z' {
+			return "must be 3 upper-case letters (ISO 4217)"
+		}
+	}
+	return ""
+}
+
+// ValidationError lists problems by field. It unwraps to ErrInvalid.
+type ValidationError struct {
+	Problems map[string]string
+}
+
+func (e *ValidationError) Error() string {
+	keys := make([]string, 0, len(e.Problems))
+	for k, v := range e.Problems {
+		keys = append(keys, k+" "+v)
+	}
+	slices.Sort(keys)
+	return "invalid input: " + strings.Join(keys, "; ")
+}
+
+func (e *ValidationError) Unwrap() error { return ErrInvalid }
+
+// BadRequestError is input that could not be read at all: malformed JSON, a
+// wrong JSON type, a bad query parameter or path. Problems names the
+// offending fields or parameters when they are known. It unwraps to ErrInvalid.
+type BadRequestError struct {
+	Detail   string
+	Problems map[string]string
+}
+
+func (e *BadRequestError) Error() string { return e.Detail }
+func (e *BadRequestError) Unwrap() error { return ErrInvalid }
+
+// badParam returns a BadRequestError about one field or parameter.
+func badParam(name, msg string) *BadRequestError {
+	return &BadRequestError{Detail: name + " " + msg, Problems: map[string]string{name: msg}}
+}
+
+// IfMatch is a parsed If-Match header. A nil *IfMatch is no precondition.
+type IfMatch struct {
+	Any      bool    // "*": any current version
+	Versions []int64 // the versions named by strong entity tags
+}
+
+// check returns ErrPrecondition unless version satisfies m.
+func (m *IfMatch) check(version int64) error {
+	if m == nil || m.Any || slices.Contains(m.Versions, version) {
+		return nil
+	}
+	return ErrPrecondition
+}
+
+// ListFilter selects and orders a page of products.
+type ListFilter struct {
+	Limit         int
+	Category      *string
+	Query         string // full-text search terms, already tokenised
+	MinPriceCents *int64
+	MaxPriceCents *int64
+	InStock       *bool
+	Sort          string // column name
+	Desc          bool
+	After         *cursor // keyset position; nil for the first page
+}
+
+// Page is one page of a listing. NextCursor is empty on the last page.
+type Page struct {
+	Items      []Product
+	NextCursor string
+}

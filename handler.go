@@ -1,0 +1,700 @@
+package main
+
+import (
+	"bytes"
+	"crypto/sha256"
+	_ "embed"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"math"
+	"mime"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+)
+
+// maxBodyBytes caps request bodies.
+const maxBodyBytes = 1 << 20
+
+const (
+	contentTypeJSON    = "application/json"
+	contentTypeProblem = "application/problem+json"
+)
+
+var (
+	jsonHeader    = []string{contentTypeJSON}
+	problemHeader = []string{contentTypeProblem}
+)
+
+//go:embed openapi.json
+var openAPIDocument []byte
+
+// lifecycle is what /ready and /health/startup know about the process.
+type lifecycle struct {
+	started      atomic.Bool // the database is open and migrated
+	shuttingDown atomic.Bool // a shutdown signal arrived
+}
+
+// serverDeps are newServer's dependencies.
+type serverDeps struct {
+	svc          *ProductService
+	log          *slog.Logger
+	metrics      *metrics
+	tokens       tokenSet
+	life         *lifecycle
+	limiter      *rateLimiter // nil: no rate limit
+	maxFlight    int
+	serveMetrics bool // /metrics on this listener
+}
+
+// newServer returns the service's HTTP handler: the routes of addRoutes
+// inside the middleware every request passes through.
+func newServer(d serverDeps) http.Handler {
+	mux := http.NewServeMux()
+	addRoutes(mux, d)
+	var h http.Handler = mux
+	if d.limiter != nil {
+		h = d.limiter.limit(d.metrics, h)
+	}
+	h = shedLoad(d.maxFlight, d.metrics, h)
+	h = canonicalPaths(h)
+	return observe(d.log, d.metrics, h)
+}
+
+// addRoutes lists the whole API.
+func addRoutes(mux *http.ServeMux, d serverDeps) {
+	auth := func(h http.Handler) http.Handler { return requireToken(d.tokens, d.limiter, h) }
+	for _, p := range []string{"/health", "/health/live", "/livez"} {
+		mux.Handle("GET "+p, handleHealth())
+	}
+	for _, p := range []string{"/ready", "/health/ready", "/readyz"} {
+		mux.Handle("GET "+p, handleReady(d.svc, d.life))
+	}
+	mux.Handle("GET /health/startup", handleStartup(d.life))
+	if d.serveMetrics {
+		mux.Handle("GET /metrics", d.metrics.handler())
+	}
+	mux.Handle("GET /openapi.json", handleOpenAPI())
+	mux.Handle("GET /products", handleListProducts(d.svc))
+	mux.Handle("POST /products", auth(handleCreateProduct(d.svc)))
+	mux.Handle("GET /products/{id}", handleGetProduct(d.svc))
+	mux.Handle("PUT /products/{id}", auth(handleReplaceProduct(d.svc)))
+	mux.Handle("PATCH /products/{id}", auth(handlePatchProduct(d.svc)))
+	mux.Handle("DELETE /products/{id}", auth(handleDeleteProduct(d.svc)))
+	mux.Handle("PUT /products/{id}/stock", auth(handleSetStock(d.svc)))
+	mux.Handle("POST /products/{id}/stock/adjustments", auth(handleAdjustStock(d.svc)))
+}
+
+// handlerFunc is a handler that can fail; errorHandler writes its error.
+type handlerFunc func(w http.ResponseWriter, r *http.Request) error
+
+func (f handlerFunc) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if err := f(w, r); err != nil {
+		writeError(w, r, err)
+	}
+}
+
+func handleHealth() http.Handler {
+	body := []byte(`{"status":"ok"}`)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, body)
+	})
+}
+
+func handleStartup(life *lifecycle) http.Handler {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		if !life.started.Load() {
+			return &UnavailableError{Reason: "the service is starting", RetryAfter: time.Second}
+		}
+		writeJSON(w, http.StatusOK, []byte(`{"status":"ok"}`))
+		return nil
+	})
+}
+
+// readyBody is the /ready document.
+type readyBody struct {
+	Status string `json:"status"`
+	Checks struct {
+		Database struct {
+			Status string `json:"status"`
+		} `json:"database"`
+		Cache struct {
+			Status string `json:"status"`
+		} `json:"cache"`
+		Breaker struct {
+			State string `json:"state"`
+			Read  string `json:"read"`
+			Write string `json:"write"`
+		} `json:"breaker"`
+	} `json:"checks"`
+}
+
+// handleReady answers 200 while reads can be served ("ok", or "degraded"
+// when Redis is down or writes are failing) and 503 otherwise, including
+// from the moment a shutdown begins.
+func handleReady(svc *ProductService, life *lifecycle) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rd := svc.Ready(r.Context())
+		var body readyBody
+		body.Checks.Database.Status = rd.Database
+		body.Checks.Cache.Status = rd.Cache
+		body.Checks.Breaker.Read = breakerName(rd.ReadState)
+		body.Checks.Breaker.Write = breakerName(rd.WriteState)
+		body.Checks.Breaker.State = breakerName(max(rd.ReadState, rd.WriteState))
+		status := http.StatusOK
+		switch {
+		case !life.started.Load() || life.shuttingDown.Load() || !rd.CanServeReads():
+			body.Status, status = "unavailable", http.StatusServiceUnavailable
+		case rd.Cache == "down" || rd.WriteState != 0:
+			body.Status = "degraded"
+		default:
+			body.Status = "ok"
+		}
+		b, _ := json.Marshal(body)
+		w.Header().Set("Cache-Control", "no-store")
+		writeJSON(w, status, b)
+	})
+}
+
+// breakerName maps gobreaker states (closed < half-open < open) to the
+// names /ready uses.
+func breakerName[S ~int](s S) string {
+	switch s {
+	case 1:
+		return "half-open"
+	case 2:
+		return "open"
+	}
+	return "closed"
+}
+
+func handleOpenAPI() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, openAPIDocument)
+	})
+}
+
+func handleListProducts(svc *ProductService) http.Handler {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		f, err := parseListQuery(r.URL.RawQuery)
+		if err != nil {
+			return err
+		}
+		page, err := svc.List(r.Context(), f)
+		if err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusOK, appendPage(make([]byte, 0, 512*len(page.Items)+64), page))
+		return nil
+	})
+}
+
+func handleGetProduct(svc *ProductService) http.Handler {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		id, err := parseID(r)
+		if err != nil {
+			return err
+		}
+		v, source, err := svc.Get(r.Context(), id)
+		setCacheResult(r.Context(), source)
+		if err != nil {
+			return err
+		}
+		h := w.Header()
+		h["Etag"] = []string{etag(v.Version)}
+		if inm := r.Header.Get("If-None-Match"); inm != "" && etagListMatches(inm, v.Version, true) {
+			w.WriteHeader(http.StatusNotModified)
+			return nil
+		}
+		writeJSON(w, http.StatusOK, v.JSON)
+		return nil
+	})
+}
+
+func handleCreateProduct(svc *ProductService) http.Handler {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		body, err := readBody(w, r, false)
+		if err != nil {
+			return err
+		}
+		idem, err := idempotencyKey(r, body)
+		if err != nil {
+			return err
+		}
+		var in ProductInput
+		if err := decodeStrict(body, &in); err != nil {
+			return err
+		}
+		p, err := svc.Create(r.Context(), in, idem)
+		if replay, ok := errors.AsType[*Replay](err); ok {
+			writeReplay(w, replay)
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		w.Header().Set("Location", "/products/"+strconv.FormatInt(p.ID, 10))
+		writeProduct(w, http.StatusCreated, p)
+		return nil
+	})
+}
+
+func handleReplaceProduct(svc *ProductService) http.Handler {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		id, cond, err := writeTarget(r)
+		if err != nil {
+			return err
+		}
+		var in ProductInput
+		if err := decode(w, r, &in, false); err != nil {
+			return err
+		}
+		p, err := svc.Replace(r.Context(), id, in, cond)
+		if err != nil {
+			return err
+		}
+		writeProduct(w, http.StatusOK, p)
+		return nil
+	})
+}
+
+func handlePatchProduct(svc *ProductService) http.Handler {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		id, cond, err := writeTarget(r)
+		if err != nil {
+			return err
+		}
+		body, err := readBody(w, r, true)
+		if err != nil {
+			return err
+		}
+		patch, err := decodePatch(body)
+		if err != nil {
+			return err
+		}
+		p, err := svc.Patch(r.Context(), id, patch, cond)
+		if err != nil {
+			return err
+		}
+		writeProduct(w, http.StatusOK, p)
+		return nil
+	})
+}
+
+func handleDeleteProduct(svc *ProductService) http.Handler {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		id, cond, err := writeTarget(r)
+		if err != nil {
+			return err
+		}
+		if err := svc.Delete(r.Context(), id, cond); err != nil {
+			return err
+		}
+		w.WriteHeader(http.StatusNoContent)
+		return nil
+	})
+}
+
+func handleSetStock(svc *ProductService) http.Handler {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		id, cond, err := writeTarget(r)
+		if err != nil {
+			return err
+		}
+		var in struct {
+			Stock *int64 `json:"stock"`
+		}
+		if err := decode(w, r, &in, false); err != nil {
+			return err
+		}
+		if in.Stock == nil {
+			return &ValidationError{Problems: map[string]string{"stock": "is required"}}
+		}
+		p, err := svc.SetStock(r.Context(), id, *in.Stock, cond)
+		if err != nil {
+			return err
+		}
+		writeProduct(w, http.StatusOK, p)
+		return nil
+	})
+}
+
+func handleAdjustStock(svc *ProductService) http.Handler {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		id, cond, err := writeTarget(r)
+		if err != nil {
+			return err
+		}
+		body, err := readBody(w, r, false)
+		if err != nil {
+			return err
+		}
+		idem, err := idempotencyKey(r, body)
+		if err != nil {
+			return err
+		}
+		var in struct {
+			Delta *int64 `json:"delta"`
+		}
+		if err := decodeStrict(body, &in); err != nil {
+			return err
+		}
+		if in.Delta == nil {
+			return &ValidationError{Problems: map[string]string{"delta": "is required"}}
+		}
+		p, err := svc.AdjustStock(r.Context(), id, *in.Delta, cond, idem)
+		if replay, ok := errors.AsType[*Replay](err); ok {
+			writeReplay(w, replay)
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		writeProduct(w, http.StatusOK, p)
+		return nil
+	})
+}
+
+// idempotencyKey reads the Idempotency-Key of a write. Keys are scoped to
+// the bearer token, and bound to the method, path and body of the request.
+func idempotencyKey(r *http.Request, body []byte) (*IdempotencyKey, error) {
+	vals := r.Header.Values("Idempotency-Key")
+	if len(vals) == 0 {
+		return nil, nil
+	}
+	k := vals[0]
+	if len(vals) > 1 || len(k) == 0 || len(k) > 255 || strings.IndexFunc(k, func(c rune) bool { return c < 0x20 || c > 0x7e }) >= 0 {
+		return nil, &BadRequestError{Detail: "Idempotency-Key must be one value of 1 to 255 printable ASCII characters",
+			Problems: map[string]string{"Idempotency-Key": "is malformed"}}
+	}
+	_, tok, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+	scope := sha256.Sum256([]byte(strings.TrimSpace(tok)))
+	h := sha256.New()
+	io.WriteString(h, r.Method+" "+r.URL.Path+"\n")
+	h.Write(body)
+	return &IdempotencyKey{
+		Scope:       hex.EncodeToString(scope[:16]),
+		Key:         k,
+		Fingerprint: hex.EncodeToString(h.Sum(nil)),
+	}, nil
+}
+
+// writeReplay answers a retried write with the response it first got.
+func writeReplay(w http.ResponseWriter, rp *Replay) {
+	h := w.Header()
+	h.Set("Idempotency-Replayed", "true")
+	h["Etag"] = []string{etag(rp.Version)}
+	if rp.Status == http.StatusCreated {
+		h.Set("Location", "/products/"+strconv.FormatInt(rp.ProductID, 10))
+	}
+	writeJSON(w, rp.Status, rp.Body)
+}
+
+// parseID reads the {id} path value: a positive int64.
+func parseID(r *http.Request) (int64, error) {
+	s := r.PathValue("id")
+	id, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || id < 1 || s[0] == '+' {
+		return 0, badParam("id", "must be a positive integer of at most 9223372036854775807")
+	}
+	return id, nil
+}
+
+// writeTarget reads the id and the If-Match precondition of a write.
+func writeTarget(r *http.Request) (int64, *IfMatch, error) {
+	id, err := parseID(r)
+	if err != nil {
+		return 0, nil, err
+	}
+	cond, err := parseIfMatch(r.Header.Values("If-Match"))
+	return id, cond, err
+}
+
+// etag is the entity tag of a product version.
+func etag(version int64) string { return `"` + strconv.FormatInt(version, 10) + `"` }
+
+// parseIfMatch parses If-Match: "*" or a list of entity tags. Weak tags
+// never match (If-Match uses strong comparison) but are well-formed.
+func parseIfMatch(values []string) (*IfMatch, error) {
+	if len(values) == 0 {
+		return nil, nil
+	}
+	m := &IfMatch{}
+	for _, v := range values {
+		for _, tag := range strings.Split(v, ",") {
+			tag = strings.TrimSpace(tag)
+			switch {
+			case tag == "":
+			case tag == "*":
+				m.Any = true
+			case strings.HasPrefix(tag, "W/") && validETag(tag[2:]):
+				// weak: can never match
+			case validETag(tag):
+				if n, err := strconv.ParseInt(tag[1:len(tag)-1], 10, 64); err == nil {
+					m.Versions = append(m.Versions, n)
+				}
+			default:
+				return nil, &BadRequestError{Detail: "If-Match must be * or a list of entity tags such as \"3\"",
+					Problems: map[string]string{"If-Match": "is malformed"}}
+			}
+		}
+	}
+	if !m.Any && len(m.Versions) == 0 {
+		m.Versions = []int64{} // only weak or unknown tags: nothing matches
+	}
+	return m, nil
+}
+
+func validETag(s string) bool {
+	if len(s) < 2 || s[0] != '"' || s[len(s)-1] != '"' {
+		return false
+	}
+	for i := 1; i < len(s)-1; i++ {
+		if c := s[i]; c == '"' || c < 0x21 || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// etagListMatches reports whether the If-None-Match header names version
+// ("*" matches anything). If-None-Match uses weak comparison. A malformed
+// header matches nothing, so the full response is sent.
+func etagListMatches(header string, version int64, weak bool) bool {
+	want := etag(version)
+	for _, tag := range strings.Split(header, ",") {
+		tag = strings.TrimSpace(tag)
+		if tag == "*" {
+			return true
+		}
+		if weak {
+			tag = strings.TrimPrefix(tag, "W/")
+		}
+		if tag == want {
+			return true
+		}
+	}
+	return false
+}
+
+// readBody checks the content type and reads the body of a write, at most
+// maxBodyBytes of it.
+func readBody(w http.ResponseWriter, r *http.Request, mergePatch bool) ([]byte, error) {
+	if err := checkContentType(r.Header.Get("Content-Type"), mergePatch); err != nil {
+		return nil, err
+	}
+	if r.ContentLength > maxBodyBytes {
+		return nil, errTooLarge
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return nil, errTooLarge
+		}
+		return nil, &BadRequestError{Detail: "the request body could not be read"}
+	}
+	return body, nil
+}
+
+var errTooLarge = &httpError{status: http.StatusRequestEntityTooLarge, detail: "the request body is larger than 1 MiB"}
+
+func checkContentType(ct string, mergePatch bool) error {
+	want := "application/json"
+	if mergePatch {
+		want += " or application/merge-patch+json"
+	}
+	unsupported := &httpError{status: http.StatusUnsupportedMediaType, detail: "the Content-Type must be " + want}
+	if ct == "" {
+		return unsupported
+	}
+	mt, params, err := mime.ParseMediaType(ct)
+	if err != nil {
+		return unsupported
+	}
+	if mt != "application/json" && !(mergePatch && mt == "application/merge-patch+json") {
+		return unsupported
+	}
+	if cs, ok := params["charset"]; ok && !strings.EqualFold(cs, "utf-8") {
+		return &httpError{status: http.StatusUnsupportedMediaType, detail: "the only supported charset is utf-8"}
+	}
+	return nil
+}
+
+// decode reads a JSON body strictly into v.
+func decode(w http.ResponseWriter, r *http.Request, v any, mergePatch bool) error {
+	body, err := readBody(w, r, mergePatch)
+	if err != nil {
+		return err
+	}
+	return decodeStrict(body, v)
+}
+
+// writeJSON writes an already encoded JSON body: headers, then status, then
+// body, so an encoding failure can never leave a half-written 200.
+func writeJSON(w http.ResponseWriter, status int, body []byte) {
+	h := w.Header()
+	h["Content-Type"] = jsonHeader
+	h["Content-Length"] = []string{strconv.Itoa(len(body))}
+	w.WriteHeader(status)
+	w.Write(body)
+}
+
+func writeProduct(w http.ResponseWriter, status int, p Product) {
+	w.Header()["Etag"] = []string{etag(p.Version)}
+	writeJSON(w, status, appendProduct(make([]byte, 0, 512), &p))
+}
+
+// httpError is an error about the HTTP exchange itself (a missing token, a
+// wrong content type), with the status to answer.
+type httpError struct {
+	status int
+	detail string
+}
+
+func (e *httpError) Error() string { return e.detail }
+
+// problemTypes names each status's problem type (RFC 9457), relative to the
+// service: "/problems/not-found".
+var problemTypes = map[int]string{
+	http.StatusBadRequest:            "bad-request",
+	http.StatusUnauthorized:          "unauthorized",
+	http.StatusNotFound:              "not-found",
+	http.StatusMethodNotAllowed:      "method-not-allowed",
+	http.StatusConflict:              "conflict",
+	http.StatusPreconditionFailed:    "precondition-failed",
+	http.StatusRequestEntityTooLarge: "payload-too-large",
+	http.StatusUnsupportedMediaType:  "unsupported-media-type",
+	http.StatusUnprocessableEntity:   "validation",
+	http.StatusTooManyRequests:       "too-many-requests",
+	http.StatusInternalServerError:   "internal",
+	http.StatusServiceUnavailable:    "unavailable",
+}
+
+// errorStatus maps domain errors to HTTP statuses: the one such table.
+var errorStatus = []struct {
+	err    error
+	status int
+	slug   string
+	detail string
+}{
+	{ErrNotFound, http.StatusNotFound, "not-found", "no product has this id"},
+	{ErrInsufficientStock, http.StatusConflict, "insufficient-stock", "the adjustment would take stock below zero (or above the maximum); nothing was changed"},
+	{ErrConflict, http.StatusConflict, "conflict", "a product with this sku already exists"},
+	{ErrPrecondition, http.StatusPreconditionFailed, "precondition-failed", "the product has changed: If-Match does not name its current ETag; nothing was changed"},
+	{ErrIdempotencyMismatch, http.StatusUnprocessableEntity, "idempotency-key-reused", "this Idempotency-Key was used with a different request"},
+	{ErrUnavailable, http.StatusServiceUnavailable, "unavailable", ""},
+}
+
+// writeError answers err as application/problem+json. Client errors say what
+// was wrong; server errors say nothing of their cause, which goes to the log.
+func writeError(w http.ResponseWriter, r *http.Request, err error) {
+	status, slug, detail := http.StatusInternalServerError, "", ""
+	var problems map[string]string
+	var (
+		herr *httpError
+		bad  *BadRequestError
+		verr *ValidationError
+		uerr *UnavailableError
+		rerr *rateLimitError
+	)
+	switch {
+	case errors.As(err, &herr):
+		status, detail = herr.status, herr.detail
+	case errors.As(err, &bad):
+		status, detail, problems = http.StatusBadRequest, bad.Detail, bad.Problems
+	case errors.As(err, &verr):
+		status, detail, problems = http.StatusUnprocessableEntity, "the request is not valid: see errors", verr.Problems
+	case errors.As(err, &rerr):
+		status, detail = http.StatusTooManyRequests, rerr.Error()
+		w.Header().Set("Retry-After", retryAfter(rerr.retryAfter))
+	default:
+		for _, e := range errorStatus {
+			if errors.Is(err, e.err) {
+				status, slug, detail = e.status, e.slug, e.detail
+				break
+			}
+		}
+	}
+	if status == http.StatusServiceUnavailable {
+		ra := time.Second
+		if errors.As(err, &uerr) {
+			ra = uerr.RetryAfter
+		}
+		w.Header().Set("Retry-After", retryAfter(ra))
+		detail = "the service cannot handle this request right now; retry after the Retry-After delay"
+		loggerFrom(r.Context(), nil).WarnContext(r.Context(), "unavailable", "err", err.Error())
+	}
+	if status == http.StatusInternalServerError {
+		loggerFrom(r.Context(), nil).ErrorContext(r.Context(), "internal error", "err", err.Error(),
+			"method", r.Method, "path", r.URL.Path)
+		detail = ""
+	}
+	writeProblem(w, r, status, slug, detail, problems)
+}
+
+func retryAfter(d time.Duration) string {
+	return strconv.Itoa(max(1, int(math.Ceil(d.Seconds()))))
+}
+
+// problem is an RFC 9457 problem document.
+type problem struct {
+	Type      string            `json:"type"`
+	Title     string            `json:"title"`
+	Status    int               `json:"status"`
+	Detail    string            `json:"detail"`
+	Instance  string            `json:"instance"`
+	RequestID string            `json:"request_id,omitempty"`
+	Errors    map[string]string `json:"errors,omitempty"`
+}
+
+// writeProblem writes a problem document and returns the bytes written.
+// slug names the problem type; empty means the status's generic type.
+func writeProblem(w http.ResponseWriter, r *http.Request, status int, slug, detail string, problems map[string]string) int {
+	if slug == "" {
+		slug = problemTypes[status]
+		if slug == "" {
+			slug = "about"
+		}
+	}
+	if detail == "" {
+		switch status {
+		case http.StatusNotFound:
+			detail = "no resource at this path"
+		case http.StatusMethodNotAllowed:
+			detail = "this method is not allowed here; see the Allow header"
+		case http.StatusInternalServerError:
+			detail = "an internal error occurred; the request id identifies it in the service's logs"
+		default:
+			detail = http.StatusText(status)
+		}
+	}
+	p := problem{
+		Type:     "/problems/" + slug,
+		Title:    http.StatusText(status),
+		Status:   status,
+		Detail:   detail,
+		Instance: r.URL.Path,
+		Errors:   problems,
+	}
+	if info := infoFrom(r.Context()); info != nil {
+		p.RequestID = info.id
+	}
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	enc.Encode(p)
+	h := w.Header()
+	h["Content-Type"] = problemHeader
+	h["Content-Length"] = []string{strconv.Itoa(buf.Len())}
+	h.Del("Etag")
+	h.Del("Location")
+	w.WriteHeader(status)
+	n, _ := w.Write(buf.Bytes())
+	return n
+}

@@ -1,0 +1,263 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"unicode/utf8"
+)
+
+// timeLayout is how timestamps are written: RFC 3339 in UTC with
+// microseconds, the precision they are stored with.
+const timeLayout = "2006-01-02T15:04:05.000000Z07:00"
+
+// appendProduct appends p as JSON. Products are encoded on every read, so
+// this is written out by hand instead of through reflection.
+func appendProduct(b []byte, p *Product) []byte {
+	b = append(b, `{"id":`...)
+	b = strconv.AppendInt(b, p.ID, 10)
+	b = append(b, `,"sku":`...)
+	b = appendString(b, p.SKU)
+	b = append(b, `,"name":`...)
+	b = appendString(b, p.Name)
+	b = append(b, `,"description":`...)
+	b = appendString(b, p.Description)
+	b = append(b, `,"category":`...)
+	b = appendString(b, p.Category)
+	b = append(b, `,"price_cents":`...)
+	b = strconv.AppendInt(b, p.PriceCents, 10)
+	b = append(b, `,"currency":`...)
+	b = appendString(b, p.Currency)
+	b = append(b, `,"stock":`...)
+	b = strconv.AppendInt(b, p.Stock, 10)
+	b = append(b, `,"version":`...)
+	b = strconv.AppendInt(b, p.Version, 10)
+	b = append(b, `,"created_at":"`...)
+	b = p.CreatedAt.UTC().AppendFormat(b, timeLayout)
+	b = append(b, `","updated_at":"`...)
+	b = p.UpdatedAt.UTC().AppendFormat(b, timeLayout)
+	b = append(b, `"}`...)
+	return b
+}
+
+// MarshalJSON encodes p exactly as the API does.
+func (p Product) MarshalJSON() ([]byte, error) { return appendProduct(nil, &p), nil }
+
+// appendPage appends a listing page as JSON.
+func appendPage(b []byte, page Page) []byte {
+	b = append(b, `{"items":[`...)
+	for i := range page.Items {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = appendProduct(b, &page.Items[i])
+	}
+	b = append(b, `],"next_cursor":`...)
+	if page.NextCursor == "" {
+		b = append(b, "null"...)
+	} else {
+		b = appendString(b, page.NextCursor)
+	}
+	return append(b, '}')
+}
+
+const hexDigits = "0123456789abcdef"
+
+// appendString appends s as a JSON string. Invalid UTF-8 becomes U+FFFD, as
+// encoding/json does; U+2028 and U+2029 are escaped so the output is also
+// safe inside JavaScript.
+func appendString(b []byte, s string) []byte {
+	b = append(b, '"')
+	start := 0
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			if c >= 0x20 && c != '"' && c != '\\' {
+				i++
+				continue
+			}
+			b = append(b, s[start:i]...)
+			switch c {
+			case '"', '\\':
+				b = append(b, '\\', c)
+			case '\n':
+				b = append(b, '\\', 'n')
+			case '\r':
+				b = append(b, '\\', 'r')
+			case '\t':
+				b = append(b, '\\', 't')
+			default:
+				b = append(b, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
+			}
+			i++
+			start = i
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && size == 1 {
+			b = append(b, s[start:i]...)
+			b = append(b, `\ufffd`...)
+			i += size
+			start = i
+			continue
+		}
+		if r == '\u2028' || r == '\u2029' {
+			b = append(b, s[start:i]...)
+			b = append(b, '\\', 'u', '2', '0', '2', hexDigits[r&0xf])
+			i += size
+			start = i
+			continue
+		}
+		i += size
+	}
+	b = append(b, s[start:]...)
+	return append(b, '"')
+}
+
+// decodeStrict decodes the JSON object in body into v, which must be a
+// pointer to a struct or to a map of raw messages. It rejects what
+// encoding/json would let through silently — invalid UTF-8, duplicate keys,
+// unknown fields, trailing data — with a *BadRequestError naming the field.
+func decodeStrict(body []byte, v any) error {
+	if !utf8.Valid(body) {
+		return &BadRequestError{Detail: "the body is not valid UTF-8"}
+	}
+	if len(bytes.TrimSpace(body)) == 0 {
+		return &BadRequestError{Detail: "the body is empty; a JSON object is required"}
+	}
+	if err := checkTopLevelKeys(body); err != nil {
+		return err
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return jsonError(err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return &BadRequestError{Detail: "the body has data after the JSON object"}
+	}
+	return nil
+}
+
+// checkTopLevelKeys makes sure body is a JSON object whose keys are unique.
+// Request bodies are flat objects, so the top level is the level that
+// matters: a nested value fails type checks anyway.
+func checkTopLevelKeys(body []byte) error {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	tok, err := dec.Token()
+	if err != nil {
+		return jsonError(err)
+	}
+	if d, ok := tok.(json.Delim); !ok || d != '{' {
+		return &BadRequestError{Detail: "the body must be a JSON object"}
+	}
+	seen := make(map[string]struct{}, 8)
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return jsonError(err)
+		}
+		key, _ := tok.(string)
+		if _, dup := seen[key]; dup {
+			return badParam(key, "appears more than once")
+		}
+		seen[key] = struct{}{}
+		var skip json.RawMessage
+		if err := dec.Decode(&skip); err != nil {
+			return jsonError(err)
+		}
+	}
+	return nil
+}
+
+// jsonError turns an encoding/json error into a *BadRequestError.
+func jsonError(err error) error {
+	var syntax *json.SyntaxError
+	var typ *json.UnmarshalTypeError
+	switch {
+	case errors.As(err, &syntax):
+		return &BadRequestError{Detail: fmt.Sprintf("the body is not valid JSON (at byte %d)", syntax.Offset)}
+	case errors.As(err, &typ):
+		if typ.Field == "" {
+			return &BadRequestError{Detail: "the body must be a JSON object"}
+		}
+		return badParam(typ.Field, "must be "+jsonTypeName(typ.Type.String()))
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+		return &BadRequestError{Detail: "the body is not valid JSON (unexpected end)"}
+	}
+	if name, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
+		name, _ = strconv.Unquote(name)
+		return badParam(name, "is not a known field")
+	}
+	var bre *BadRequestError
+	if errors.As(err, &bre) {
+		return bre
+	}
+	return &BadRequestError{Detail: "the body is not valid JSON"}
+}
+
+func jsonTypeName(goType string) string {
+	switch strings.TrimPrefix(goType, "*") {
+	case "int64":
+		return "an integer from -9223372036854775808 to 9223372036854775807"
+	case "string":
+		return "a string"
+	}
+	return "of the documented type"
+}
+
+// decodePatch decodes a JSON merge patch (RFC 7396) of a product.
+func decodePatch(body []byte) (ProductPatch, error) {
+	var raw map[string]json.RawMessage
+	if err := decodeStrict(body, &raw); err != nil {
+		return ProductPatch{}, err
+	}
+	var pt ProductPatch
+	for name, v := range raw {
+		var err error
+		switch name {
+		case "sku":
+			pt.SKU, err = patchField[string](name, v)
+		case "name":
+			pt.Name, err = patchField[string](name, v)
+		case "description":
+			pt.Description, err = patchField[string](name, v)
+		case "category":
+			pt.Category, err = patchField[string](name, v)
+		case "price_cents":
+			pt.PriceCents, err = patchField[int64](name, v)
+		case "currency":
+			pt.Currency, err = patchField[string](name, v)
+		case "stock":
+			pt.Stock, err = patchField[int64](name, v)
+		case "id", "version", "created_at", "updated_at":
+			err = badParam(name, "is assigned by the service and cannot be changed")
+		default:
+			err = badParam(name, "is not a known field")
+		}
+		if err != nil {
+			return ProductPatch{}, err
+		}
+	}
+	return pt, nil
+}
+
+func patchField[T any](name string, raw json.RawMessage) (optional[T], error) {
+	o := optional[T]{Set: true}
+	if string(raw) == "null" {
+		o.Null = true
+		return o, nil
+	}
+	if err := json.Unmarshal(raw, &o.Value); err != nil {
+		var typ *json.UnmarshalTypeError
+		if errors.As(err, &typ) {
+			return o, badParam(name, "must be "+jsonTypeName(typ.Type.String()))
+		}
+		return o, badParam(name, "is not valid JSON")
+	}
+	return o, nil
+}

@@ -1,0 +1,262 @@
+// Command productsvc serves a product catalog over HTTP: products and their
+// stock in SQLite, read through an in-process cache and an optional Redis.
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/pprof"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = ""
+
+func main() {
+	if err := run(context.Background(), os.Args, os.Getenv, os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		var cerr *configError
+		if errors.As(err, &cerr) {
+			os.Exit(2)
+		}
+		os.Exit(1)
+	}
+}
+
+func buildVersion() string {
+	if version != "" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
+		return bi.Main.Version
+	}
+	return "dev"
+}
+
+// run starts the service and blocks until ctx ends or a signal arrives,
+// then shuts down gracefully. A second signal stops it at once.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	cfg, err := parseConfig(args, getenv, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if cfg.Version {
+		fmt.Fprintln(stdout, "productsvc", buildVersion())
+		return nil
+	}
+	if cfg.HealthCheck {
+		return healthCheck(ctx, cfg.Addr)
+	}
+
+	log := slog.New(slog.NewJSONHandler(stdout, &slog.HandlerOptions{Level: cfg.LogLevel}))
+	log.Info("starting", append([]any{"version", buildVersion()}, cfg.logAttrs()...)...)
+	if len(cfg.APITokens) == 0 {
+		var b [24]byte
+		rand.Read(b[:])
+		cfg.APITokens = []string{hex.EncodeToString(b[:])}
+		// Logged once so a developer can write; set API_TOKEN in production.
+		log.Warn("API_TOKEN is not set; writes need this generated token", "token", cfg.APITokens[0])
+	}
+
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	store, err := OpenStore(ctx, StoreConfig{Path: cfg.DBPath, Sync: cfg.DBSync, Timeout: cfg.DBTimeout})
+	if err != nil {
+		return fmt.Errorf("open store: %w", err)
+	}
+	defer func() {
+		if err := store.Close(); err != nil {
+			log.Error("close store", "err", err.Error())
+		}
+	}()
+
+	var c cache
+	if cfg.RedisURL != "" {
+		rc, err := newRedisCache(cfg.RedisURL, cfg.RedisTimeout, cfg.CacheTTL)
+		if err != nil {
+			return &configError{msg: "invalid REDIS_URL: " + err.Error()}
+		}
+		c = rc
+	}
+
+	reg := prometheus.NewRegistry()
+	m := newMetrics(reg)
+	m.dbPools(store.Stats)
+	svc := NewProductService(store, ServiceConfig{
+		Cache: c, RedisTimeout: cfg.RedisTimeout, LocalCacheSize: cfg.LocalCacheSize,
+		CacheTTL: cfg.CacheTTL, Logger: log, Metrics: m,
+	})
+	defer svc.Close()
+
+	life := &lifecycle{}
+	life.started.Store(true)
+	tokens := newTokenSet(cfg.APITokens)
+	var limiter *rateLimiter
+	if cfg.RateLimitRPS > 0 {
+		limiter = newRateLimiter(cfg.RateLimitRPS, cfg.RateLimitBurst, tokens)
+	}
+	handler := newServer(serverDeps{
+		svc: svc, log: log, metrics: m, tokens: tokens, life: life,
+		limiter: limiter, maxFlight: cfg.MaxInFlight, serveMetrics: cfg.MetricsAddr == "",
+	})
+
+	errc := make(chan error, 3)
+	srv, addr, err := serve(cfg.Addr, handler, log, errc)
+	if err != nil {
+		return err
+	}
+	log.Info("listening", "addr", addr)
+	servers := []*http.Server{srv}
+	if cfg.MetricsAddr != "" {
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", m.handler())
+		msrv, maddr, err := serve(cfg.MetricsAddr, mux, log, errc)
+		if err != nil {
+			return err
+		}
+		log.Info("metrics listening", "addr", maddr)
+		servers = append(servers, msrv)
+	}
+	if cfg.AdminAddr != "" {
+		asrv, aaddr, err := serve(cfg.AdminAddr, adminMux(m), log, errc)
+		if err != nil {
+			return err
+		}
+		log.Info("admin listening", "addr", aaddr)
+		servers = append(servers, asrv)
+	}
+	go expireIdempotencyKeys(ctx, store, log)
+
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		return err
+	}
+	stop()
+
+	// From here a second signal ends the process at once.
+	second := make(chan os.Signal, 1)
+	signal.Notify(second, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(second)
+	done := make(chan error, 1)
+	go func() { done <- shutdown(life, servers, cfg, log) }()
+	select {
+	case err := <-done:
+		return err
+	case <-second:
+		return errors.New("second signal: exiting without draining")
+	}
+}
+
+// serve listens on addr and serves h in the background. Serve errors other
+// than a clean shutdown are sent to errc.
+func serve(addr string, h http.Handler, log *slog.Logger, errc chan<- error) (*http.Server, string, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, "", fmt.Errorf("listen on %s: %w", addr, err)
+	}
+	srv := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: 5 * time.Second,  // slowloris: headers must arrive promptly
+		ReadTimeout:       15 * time.Second, // a 1 MiB body at a crawl is cut off
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errc <- fmt.Errorf("serve %s: %w", addr, err)
+		}
+	}()
+	return srv, ln.Addr().String(), nil
+}
+
+// shutdown fails readiness, keeps serving for SHUTDOWN_DELAY so load
+// balancers notice, then drains in-flight requests within SHUTDOWN_TIMEOUT.
+// The caller's deferred closes then close Redis and SQLite.
+func shutdown(life *lifecycle, servers []*http.Server, cfg *config, log *slog.Logger) error {
+	life.shuttingDown.Store(true)
+	log.Info("shutting down", "delay", cfg.ShutdownDelay.String(), "timeout", cfg.ShutdownTimeout.String())
+	time.Sleep(cfg.ShutdownDelay)
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	var errs []error
+	for _, srv := range servers {
+		if err := srv.Shutdown(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("drain: %w", err))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	log.Info("drained")
+	return nil
+}
+
+// adminMux serves pprof and metrics on the loopback-only admin listener.
+func adminMux(m *metrics) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	mux.Handle("GET /metrics", m.handler())
+	return mux
+}
+
+// expireIdempotencyKeys deletes expired idempotency keys every few minutes.
+func expireIdempotencyKeys(ctx context.Context, store *Store, log *slog.Logger) {
+	t := time.NewTicker(10 * time.Minute)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if err := store.ExpireIdempotencyKeys(ctx); err != nil && ctx.Err() == nil {
+				log.Warn("expire idempotency keys", "err", err.Error())
+			}
+		}
+	}
+}
+
+// healthCheck GETs the service's own /health, for container HEALTHCHECKs on
+// images without curl.
+func healthCheck(ctx context.Context, addr string) error {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return &configError{msg: "invalid ADDR: " + err.Error()}
+	}
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://127.0.0.1:"+port+"/health", nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("healthcheck: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("healthcheck: status %d", resp.StatusCode)
+	}
+	return nil
+}

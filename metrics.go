@@ -1,0 +1,185 @@
+package main
+
+import (
+	"database/sql"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/sony/gobreaker/v2"
+)
+
+// metrics holds the service's Prometheus series, registered on a registry
+// built by run: there is no package-level registry.
+type metrics struct {
+	reg *prometheus.Registry
+
+	requests       *prometheus.CounterVec
+	duration       *prometheus.HistogramVec
+	inFlight       prometheus.Gauge
+	cacheRequests  *prometheus.CounterVec
+	localRequests  *prometheus.CounterVec
+	invalidations  prometheus.Counter
+	breakerStates  *prometheus.GaugeVec
+	breakerChanges *prometheus.CounterVec
+	shed           prometheus.Counter
+	rateLimited    prometheus.Counter
+}
+
+// newMetrics registers the service's series, and the Go runtime and process
+// collectors, on reg. A nil reg gets a private registry.
+func newMetrics(reg *prometheus.Registry) *metrics {
+	if reg == nil {
+		reg = prometheus.NewRegistry()
+	}
+	m := &metrics{
+		reg: reg,
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "http_requests_total",
+			Help: "HTTP requests by method, route pattern and status code.",
+		}, []string{"method", "route", "code"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "http_request_duration_seconds",
+			Help:    "HTTP request latency by method and route pattern.",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5},
+		}, []string{"method", "route"}),
+		inFlight: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "http_requests_in_flight",
+			Help: "HTTP requests being served.",
+		}),
+		cacheRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cache_requests_total",
+			Help: "Redis cache lookups by result (hit, miss, error, skipped while its breaker is open).",
+		}, []string{"result"}),
+		localRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "local_cache_requests_total",
+			Help: "In-process cache lookups by result (hit, miss).",
+		}, []string{"result"}),
+		invalidations: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cache_invalidations_total",
+			Help: "Redis entries replaced or tombstoned after a committed write.",
+		}),
+		breakerStates: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "circuit_breaker_state",
+			Help: "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+		}, []string{"name"}),
+		breakerChanges: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "circuit_breaker_transitions_total",
+			Help: "Circuit breaker state changes.",
+		}, []string{"name", "from", "to"}),
+		shed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "http_requests_shed_total",
+			Help: "Requests refused with 503 because MAX_IN_FLIGHT requests were already being served.",
+		}),
+		rateLimited: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "http_requests_rate_limited_total",
+			Help: "Requests refused with 429 by the per-client rate limit.",
+		}),
+	}
+	reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		m.requests, m.duration, m.inFlight, m.cacheRequests, m.localRequests,
+		m.invalidations, m.breakerStates, m.breakerChanges, m.shed, m.rateLimited,
+	)
+	for _, r := range []string{cacheHit, cacheMiss, cacheError, cacheSkipped} {
+		m.cacheRequests.WithLabelValues(r)
+	}
+	m.localRequests.WithLabelValues("hit")
+	m.localRequests.WithLabelValues("miss")
+	return m
+}
+
+// handler serves the registry in the Prometheus exposition format.
+func (m *metrics) handler() http.Handler {
+	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg})
+}
+
+func (m *metrics) cacheRequest(result string) { m.cacheRequests.WithLabelValues(result).Inc() }
+
+func (m *metrics) localCache(hit bool) {
+	if hit {
+		m.localRequests.WithLabelValues("hit").Inc()
+	} else {
+		m.localRequests.WithLabelValues("miss").Inc()
+	}
+}
+
+func (m *metrics) cacheInvalidation() { m.invalidations.Inc() }
+
+func breakerValue(s gobreaker.State) float64 {
+	switch s {
+	case gobreaker.StateHalfOpen:
+		return 1
+	case gobreaker.StateOpen:
+		return 2
+	}
+	return 0
+}
+
+func (m *metrics) breakerState(name string, s gobreaker.State) {
+	m.breakerStates.WithLabelValues(name).Set(breakerValue(s))
+}
+
+func (m *metrics) breakerTransition(name string, from, to gobreaker.State) {
+	m.breakerState(name, to)
+	m.breakerChanges.WithLabelValues(name, from.String(), to.String()).Inc()
+}
+
+// productsTotal exposes the store's maintained product count.
+func (m *metrics) productsTotal(count func() int64) {
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "products_total",
+		Help: "Products in the catalog (a maintained count, not a query).",
+	}, func() float64 { return float64(count()) }))
+}
+
+// dbPools exposes the SQLite connection pools' statistics at scrape time.
+func (m *metrics) dbPools(stats func() (read, write sql.DBStats)) {
+	m.reg.MustRegister(&dbStatsCollector{stats: stats})
+}
+
+type dbStatsCollector struct {
+	stats func() (read, write sql.DBStats)
+}
+
+var (
+	dbOpenDesc  = prometheus.NewDesc("db_open_connections", "Open SQLite connections by pool.", []string{"pool"}, nil)
+	dbInUseDesc = prometheus.NewDesc("db_in_use_connections", "SQLite connections in use by pool.", []string{"pool"}, nil)
+	dbIdleDesc  = prometheus.NewDesc("db_idle_connections", "Idle SQLite connections by pool.", []string{"pool"}, nil)
+	dbMaxDesc   = prometheus.NewDesc("db_max_open_connections", "Maximum SQLite connections by pool.", []string{"pool"}, nil)
+	dbWaitDesc  = prometheus.NewDesc("db_wait_count", "Total times a caller waited for a SQLite connection, by pool.", []string{"pool"}, nil)
+	dbWaitDur   = prometheus.NewDesc("db_wait_duration_seconds", "Total time callers waited for a SQLite connection, by pool.", []string{"pool"}, nil)
+)
+
+func (c *dbStatsCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{dbOpenDesc, dbInUseDesc, dbIdleDesc, dbMaxDesc, dbWaitDesc, dbWaitDur} {
+		ch <- d
+	}
+}
+
+func (c *dbStatsCollector) Collect(ch chan<- prometheus.Metric) {
+	read, write := c.stats()
+	for pool, s := range map[string]sql.DBStats{"read": read, "write": write} {
+		ch <- prometheus.MustNewConstMetric(dbOpenDesc, prometheus.GaugeValue, float64(s.OpenConnections), pool)
+		ch <- prometheus.MustNewConstMetric(dbInUseDesc, prometheus.GaugeValue, float64(s.InUse), pool)
+		ch <- prometheus.MustNewConstMetric(dbIdleDesc, prometheus.GaugeValue, float64(s.Idle), pool)
+		ch <- prometheus.MustNewConstMetric(dbMaxDesc, prometheus.GaugeValue, float64(s.MaxOpenConnections), pool)
+		ch <- prometheus.MustNewConstMetric(dbWaitDesc, prometheus.CounterValue, float64(s.WaitCount), pool)
+		ch <- prometheus.MustNewConstMetric(dbWaitDur, prometheus.CounterValue, s.WaitDuration.Seconds(), pool)
+	}
+}
+
+// observe records one finished request.
+func (m *metrics) observe(method, route string, status int, elapsed time.Duration) {
+	switch method {
+	case "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS":
+	default:
+		method = "OTHER" // clients choose methods: keep the label set bounded
+	}
+	m.requests.WithLabelValues(method, route, strconv.Itoa(status)).Inc()
+	m.duration.WithLabelValues(method, route).Observe(elapsed.Seconds())
+}

@@ -1,0 +1,412 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"math"
+	"net"
+	"net/http"
+	"path"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+// requestInfo is the mutable per-request record the outer middleware puts
+// in the context: handlers add to it, the access log reads it.
+type requestInfo struct {
+	id    string
+	cache string
+	log   *slog.Logger // the service logger; loggerFrom adds the request id
+}
+
+type requestInfoKey struct{}
+
+func infoFrom(ctx context.Context) *requestInfo {
+	info, _ := ctx.Value(requestInfoKey{}).(*requestInfo)
+	return info
+}
+
+// loggerFrom returns a logger that tags lines with the request id.
+func loggerFrom(ctx context.Context, fallback *slog.Logger) *slog.Logger {
+	if info := infoFrom(ctx); info != nil {
+		return info.log.With("request_id", info.id)
+	}
+	return fallback
+}
+
+func setCacheResult(ctx context.Context, result string) {
+	if info := infoFrom(ctx); info != nil {
+		info.cache = result
+	}
+}
+
+// validRequestID accepts client request ids that are safe to log and echo.
+func validRequestID(s string) bool {
+	if len(s) == 0 || len(s) > 128 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+			return false
+		}
+	}
+	return true
+}
+
+func newRequestID() string {
+	var b [12]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// recorder captures the status and size of a response for the access log
+// and metrics. It also turns the plain-text 404 and 405 that ServeMux writes
+// for unmatched requests into problem+json: r.Pattern is empty exactly when
+// no route matched.
+type recorder struct {
+	http.ResponseWriter
+	r       *http.Request
+	status  int
+	bytes   int
+	swallow bool // the mux's own error body is being replaced
+}
+
+func (rec *recorder) WriteHeader(code int) {
+	if rec.status != 0 {
+		return
+	}
+	if code >= 400 && rec.r.Pattern == "" && rec.Header().Get("Content-Type") != contentTypeProblem {
+		rec.swallow = true
+		rec.status = code
+		rec.bytes = writeProblem(rec.ResponseWriter, rec.r, code, "", "", nil)
+		return
+	}
+	rec.status = code
+	rec.ResponseWriter.WriteHeader(code)
+}
+
+func (rec *recorder) Write(b []byte) (int, error) {
+	if rec.swallow {
+		return len(b), nil
+	}
+	if rec.status == 0 {
+		rec.WriteHeader(http.StatusOK)
+		if rec.swallow {
+			return len(b), nil
+		}
+	}
+	n, err := rec.ResponseWriter.Write(b)
+	rec.bytes += n
+	return n, err
+}
+
+// Unwrap lets http.ResponseController reach the connection.
+func (rec *recorder) Unwrap() http.ResponseWriter { return rec.ResponseWriter }
+
+var nosniff = []string{"nosniff"}
+
+// observe is the outermost middleware: request id, security headers, access
+// log, metrics and panic recovery, for every request.
+func observe(log *slog.Logger, m *metrics, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		id := r.Header.Get("X-Request-ID")
+		if !validRequestID(id) {
+			id = newRequestID()
+		}
+		h := w.Header()
+		h["X-Request-Id"] = []string{id}
+		h["X-Content-Type-Options"] = nosniff
+
+		info := &requestInfo{id: id, log: log}
+		r = r.WithContext(context.WithValue(r.Context(), requestInfoKey{}, info))
+		rec := &recorder{ResponseWriter: w, r: r}
+		m.inFlight.Inc()
+		defer func() {
+			m.inFlight.Dec()
+			if p := recover(); p != nil {
+				if p == http.ErrAbortHandler {
+					panic(p)
+				}
+				log.LogAttrs(r.Context(), slog.LevelError, "panic", slog.String("request_id", id),
+					slog.Any("panic", p), slog.String("stack", string(debug.Stack())))
+				if rec.status == 0 {
+					writeProblem(rec, r, http.StatusInternalServerError, "", "", nil)
+				}
+			}
+			route := r.Pattern
+			if route == "" {
+				route = "unmatched"
+			}
+			if rec.status == 0 {
+				rec.status = http.StatusOK
+			}
+			elapsed := time.Since(start)
+			m.observe(r.Method, route, rec.status, elapsed)
+			if log.Enabled(r.Context(), slog.LevelInfo) {
+				attrs := []slog.Attr{
+					slog.String("method", r.Method),
+					slog.String("route", route),
+					slog.String("path", r.URL.Path),
+					slog.Int("status", rec.status),
+					slog.Int("bytes", rec.bytes),
+					slog.Float64("duration_ms", float64(elapsed.Microseconds())/1000),
+					slog.String("request_id", id),
+				}
+				if info.cache != "" {
+					attrs = append(attrs, slog.String("cache", info.cache))
+				}
+				log.LogAttrs(r.Context(), slog.LevelInfo, "request", attrs...)
+			}
+		}()
+		next.ServeHTTP(rec, r)
+	})
+}
+
+// canonicalPaths answers 404 for paths that are not in canonical form
+// ("//", "/./", "/../") instead of letting ServeMux redirect them: a client
+// of an API wants an answer, not a redirect to a different resource.
+func canonicalPaths(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p := r.URL.EscapedPath()
+		if r.Method != http.MethodConnect && p != "*" {
+			clean := path.Clean(p)
+			if strings.HasSuffix(p, "/") && clean != "/" {
+				clean += "/"
+			}
+			if p == "" || clean != p || strings.ContainsAny(r.URL.Path, "\x00") {
+				writeError(w, r, &httpError{status: http.StatusNotFound, detail: "the path is not in canonical form"})
+				return
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// isProbe reports whether r is for an endpoint that load shedding and rate
+// limits never refuse: health, readiness and metrics must answer under load.
+func isProbe(r *http.Request) bool {
+	switch r.URL.Path {
+	case "/health", "/health/live", "/livez", "/ready", "/health/ready", "/readyz", "/health/startup", "/metrics":
+		return true
+	}
+	return false
+}
+
+// shedLoad refuses requests beyond max in flight with 503 at once, instead
+// of queueing them until every request times out.
+func shedLoad(max int, m *metrics, next http.Handler) http.Handler {
+	if max <= 0 {
+		return next
+	}
+	var inFlight atomic.Int64
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if isProbe(r) {
+			next.ServeHTTP(w, r)
+			return
+		}
+		if inFlight.Add(1) > int64(max) {
+			inFlight.Add(-1)
+			m.shed.Inc()
+			writeError(w, r, &UnavailableError{Reason: "the server is at capacity; retry shortly", RetryAfter: time.Second})
+			return
+		}
+		defer inFlight.Add(-1)
+		next.ServeHTTP(w, r)
+	})
+}
+
+// tokenSet holds the accepted API tokens as SHA-256 digests. Comparing
+// digests in constant time hides both the tokens and their lengths.
+type tokenSet [][sha256.Size]byte
+
+func newTokenSet(tokens []string) tokenSet {
+	var ts tokenSet
+	for _, t := range tokens {
+		if t = strings.TrimSpace(t); t != "" {
+			ts = append(ts, sha256.Sum256([]byte(t)))
+		}
+	}
+	return ts
+}
+
+// match reports whether the request carries a valid bearer token, and
+// returns its digest. Every token is compared, whatever the outcome.
+func (ts tokenSet) match(r *http.Request) ([sha256.Size]byte, bool) {
+	auth := r.Header.Get("Authorization")
+	scheme, tok, ok := strings.Cut(auth, " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") || tok == "" {
+		return [sha256.Size]byte{}, false
+	}
+	sum := sha256.Sum256([]byte(strings.TrimSpace(tok)))
+	found := 0
+	for _, t := range ts {
+		found |= subtle.ConstantTimeCompare(sum[:], t[:])
+	}
+	return sum, found == 1
+}
+
+// requireToken lets a request through only with a valid bearer token.
+// Repeated failures from one client are limited more tightly than the
+// general rate limit, to slow down token guessing.
+func requireToken(ts tokenSet, limits *rateLimiter, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if _, ok := ts.match(r); ok {
+			next.ServeHTTP(w, r)
+			return
+		}
+		if limits != nil && !limits.allowAuthFailure(clientIP(r)) {
+			writeError(w, r, &rateLimitError{retryAfter: limits.authRetryAfter})
+			return
+		}
+		detail := "this request needs an Authorization: Bearer token"
+		challenge := `Bearer realm="productsvc"`
+		if r.Header.Get("Authorization") != "" {
+			detail = "the bearer token is not valid"
+			challenge = `Bearer realm="productsvc", error="invalid_token"`
+		}
+		w.Header().Set("WWW-Authenticate", challenge)
+		writeError(w, r, &httpError{status: http.StatusUnauthorized, detail: detail})
+	})
+}
+
+func clientIP(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
+}
+
+// rateLimiter keeps a token bucket per client: the bearer token's digest
+// when the token is valid (so a client is one client from any address),
+// else the client IP. Buckets idle for longer than it takes them to refill
+// are dropped, so memory stays bounded by the clients of the last minutes.
+type rateLimiter struct {
+	rps    rate.Limit
+	burst  int
+	tokens tokenSet
+
+	mu        sync.Mutex
+	buckets   map[string]*bucket
+	failures  map[string]*bucket
+	lastSweep time.Time
+
+	authRetryAfter time.Duration
+}
+
+type bucket struct {
+	lim      *rate.Limiter
+	lastSeen time.Time
+}
+
+const (
+	maxBuckets       = 100_000
+	authFailureRate  = rate.Limit(1.0 / 6) // one failed authentication per 6 s...
+	authFailureBurst = 10                  // ...after a burst of 10
+)
+
+func newRateLimiter(rps float64, burst int, tokens tokenSet) *rateLimiter {
+	if burst <= 0 {
+		burst = max(1, int(math.Ceil(rps)))
+	}
+	return &rateLimiter{
+		rps: rate.Limit(rps), burst: burst, tokens: tokens,
+		buckets: make(map[string]*bucket), failures: make(map[string]*bucket),
+		lastSweep:      time.Now(),
+		authRetryAfter: time.Duration(float64(time.Second) / float64(authFailureRate)),
+	}
+}
+
+func (rl *rateLimiter) get(m map[string]*bucket, key string, lim rate.Limit, burst int, now time.Time) *bucket {
+	if now.Sub(rl.lastSweep) > time.Minute || len(m) >= maxBuckets {
+		rl.sweep(now)
+	}
+	b, ok := m[key]
+	if !ok {
+		if len(m) >= maxBuckets {
+			for k := range m { // still full of active clients: drop one at random
+				delete(m, k)
+				break
+			}
+		}
+		b = &bucket{lim: rate.NewLimiter(lim, burst)}
+		m[key] = b
+	}
+	b.lastSeen = now
+	return b
+}
+
+// sweep drops buckets that have refilled completely: forgetting them
+// changes nothing for their clients.
+func (rl *rateLimiter) sweep(now time.Time) {
+	rl.lastSweep = now
+	for _, m := range []map[string]*bucket{rl.buckets, rl.failures} {
+		for k, b := range m {
+			if b.lim.TokensAt(now) >= float64(b.lim.Burst()) {
+				delete(m, k)
+			}
+		}
+	}
+}
+
+func (rl *rateLimiter) allowAuthFailure(ip string) bool {
+	now := time.Now()
+	rl.mu.Lock()
+	defer rl.mu.Unlock()
+	return rl.get(rl.failures, ip, authFailureRate, authFailureBurst, now).lim.AllowN(now, 1)
+}
+
+// limit applies the per-client rate limit. Probes are never limited.
+func (rl *rateLimiter) limit(m *metrics, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if isProbe(r) {
+			next.ServeHTTP(w, r)
+			return
+		}
+		key := "ip:" + clientIP(r)
+		if sum, ok := rl.tokens.match(r); ok {
+			key = "token:" + hex.EncodeToString(sum[:8])
+		}
+		now := time.Now()
+		rl.mu.Lock()
+		lim := rl.get(rl.buckets, key, rl.rps, rl.burst, now).lim
+		allowed := lim.AllowN(now, 1)
+		remaining := lim.TokensAt(now)
+		rl.mu.Unlock()
+
+		h := w.Header()
+		h.Set("RateLimit-Limit", strconv.Itoa(rl.burst))
+		h.Set("RateLimit-Remaining", strconv.Itoa(max(0, int(remaining))))
+		untilOne := time.Duration(0)
+		if remaining < 1 {
+			untilOne = time.Duration((1 - remaining) / float64(rl.rps) * float64(time.Second))
+		}
+		h.Set("RateLimit-Reset", strconv.Itoa(int(math.Ceil(untilOne.Seconds()))))
+		if !allowed {
+			m.rateLimited.Inc()
+			writeError(w, r, &rateLimitError{retryAfter: untilOne})
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// rateLimitError is a request refused by a rate limit.
+type rateLimitError struct{ retryAfter time.Duration }
+
+func (e *rateLimitError) Error() string {
+	return fmt.Sprintf("too many requests; retry in %s", e.retryAfter.Round(time.Second))
+}

@@ -1,0 +1,483 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"time"
+
+	"github.com/sony/gobreaker/v2"
+	"golang.org/x/sync/singleflight"
+)
+
+// ProductService is the product catalog: validation, cache-aside reads
+// through an in-process and an optional Redis layer, and writes to the store
+// behind circuit breakers.
+type ProductService struct {
+	store        *Store
+	cache        cache // noCache when Redis is not configured
+	redisEnabled bool
+	local        *localCache
+	redisTimeout time.Duration
+	log          *slog.Logger
+	metrics      *metrics
+
+	// Reads and writes have separate breakers: a full disk fails writes
+	// while reads keep working, and must not take reads down with it.
+	readCB  *gobreaker.CircuitBreaker[struct{}]
+	writeCB *gobreaker.CircuitBreaker[struct{}]
+	redisCB *gobreaker.CircuitBreaker[struct{}]
+
+	flight singleflight.Group
+}
+
+// ServiceConfig configures NewProductService.
+type ServiceConfig struct {
+	Cache          cache // nil means no Redis
+	RedisTimeout   time.Duration
+	LocalCacheSize int
+	CacheTTL       time.Duration
+	Logger         *slog.Logger
+	Metrics        *metrics // nil means a private registry nobody scrapes
+	// BreakerTimeout is how long a breaker stays open before it lets a probe
+	// through. Zero means dbBreakerTimeout / redisBreakerTimeout.
+	BreakerTimeout time.Duration
+}
+
+const (
+	dbBreakerFailures    = 5 // consecutive database failures that open a DB breaker
+	dbBreakerTimeout     = 5 * time.Second
+	redisBreakerFailures = 3
+	redisBreakerTimeout  = 2 * time.Second
+)
+
+// Cache results, as logged and counted.
+const (
+	cacheLocal   = "local"   // served from the in-process layer
+	cacheHit     = "hit"     // served from Redis
+	cacheMiss    = "miss"    // read from the database
+	cacheSkipped = "skipped" // Redis not asked: its breaker is open
+	cacheError   = "error"   // Redis asked and failed
+)
+
+// NewProductService returns a service over store.
+func NewProductService(store *Store, cfg ServiceConfig) *ProductService {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = newMetrics(nil)
+	}
+	if cfg.RedisTimeout <= 0 {
+		cfg.RedisTimeout = 100 * time.Millisecond
+	}
+	if cfg.CacheTTL <= 0 {
+		cfg.CacheTTL = 5 * time.Minute
+	}
+	s := &ProductService{
+		store:        store,
+		cache:        cfg.Cache,
+		redisEnabled: cfg.Cache != nil,
+		local:        newLocalCache(cfg.LocalCacheSize, cfg.CacheTTL),
+		redisTimeout: cfg.RedisTimeout,
+		log:          cfg.Logger,
+		metrics:      cfg.Metrics,
+	}
+	if s.cache == nil {
+		s.cache = noCache{}
+	}
+	dbTimeout, redisTimeout := dbBreakerTimeout, redisBreakerTimeout
+	if cfg.BreakerTimeout > 0 {
+		dbTimeout, redisTimeout = cfg.BreakerTimeout, cfg.BreakerTimeout
+	}
+	s.readCB = s.newBreaker("database_read", dbBreakerFailures, dbTimeout, isDBSuccess)
+	s.writeCB = s.newBreaker("database_write", dbBreakerFailures, dbTimeout, isDBSuccess)
+	s.redisCB = s.newBreaker("redis", redisBreakerFailures, redisTimeout, func(err error) bool {
+		return err == nil || errors.Is(err, errCacheMiss)
+	})
+	s.metrics.productsTotal(store.Count)
+	return s
+}
+
+func (s *ProductService) newBreaker(name string, failures uint32, timeout time.Duration, ok func(error) bool) *gobreaker.CircuitBreaker[struct{}] {
+	s.metrics.breakerState(name, gobreaker.StateClosed)
+	return gobreaker.NewCircuitBreaker[struct{}](gobreaker.Settings{
+		Name:        name,
+		MaxRequests: 1,
+		Timeout:     timeout,
+		ReadyToTrip: func(c gobreaker.Counts) bool { return c.ConsecutiveFailures >= failures },
+		OnStateChange: func(name string, from, to gobreaker.State) {
+			level := slog.LevelWarn
+			if to == gobreaker.StateClosed {
+				level = slog.LevelInfo
+			}
+			s.log.Log(context.Background(), level, "circuit breaker state changed",
+				"breaker", name, "from", from.String(), "to", to.String())
+			s.metrics.breakerTransition(name, from, to)
+		},
+		IsSuccessful: ok,
+		// A client that went away says nothing about the dependency.
+		IsExcluded: func(err error) bool { return errors.Is(err, context.Canceled) },
+	})
+}
+
+// isDBSuccess counts everything but a database failure as a success for the
+// breaker: not-found, validation and conflicts are the database working.
+func isDBSuccess(err error) bool { return err == nil || !errors.Is(err, ErrUnavailable) }
+
+// UnavailableError is a request refused because a dependency is failing.
+// RetryAfter tells the client when to try again. It unwraps to ErrUnavailable.
+type UnavailableError struct {
+	Reason     string
+	RetryAfter time.Duration
+}
+
+func (e *UnavailableError) Error() string { return e.Reason }
+func (e *UnavailableError) Unwrap() error { return ErrUnavailable }
+
+// guard runs fn through cb. While cb is open it fails at once with an
+// *UnavailableError.
+func guard(cb *gobreaker.CircuitBreaker[struct{}], fn func() error) error {
+	_, err := cb.Execute(func() (struct{}, error) { return struct{}{}, fn() })
+	if errors.Is(err, gobreaker.ErrOpenState) || errors.Is(err, gobreaker.ErrTooManyRequests) {
+		return &UnavailableError{Reason: "the database is failing; circuit breaker " + cb.Name() + " is open", RetryAfter: 5 * time.Second}
+	}
+	var uerr *UnavailableError
+	if errors.Is(err, ErrUnavailable) && !errors.As(err, &uerr) {
+		return &UnavailableError{Reason: err.Error(), RetryAfter: time.Second}
+	}
+	return err
+}
+
+// Get returns the encoded product with id and which cache layer served it.
+// It returns ErrNotFound, or an *UnavailableError when the database is
+// failing and no cache holds the product.
+func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, string, error) {
+	if v, ok := s.local.get(id); ok {
+		s.metrics.localCache(true)
+		return v, cacheLocal, nil
+	}
+	s.metrics.localCache(false)
+	type result struct {
+		v      cachedProduct
+		source string
+	}
+	// Concurrent misses for one id share one read. The shared read must not
+	// die with the first caller's request, hence WithoutCancel; the store
+	// bounds it with DB_TIMEOUT.
+	r, err, _ := s.flight.Do(strconv.FormatInt(id, 10), func() (any, error) {
+		ctx := context.WithoutCancel(ctx)
+		tok := s.local.token(id)
+		v, source := s.cacheGet(ctx, id)
+		if source == cacheHit && tok.redisFresh {
+			s.local.fill(id, tok, v)
+			return result{v, source}, nil
+		}
+		var p Product
+		err := guard(s.readCB, func() error {
+			var err error
+			p, err = s.store.Get(ctx, id)
+			return err
+		})
+		if err != nil {
+			return nil, err
+		}
+		v = cachedProduct{JSON: appendProduct(nil, &p), Version: p.Version}
+		s.cachePut(ctx, id, p.Version, v.JSON)
+		s.local.fill(id, tok, v)
+		if source == cacheHit {
+			source = cacheMiss // Redis answered, but could not be trusted yet
+		}
+		return result{v, source}, nil
+	})
+	if err != nil {
+		return cachedProduct{}, cacheMiss, err
+	}
+	res := r.(result)
+	return res.v, res.source, nil
+}
+
+// cacheGet reads id from Redis. The version is read from the JSON itself.
+func (s *ProductService) cacheGet(ctx context.Context, id int64) (cachedProduct, string) {
+	if !s.redisEnabled {
+		return cachedProduct{}, cacheMiss
+	}
+	var b []byte
+	err := guard(s.redisCB, func() error {
+		ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
+		defer cancel()
+		var err error
+		b, err = s.cache.Get(ctx, id)
+		return err
+	})
+	var result string
+	switch {
+	case err == nil:
+		result = cacheHit
+	case errors.Is(err, errCacheMiss):
+		result = cacheMiss
+	case errors.Is(err, ErrUnavailable):
+		result = cacheSkipped
+	default:
+		result = cacheError
+		s.log.Debug("redis get failed", "id", id, "err", err)
+	}
+	s.metrics.cacheRequest(result)
+	if result != cacheHit {
+		if result == cacheError {
+			result = cacheMiss
+		}
+		return cachedProduct{}, result
+	}
+	version, ok := versionOf(b)
+	if !ok {
+		return cachedProduct{}, cacheMiss
+	}
+	return cachedProduct{JSON: b, Version: version}, cacheHit
+}
+
+// versionOf finds the "version" member in an encoded product.
+func versionOf(b []byte) (int64, bool) {
+	const key = `,"version":`
+	for i := 0; i+len(key) <= len(b); i++ {
+		if string(b[i:i+len(key)]) == key {
+			j := i + len(key)
+			k := j
+			for k < len(b) && b[k] >= '0' && b[k] <= '9' {
+				k++
+			}
+			v, err := strconv.ParseInt(string(b[j:k]), 10, 64)
+			return v, err == nil
+		}
+	}
+	return 0, false
+}
+
+// cachePut writes a product (or a tombstone, nil JSON) to Redis. It reports
+// whether Redis now holds that version or a newer one.
+func (s *ProductService) cachePut(ctx context.Context, id, version int64, json []byte) bool {
+	if !s.redisEnabled {
+		return true
+	}
+	err := guard(s.redisCB, func() error {
+		ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
+		defer cancel()
+		return s.cache.Put(ctx, id, version, json)
+	})
+	if err != nil {
+		s.log.Debug("redis put failed", "id", id, "err", err)
+	}
+	return err == nil
+}
+
+// written is called on the store's writer goroutine after a write commits,
+// in commit order: the in-process layer never goes back in time.
+func (s *ProductService) written(p Product, deleted bool) cachedProduct {
+	v := cachedProduct{Version: p.Version}
+	if !deleted {
+		v.JSON = appendProduct(nil, &p)
+	}
+	s.local.written(p.ID, v, s.redisEnabled)
+	return v
+}
+
+// publish brings Redis up to date after a committed write, before the write
+// is acknowledged. If Redis cannot be updated, every Redis entry is
+// forgotten instead: an acknowledged write is never followed by a stale read.
+func (s *ProductService) publish(ctx context.Context, id int64, v cachedProduct) {
+	if !s.redisEnabled {
+		return
+	}
+	defer s.local.published(id)
+	version := v.Version
+	if v.JSON == nil {
+		version++ // a tombstone outranks the deleted version
+	}
+	s.metrics.cacheInvalidation()
+	if !s.cachePut(context.WithoutCancel(ctx), id, version, v.JSON) {
+		s.cache.Forget()
+	}
+}
+
+// Create validates in and stores a new product. It returns a
+// *ValidationError, ErrConflict if the SKU is taken, ErrIdempotencyMismatch,
+// a *Replay when idem was used before, or an *UnavailableError.
+func (s *ProductService) Create(ctx context.Context, in ProductInput, idem *IdempotencyKey) (Product, error) {
+	if problems := in.Valid(); len(problems) > 0 {
+		return Product{}, &ValidationError{Problems: problems}
+	}
+	var p Product
+	in.apply(&p, false)
+	var v cachedProduct
+	err := guard(s.writeCB, func() error {
+		var err error
+		p, err = s.store.Create(ctx, p, idem, func(p Product) { v = s.written(p, false) })
+		return err
+	})
+	if err != nil {
+		return Product{}, err
+	}
+	s.publish(ctx, p.ID, v)
+	return p, nil
+}
+
+// Replace replaces the writable fields of the product with id (PUT). Stock
+// is kept when in omits it. It returns ErrNotFound, ErrPrecondition, a
+// *ValidationError, ErrConflict or an *UnavailableError.
+func (s *ProductService) Replace(ctx context.Context, id int64, in ProductInput, cond *IfMatch) (Product, error) {
+	if problems := in.Valid(); len(problems) > 0 {
+		return Product{}, &ValidationError{Problems: problems}
+	}
+	return s.update(ctx, id, cond, func(p *Product) error {
+		before := *p
+		in.apply(p, true)
+		if *p == before {
+			return errUnchanged
+		}
+		return nil
+	})
+}
+
+// Patch applies a JSON merge patch to the product with id. Errors as Replace.
+func (s *ProductService) Patch(ctx context.Context, id int64, patch ProductPatch, cond *IfMatch) (Product, error) {
+	if problems := patch.Valid(); len(problems) > 0 {
+		return Product{}, &ValidationError{Problems: problems}
+	}
+	return s.update(ctx, id, cond, func(p *Product) error {
+		if !patch.apply(p) {
+			return errUnchanged
+		}
+		return nil
+	})
+}
+
+// SetStock sets the stock of the product with id. Errors as Replace.
+func (s *ProductService) SetStock(ctx context.Context, id, stock int64, cond *IfMatch) (Product, error) {
+	if msg := validStock(stock); msg != "" {
+		return Product{}, &ValidationError{Problems: map[string]string{"stock": msg}}
+	}
+	return s.update(ctx, id, cond, func(p *Product) error {
+		if p.Stock == stock {
+			return errUnchanged
+		}
+		p.Stock = stock
+		return nil
+	})
+}
+
+func (s *ProductService) update(ctx context.Context, id int64, cond *IfMatch, change func(*Product) error) (Product, error) {
+	var out Product
+	var v cachedProduct
+	wrote := false
+	err := guard(s.writeCB, func() error {
+		var err error
+		out, err = s.store.Update(ctx, id, func(p *Product) error {
+			if err := cond.check(p.Version); err != nil {
+				return err
+			}
+			return change(p)
+		}, func(p Product) { v, wrote = s.written(p, false), true })
+		return err
+	})
+	if err != nil {
+		return Product{}, err
+	}
+	if wrote {
+		s.publish(ctx, id, v)
+	}
+	return out, nil
+}
+
+// AdjustStock adds delta to the stock of the product with id, atomically.
+// It returns ErrNotFound, ErrInsufficientStock (nothing changes), a
+// *ValidationError for a zero or out-of-range delta, or an *UnavailableError.
+func (s *ProductService) AdjustStock(ctx context.Context, id, delta int64, cond *IfMatch, idem *IdempotencyKey) (Product, error) {
+	if delta == 0 || delta < -maxStock || delta > maxStock {
+		return Product{}, &ValidationError{Problems: map[string]string{"delta": "must be a non-zero integer from -1000000000000 to 1000000000000"}}
+	}
+	var p Product
+	var v cachedProduct
+	err := guard(s.writeCB, func() error {
+		var err error
+		p, err = s.store.AdjustStock(ctx, id, delta, cond.check, idem, func(p Product) { v = s.written(p, false) })
+		return err
+	})
+	if err != nil {
+		return Product{}, err
+	}
+	s.publish(ctx, id, v)
+	return p, nil
+}
+
+// Delete removes the product with id. It returns ErrNotFound,
+// ErrPrecondition or an *UnavailableError.
+func (s *ProductService) Delete(ctx context.Context, id int64, cond *IfMatch) error {
+	var v cachedProduct
+	err := guard(s.writeCB, func() error {
+		return s.store.Delete(ctx, id, func(p Product) error { return cond.check(p.Version) },
+			func(p Product) { v = s.written(p, true) })
+	})
+	if err != nil {
+		return err
+	}
+	s.publish(ctx, id, v)
+	return nil
+}
+
+// List returns a page of products. It returns an *UnavailableError when the
+// database is failing.
+func (s *ProductService) List(ctx context.Context, f ListFilter) (Page, error) {
+	var page Page
+	err := guard(s.readCB, func() error {
+		var err error
+		page, err = s.store.List(ctx, f)
+		return err
+	})
+	return page, err
+}
+
+// Readiness is the service's view of its dependencies, for /ready.
+type Readiness struct {
+	Database   string // "ok" or "down"
+	Cache      string // "ok", "disabled" or "down"
+	ReadState  gobreaker.State
+	WriteState gobreaker.State
+}
+
+// CanServeReads reports whether reads can be answered.
+func (r Readiness) CanServeReads() bool {
+	return r.Database == "ok" && r.ReadState != gobreaker.StateOpen
+}
+
+// Ready checks the database and Redis.
+func (s *ProductService) Ready(ctx context.Context) Readiness {
+	r := Readiness{Database: "ok", Cache: "disabled", ReadState: s.readCB.State(), WriteState: s.writeCB.State()}
+	if r.ReadState != gobreaker.StateOpen {
+		if err := s.store.Ping(ctx); err != nil {
+			r.Database = "down"
+		}
+	}
+	if s.redisEnabled {
+		r.Cache = "ok"
+		if s.redisCB.State() == gobreaker.StateOpen {
+			r.Cache = "down"
+		} else {
+			ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
+			defer cancel()
+			if err := s.cache.Ping(ctx); err != nil {
+				r.Cache = "down"
+			}
+		}
+	}
+	return r
+}
+
+// Close closes the cache. The store is closed by its owner.
+func (s *ProductService) Close() error {
+	if err := s.cache.Close(); err != nil {
+		return fmt.Errorf("close cache: %w", err)
+	}
+	return nil
+}
