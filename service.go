@@ -16,7 +16,7 @@ import (
 // through an in-process and an optional Redis layer, and writes to the store
 // behind circuit breakers.
 type ProductService struct {
-	store        *Store
+	store        productStore
 	cache        cache // noCache when Redis is not configured
 	redisEnabled bool
 	local        *localCache
@@ -31,6 +31,19 @@ type ProductService struct {
 	redisCB *gobreaker.CircuitBreaker[struct{}]
 
 	flight singleflight.Group
+}
+
+// productStore is what the service needs of the store. *Store is the one
+// real implementation; tests wrap it to inject database failures.
+type productStore interface {
+	Get(ctx context.Context, id int64) (Product, error)
+	List(ctx context.Context, f ListFilter) (Page, error)
+	Create(ctx context.Context, p Product, idem *IdempotencyKey, onCommit func(Product)) (Product, error)
+	Update(ctx context.Context, id int64, change func(*Product) error, onCommit func(Product)) (Product, error)
+	AdjustStock(ctx context.Context, id, delta int64, check func(version int64) error, idem *IdempotencyKey, onCommit func(Product)) (Product, error)
+	Delete(ctx context.Context, id int64, check func(Product) error, onCommit func(Product)) error
+	Ping(ctx context.Context) error
+	Count() int64
 }
 
 // ServiceConfig configures NewProductService.
@@ -63,7 +76,7 @@ const (
 )
 
 // NewProductService returns a service over store.
-func NewProductService(store *Store, cfg ServiceConfig) *ProductService {
+func NewProductService(store productStore, cfg ServiceConfig) *ProductService {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
