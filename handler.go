@@ -49,7 +49,8 @@ type serverDeps struct {
 	life         *lifecycle
 	limiter      *rateLimiter // nil: no rate limit
 	maxFlight    int
-	serveMetrics bool // /metrics on this listener
+	serveMetrics bool     // /metrics on this listener
+	tracing      *tracing // nil: no tracing
 }
 
 // newServer returns the service's HTTP handler: the routes of addRoutes
@@ -63,7 +64,11 @@ func newServer(d serverDeps) http.Handler {
 	}
 	h = shedLoad(d.maxFlight, d.metrics, h)
 	h = canonicalPaths(h)
-	return observe(d.log, d.metrics, h)
+	h = observe(d.log, d.metrics, h)
+	if d.tracing != nil {
+		h = d.tracing.wrap(h) // outermost: the server span covers everything
+	}
+	return h
 }
 
 // addRoutes lists the whole API.

@@ -65,8 +65,17 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return healthCheck(ctx, cfg.Addr)
 	}
 
-	log := slog.New(slog.NewJSONHandler(stdout, &slog.HandlerOptions{Level: cfg.LogLevel}))
-	log.Info("starting", append([]any{"version", buildVersion()}, cfg.logAttrs()...)...)
+	tr, err := newTracing(ctx, getenv, buildVersion())
+	if err != nil {
+		return &configError{msg: "invalid OTEL_* settings: " + err.Error()}
+	}
+	defer tr.shutdown(context.Background())
+	var logh slog.Handler = slog.NewJSONHandler(stdout, &slog.HandlerOptions{Level: cfg.LogLevel})
+	if tr.enabled {
+		logh = traceLogHandler{logh}
+	}
+	log := slog.New(logh)
+	log.Info("starting", append([]any{"version", buildVersion(), "tracing", tr.enabled}, cfg.logAttrs()...)...)
 	if len(cfg.APITokens) == 0 {
 		var b [24]byte
 		rand.Read(b[:])
@@ -102,7 +111,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	m.dbPools(store.Stats)
 	svc := NewProductService(store, ServiceConfig{
 		Cache: c, RedisTimeout: cfg.RedisTimeout, LocalCacheSize: cfg.LocalCacheSize,
-		CacheTTL: cfg.CacheTTL, Logger: log, Metrics: m,
+		CacheTTL: cfg.CacheTTL, Logger: log, Metrics: m, Tracing: tr,
 	})
 	defer svc.Close()
 
@@ -115,7 +124,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	handler := newServer(serverDeps{
 		svc: svc, log: log, metrics: m, tokens: tokens, life: life,
-		limiter: limiter, maxFlight: cfg.MaxInFlight, serveMetrics: cfg.MetricsAddr == "",
+		limiter: limiter, maxFlight: cfg.MaxInFlight, serveMetrics: cfg.MetricsAddr == "", tracing: tr,
 	})
 
 	errc := make(chan error, 3)

@@ -19,6 +19,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/time/rate"
 )
 
@@ -152,6 +154,10 @@ func observe(log *slog.Logger, m *metrics, next http.Handler) http.Handler {
 			}
 			if rec.status == 0 {
 				rec.status = http.StatusOK
+			}
+			if span := trace.SpanFromContext(r.Context()); span.IsRecording() {
+				span.SetName(r.Method + " " + strings.TrimPrefix(route, r.Method+" "))
+				span.SetAttributes(attribute.String("http.route", route))
 			}
 			elapsed := time.Since(start)
 			m.observe(r.Method, route, rec.status, elapsed)

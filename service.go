@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/sony/gobreaker/v2"
+	"go.opentelemetry.io/otel/attribute"
 	"golang.org/x/sync/singleflight"
 )
 
@@ -23,6 +24,7 @@ type ProductService struct {
 	redisTimeout time.Duration
 	log          *slog.Logger
 	metrics      *metrics
+	trace        *tracing
 
 	// Reads and writes have separate breakers: a full disk fails writes
 	// while reads keep working, and must not take reads down with it.
@@ -54,6 +56,7 @@ type ServiceConfig struct {
 	CacheTTL       time.Duration
 	Logger         *slog.Logger
 	Metrics        *metrics // nil means a private registry nobody scrapes
+	Tracing        *tracing // nil means no tracing
 	// BreakerTimeout is how long a breaker stays open before it lets a probe
 	// through. Zero means dbBreakerTimeout / redisBreakerTimeout.
 	BreakerTimeout time.Duration
@@ -83,6 +86,9 @@ func NewProductService(store productStore, cfg ServiceConfig) *ProductService {
 	if cfg.Metrics == nil {
 		cfg.Metrics = newMetrics(nil)
 	}
+	if cfg.Tracing == nil {
+		cfg.Tracing = noTracing()
+	}
 	if cfg.RedisTimeout <= 0 {
 		cfg.RedisTimeout = 100 * time.Millisecond
 	}
@@ -97,6 +103,7 @@ func NewProductService(store productStore, cfg ServiceConfig) *ProductService {
 		redisTimeout: cfg.RedisTimeout,
 		log:          cfg.Logger,
 		metrics:      cfg.Metrics,
+		trace:        cfg.Tracing,
 	}
 	if s.cache == nil {
 		s.cache = noCache{}
@@ -150,6 +157,17 @@ type UnavailableError struct {
 func (e *UnavailableError) Error() string { return e.Reason }
 func (e *UnavailableError) Unwrap() error { return ErrUnavailable }
 
+func dbAttrs(op string) []attribute.KeyValue {
+	return []attribute.KeyValue{attribute.String("db.system", "sqlite"), attribute.String("db.operation", op)}
+}
+
+// write runs a store write through the write breaker, in a span.
+func (s *ProductService) write(ctx context.Context, name string, fn func(ctx context.Context) error) error {
+	ctx, span := s.trace.start(ctx, name, dbAttrs("WRITE")...)
+	defer span.End()
+	return guard(s.writeCB, func() error { return fn(ctx) })
+}
+
 // guard runs fn through cb. While cb is open it fails at once with an
 // *UnavailableError.
 func guard(cb *gobreaker.CircuitBreaker[struct{}], fn func() error) error {
@@ -190,6 +208,8 @@ func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, stri
 		}
 		var p Product
 		err := guard(s.readCB, func() error {
+			ctx, span := s.trace.start(ctx, "sqlite get product", dbAttrs("SELECT")...)
+			defer span.End()
 			var err error
 			p, err = s.store.Get(ctx, id)
 			return err
@@ -218,6 +238,8 @@ func (s *ProductService) cacheGet(ctx context.Context, id int64) (cachedProduct,
 		return cachedProduct{}, cacheMiss
 	}
 	var b []byte
+	ctx, span := s.trace.start(ctx, "redis get product", attribute.String("db.system", "redis"))
+	defer span.End()
 	err := guard(s.redisCB, func() error {
 		ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
 		defer cancel()
@@ -225,6 +247,7 @@ func (s *ProductService) cacheGet(ctx context.Context, id int64) (cachedProduct,
 		b, err = s.cache.Get(ctx, id)
 		return err
 	})
+	span.SetAttributes(attribute.Bool("cache.hit", err == nil))
 	var result string
 	switch {
 	case err == nil:
@@ -274,6 +297,8 @@ func (s *ProductService) cachePut(ctx context.Context, id, version int64, json [
 	if !s.redisEnabled {
 		return true
 	}
+	ctx, span := s.trace.start(ctx, "redis put product", attribute.String("db.system", "redis"))
+	defer span.End()
 	err := guard(s.redisCB, func() error {
 		ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
 		defer cancel()
@@ -324,7 +349,7 @@ func (s *ProductService) Create(ctx context.Context, in ProductInput, idem *Idem
 	var p Product
 	in.apply(&p, false)
 	var v cachedProduct
-	err := guard(s.writeCB, func() error {
+	err := s.write(ctx, "sqlite create product", func(ctx context.Context) error {
 		var err error
 		p, err = s.store.Create(ctx, p, idem, func(p Product) { v = s.written(p, false) })
 		return err
@@ -384,7 +409,7 @@ func (s *ProductService) update(ctx context.Context, id int64, cond *IfMatch, ch
 	var out Product
 	var v cachedProduct
 	wrote := false
-	err := guard(s.writeCB, func() error {
+	err := s.write(ctx, "sqlite update product", func(ctx context.Context) error {
 		var err error
 		out, err = s.store.Update(ctx, id, func(p *Product) error {
 			if err := cond.check(p.Version); err != nil {
@@ -412,7 +437,7 @@ func (s *ProductService) AdjustStock(ctx context.Context, id, delta int64, cond 
 	}
 	var p Product
 	var v cachedProduct
-	err := guard(s.writeCB, func() error {
+	err := s.write(ctx, "sqlite adjust stock", func(ctx context.Context) error {
 		var err error
 		p, err = s.store.AdjustStock(ctx, id, delta, cond.check, idem, func(p Product) { v = s.written(p, false) })
 		return err
@@ -428,7 +453,7 @@ func (s *ProductService) AdjustStock(ctx context.Context, id, delta int64, cond 
 // ErrPrecondition or an *UnavailableError.
 func (s *ProductService) Delete(ctx context.Context, id int64, cond *IfMatch) error {
 	var v cachedProduct
-	err := guard(s.writeCB, func() error {
+	err := s.write(ctx, "sqlite delete product", func(ctx context.Context) error {
 		return s.store.Delete(ctx, id, func(p Product) error { return cond.check(p.Version) },
 			func(p Product) { v = s.written(p, true) })
 	})
@@ -443,6 +468,8 @@ func (s *ProductService) Delete(ctx context.Context, id int64, cond *IfMatch) er
 // database is failing.
 func (s *ProductService) List(ctx context.Context, f ListFilter) (Page, error) {
 	var page Page
+	ctx, span := s.trace.start(ctx, "sqlite list products", dbAttrs("SELECT")...)
+	defer span.End()
 	err := guard(s.readCB, func() error {
 		var err error
 		page, err = s.store.List(ctx, f)
