@@ -20,6 +20,10 @@ import (
 // order scanProduct reads them.
 const productColumns = `id, sku, name, description, category, price_cents, currency, stock, version, created_at, updated_at`
 
+// qualifiedColumns is productColumns for queries that join other tables.
+const qualifiedColumns = `products.id, products.sku, products.name, products.description, products.category,
+	products.price_cents, products.currency, products.stock, products.version, products.created_at, products.updated_at`
+
 // migrations are applied in order, each once, in one transaction each.
 // Append only: a released migration never changes.
 var migrations = []string{
@@ -345,17 +349,28 @@ func listQuery(f ListFilter) (string, []any) {
 			where = append(where, "stock = 0")
 		}
 	}
+	col := sortColumns[f.Sort]
+	from := "products"
 	if f.Query != "" {
-		where = append(where, "id IN (SELECT rowid FROM products_fts WHERE products_fts MATCH ?)")
+		if col == "id" {
+			// In id order, walk the full-text index in rowid order and stop
+			// after the page, instead of collecting every match first.
+			from = "products_fts JOIN products ON products.id = products_fts.rowid"
+			where = append(where, "products_fts MATCH ?")
+		} else {
+			where = append(where, "id IN (SELECT rowid FROM products_fts WHERE products_fts MATCH ?)")
+		}
 		args = append(args, f.Query)
 	}
-	col := sortColumns[f.Sort]
 	cmp, dir := ">", "ASC"
 	if f.Desc {
 		cmp, dir = "<", "DESC"
 	}
 	if f.After != nil {
-		if col == "id" {
+		if col == "id" && f.Query != "" {
+			where = append(where, "products_fts.rowid "+cmp+" ?")
+			args = append(args, f.After.ID)
+		} else if col == "id" {
 			where = append(where, "id "+cmp+" ?")
 			args = append(args, f.After.ID)
 		} else {
@@ -364,11 +379,13 @@ func listQuery(f ListFilter) (string, []any) {
 		}
 	}
 	var b strings.Builder
-	b.WriteString("SELECT " + productColumns + " FROM products")
+	b.WriteString("SELECT " + qualifiedColumns + " FROM " + from)
 	if len(where) > 0 {
 		b.WriteString(" WHERE " + strings.Join(where, " AND "))
 	}
-	if col == "id" {
+	if col == "id" && f.Query != "" {
+		b.WriteString(" ORDER BY products_fts.rowid " + dir)
+	} else if col == "id" {
 		b.WriteString(" ORDER BY id " + dir)
 	} else {
 		b.WriteString(" ORDER BY " + col + " " + dir + ", id " + dir)

@@ -190,11 +190,11 @@ func handleListProducts(svc *ProductService) http.Handler {
 		if err != nil {
 			return err
 		}
-		page, err := svc.List(r.Context(), f)
+		body, err := svc.ListJSON(r.Context(), r.URL.RawQuery, f)
 		if err != nil {
 			return err
 		}
-		writeJSON(w, http.StatusOK, appendPage(make([]byte, 0, 512*len(page.Items)+64), page))
+		writeJSON(w, http.StatusOK, body)
 		return nil
 	})
 }

@@ -151,3 +151,64 @@ func (c *localCache) len() int {
 	}
 	return n
 }
+
+// pageCache keeps encoded listing pages by their normalised query. Any
+// committed write makes every page stale, so a write bumps one generation
+// and fills must carry the generation they read under: listings are never
+// stale after an acknowledged write. It pays off for read-mostly catalogs,
+// which is what a storefront is.
+type pageCache struct {
+	mu      sync.Mutex
+	gen     uint64
+	max     int
+	entries map[string]pageEntry
+}
+
+type pageEntry struct {
+	gen  uint64
+	json []byte
+}
+
+func newPageCache(max int) *pageCache {
+	return &pageCache{max: max, entries: make(map[string]pageEntry)}
+}
+
+// get returns the page cached for key and the generation to fill with.
+func (c *pageCache) get(key string) ([]byte, uint64, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.entries[key]
+	if ok && e.gen == c.gen {
+		return e.json, c.gen, true
+	}
+	return nil, c.gen, false
+}
+
+// fill stores a page read under generation gen, unless a write came since.
+func (c *pageCache) fill(key string, gen uint64, json []byte) {
+	if c.max == 0 {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if gen != c.gen {
+		return
+	}
+	if _, ok := c.entries[key]; !ok && len(c.entries) >= c.max {
+		for k := range c.entries {
+			delete(c.entries, k)
+			break
+		}
+	}
+	c.entries[key] = pageEntry{gen: gen, json: json}
+}
+
+// written invalidates every page. Call it after a write commits.
+func (c *pageCache) written() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.gen++
+	if len(c.entries) > 0 {
+		clear(c.entries)
+	}
+}

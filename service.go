@@ -21,6 +21,7 @@ type ProductService struct {
 	cache        cache // noCache when Redis is not configured
 	redisEnabled bool
 	local        *localCache
+	pages        *pageCache
 	redisTimeout time.Duration
 	log          *slog.Logger
 	metrics      *metrics
@@ -100,6 +101,7 @@ func NewProductService(store productStore, cfg ServiceConfig) *ProductService {
 		cache:        cfg.Cache,
 		redisEnabled: cfg.Cache != nil,
 		local:        newLocalCache(cfg.LocalCacheSize, cfg.CacheTTL),
+		pages:        newPageCache(min(cfg.LocalCacheSize, maxCachedPages)),
 		redisTimeout: cfg.RedisTimeout,
 		log:          cfg.Logger,
 		metrics:      cfg.Metrics,
@@ -318,6 +320,7 @@ func (s *ProductService) written(p Product, deleted bool) cachedProduct {
 		v.JSON = appendProduct(nil, &p)
 	}
 	s.local.written(p.ID, v, s.redisEnabled)
+	s.pages.written()
 	return v
 }
 
@@ -462,6 +465,27 @@ func (s *ProductService) Delete(ctx context.Context, id int64, cond *IfMatch) er
 	}
 	s.publish(ctx, id, v)
 	return nil
+}
+
+// maxCachedPages bounds the listing pages kept in memory (a few KB each).
+const maxCachedPages = 1024
+
+// ListJSON returns an encoded page of products for the query key (the
+// normalised query string) and filter f, from the page cache when no write
+// happened since it was cached. It returns an *UnavailableError when the
+// database is failing.
+func (s *ProductService) ListJSON(ctx context.Context, key string, f ListFilter) ([]byte, error) {
+	b, gen, ok := s.pages.get(key)
+	if ok {
+		return b, nil
+	}
+	page, err := s.List(ctx, f)
+	if err != nil {
+		return nil, err
+	}
+	b = appendPage(make([]byte, 0, 320*len(page.Items)+64), page)
+	s.pages.fill(key, gen, b)
+	return b, nil
 }
 
 // List returns a page of products. It returns an *UnavailableError when the
