@@ -98,6 +98,7 @@ type Store struct {
 	closeOnce sync.Once
 
 	getStmt *sql.Stmt
+	wstmts  map[string]*sql.Stmt // writer statements by SQL text; writer goroutine only
 	stmtsMu sync.Mutex
 	stmts   map[string]*sql.Stmt // list queries by their SQL text
 
@@ -142,6 +143,7 @@ func OpenStore(ctx context.Context, cfg StoreConfig) (*Store, error) {
 		stop:     make(chan struct{}),
 		loopDone: make(chan struct{}),
 		stmts:    make(map[string]*sql.Stmt),
+		wstmts:   make(map[string]*sql.Stmt),
 	}
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
@@ -395,6 +397,41 @@ func listQuery(f ListFilter) (string, []any) {
 	return b.String(), args
 }
 
+// exec and queryRow run a statement in the writer's transaction, prepared
+// once: parsing SQL is a large share of a small write's cost.
+func (s *Store) exec(ctx context.Context, tx *sql.Tx, query string, args ...any) (sql.Result, error) {
+	st, err := s.wstmt(ctx, query)
+	if err != nil {
+		return nil, err
+	}
+	return tx.StmtContext(ctx, st).ExecContext(ctx, args...)
+}
+
+func (s *Store) queryRow(ctx context.Context, tx *sql.Tx, query string, args ...any) rowScanner {
+	st, err := s.wstmt(ctx, query)
+	if err != nil {
+		return errRow{err}
+	}
+	return tx.StmtContext(ctx, st).QueryRowContext(ctx, args...)
+}
+
+func (s *Store) wstmt(ctx context.Context, query string) (*sql.Stmt, error) {
+	if st, ok := s.wstmts[query]; ok {
+		return st, nil
+	}
+	st, err := s.write.PrepareContext(ctx, query)
+	if err != nil {
+		return nil, err
+	}
+	s.wstmts[query] = st
+	return st, nil
+}
+
+// errRow is a row whose statement could not be prepared.
+type errRow struct{ err error }
+
+func (r errRow) Scan(...any) error { return r.err }
+
 // writeOp is one write waiting for the writer goroutine. fn runs inside its
 // own savepoint of the group's transaction, so a failing write (a conflict,
 // say) rolls back alone; onCommit runs on the writer goroutine after the
@@ -488,7 +525,7 @@ func (s *Store) commitGroup(ops []*writeOp) {
 			errs[i] = err // the client left before its write started: skip it
 			continue
 		}
-		if _, err := tx.ExecContext(ctx, `SAVEPOINT w`); err != nil {
+		if _, err := s.exec(ctx, tx, `SAVEPOINT w`); err != nil {
 			failAll(err)
 			return
 		}
@@ -500,12 +537,12 @@ func (s *Store) commitGroup(ops []*writeOp) {
 				return
 			}
 			errs[i] = opErr
-			if _, err := tx.ExecContext(ctx, `ROLLBACK TO w`); err != nil {
+			if _, err := s.exec(ctx, tx, `ROLLBACK TO w`); err != nil {
 				failAll(err)
 				return
 			}
 		}
-		if _, err := tx.ExecContext(ctx, `RELEASE w`); err != nil {
+		if _, err := s.exec(ctx, tx, `RELEASE w`); err != nil {
 			failAll(err)
 			return
 		}
@@ -531,7 +568,7 @@ func (s *Store) runOp(ctx context.Context, tx *sql.Tx, op *writeOp) error {
 	cutoff := s.now().Add(-idempotencyTTL).UnixMicro()
 	var fp string
 	var r Replay
-	err := tx.QueryRowContext(ctx, `SELECT fingerprint, status, body, product_id, version
+	err := s.queryRow(ctx, tx, `SELECT fingerprint, status, body, product_id, version
 		FROM idempotency_keys WHERE scope = ? AND key = ? AND created_at > ?`, k.Scope, k.Key, cutoff).
 		Scan(&fp, &r.Status, &r.Body, &r.ProductID, &r.Version)
 	switch {
@@ -546,7 +583,7 @@ func (s *Store) runOp(ctx context.Context, tx *sql.Tx, op *writeOp) error {
 		return err
 	}
 	p := op.idem.result()
-	_, err = tx.ExecContext(ctx, `INSERT INTO idempotency_keys
+	_, err = s.exec(ctx, tx, `INSERT INTO idempotency_keys
 		(scope, key, fingerprint, status, body, product_id, version, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 		ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint, status = excluded.status,
 		body = excluded.body, product_id = excluded.product_id, version = excluded.version, created_at = excluded.created_at`,
@@ -558,7 +595,7 @@ func (s *Store) runOp(ctx context.Context, tx *sql.Tx, op *writeOp) error {
 func (s *Store) ExpireIdempotencyKeys(ctx context.Context) error {
 	cutoff := s.now().Add(-idempotencyTTL).UnixMicro()
 	return s.writeTx(ctx, nil, func(ctx context.Context, tx *sql.Tx) error {
-		_, err := tx.ExecContext(ctx, `DELETE FROM idempotency_keys WHERE created_at <= ?`, cutoff)
+		_, err := s.exec(ctx, tx, `DELETE FROM idempotency_keys WHERE created_at <= ?`, cutoff)
 		return err
 	}, nil)
 }
@@ -569,7 +606,7 @@ func (s *Store) Create(ctx context.Context, p Product, idem *IdempotencyKey, onC
 	var out Product
 	err := s.writeTx(ctx, idemRecord(idem, 201, &out), func(ctx context.Context, tx *sql.Tx) error {
 		now := s.now().UTC().Truncate(time.Microsecond)
-		row := tx.QueryRowContext(ctx, `INSERT INTO products
+		row := s.queryRow(ctx, tx, `INSERT INTO products
 			(sku, name, description, category, price_cents, currency, stock, version, created_at, updated_at)
 			VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?) RETURNING `+productColumns,
 			p.SKU, p.Name, p.Description, p.Category, p.PriceCents, p.Currency, p.Stock, now.UnixMicro(), now.UnixMicro())
@@ -597,7 +634,7 @@ func (s *Store) Update(ctx context.Context, id int64, change func(*Product) erro
 	var out Product
 	changed := false
 	err := s.writeTx(ctx, nil, func(ctx context.Context, tx *sql.Tx) error {
-		cur, err := scanProduct(tx.QueryRowContext(ctx, `SELECT `+productColumns+` FROM products WHERE id = ?`, id))
+		cur, err := scanProduct(s.queryRow(ctx, tx, `SELECT `+productColumns+` FROM products WHERE id = ?`, id))
 		if err != nil {
 			return err
 		}
@@ -610,7 +647,7 @@ func (s *Store) Update(ctx context.Context, id int64, change func(*Product) erro
 			return err
 		}
 		now := s.now().UTC().Truncate(time.Microsecond)
-		out, err = scanProduct(tx.QueryRowContext(ctx, `UPDATE products SET
+		out, err = scanProduct(s.queryRow(ctx, tx, `UPDATE products SET
 			sku = ?, name = ?, description = ?, category = ?, price_cents = ?, currency = ?, stock = ?,
 			version = version + 1, updated_at = ?
 			WHERE id = ? RETURNING `+productColumns,
@@ -651,20 +688,20 @@ func (s *Store) AdjustStock(ctx context.Context, id, delta int64, check func(ver
 		var err error
 		if check != nil {
 			var version int64
-			if err := tx.QueryRowContext(ctx, `SELECT version FROM products WHERE id = ?`, id).Scan(&version); err != nil {
+			if err := s.queryRow(ctx, tx, `SELECT version FROM products WHERE id = ?`, id).Scan(&version); err != nil {
 				return err
 			}
 			if err := check(version); err != nil {
 				return err
 			}
 		}
-		out, err = scanProduct(tx.QueryRowContext(ctx, `UPDATE products SET
+		out, err = scanProduct(s.queryRow(ctx, tx, `UPDATE products SET
 			stock = stock + ?1, version = version + 1, updated_at = ?2
 			WHERE id = ?3 AND stock + ?1 BETWEEN 0 AND 1000000000000
 			RETURNING `+productColumns, delta, now.UnixMicro(), id))
 		if errors.Is(err, sql.ErrNoRows) {
 			var exists int
-			if err := tx.QueryRowContext(ctx, `SELECT 1 FROM products WHERE id = ?`, id).Scan(&exists); err != nil {
+			if err := s.queryRow(ctx, tx, `SELECT 1 FROM products WHERE id = ?`, id).Scan(&exists); err != nil {
 				return err // ErrNoRows: not found
 			}
 			return ErrInsufficientStock
@@ -687,7 +724,7 @@ func (s *Store) AdjustStock(ctx context.Context, id, delta int64, check func(ver
 func (s *Store) Delete(ctx context.Context, id int64, check func(Product) error, onCommit func(Product)) error {
 	var gone Product
 	err := s.writeTx(ctx, nil, func(ctx context.Context, tx *sql.Tx) error {
-		cur, err := scanProduct(tx.QueryRowContext(ctx, `SELECT `+productColumns+` FROM products WHERE id = ?`, id))
+		cur, err := scanProduct(s.queryRow(ctx, tx, `SELECT `+productColumns+` FROM products WHERE id = ?`, id))
 		if err != nil {
 			return err
 		}
@@ -697,7 +734,7 @@ func (s *Store) Delete(ctx context.Context, id int64, check func(Product) error,
 			}
 		}
 		gone = cur
-		_, err = tx.ExecContext(ctx, `DELETE FROM products WHERE id = ?`, id)
+		_, err = s.exec(ctx, tx, `DELETE FROM products WHERE id = ?`, id)
 		return err
 	}, func() {
 		s.count.Add(-1)
