@@ -98,7 +98,10 @@ type Store struct {
 	closeOnce sync.Once
 
 	getStmt *sql.Stmt
-	wstmts  map[string]*sql.Stmt // writer statements by SQL text; writer goroutine only
+	// Writer statements by SQL text, and those still to prepare; used by
+	// the writer goroutine only.
+	wstmts    map[string]*sql.Stmt
+	toPrepare []string
 	stmtsMu sync.Mutex
 	stmts   map[string]*sql.Stmt // list queries by their SQL text
 
@@ -398,33 +401,45 @@ func listQuery(f ListFilter) (string, []any) {
 }
 
 // exec and queryRow run a statement in the writer's transaction, prepared
-// once: parsing SQL is a large share of a small write's cost.
+// once: parsing SQL is a large share of a small write's cost. A statement
+// seen for the first time is prepared on the transaction and, once the
+// transaction is over, prepared for good (preparing on the pool while the
+// transaction holds its one connection would wait for itself).
 func (s *Store) exec(ctx context.Context, tx *sql.Tx, query string, args ...any) (sql.Result, error) {
-	st, err := s.wstmt(ctx, query)
+	st, err := s.wstmt(ctx, tx, query)
 	if err != nil {
 		return nil, err
 	}
-	return tx.StmtContext(ctx, st).ExecContext(ctx, args...)
+	return st.ExecContext(ctx, args...)
 }
 
 func (s *Store) queryRow(ctx context.Context, tx *sql.Tx, query string, args ...any) rowScanner {
-	st, err := s.wstmt(ctx, query)
+	st, err := s.wstmt(ctx, tx, query)
 	if err != nil {
 		return errRow{err}
 	}
-	return tx.StmtContext(ctx, st).QueryRowContext(ctx, args...)
+	return st.QueryRowContext(ctx, args...)
 }
 
-func (s *Store) wstmt(ctx context.Context, query string) (*sql.Stmt, error) {
+func (s *Store) wstmt(ctx context.Context, tx *sql.Tx, query string) (*sql.Stmt, error) {
 	if st, ok := s.wstmts[query]; ok {
-		return st, nil
+		return tx.StmtContext(ctx, st), nil
 	}
-	st, err := s.write.PrepareContext(ctx, query)
-	if err != nil {
-		return nil, err
+	s.toPrepare = append(s.toPrepare, query)
+	return tx.PrepareContext(ctx, query)
+}
+
+// prepareNew prepares the statements first seen in the last transaction.
+func (s *Store) prepareNew() {
+	for _, q := range s.toPrepare {
+		if _, ok := s.wstmts[q]; ok {
+			continue
+		}
+		if st, err := s.write.Prepare(q); err == nil {
+			s.wstmts[q] = st
+		}
 	}
-	s.wstmts[query] = st
-	return st, nil
+	s.toPrepare = s.toPrepare[:0]
 }
 
 // errRow is a row whose statement could not be prepared.
@@ -487,6 +502,9 @@ func (s *Store) writeLoop() {
 			}
 			s.commitGroup(batch)
 			clear(batch)
+			if len(s.toPrepare) > 0 {
+				s.prepareNew()
+			}
 		case <-s.stop:
 			// Fail whatever is still queued; writeTx callers are waiting.
 			for {
@@ -525,26 +543,40 @@ func (s *Store) commitGroup(ops []*writeOp) {
 			errs[i] = err // the client left before its write started: skip it
 			continue
 		}
-		if _, err := s.exec(ctx, tx, `SAVEPOINT w`); err != nil {
-			failAll(err)
-			return
-		}
-		opErr := translate(ctx, s.runOp(ctx, tx, op))
-		if opErr != nil {
-			if errors.Is(opErr, ErrUnavailable) {
-				// A database failure may have rolled back the whole transaction.
-				failAll(opErr)
-				return
-			}
-			errs[i] = opErr
-			if _, err := s.exec(ctx, tx, `ROLLBACK TO w`); err != nil {
+		// A write of one statement is atomic by itself: SQLite backs out a
+		// failed statement and the transaction goes on. Only writes of more
+		// than one statement (those recording an idempotency key) need a
+		// savepoint. Savepoints are not free: releasing one makes FTS5 flush
+		// its pending index, which done per write costs more than the write.
+		savepoint := op.idem != nil
+		if savepoint {
+			if _, err := s.exec(ctx, tx, `SAVEPOINT w`); err != nil {
 				failAll(err)
 				return
 			}
 		}
-		if _, err := s.exec(ctx, tx, `RELEASE w`); err != nil {
-			failAll(err)
-			return
+		opErr := translate(ctx, s.runOp(ctx, tx, op))
+		if opErr != nil {
+			if errors.Is(opErr, ErrUnavailable) || !savepoint && !backedOut(opErr) {
+				// A database failure may have rolled back the whole
+				// transaction; an unexpected error may have left a write
+				// half-done. Either way, nothing in this group commits.
+				failAll(opErr)
+				return
+			}
+			errs[i] = opErr
+			if savepoint {
+				if _, err := s.exec(ctx, tx, `ROLLBACK TO w`); err != nil {
+					failAll(err)
+					return
+				}
+			}
+		}
+		if savepoint {
+			if _, err := s.exec(ctx, tx, `RELEASE w`); err != nil {
+				failAll(err)
+				return
+			}
 		}
 	}
 	if err := tx.Commit(); err != nil {
@@ -598,6 +630,14 @@ func (s *Store) ExpireIdempotencyKeys(ctx context.Context) error {
 		_, err := s.exec(ctx, tx, `DELETE FROM idempotency_keys WHERE created_at <= ?`, cutoff)
 		return err
 	}, nil)
+}
+
+// backedOut reports whether a write that failed with err changed nothing:
+// it failed before writing, or its one statement failed and was backed out.
+func backedOut(err error) bool {
+	var verr *ValidationError
+	return errors.Is(err, ErrNotFound) || errors.Is(err, ErrConflict) || errors.Is(err, ErrInsufficientStock) ||
+		errors.Is(err, ErrPrecondition) || errors.Is(err, ErrInvalid) || errors.As(err, &verr)
 }
 
 // Create inserts p and returns it with its id, version and timestamps.
