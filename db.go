@@ -102,8 +102,8 @@ type Store struct {
 	// the writer goroutine only.
 	wstmts    map[string]*sql.Stmt
 	toPrepare []string
-	stmtsMu sync.Mutex
-	stmts   map[string]*sql.Stmt // list queries by their SQL text
+	stmtsMu   sync.Mutex
+	stmts     map[string]*sql.Stmt // list queries by their SQL text
 
 	count atomic.Int64 // number of products, kept up to date by writes
 }
