@@ -73,6 +73,8 @@ var migrations = []string{
 		PRIMARY KEY (scope, key)
 	) WITHOUT ROWID;
 	CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);`,
+	// 3: a row the write breaker's probe rewrites to see if writes work again.
+	`CREATE TABLE write_probe (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);`,
 }
 
 // StoreConfig configures OpenStore.
@@ -621,6 +623,16 @@ func (s *Store) runOp(ctx context.Context, tx *sql.Tx, op *writeOp) error {
 		body = excluded.body, product_id = excluded.product_id, version = excluded.version, created_at = excluded.created_at`,
 		k.Scope, k.Key, k.Fingerprint, op.idem.status, appendProduct(nil, &p), p.ID, p.Version, s.now().UnixMicro())
 	return err
+}
+
+// ProbeWrite makes one small real write, to learn whether writes work again
+// after a failure (a full or read-only disk).
+func (s *Store) ProbeWrite(ctx context.Context) error {
+	return s.writeTx(ctx, nil, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := s.exec(ctx, tx, `INSERT INTO write_probe (id, at) VALUES (1, ?)
+			ON CONFLICT (id) DO UPDATE SET at = excluded.at`, s.now().UnixMicro())
+		return err
+	}, nil)
 }
 
 // ExpireIdempotencyKeys deletes keys older than idempotencyTTL.

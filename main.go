@@ -153,6 +153,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		servers = append(servers, asrv)
 	}
 	go expireIdempotencyKeys(ctx, store, log)
+	go svc.Probe(ctx, time.Second)
 
 	select {
 	case <-ctx.Done():

@@ -46,6 +46,7 @@ type productStore interface {
 	AdjustStock(ctx context.Context, id, delta int64, check func(version int64) error, idem *IdempotencyKey, onCommit func(Product)) (Product, error)
 	Delete(ctx context.Context, id int64, check func(Product) error, onCommit func(Product)) error
 	Ping(ctx context.Context) error
+	ProbeWrite(ctx context.Context) error
 	Count() int64
 }
 
@@ -500,6 +501,27 @@ func (s *ProductService) List(ctx context.Context, f ListFilter) (Page, error) {
 		return err
 	})
 	return page, err
+}
+
+// Probe runs until ctx ends. While a database breaker is not closed it
+// sends a probe through it every interval, so a breaker closes by itself once
+// the fault is gone, even when no client request comes to test it.
+func (s *ProductService) Probe(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if s.writeCB.State() != gobreaker.StateClosed {
+			guard(s.writeCB, func() error { return s.store.ProbeWrite(ctx) })
+		}
+		if s.readCB.State() != gobreaker.StateClosed {
+			guard(s.readCB, func() error { return s.store.Ping(ctx) })
+		}
+	}
 }
 
 // Readiness is the service's view of its dependencies, for /ready.
