@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	_ "embed"
 	"encoding/hex"
@@ -17,6 +18,9 @@ import (
 	"sync/atomic"
 	"time"
 )
+
+// statusClientClosed is logged for requests whose client went away.
+const statusClientClosed = 499
 
 // maxBodyBytes caps request bodies.
 const maxBodyBytes = 1 << 20
@@ -599,6 +603,13 @@ var errorStatus = []struct {
 // writeError answers err as application/problem+json. Client errors say what
 // was wrong; server errors say nothing of their cause, which goes to the log.
 func writeError(w http.ResponseWriter, r *http.Request, err error) {
+	if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
+		// The client went away; nobody reads this answer. 499 (nginx's
+		// "client closed request") keeps it apart from server errors in
+		// the access log and metrics.
+		w.WriteHeader(statusClientClosed)
+		return
+	}
 	status, slug, detail := http.StatusInternalServerError, "", ""
 	var problems map[string]string
 	var (
