@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"reflect"
 	"strconv"
 	"strings"
+	"sync"
 	"unicode/utf8"
 )
 
@@ -129,7 +131,7 @@ func decodeStrict(body []byte, v any) error {
 	if len(bytes.TrimSpace(body)) == 0 {
 		return &BadRequestError{Detail: "the body is empty; a JSON object is required"}
 	}
-	if err := checkTopLevelKeys(body); err != nil {
+	if err := checkTopLevelKeys(body, knownFields(v)); err != nil {
 		return err
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
@@ -143,10 +145,35 @@ func decodeStrict(body []byte, v any) error {
 	return nil
 }
 
-// checkTopLevelKeys makes sure body is a JSON object whose keys are unique.
-// Request bodies are flat objects, so the top level is the level that
-// matters: a nested value fails type checks anyway.
-func checkTopLevelKeys(body []byte) error {
+// knownFields returns the JSON names of v's struct fields, or nil when v is
+// not a pointer to a struct. encoding/json matches names case-insensitively
+// ("SKU" fills sku); the API's names are exact.
+func knownFields(v any) map[string]bool {
+	t := reflect.TypeOf(v)
+	if t.Kind() != reflect.Pointer || t.Elem().Kind() != reflect.Struct {
+		return nil
+	}
+	if f, ok := fieldCache.Load(t); ok {
+		return f.(map[string]bool)
+	}
+	fields := make(map[string]bool)
+	for sf := range t.Elem().Fields() {
+		name, _, _ := strings.Cut(sf.Tag.Get("json"), ",")
+		if name != "" && name != "-" {
+			fields[name] = true
+		}
+	}
+	fieldCache.Store(t, fields)
+	return fields
+}
+
+var fieldCache sync.Map // reflect.Type → map[string]bool
+
+// checkTopLevelKeys makes sure body is a JSON object whose keys are unique
+// and, when known is not nil, each one of the known names. Request bodies
+// are flat objects, so the top level is the level that matters: a nested
+// value fails type checks anyway.
+func checkTopLevelKeys(body []byte, known map[string]bool) error {
 	dec := json.NewDecoder(bytes.NewReader(body))
 	tok, err := dec.Token()
 	if err != nil {
@@ -164,6 +191,9 @@ func checkTopLevelKeys(body []byte) error {
 		key, _ := tok.(string)
 		if _, dup := seen[key]; dup {
 			return badParam(key, "appears more than once")
+		}
+		if known != nil && !known[key] {
+			return badParam(key, "is not a known field")
 		}
 		seen[key] = struct{}{}
 		var skip json.RawMessage
