@@ -1,0 +1,407 @@
+// Command harness holds the small pieces of bench/run.sh that are awkward in
+// bash. It generates no load itself (wrk does):
+//
+//	harness port                          print a free 127.0.0.1 TCP port
+//	harness ready -url U -since NS [-pid P] [-timeout D]
+//	                                      poll U until 200; print ms since NS (unix ns)
+//	harness report -dir D [-o FILE]       parse wrk outputs listed in D/results.tsv,
+//	                                      write the Markdown report to FILE and stdout
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+func main() {
+	if err := run(context.Background(), os.Args, os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "harness:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, stdout io.Writer) error {
+	if len(args) < 2 {
+		return errors.New("usage: harness port|ready|report [flags]")
+	}
+	switch cmd, rest := args[1], args[2:]; cmd {
+	case "port":
+		return cmdPort(stdout)
+	case "ready":
+		return cmdReady(ctx, rest, stdout)
+	case "report":
+		return cmdReport(rest, stdout)
+	default:
+		return fmt.Errorf("unknown command %q", cmd)
+	}
+}
+
+func cmdPort(stdout io.Writer) error {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	_, err = fmt.Fprintln(stdout, ln.Addr().(*net.TCPAddr).Port)
+	return err
+}
+
+// cmdReady polls the URL every 2ms and prints the time from -since (taken by
+// the caller just before it started the server) to the first 200.
+func cmdReady(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("ready", flag.ContinueOnError)
+	url := fs.String("url", "", "URL to poll")
+	since := fs.Int64("since", 0, "start time in unix nanoseconds")
+	pid := fs.Int("pid", 0, "fail early if this process exits")
+	timeout := fs.Duration("timeout", 60*time.Second, "give up after")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *since == 0 {
+		*since = time.Now().UnixNano()
+	}
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	client := &http.Client{Timeout: time.Second}
+	last := "no answer"
+	for {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, *url, nil)
+		if err != nil {
+			return err
+		}
+		if resp, err := client.Do(req); err == nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				ms := float64(time.Now().UnixNano()-*since) / 1e6
+				_, err := fmt.Fprintf(stdout, "%.1f\n", ms)
+				return err
+			}
+			last = resp.Status
+		}
+		if *pid > 0 {
+			if _, err := os.Stat(fmt.Sprintf("/proc/%d", *pid)); err != nil {
+				return fmt.Errorf("%s: process %d exited before ready", *url, *pid)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s: not ready after %s (last: %s)", *url, *timeout, last)
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+}
+
+// wrkRun is what one wrk output file says.
+type wrkRun struct {
+	reqPerSec float64
+	p50, p99  float64 // milliseconds
+	requests  int64
+	errors    int64 // non-2xx/3xx responses plus socket errors
+}
+
+var (
+	reRPS      = regexp.MustCompile(`(?m)^Requests/sec:\s+([0-9.]+)`)
+	rePct      = regexp.MustCompile(`(?m)^\s+(50|99)%\s+([0-9.]+)(us|ms|s|m|h)\s*$`)
+	reRequests = regexp.MustCompile(`(?m)^\s+(\d+) requests in`)
+	reSocket   = regexp.MustCompile(`Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)`)
+	reNon2xx   = regexp.MustCompile(`Non-2xx or 3xx responses: (\d+)`)
+)
+
+func parseWrk(out []byte) (wrkRun, error) {
+	var r wrkRun
+	m := reRPS.FindSubmatch(out)
+	if m == nil {
+		return r, errors.New("no Requests/sec line")
+	}
+	r.reqPerSec, _ = strconv.ParseFloat(string(m[1]), 64)
+	for _, m := range rePct.FindAllSubmatch(out, -1) {
+		v, _ := strconv.ParseFloat(string(m[2]), 64)
+		v *= map[string]float64{"us": 1e-3, "ms": 1, "s": 1e3, "m": 60e3, "h": 3600e3}[string(m[3])]
+		if string(m[1]) == "50" {
+			r.p50 = v
+		} else {
+			r.p99 = v
+		}
+	}
+	if m := reRequests.FindSubmatch(out); m != nil {
+		r.requests, _ = strconv.ParseInt(string(m[1]), 10, 64)
+	}
+	if m := reSocket.FindSubmatch(out); m != nil {
+		for _, s := range m[1:] {
+			n, _ := strconv.ParseInt(string(s), 10, 64)
+			r.errors += n
+		}
+	}
+	if m := reNon2xx.FindSubmatch(out); m != nil {
+		n, _ := strconv.ParseInt(string(m[1]), 10, 64)
+		r.errors += n
+	}
+	return r, nil
+}
+
+// workloads lists the workloads in report order with what each sends and
+// the reference its ratio is taken against.
+var workloads = []struct {
+	id, desc               string
+	refServer, refWorkload string
+}{
+	{"a", "GET /products/{id}, random id 1..N", "refhttp", "a"},
+	{"b", "GET /products?limit=20", "refsqlite", "a"},
+	{"c", "GET /products?category=cat-NN&sort=-price_cents&limit=20, random category", "refsqlite", "a"},
+	{"d", "GET /products?q=WORD&limit=20, random common word", "refsqlite", "a"},
+	{"e", "POST /products, unique sku per request", "refsqlite", "e"},
+	{"f", `POST /products/{1..4}/stock/adjustments {"delta":1} (4 hot rows)`, "refsqlite", "e"},
+	{"g", "90% GET /products/{id} + 10% POST /products/{id}/stock/adjustments, random id 1..N", "refsqlite", "a"},
+}
+
+var serverOrder = []string{"refhttp", "refsqlite", "productsvc", "productsvc+redis"}
+
+type key struct{ workload, server string }
+
+type summary struct {
+	n                int
+	median, min, max float64
+	p50, p99         float64
+	errors, requests int64
+	peakRSSKB        int64
+}
+
+func median(xs []float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s) == 0 {
+		return 0
+	}
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// readTSV returns the tab-separated fields of each non-empty line of path.
+func readTSV(path string) ([][]string, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var rows [][]string
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		if line := sc.Text(); strings.TrimSpace(line) != "" {
+			rows = append(rows, strings.Split(line, "\t"))
+		}
+	}
+	return rows, sc.Err()
+}
+
+func cmdReport(args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("report", flag.ContinueOnError)
+	dir := fs.String("dir", "", "directory holding meta.tsv, startup.tsv, results.tsv, notes.txt")
+	outPath := fs.String("o", "", "also write the report here")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+
+	meta := map[string]string{}
+	metaRows, err := readTSV(*dir + "/meta.tsv")
+	if err != nil {
+		return err
+	}
+	for _, r := range metaRows {
+		if len(r) >= 2 {
+			meta[r[0]] = r[1]
+		}
+	}
+
+	// results.tsv: workload, server, repeat, wrk output file, VmHWM kB.
+	rows, err := readTSV(*dir + "/results.tsv")
+	if err != nil {
+		return err
+	}
+	type acc struct {
+		rps, p50, p99    []float64
+		errors, requests int64
+		peak             int64
+	}
+	accs := map[key]*acc{}
+	var parseProblems []string
+	for _, r := range rows {
+		if len(r) < 5 {
+			continue
+		}
+		k := key{r[0], r[1]}
+		out, err := os.ReadFile(r[3])
+		if err != nil {
+			return err
+		}
+		w, err := parseWrk(out)
+		if err != nil {
+			parseProblems = append(parseProblems, fmt.Sprintf("%s on %s, repeat %s: %v", k.workload, k.server, r[2], err))
+			continue
+		}
+		a := accs[k]
+		if a == nil {
+			a = &acc{}
+			accs[k] = a
+		}
+		a.rps = append(a.rps, w.reqPerSec)
+		a.p50 = append(a.p50, w.p50)
+		a.p99 = append(a.p99, w.p99)
+		a.errors += w.errors
+		a.requests += w.requests
+		if kb, _ := strconv.ParseInt(r[4], 10, 64); kb > a.peak {
+			a.peak = kb
+		}
+	}
+	sums := map[key]summary{}
+	for k, a := range accs {
+		sums[k] = summary{
+			n: len(a.rps), median: median(a.rps), min: slices.Min(a.rps), max: slices.Max(a.rps),
+			p50: median(a.p50), p99: median(a.p99), errors: a.errors, requests: a.requests, peakRSSKB: a.peak,
+		}
+	}
+
+	var b strings.Builder
+	fmt.Fprintf(&b, "# productsvc benchmark\n\n")
+	for _, f := range []struct{ label, key string }{
+		{"Date", "date"}, {"Host", "uname"}, {"CPU", "cpu"}, {"Go", "go"}, {"Load generator", "wrk"},
+		{"Settings", "settings"}, {"Data", "data"},
+	} {
+		if v := meta[f.key]; v != "" {
+			fmt.Fprintf(&b, "- %s: %s\n", f.label, v)
+		}
+	}
+
+	startup, err := readTSV(*dir + "/startup.tsv")
+	if err != nil {
+		return err
+	}
+	if len(startup) > 0 {
+		fmt.Fprintf(&b, "\n## Footprint and startup\n\n")
+		fmt.Fprintf(&b, "| server | binary size | start to ready | idle RSS | note |\n|---|---:|---:|---:|---|\n")
+		for _, r := range startup {
+			r = append(r, make([]string, 5)...)
+			fmt.Fprintf(&b, "| %s | %s | %s | %s | %s |\n", r[0], mb(r[1]), orDash(r[2], " ms"), mbKB(r[3]), r[4])
+		}
+	}
+
+	fmt.Fprintf(&b, "\n## Throughput and latency\n\n")
+	fmt.Fprintf(&b, "req/s is the median of the repeats, spread is min–max; p50/p99 are medians of the repeats' wrk --latency percentiles; errors are non-2xx/3xx responses plus socket errors summed over all repeats; peak RSS is the server's VmHWM after the workload.\n\n")
+	fmt.Fprintf(&b, "| workload | server | req/s median | spread | p50 | p99 | errors | peak RSS | ratio to reference |\n")
+	fmt.Fprintf(&b, "|---|---|---:|---:|---:|---:|---:|---:|---|\n")
+	for _, w := range workloads {
+		for _, srv := range serverOrder {
+			s, ok := sums[key{w.id, srv}]
+			if !ok {
+				continue
+			}
+			ratio := "—"
+			refServer, refWorkload := w.refServer, w.refWorkload
+			if srv == "refsqlite" && w.id == "a" {
+				refServer = "refhttp"
+			}
+			if srv != refServer || w.id != refWorkload {
+				if ref, ok := sums[key{refWorkload, refServer}]; ok && ref.median > 0 {
+					ratio = fmt.Sprintf("%.2f× %s (%s)", s.median/ref.median, refServer, refWorkload)
+				}
+			}
+			if srv == "refhttp" || (srv == "refsqlite" && w.id == "e") {
+				ratio = "reference"
+			}
+			// Fast failures are not throughput: hide the ratio when more
+			// than 1% of the requests failed.
+			if s.requests > 0 && float64(s.errors) > 0.01*float64(s.requests) {
+				ratio = "— (errors)"
+			}
+			errs := strconv.FormatInt(s.errors, 10)
+			if s.errors > 0 && s.requests > 0 {
+				errs += fmt.Sprintf(" (%.1f%%)", 100*float64(s.errors)/float64(s.requests))
+			}
+			fmt.Fprintf(&b, "| %s | %s | %.0f | %.0f–%.0f | %s | %s | %s | %s | %s |\n",
+				w.id, srv, s.median, s.min, s.max, fmtMS(s.p50), fmtMS(s.p99), errs,
+				mbKB(strconv.FormatInt(s.peakRSSKB, 10)), ratio)
+		}
+	}
+
+	fmt.Fprintf(&b, "\n## Workloads and references\n\n")
+	for _, w := range workloads {
+		fmt.Fprintf(&b, "- **%s**: %s. Ratio against %s (%s).\n", w.id, w.desc, w.refServer, w.refWorkload)
+	}
+	fmt.Fprintf(&b, "- refsqlite (a) is compared with refhttp (a), to show what SQLite costs on its own.\n")
+	fmt.Fprintf(&b, "- refhttp: net/http answering one fixed ~300-byte product body (ceiling of HTTP). refsqlite: net/http + modernc SQLite, prepared point query on WAL read connections, one writer connection with synchronous=FULL and one row per transaction (ceiling of HTTP + SQLite).\n")
+	fmt.Fprintf(&b, "- productsvc: SQLite only (REDIS_URL unset). productsvc+redis: with a local redis-server as cache. Both start from a copy of the same seeded database.\n")
+
+	notes, err := os.ReadFile(*dir + "/notes.txt")
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	notesText := strings.TrimSpace(string(notes))
+	if notesText != "" || len(parseProblems) > 0 {
+		fmt.Fprintf(&b, "\n## Problems seen during the run\n\n")
+		for _, l := range strings.Split(notesText, "\n") {
+			if l != "" {
+				fmt.Fprintf(&b, "- %s\n", l)
+			}
+		}
+		for _, p := range parseProblems {
+			fmt.Fprintf(&b, "- wrk output unreadable: %s\n", p)
+		}
+	}
+
+	if *outPath != "" {
+		if err := os.WriteFile(*outPath, []byte(b.String()), 0o644); err != nil {
+			return err
+		}
+	}
+	_, err = io.WriteString(stdout, b.String())
+	return err
+}
+
+func fmtMS(ms float64) string {
+	if ms < 10 {
+		return fmt.Sprintf("%.2f ms", ms)
+	}
+	return fmt.Sprintf("%.1f ms", ms)
+}
+
+func orDash(s, unit string) string {
+	if s == "" {
+		return "—"
+	}
+	return s + unit
+}
+
+// mb formats a byte count in MiB.
+func mb(bytesStr string) string {
+	n, err := strconv.ParseFloat(bytesStr, 64)
+	if err != nil || n <= 0 {
+		return "—"
+	}
+	return fmt.Sprintf("%.1f MiB", n/(1<<20))
+}
+
+// mbKB formats a /proc/PID/status count (kB, which is KiB) in MiB.
+func mbKB(kbStr string) string {
+	n, err := strconv.ParseFloat(kbStr, 64)
+	if err != nil || n <= 0 {
+		return "—"
+	}
+	return fmt.Sprintf("%.1f MiB", n/1024)
+}

@@ -1,0 +1,347 @@
+#!/usr/bin/env bash
+# run.sh benchmarks productsvc with wrk against two reference servers
+# (bench/refhttp: net/http alone; bench/refsqlite: net/http + SQLite) and writes
+# bench/results.md (also printed). `make bench` runs it from the repo root.
+#
+# Environment (all optional):
+#   BENCH_DURATION    seconds per measured wrk run (default 5)
+#   BENCH_REPEATS     measured runs per workload and server (default 3)
+#   BENCH_WARMUP      unmeasured seconds of the same load first (default 1; 0 = none)
+#   BENCH_THREADS     wrk -t (default 2)
+#   BENCH_CONNS       wrk -c (default 32)
+#   BENCH_PRODUCTS    products to seed (default 10000)
+#   BENCH_WORKLOADS   which of a..g to run (default "a b c d e f g")
+#   BENCH_PRODUCTSVC  run this binary as productsvc instead of building it
+#                     (only to test the harness while the service does not build)
+#
+# Only 127.0.0.1 is used, every load is bounded by -d, and everything this
+# script starts is stopped on exit.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+DUR=${BENCH_DURATION:-5}
+DUR=${DUR%s}
+REPEATS=${BENCH_REPEATS:-3}
+WARMUP=${BENCH_WARMUP:-1}
+WARMUP=${WARMUP%s}
+THREADS=${BENCH_THREADS:-2}
+CONNS=${BENCH_CONNS:-32}
+N=${BENCH_PRODUCTS:-10000}
+WORKLOADS=${BENCH_WORKLOADS:-a b c d e f g}
+TOKEN=bench-token
+
+OUT=bench/.out
+DATA=$OUT/data
+HARNESS=$OUT/harness
+LUA=bench/wrk.lua
+RUN_ID=$$$(date +%s)
+
+# wrk.lua mode for each workload letter.
+declare -A MODE=([a]=get [b]=list [c]=category [d]=search [e]=create [f]=adjust_hot [g]=mix)
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() {
+	log "ERROR: $*"
+	exit 1
+}
+# note records a problem for the report's "Problems" section.
+note() {
+	log "WARNING: $*"
+	printf '%s\n' "$*" >>"$DATA/notes.txt"
+}
+
+# ---- tools ----------------------------------------------------------------
+missing=()
+for t in wrk curl redis-server redis-cli lscpu; do
+	command -v "$t" >/dev/null || missing+=("$t")
+done
+if ((${#missing[@]} > 0)); then
+	if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+		log "installing wrk redis-server curl util-linux (missing: ${missing[*]})"
+		apt-get update -qq >/dev/null && apt-get install -y -qq wrk redis-server curl util-linux >/dev/null
+	else
+		die "missing ${missing[*]}: apt-get install -y wrk redis-server curl"
+	fi
+fi
+command -v go >/dev/null || die "go is not on PATH"
+
+# ---- processes: everything started is tracked and stopped on exit ---------
+PIDS=()
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/productsvc-bench.XXXXXX")
+
+running() { [[ -e /proc/$1 ]] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
+
+# stop_pid sends SIGTERM, waits up to 10s, then SIGKILL. It sets STOP_RC to the
+# process's exit status.
+stop_pid() {
+	local pid=$1 i
+	STOP_RC=0
+	if running "$pid"; then
+		kill -TERM "$pid" 2>/dev/null || true
+		for ((i = 0; i < 100; i++)); do
+			running "$pid" || break
+			sleep 0.1
+		done
+		if running "$pid"; then
+			kill -KILL "$pid" 2>/dev/null || true
+		fi
+	fi
+	wait "$pid" 2>/dev/null || STOP_RC=$?
+	local keep=() p
+	for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
+	PIDS=("${keep[@]}")
+}
+
+cleanup() {
+	local rc=$? pid
+	trap - EXIT INT TERM
+	for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+	rm -rf "$WORK"
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+now_ns() { echo "${EPOCHREALTIME/./}000"; }
+vm_kb() { awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# ---- build -----------------------------------------------------------------
+rm -rf "$OUT/raw" "$OUT/logs" "$DATA"
+mkdir -p "$OUT/raw" "$OUT/logs" "$DATA"
+: >"$DATA/results.tsv"
+: >"$DATA/startup.tsv"
+: >"$DATA/notes.txt"
+
+log "building into $OUT/"
+export CGO_ENABLED=0
+go build -trimpath -o "$OUT/refhttp" ./bench/refhttp
+go build -trimpath -o "$OUT/refsqlite" ./bench/refsqlite
+go build -trimpath -o "$HARNESS" ./bench/harness
+if [[ -n ${BENCH_PRODUCTSVC:-} ]]; then
+	SVC_BIN=$BENCH_PRODUCTSVC
+	note "productsvc was not built: BENCH_PRODUCTSVC=$SVC_BIN stood in for it"
+else
+	SVC_BIN=$OUT/productsvc
+	go build -trimpath -o "$SVC_BIN" . || die "productsvc does not build (set BENCH_PRODUCTSVC to test the harness)"
+fi
+
+# ---- metadata --------------------------------------------------------------
+# shellcheck disable=SC2016 # the backticks are Markdown, not command substitution
+{
+	printf 'date\t%s\n' "$(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+	printf 'uname\t`%s`\n' "$(uname -a)"
+	printf 'cpu\t%s, nproc %s\n' "$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)" "$(nproc)"
+	printf 'go\t%s\n' "$(go version)"
+	printf 'wrk\t%s, `-t%s -c%s --latency --timeout 5s`, HTTP/1.1 keep-alive on 127.0.0.1; wrk shares the %s cores with the server under test\n' \
+		"$( (wrk -v 2>&1 || true) | head -1 | awk '{print $1, $2}')" "$THREADS" "$CONNS" "$(nproc)"
+	printf 'settings\t%s s per measured run, %s repeats, %s s unmeasured warm-up per workload and server\n' "$DUR" "$REPEATS" "$WARMUP"
+} >"$DATA/meta.tsv"
+
+# ---- workloads -------------------------------------------------------------
+# run_workload SERVER LETTER PID URL runs one workload: a warm-up, then
+# REPEATS measured wrk runs, each followed by a read of the server's VmHWM.
+run_workload() {
+	local server=$1 wl=$2 pid=$3 url=$4 rep f hwm rps
+	local args=(mode="${MODE[$wl]}" n="$N" token="$TOKEN")
+	if ! running "$pid"; then
+		note "$server is not running; skipped workload $wl"
+		return
+	fi
+	if ((WARMUP > 0)); then
+		wrk -t"$THREADS" -c"$CONNS" -d"${WARMUP}s" -s "$LUA" "$url" -- "${args[@]}" nonce="$RUN_ID.${server//+/}.${wl}w" >/dev/null 2>&1 || true
+	fi
+	for ((rep = 1; rep <= REPEATS; rep++)); do
+		f=$OUT/raw/${server//+/-}.$wl.$rep.txt
+		if ! wrk -t"$THREADS" -c"$CONNS" -d"${DUR}s" --timeout 5s --latency -s "$LUA" "$url" \
+			-- "${args[@]}" nonce="$RUN_ID.${server//+/}.$wl$rep" >"$f" 2>&1; then
+			note "wrk failed for workload $wl on $server (see $f)"
+			continue
+		fi
+		hwm=$(vm_kb "$pid" VmHWM)
+		printf '%s\t%s\t%s\t%s\t%s\n' "$wl" "$server" "$rep" "$f" "${hwm:-0}" >>"$DATA/results.tsv"
+		rps=$(awk '/^Requests\/sec:/ {print $2}' "$f")
+		log "  $server $wl (${MODE[$wl]}) run $rep/$REPEATS: ${rps:-?} req/s$(grep -o 'Non-2xx or 3xx responses: [0-9]*' "$f" | sed 's/^/, /' || true)"
+		if ! running "$pid"; then
+			note "$server exited during workload $wl"
+			return
+		fi
+	done
+}
+
+# check SERVER WANT METHOD URL [BODY] makes one request and notes a status
+# other than WANT, with the start of the body.
+check() {
+	local server=$1 want=$2 method=$3 url=$4 body=${5:-} code
+	local curl_args=(-s -o "$WORK/check.body" -w '%{http_code}' --max-time 5 -X "$method")
+	if [[ -n $body ]]; then
+		curl_args+=(-H 'Content-Type: application/json' -H "Authorization: Bearer $TOKEN" --data-binary "$body")
+	fi
+	code=$(curl "${curl_args[@]}" "$url" || true)
+	if [[ $code != "$want" ]]; then
+		note "$server: $method /${url#http://*/} answered ${code:-no response}, want $want: $(head -c 200 "$WORK/check.body" 2>/dev/null | tr '\n' ' ')"
+		return 1
+	fi
+}
+
+# start_ref NAME ARGS... starts a reference server on 127.0.0.1:0, reads its
+# "listening ADDR" line, and sets REF_PID, REF_URL and READY_MS.
+start_ref() {
+	local name=$1 logf=$OUT/logs/$1.log start i addr=""
+	shift
+	: >"$logf" # exists before the poll below, whoever runs first
+	start=$(now_ns)
+	"$OUT/$name" "$@" >"$logf" 2>&1 &
+	REF_PID=$!
+	PIDS+=("$REF_PID")
+	for ((i = 0; i < 6000; i++)); do
+		addr=$(awk '$1 == "listening" {print $2; exit}' "$logf")
+		[[ -n $addr ]] && break
+		running "$REF_PID" || die "$name exited at start: $(tail -5 "$logf")"
+		sleep 0.01
+	done
+	[[ -n $addr ]] || die "$name printed no listening line in 60s"
+	REF_URL=http://$addr
+	READY_MS=$("$HARNESS" ready -url "$REF_URL/ready" -since "$start" -pid "$REF_PID" -timeout 60s)
+}
+
+# start_svc LABEL DB REDIS_URL starts productsvc on a free port and sets
+# SVC_PID, SVC_URL and READY_MS (process start to first 200 on /ready).
+start_svc() {
+	local label=$1 db=$2 redis=$3 port start
+	port=$("$HARNESS" port)
+	SVC_URL=http://127.0.0.1:$port
+	start=$(now_ns)
+	env -u REDIS_URL -u RATE_LIMIT_RPS -u RATE_LIMIT_BURST -u MAX_IN_FLIGHT -u METRICS_ADDR -u ADMIN_ADDR \
+		-u OTEL_EXPORTER_OTLP_ENDPOINT -u DB_SYNC -u SHUTDOWN_DELAY \
+		ADDR="127.0.0.1:$port" DB_PATH="$db" API_TOKEN="$TOKEN" LOG_LEVEL=warn ${redis:+REDIS_URL="$redis"} \
+		"$SVC_BIN" >>"$OUT/logs/$label.log" 2>&1 &
+	SVC_PID=$!
+	PIDS+=("$SVC_PID")
+	READY_MS=$("$HARNESS" ready -url "$SVC_URL/ready" -since "$start" -pid "$SVC_PID" -timeout 60s) ||
+		die "$label did not become ready: $(tail -5 "$OUT/logs/$label.log")"
+}
+
+# stop_svc LABEL DB stops productsvc and notes an unclean exit.
+stop_svc() {
+	stop_pid "$SVC_PID"
+	((STOP_RC == 0)) || note "$1 exited with status $STOP_RC after SIGTERM"
+	[[ ! -s $2-wal ]] || note "$1 left a non-empty $(basename "$2")-wal after shutdown"
+}
+
+# seed_products URL posts N products through the API, 16 in parallel.
+seed_products() {
+	local url=$1 cfg=$WORK/seed.curl codes=$WORK/seed.codes start ok
+	# Eight common words, so q=WORD (wrk.lua's list) has many hits; 20 categories.
+	awk -v n="$N" -v url="$url/products" -v token="$TOKEN" 'BEGIN {
+		srand(42)
+		split("steel wooden organic portable wireless compact premium classic", adj, " ")
+		split("mug lamp chair desk bottle backpack notebook speaker jacket watch", noun, " ")
+		split("home office travel kitchen garden outdoor", use, " ")
+		for (i = 1; i <= n; i++) {
+			a = adj[int(rand() * 8) + 1]; b = adj[int(rand() * 8) + 1]
+			o = noun[int(rand() * 10) + 1]; u = use[int(rand() * 6) + 1]
+			body = sprintf("{\\\"sku\\\":\\\"SEED-%06d\\\",\\\"name\\\":\\\"%s %s %d\\\",\\\"description\\\":\\\"A %s %s with a %s finish, made for %s use.\\\",\\\"category\\\":\\\"cat-%02d\\\",\\\"price_cents\\\":%d,\\\"stock\\\":%d}",
+				i, a, o, i, a, o, b, u, int(rand() * 20), 100 + int(rand() * 99900), int(rand() * 1000))
+			if (i > 1) print "next"
+			printf "url = \"%s\"\nrequest = \"POST\"\nheader = \"Content-Type: application/json\"\n", url
+			printf "header = \"Authorization: Bearer %s\"\ndata = \"%s\"\noutput = \"/dev/null\"\n", token, body
+			print "write-out = \"%{http_code}\\n\"\nmax-time = 10"
+		}
+	}' >"$cfg"
+	start=$(now_ns)
+	curl -s --parallel --parallel-max 16 -K "$cfg" >"$codes" 2>"$WORK/seed.err" || true
+	SEED_S=$(awk -v a="$start" -v b="$(now_ns)" 'BEGIN {printf "%.1f", (b - a) / 1e9}')
+	ok=$(grep -c '^201$' "$codes" || true)
+	if [[ $ok != "$N" ]]; then
+		die "seeding: $ok of $N POST /products answered 201; statuses: $(sort "$codes" | uniq -c | tr '\n' ' ')"
+	fi
+}
+
+# ---- reference servers -------------------------------------------------------
+has() { [[ " $WORKLOADS " == *" $1 "* ]]; }
+
+log "refhttp"
+start_ref refhttp
+sleep 0.5
+printf 'refhttp\t%s\t%s\t%s\t%s\n' "$(stat -c %s "$OUT/refhttp")" "$READY_MS" "$(vm_kb "$REF_PID" VmRSS)" "fixed body, no storage" >>"$DATA/startup.tsv"
+check refhttp 200 GET "$REF_URL/products/1" || true
+! has a || run_workload refhttp a "$REF_PID" "$REF_URL"
+stop_pid "$REF_PID"
+
+log "refsqlite (seeding $N products in one transaction)"
+mkdir -p "$WORK/ref"
+start_ref refsqlite -seed "$N" -db "$WORK/ref/ref.db"
+sleep 0.5
+printf 'refsqlite\t%s\t%s\t%s\t%s\n' "$(stat -c %s "$OUT/refsqlite")" "$READY_MS" "$(vm_kb "$REF_PID" VmRSS)" "start includes seeding $N rows in one transaction" >>"$DATA/startup.tsv"
+check refsqlite 200 GET "$REF_URL/products/$N" || true
+! has a || run_workload refsqlite a "$REF_PID" "$REF_URL"
+! has e || run_workload refsqlite e "$REF_PID" "$REF_URL"
+stop_pid "$REF_PID"
+
+# ---- productsvc: seed once through the API, then one copy per configuration -
+log "productsvc: seeding $N products through POST /products"
+mkdir -p "$WORK/seed"
+start_svc productsvc-seed "$WORK/seed/products.db" ""
+EMPTY_READY_MS=$READY_MS
+seed_products "$SVC_URL"
+log "seeded $N products in ${SEED_S}s"
+check productsvc 200 GET "$SVC_URL/products/1" || true
+check productsvc 200 GET "$SVC_URL/products/$N" || true
+stop_svc productsvc-seed "$WORK/seed/products.db"
+printf 'data\t%s products seeded through POST /products (curl --parallel, 16 in flight) in %s s into an empty DB (start to ready on the empty DB: %s ms); every productsvc configuration starts from a copy of that DB\n' \
+	"$N" "$SEED_S" "$EMPTY_READY_MS" >>"$DATA/meta.tsv"
+
+REDIS_PID=""
+for cfg in productsvc productsvc+redis; do
+	dir=$WORK/${cfg//+/-}
+	mkdir -p "$dir"
+	cp "$WORK/seed/products.db" "$dir/"
+	[[ ! -f $WORK/seed/products.db-wal ]] || cp "$WORK/seed/products.db-wal" "$dir/"
+	redis_url=""
+	if [[ $cfg == *redis ]]; then
+		rport=$("$HARNESS" port)
+		redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
+			>"$OUT/logs/redis.log" 2>&1 &
+		REDIS_PID=$!
+		PIDS+=("$REDIS_PID")
+		for ((i = 0; i < 100; i++)); do
+			[[ $(redis-cli -h 127.0.0.1 -p "$rport" ping 2>/dev/null) == PONG ]] && break
+			running "$REDIS_PID" || die "redis-server exited: $(tail -5 "$OUT/logs/redis.log")"
+			sleep 0.1
+		done
+		redis_url=redis://127.0.0.1:$rport/0
+	fi
+
+	log "$cfg: start on the $N-product DB"
+	start_svc "${cfg//+/-}" "$dir/products.db" "$redis_url"
+	sleep 1
+	printf '%s\t%s\t%s\t%s\t%s\n' "$cfg" "$(stat -c %s "$SVC_BIN")" "$READY_MS" "$(vm_kb "$SVC_PID" VmRSS)" \
+		"restart on the $N-product DB${redis_url:+, with Redis}" >>"$DATA/startup.tsv"
+
+	# One request of each kind first, so a broken endpoint shows up by name.
+	check "$cfg" 200 GET "$SVC_URL/products/2" || true
+	check "$cfg" 200 GET "$SVC_URL/products?limit=20" || true
+	check "$cfg" 200 GET "$SVC_URL/products?category=cat-03&sort=-price_cents&limit=20" || true
+	if check "$cfg" 200 GET "$SVC_URL/products?q=steel&limit=20" && command -v jq >/dev/null; then
+		[[ $(jq '.items | length' "$WORK/check.body" 2>/dev/null) -gt 0 ]] ||
+			note "$cfg: GET /products?q=steel&limit=20 returned no items although about a third of the seeded products contain steel"
+	fi
+	check "$cfg" 201 POST "$SVC_URL/products" "{\"sku\":\"check-$RUN_ID-${cfg//+/-}\",\"name\":\"check\",\"price_cents\":1}" || true
+	check "$cfg" 200 POST "$SVC_URL/products/5/stock/adjustments" '{"delta":1}' || true
+
+	for wl in $WORKLOADS; do
+		run_workload "$cfg" "$wl" "$SVC_PID" "$SVC_URL"
+	done
+	stop_svc "$cfg" "$dir/products.db"
+	if [[ -n $REDIS_PID ]]; then
+		stop_pid "$REDIS_PID"
+		REDIS_PID=""
+	fi
+done
+
+# ---- report ------------------------------------------------------------------
+log "writing bench/results.md"
+"$HARNESS" report -dir "$DATA" -o bench/results.md
