@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"database/sql/driver"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"runtime"
@@ -75,6 +76,12 @@ var migrations = []string{
 	CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);`,
 	// 3: a row the write breaker's probe rewrites to see if writes work again.
 	`CREATE TABLE write_probe (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);`,
+	// 4: the writer maintains the full-text index once per group commit
+	// (see ftsBatch) instead of triggers doing it row by row: FTS5 flushes
+	// its pending index at every statement that touches it.
+	`DROP TRIGGER products_fts_insert;
+	DROP TRIGGER products_fts_delete;
+	DROP TRIGGER products_fts_update;`,
 }
 
 // StoreConfig configures OpenStore.
@@ -104,6 +111,7 @@ type Store struct {
 	// the writer goroutine only.
 	wstmts    map[string]*sql.Stmt
 	toPrepare []string
+	fts       ftsBatch
 	stmtsMu   sync.Mutex
 	stmts     map[string]*sql.Stmt // list queries by their SQL text
 
@@ -528,6 +536,7 @@ func (s *Store) commitGroup(ops []*writeOp) {
 	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
 	defer cancel()
 	errs := make([]error, len(ops))
+	s.fts.reset()
 	failAll := func(err error) {
 		err = translate(ctx, err)
 		for _, op := range ops {
@@ -551,6 +560,7 @@ func (s *Store) commitGroup(ops []*writeOp) {
 		// savepoint. Savepoints are not free: releasing one makes FTS5 flush
 		// its pending index, which done per write costs more than the write.
 		savepoint := op.idem != nil
+		mark := s.fts.mark()
 		if savepoint {
 			if _, err := s.exec(ctx, tx, `SAVEPOINT w`); err != nil {
 				failAll(err)
@@ -567,6 +577,7 @@ func (s *Store) commitGroup(ops []*writeOp) {
 				return
 			}
 			errs[i] = opErr
+			s.fts.undo(mark)
 			if savepoint {
 				if _, err := s.exec(ctx, tx, `ROLLBACK TO w`); err != nil {
 					failAll(err)
@@ -580,6 +591,10 @@ func (s *Store) commitGroup(ops []*writeOp) {
 				return
 			}
 		}
+	}
+	if err := s.fts.flush(ctx, s, tx); err != nil {
+		failAll(fmt.Errorf("full-text index: %w", err))
+		return
 	}
 	if err := tx.Commit(); err != nil {
 		failAll(fmt.Errorf("commit: %w", err))
@@ -663,7 +678,9 @@ func (s *Store) Create(ctx context.Context, p Product, idem *IdempotencyKey, onC
 			VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?) RETURNING `+productColumns,
 			p.SKU, p.Name, p.Description, p.Category, p.PriceCents, p.Currency, p.Stock, now.UnixMicro(), now.UnixMicro())
 		var err error
-		out, err = scanProduct(row)
+		if out, err = scanProduct(row); err == nil {
+			s.fts.created(out.ID)
+		}
 		return err
 	}, func() {
 		s.count.Add(1)
@@ -706,6 +723,9 @@ func (s *Store) Update(ctx context.Context, id int64, change func(*Product) erro
 			next.SKU, next.Name, next.Description, next.Category, next.PriceCents, next.Currency, next.Stock,
 			now.UnixMicro(), id))
 		changed = err == nil
+		if changed && (cur.Name != out.Name || cur.Description != out.Description) {
+			s.fts.changed(cur)
+		}
 		return err
 	}, func() {
 		if changed && onCommit != nil {
@@ -786,7 +806,9 @@ func (s *Store) Delete(ctx context.Context, id int64, check func(Product) error,
 			}
 		}
 		gone = cur
-		_, err = s.exec(ctx, tx, `DELETE FROM products WHERE id = ?`, id)
+		if _, err = s.exec(ctx, tx, `DELETE FROM products WHERE id = ?`, id); err == nil {
+			s.fts.changed(cur)
+		}
 		return err
 	}, func() {
 		s.count.Add(-1)
@@ -798,6 +820,76 @@ func (s *Store) Delete(ctx context.Context, id int64, check func(Product) error,
 		return fmt.Errorf("delete product %d: %w", id, err)
 	}
 	return nil
+}
+
+// ftsBatch collects the full-text index changes of one group commit, which
+// flush applies in two statements just before the commit. For each product
+// touched in the group it keeps the indexed text as it was before the group
+// (none for a product created in it): the index is told to delete exactly
+// what it holds, then to add what the products table holds at the end.
+type ftsBatch struct {
+	before  map[int64]*Product // nil value: created in this group
+	journal []int64            // ids in the order they were first touched
+}
+
+func (b *ftsBatch) reset() {
+	if b.before == nil {
+		b.before = make(map[int64]*Product)
+	}
+	clear(b.before)
+	b.journal = b.journal[:0]
+}
+
+func (b *ftsBatch) created(id int64) { b.touch(id, nil) }
+
+// changed records that the text of old (as committed before) changes.
+func (b *ftsBatch) changed(old Product) { b.touch(old.ID, &old) }
+
+func (b *ftsBatch) touch(id int64, old *Product) {
+	if _, ok := b.before[id]; ok {
+		return // the first state in the group is the one the index holds
+	}
+	b.before[id] = old
+	b.journal = append(b.journal, id)
+}
+
+// mark and undo forget the changes of a write that was rolled back.
+func (b *ftsBatch) mark() int { return len(b.journal) }
+
+func (b *ftsBatch) undo(mark int) {
+	for _, id := range b.journal[mark:] {
+		delete(b.before, id)
+	}
+	b.journal = b.journal[:mark]
+}
+
+type ftsRow struct {
+	ID          int64  `json:"id"`
+	Name        string `json:"name"`
+	Description string `json:"description"`
+}
+
+func (b *ftsBatch) flush(ctx context.Context, s *Store, tx *sql.Tx) error {
+	if len(b.journal) == 0 {
+		return nil
+	}
+	var dels []ftsRow
+	for _, id := range b.journal {
+		if old := b.before[id]; old != nil {
+			dels = append(dels, ftsRow{old.ID, old.Name, old.Description})
+		}
+	}
+	if len(dels) > 0 {
+		js, _ := json.Marshal(dels)
+		if _, err := s.exec(ctx, tx, `INSERT INTO products_fts (products_fts, rowid, name, description)
+			SELECT 'delete', value ->> '$.id', value ->> '$.name', value ->> '$.description' FROM json_each(?)`, string(js)); err != nil {
+			return err
+		}
+	}
+	ids, _ := json.Marshal(b.journal)
+	_, err := s.exec(ctx, tx, `INSERT INTO products_fts (rowid, name, description)
+		SELECT id, name, description FROM products WHERE id IN (SELECT value FROM json_each(?))`, string(ids))
+	return err
 }
 
 // dbFailure is a failure of the database itself (I/O error, disk full,
