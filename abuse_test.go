@@ -1,0 +1,253 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// abuseServer is a real handler on real SQLite with the given limits.
+func abuseServer(tb testing.TB, store productStore, limiter *rateLimiter, maxFlight int) *httptest.Server {
+	tb.Helper()
+	m := newMetrics(nil)
+	svc := NewProductService(store, ServiceConfig{Metrics: m})
+	life := &lifecycle{}
+	life.started.Store(true)
+	srv := httptest.NewServer(newServer(serverDeps{svc: svc, log: slog.New(slog.DiscardHandler), metrics: m,
+		tokens: newTokenSet([]string{"tok-a", "tok-b"}), life: life, limiter: limiter, maxFlight: maxFlight, serveMetrics: true}))
+	tb.Cleanup(srv.Close)
+	return srv
+}
+
+func abuseStore(tb testing.TB) *Store {
+	tb.Helper()
+	s, err := OpenStore(context.Background(), StoreConfig{Path: filepath.Join(tb.TempDir(), "a.db"), Sync: "normal"})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { s.Close() })
+	return s
+}
+
+func get(tb testing.TB, url, token string) *http.Response {
+	tb.Helper()
+	req, _ := http.NewRequest("GET", url, nil)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp
+}
+
+func TestRateLimiter_Limit(t *testing.T) {
+	// A rate so low no token comes back during the test: the burst is all.
+	limiter := newRateLimiter(0.001, 3, newTokenSet([]string{"tok-a", "tok-b"}))
+	srv := abuseServer(t, abuseStore(t), limiter, 0)
+
+	for i := range 3 {
+		if resp := get(t, srv.URL+"/products", ""); resp.StatusCode != http.StatusOK {
+			t.Fatalf("request %d status = %d, want 200 within the burst", i+1, resp.StatusCode)
+		}
+	}
+	resp := get(t, srv.URL+"/products", "")
+	if resp.StatusCode != http.StatusTooManyRequests {
+		t.Fatalf("request 4 status = %d, want 429", resp.StatusCode)
+	}
+	if resp.Header.Get("Content-Type") != contentTypeProblem {
+		t.Errorf("429 Content-Type = %q, want %q", resp.Header.Get("Content-Type"), contentTypeProblem)
+	}
+	if ra, err := strconv.Atoi(resp.Header.Get("Retry-After")); err != nil || ra < 1 {
+		t.Errorf("429 Retry-After = %q, want a positive number of seconds", resp.Header.Get("Retry-After"))
+	}
+	for _, h := range []string{"RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"} {
+		if resp.Header.Get(h) == "" {
+			t.Errorf("429 has no %s header", h)
+		}
+	}
+	if got := resp.Header.Get("RateLimit-Remaining"); got != "0" {
+		t.Errorf("RateLimit-Remaining = %q, want 0", got)
+	}
+
+	// Probes are never limited; another client has its own bucket; a valid
+	// token is one client whatever its address.
+	for _, path := range []string{"/health", "/ready", "/livez", "/metrics"} {
+		if resp := get(t, srv.URL+path, ""); resp.StatusCode != http.StatusOK {
+			t.Errorf("GET %s status = %d while rate limited, want 200", path, resp.StatusCode)
+		}
+	}
+	if resp := get(t, srv.URL+"/products", "tok-a"); resp.StatusCode != http.StatusOK {
+		t.Errorf("GET with a valid token status = %d, want 200 (its own bucket)", resp.StatusCode)
+	}
+	if resp := get(t, srv.URL+"/products", "not-a-token"); resp.StatusCode != http.StatusTooManyRequests {
+		t.Errorf("GET with an invalid token status = %d, want 429 (limited by address like no token)", resp.StatusCode)
+	}
+}
+
+func TestRateLimiter_FailedAuthentication(t *testing.T) {
+	limiter := newRateLimiter(1000, 1000, newTokenSet([]string{"tok-a"}))
+	srv := abuseServer(t, abuseStore(t), limiter, 0)
+	post := func(token string) int {
+		req, _ := http.NewRequest("POST", srv.URL+"/products", strings.NewReader(`{"sku":"X-1","name":"x","price_cents":1}`))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Authorization", "Bearer "+token)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	for i := range authFailureBurst {
+		if got := post("guess-" + strconv.Itoa(i)); got != http.StatusUnauthorized {
+			t.Fatalf("failed attempt %d status = %d, want 401", i+1, got)
+		}
+	}
+	if got := post("guess-more"); got != http.StatusTooManyRequests {
+		t.Errorf("attempt %d status = %d, want 429: failed authentication is limited more tightly", authFailureBurst+1, got)
+	}
+}
+
+func TestRateLimiter_EvictsIdleBuckets(t *testing.T) {
+	rl := newRateLimiter(1e6, 1, nil) // refills at once: every bucket is idle
+	now := time.Now()
+	rl.mu.Lock()
+	for i := range 1000 {
+		rl.get(rl.buckets, "ip:"+strconv.Itoa(i), rl.rps, rl.burst, now)
+	}
+	rl.get(rl.buckets, "ip:late", rl.rps, rl.burst, now.Add(2*time.Minute)) // triggers a sweep
+	n := len(rl.buckets)
+	rl.mu.Unlock()
+	if n > 1 {
+		t.Errorf("buckets after a sweep = %d, want only the new one: idle buckets are dropped", n)
+	}
+}
+
+// blockingStore holds every List call until release is closed.
+type blockingStore struct {
+	*Store
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (s *blockingStore) List(ctx context.Context, f ListFilter) (Page, error) {
+	s.entered <- struct{}{}
+	<-s.release
+	return s.Store.List(ctx, f)
+}
+
+func TestShedLoad(t *testing.T) {
+	bs := &blockingStore{Store: abuseStore(t), entered: make(chan struct{}, 10), release: make(chan struct{})}
+	srv := abuseServer(t, bs, nil, 2)
+	var wg sync.WaitGroup
+	codes := make(chan int, 2)
+	for range 2 {
+		wg.Go(func() { codes <- get(t, srv.URL+"/products", "").StatusCode })
+	}
+	for range 2 {
+		<-bs.entered // both slots taken
+	}
+	resp := get(t, srv.URL+"/products?limit=1", "")
+	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" {
+		t.Errorf("third concurrent request status = %d, Retry-After %q; want 503 with Retry-After at once",
+			resp.StatusCode, resp.Header.Get("Retry-After"))
+	}
+	if resp := get(t, srv.URL+"/ready", ""); resp.StatusCode != http.StatusOK {
+		t.Errorf("GET /ready at capacity = %d, want 200: probes are never shed", resp.StatusCode)
+	}
+	close(bs.release)
+	wg.Wait()
+	close(codes)
+	for c := range codes {
+		if c != http.StatusOK {
+			t.Errorf("held request status = %d, want 200", c)
+		}
+	}
+}
+
+// TestRun_SlowClients opens many connections that send their headers at a
+// crawl (slowloris) and shows normal requests are served meanwhile, and that
+// the server cuts the slow connections (ReadHeaderTimeout).
+func TestRun_SlowClients(t *testing.T) {
+	if testing.Short() {
+		t.Skip("waits for the server's header timeout")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	out := &syncBuffer{}
+	env := map[string]string{"ADDR": "127.0.0.1:0", "DB_PATH": filepath.Join(t.TempDir(), "s.db"), "API_TOKEN": "t", "LOG_LEVEL": "info"}
+	done := make(chan error, 1)
+	go func() { done <- run(ctx, []string{"productsvc"}, func(k string) string { return env[k] }, out, out) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			t.Error("run did not return after cancel")
+		}
+	})
+	var addr string
+	for deadline := time.Now().Add(10 * time.Second); addr == "" && time.Now().Before(deadline); {
+		for l := range strings.Lines(out.String()) {
+			var m map[string]any
+			if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == "listening" {
+				addr, _ = m["addr"].(string)
+			}
+		}
+		time.Sleep(10 * time.Millisecond) // polling the log for the address
+	}
+	if addr == "" {
+		t.Fatalf("no listening line in the log:\n%s", out.String())
+	}
+
+	const slow = 200
+	conns := make([]net.Conn, 0, slow)
+	for range slow {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+		fmt.Fprintf(c, "GET /products HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+	}
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	client := &http.Client{Timeout: 5 * time.Second}
+	for i := range 20 {
+		resp, err := client.Get("http://" + addr + "/products/" + strconv.Itoa(i+1))
+		if err != nil {
+			t.Fatalf("normal request %d with %d slow connections open: %v", i+1, slow, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusNotFound {
+			t.Fatalf("normal request %d status = %d, want 404 (no such product)", i+1, resp.StatusCode)
+		}
+	}
+	// The server must close a connection that never finishes its headers.
+	c := conns[0]
+	c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	buf := make([]byte, 512)
+	for {
+		if _, err := c.Read(buf); err != nil {
+			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				t.Fatalf("slow connection still open after 20s; want it closed by ReadHeaderTimeout")
+			}
+			break // EOF or reset: closed by the server
+		}
+	}
+}
