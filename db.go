@@ -491,7 +491,20 @@ func (s *Store) writeTx(ctx context.Context, idem *idemWrite, fn func(ctx contex
 	case <-s.stop:
 		return fmt.Errorf("store closed: %w", ErrUnavailable)
 	}
-	return <-op.done
+	// With s.stop closed the send above can still win the select (the
+	// channel is buffered), after the writer drained the queue and exited:
+	// nobody would ever answer op. Stop waiting once the writer is gone.
+	select {
+	case err := <-op.done:
+		return err
+	case <-s.loopDone:
+		select {
+		case err := <-op.done:
+			return err
+		default:
+			return fmt.Errorf("store closed: %w", ErrUnavailable)
+		}
+	}
 }
 
 func (s *Store) writeLoop() {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/sony/gobreaker/v2"
@@ -34,6 +35,10 @@ type ProductService struct {
 	redisCB *gobreaker.CircuitBreaker[struct{}]
 
 	flight singleflight.Group
+
+	// forgets counts the Forget calls made because a write could not update
+	// Redis. A read that fills Redis checks it did not change meanwhile.
+	forgets atomic.Uint64
 }
 
 // productStore is what the service needs of the store. *Store is the one
@@ -204,6 +209,7 @@ func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, stri
 	r, err, _ := s.flight.Do(strconv.FormatInt(id, 10), func() (any, error) {
 		ctx := context.WithoutCancel(ctx)
 		tok := s.local.token(id)
+		forgets := s.forgets.Load()
 		v, source := s.cacheGet(ctx, id)
 		if source == cacheHit && tok.redisFresh {
 			s.local.fill(id, tok, v)
@@ -221,7 +227,15 @@ func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, stri
 			return nil, err
 		}
 		v = cachedProduct{JSON: appendProduct(nil, &p), Version: p.Version}
-		s.cachePut(ctx, id, p.Version, v.JSON)
+		// A write that failed to reach Redis while we read made Forget move
+		// to a fresh namespace, where nothing newer would refuse our maybe
+		// older copy: then don't fill, or forget again if it raced the put.
+		if s.forgets.Load() == forgets {
+			s.cachePut(ctx, id, p.Version, v.JSON)
+			if s.forgets.Load() != forgets {
+				s.cache.Forget()
+			}
+		}
 		s.local.fill(id, tok, v)
 		if source == cacheHit {
 			source = cacheMiss // Redis answered, but could not be trusted yet
@@ -339,6 +353,7 @@ func (s *ProductService) publish(ctx context.Context, id int64, v cachedProduct)
 	}
 	s.metrics.cacheInvalidation()
 	if !s.cachePut(context.WithoutCancel(ctx), id, version, v.JSON) {
+		s.forgets.Add(1) // before Forget: a fill that can see the new namespace sees this too
 		s.cache.Forget()
 	}
 }

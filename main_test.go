@@ -1,0 +1,271 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+// envFunc returns a getenv that reads env.
+func envFunc(env map[string]string) func(string) string {
+	return func(k string) string { return env[k] }
+}
+
+// runningService is run running in a goroutine.
+type runningService struct {
+	stdout, stderr *syncBuffer // JSON log lines; usage and errors
+	cancel         context.CancelFunc
+	done           chan struct{} // closed when run has returned
+	err            error         // run's result, once done is closed
+}
+
+// runService starts run in a goroutine with env and args. Cancelling its
+// context (stop) is the shutdown signal. The test's cleanup stops it.
+func runService(tb testing.TB, env map[string]string, args ...string) *runningService {
+	tb.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &runningService{stdout: &syncBuffer{}, stderr: &syncBuffer{}, cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(s.done)
+		s.err = run(ctx, append([]string{"productsvc"}, args...), envFunc(env), s.stdout, s.stderr)
+	}()
+	tb.Cleanup(func() {
+		cancel()
+		select {
+		case <-s.done:
+		case <-time.After(30 * time.Second):
+			tb.Errorf("run did not return within 30s of cancel")
+		}
+		if tb.Failed() {
+			tb.Logf("stdout:\n%s\nstderr:\n%s", s.stdout, s.stderr)
+		}
+	})
+	return s
+}
+
+// stop sends the shutdown signal and returns run's result. The bound only
+// proves that shutdown does not hang.
+func (s *runningService) stop(tb testing.TB) error {
+	tb.Helper()
+	s.cancel()
+	select {
+	case <-s.done:
+		return s.err
+	case <-time.After(30 * time.Second):
+		tb.Fatal("run did not return within 30s of the shutdown signal")
+		return nil
+	}
+}
+
+// listeningAddr waits for run's {"msg":"listening"} log line and returns its
+// address.
+func (s *runningService) listeningAddr(tb testing.TB) string {
+	tb.Helper()
+	var addr string
+	waitFor(tb, 30*time.Second, `the "listening" log line`, func() bool {
+		select {
+		case <-s.done:
+			tb.Fatalf("run returned before listening: %v", s.err)
+		default:
+		}
+		for _, l := range s.stdout.logLines() {
+			if l["msg"] == "listening" {
+				addr, _ = l["addr"].(string)
+				return true
+			}
+		}
+		return false
+	})
+	if addr == "" {
+		tb.Fatalf("listening line without an addr in:\n%s", s.stdout)
+	}
+	return addr
+}
+
+func TestRun(t *testing.T) {
+	dbPath := filepath.Join(t.TempDir(), "products.db")
+	svc := runService(t, map[string]string{
+		"ADDR":          "127.0.0.1:0",
+		"DB_PATH":       dbPath,
+		"API_TOKEN":     "run-token",
+		"LOG_LEVEL":     "info",
+		"DB_SYNC":       "normal",
+		"MAX_IN_FLIGHT": "0",
+	})
+	addr := svc.listeningAddr(t)
+	if !strings.HasPrefix(addr, "127.0.0.1:") || strings.HasSuffix(addr, ":0") {
+		t.Fatalf("listening addr = %q, want the bound 127.0.0.1 port", addr)
+	}
+	base := "http://" + addr
+	client := &http.Client{Timeout: 10 * time.Second}
+	defer client.CloseIdleConnections()
+	send := func(method, path, body string, hdr ...string) response {
+		t.Helper()
+		var rd io.Reader
+		if body != "" {
+			rd = strings.NewReader(body)
+		}
+		req, err := http.NewRequest(method, base+path, rd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i+1 < len(hdr); i += 2 {
+			req.Header.Set(hdr[i], hdr[i+1])
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatalf("%s %s: %v", method, path, err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return response{status: resp.StatusCode, header: resp.Header, body: b}
+	}
+
+	waitFor(t, 30*time.Second, "GET /ready to answer 200", func() bool {
+		return send("GET", "/ready", "").status == http.StatusOK
+	})
+	r := send("POST", "/products", `{"sku":"RUN-1","name":"pen","price_cents":150}`,
+		"Authorization", "Bearer run-token", "Content-Type", "application/json")
+	if r.status != http.StatusCreated {
+		t.Fatalf("POST /products = %v, want 201", r)
+	}
+	created := decodeProduct(t, r.body)
+	r = send("GET", r.header.Get("Location"), "")
+	if r.status != http.StatusOK {
+		t.Fatalf("GET %s = %v, want 200", r.header.Get("Location"), r)
+	}
+	if got := decodeProduct(t, r.body); got != created {
+		t.Errorf("GET after POST = %+v, want %+v", got, created)
+	}
+	if r := send("POST", "/products", `{"sku":"RUN-2","name":"pen","price_cents":150}`,
+		"Authorization", "Bearer wrong", "Content-Type", "application/json"); r.status != http.StatusUnauthorized {
+		t.Errorf("POST with a wrong token = %v, want 401", r)
+	}
+	if r := send("GET", "/metrics", ""); r.status != http.StatusOK || !strings.Contains(string(r.body), "http_requests_total") {
+		t.Errorf("GET /metrics = %d, want 200 with http_requests_total", r.status)
+	}
+
+	// Cancelling ctx is the shutdown signal.
+	client.CloseIdleConnections()
+	if err := svc.stop(t); err != nil {
+		t.Errorf("run() = %v after shutdown, want nil", err)
+	}
+	var msgs []string
+	for _, l := range svc.stdout.logLines() {
+		if m, ok := l["msg"].(string); ok {
+			msgs = append(msgs, m)
+		}
+	}
+	for _, want := range []string{"starting", "listening", "request", "shutting down", "drained"} {
+		if !slices.Contains(msgs, want) {
+			t.Errorf("log has no %q line; messages: %q", want, msgs)
+		}
+	}
+	// The store was closed with its WAL checkpointed.
+	if fi, err := os.Stat(dbPath + "-wal"); err == nil && fi.Size() != 0 {
+		t.Errorf("after run returned the -wal file has %d bytes, want it gone or empty", fi.Size())
+	}
+	// The product is durable: a new run sees it.
+	svc2 := runService(t, map[string]string{"ADDR": "127.0.0.1:0", "DB_PATH": dbPath, "API_TOKEN": "run-token"})
+	base = "http://" + svc2.listeningAddr(t)
+	r = send("GET", fmt.Sprintf("/products/%d", created.ID), "")
+	if r.status != http.StatusOK {
+		t.Fatalf("GET after restart = %v, want 200", r)
+	}
+	if got := decodeProduct(t, r.body); got != created {
+		t.Errorf("GET after restart = %+v, want %+v", got, created)
+	}
+}
+
+func TestRun_invalidConfig(t *testing.T) {
+	tests := []struct {
+		name     string
+		env      map[string]string
+		args     []string
+		wantName string // what the error must name
+	}{
+		{name: "DB_TIMEOUT not a duration", env: map[string]string{"DB_TIMEOUT": "abc"}, wantName: "DB_TIMEOUT"},
+		{name: "DB_TIMEOUT too small", env: map[string]string{"DB_TIMEOUT": "0s"}, wantName: "DB_TIMEOUT"},
+		{name: "DB_SYNC", env: map[string]string{"DB_SYNC": "off"}, wantName: "DB_SYNC"},
+		{name: "LOG_LEVEL", env: map[string]string{"LOG_LEVEL": "loud"}, wantName: "LOG_LEVEL"},
+		{name: "LOCAL_CACHE_SIZE", env: map[string]string{"LOCAL_CACHE_SIZE": "-1"}, wantName: "LOCAL_CACHE_SIZE"},
+		{name: "REDIS_URL", env: map[string]string{"REDIS_URL": "http://localhost:6379"}, wantName: "REDIS_URL"},
+		{name: "REDIS_TIMEOUT", env: map[string]string{"REDIS_TIMEOUT": "fast"}, wantName: "REDIS_TIMEOUT"},
+		{name: "CACHE_TTL", env: map[string]string{"CACHE_TTL": "1ms"}, wantName: "CACHE_TTL"},
+		{name: "ADMIN_ADDR not loopback", env: map[string]string{"ADMIN_ADDR": "0.0.0.0:6060"}, wantName: "ADMIN_ADDR"},
+		{name: "METRICS_ADDR", env: map[string]string{"METRICS_ADDR": "nonsense"}, wantName: "METRICS_ADDR"},
+		{name: "API_TOKEN only commas", env: map[string]string{"API_TOKEN": " , ,"}, wantName: "API_TOKEN"},
+		{name: "RATE_LIMIT_RPS", env: map[string]string{"RATE_LIMIT_RPS": "-1"}, wantName: "RATE_LIMIT_RPS"},
+		{name: "MAX_IN_FLIGHT", env: map[string]string{"MAX_IN_FLIGHT": "many"}, wantName: "MAX_IN_FLIGHT"},
+		{name: "SHUTDOWN_TIMEOUT", env: map[string]string{"SHUTDOWN_TIMEOUT": "48h"}, wantName: "SHUTDOWN_TIMEOUT"},
+		{name: "flag wins and is named", env: map[string]string{"DB_TIMEOUT": "1s"}, args: []string{"-db-timeout=abc"}, wantName: "-db-timeout"},
+		{name: "unknown flag", args: []string{"-no-such-flag"}, wantName: "no-such-flag"},
+		{name: "stray argument", args: []string{"serve"}, wantName: "serve"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dbPath := filepath.Join(t.TempDir(), "products.db")
+			env := map[string]string{"ADDR": "127.0.0.1:0", "DB_PATH": dbPath}
+			for k, v := range tt.env {
+				env[k] = v
+			}
+			var stdout, stderr syncBuffer
+			errc := make(chan error, 1)
+			go func() {
+				errc <- run(t.Context(), append([]string{"productsvc"}, tt.args...), envFunc(env), &stdout, &stderr)
+			}()
+			var err error
+			select {
+			case err = <-errc:
+			case <-time.After(30 * time.Second):
+				t.Fatal("run with an invalid setting did not return within 30s")
+			}
+			var cerr *configError
+			if !errors.As(err, &cerr) {
+				t.Fatalf("run() error = %v (%T), want a *configError", err, err)
+			}
+			if !strings.Contains(err.Error(), tt.wantName) {
+				t.Errorf("run() error = %q, want it to name %s", err, tt.wantName)
+			}
+			if strings.Contains(stdout.String(), `"listening"`) {
+				t.Errorf("run listened despite invalid config; stdout:\n%s", stdout.String())
+			}
+			if _, err := os.Stat(dbPath); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("database file exists after invalid config (stat error %v), want it never opened", err)
+			}
+		})
+	}
+}
+
+func TestRun_version(t *testing.T) {
+	var stdout, stderr syncBuffer
+	dbPath := filepath.Join(t.TempDir(), "products.db")
+	err := run(t.Context(), []string{"productsvc", "-version"}, envFunc(map[string]string{"ADDR": "127.0.0.1:0", "DB_PATH": dbPath}), &stdout, &stderr)
+	if err != nil {
+		t.Fatalf("run(-version) = %v, want nil", err)
+	}
+	out := strings.TrimSpace(stdout.String())
+	name, ver, ok := strings.Cut(out, " ")
+	if !ok || name != "productsvc" || ver == "" || strings.Contains(out, "\n") {
+		t.Errorf("run(-version) printed %q, want one line \"productsvc <version>\"", out)
+	}
+	if _, err := os.Stat(dbPath); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("run(-version) created the database (stat error %v)", err)
+	}
+	// -h prints usage and is not an error.
+	var usage syncBuffer
+	if err := run(t.Context(), []string{"productsvc", "-h"}, envFunc(nil), io.Discard, &usage); err != nil {
+		t.Errorf("run(-h) = %v, want nil", err)
+	}
+	if !strings.Contains(usage.String(), "-db-timeout") {
+		t.Errorf("run(-h) usage on stderr = %q, want the flags listed", usage.String())
+	}
+}
