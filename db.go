@@ -951,7 +951,8 @@ func translate(ctx context.Context, err error) error {
 	case errors.Is(err, context.Canceled):
 		return err
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, driver.ErrBadConn),
-		errors.Is(err, sql.ErrConnDone), errors.Is(err, sql.ErrTxDone):
+		errors.Is(err, sql.ErrConnDone), errors.Is(err, sql.ErrTxDone),
+		err.Error() == "sql: database is closed": // database/sql does not export it
 		return &dbFailure{err}
 	}
 	if ctx.Err() != nil {

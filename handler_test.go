@@ -1468,8 +1468,8 @@ func TestWriteError_closedStore(t *testing.T) {
 		{"GET", "/ready", ""},
 	} {
 		r := ts.write(t, req.method, req.path, req.body)
-		if r.status < 500 {
-			t.Errorf("%s %s on a closed store = %v, want 5xx", req.method, req.path, r)
+		if r.status != http.StatusServiceUnavailable {
+			t.Errorf("%s %s on a closed store = %v, want 503", req.method, req.path, r)
 			continue
 		}
 		body := strings.ToLower(string(r.body))
