@@ -19,7 +19,7 @@ import (
 // errCacheMiss is what a cache's Get returns when it holds nothing for a key.
 var errCacheMiss = errors.New("cache miss")
 
-// cache is the shared product cache in front of the store. Values carry the
+// cache is the out-of-process product cache in front of the store. Values carry the
 // product version, and Put keeps the newer of what it holds and what it is
 // given, so a slow read can never overwrite a newer write (the cache-aside
 // race). Deletes are written as tombstones (nil JSON) at the next version.

@@ -8,7 +8,7 @@ import (
 // localCache is the in-process layer of the product cache: encoded products
 // by id, bounded in entries. A loopback Redis round trip costs more than an
 // in-process SQLite point read, so hot products are answered from here and
-// Redis stays the layer shared between processes.
+// Redis holds what does not fit.
 //
 // It is never stale after an acknowledged write. Writes update it on the
 // store's writer goroutine, after commit and in commit order, and each update
