@@ -1197,13 +1197,18 @@ func testWalkWhileInserting(t *testing.T, ts *testServer) {
 		t.Run("sort="+sort, func(t *testing.T) {
 			// Inserter: new products with keys before, among and after the
 			// walk's position, until the walk ends.
+			// The inserts are bounded: in id order, an inserter that outpaces
+			// the walk would keep adding pages after the walk's position.
+			const maxInserts = 150
 			var inserted atomic.Int64
+			var insertsDone atomic.Bool
 			stop := make(chan struct{})
 			var wg sync.WaitGroup
 			var insertErr atomic.Value
 			wg.Go(func() {
+				defer insertsDone.Store(true)
 				rng := rand.New(rand.NewPCG(3, uint64(si)))
-				for i := 0; ; i++ {
+				for i := 0; i < maxInserts; i++ {
 					select {
 					case <-stop:
 						return
@@ -1237,7 +1242,7 @@ func testWalkWhileInserting(t *testing.T, ts *testServer) {
 				// Make sure at least one insert lands between pages.
 				n := inserted.Load()
 				waitFor(t, 10*time.Second, "a concurrent insert", func() bool {
-					return inserted.Load() > n || insertErr.Load() != nil
+					return inserted.Load() > n || insertErr.Load() != nil || insertsDone.Load()
 				})
 				lb, r := ts.list(t, query)
 				if r.status != http.StatusOK {
