@@ -70,7 +70,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return &configError{msg: "invalid OTEL_* settings: " + err.Error()}
 	}
 	defer tr.shutdown(context.Background())
-	var logh slog.Handler = slog.NewJSONHandler(stdout, &slog.HandlerOptions{Level: cfg.LogLevel})
+	logOut := newLogWriter(stdout, 100*time.Millisecond)
+	defer logOut.Close()
+	var logh slog.Handler = slog.NewJSONHandler(logOut, &slog.HandlerOptions{Level: cfg.LogLevel})
 	if tr.enabled {
 		logh = traceLogHandler{logh}
 	}
