@@ -117,15 +117,16 @@ mkdir -p "$OUT/raw" "$OUT/logs" "$DATA"
 
 log "building into $OUT/"
 export CGO_ENABLED=0
-go build -trimpath -o "$OUT/refhttp" ./bench/refhttp
-go build -trimpath -o "$OUT/refsqlite" ./bench/refsqlite
+# Every server is built the way `make build` builds productsvc (stripped).
+go build -trimpath -ldflags "-s -w" -o "$OUT/refhttp" ./bench/refhttp
+go build -trimpath -ldflags "-s -w" -o "$OUT/refsqlite" ./bench/refsqlite
 go build -trimpath -o "$HARNESS" ./bench/harness
 if [[ -n ${BENCH_PRODUCTSVC:-} ]]; then
 	SVC_BIN=$BENCH_PRODUCTSVC
 	note "productsvc was not built: BENCH_PRODUCTSVC=$SVC_BIN stood in for it"
 else
 	SVC_BIN=$OUT/productsvc
-	go build -trimpath -o "$SVC_BIN" . || die "productsvc does not build (set BENCH_PRODUCTSVC to test the harness)"
+	go build -trimpath -ldflags "-s -w" -o "$SVC_BIN" . || die "productsvc does not build (set BENCH_PRODUCTSVC to test the harness)"
 fi
 
 # ---- metadata --------------------------------------------------------------
@@ -216,7 +217,7 @@ start_svc() {
 	start=$(now_ns)
 	env -u REDIS_URL -u RATE_LIMIT_RPS -u RATE_LIMIT_BURST -u MAX_IN_FLIGHT -u METRICS_ADDR -u ADMIN_ADDR \
 		-u OTEL_EXPORTER_OTLP_ENDPOINT -u DB_SYNC -u SHUTDOWN_DELAY \
-		ADDR="127.0.0.1:$port" DB_PATH="$db" API_TOKEN="$TOKEN" LOG_LEVEL=warn ${redis:+REDIS_URL="$redis"} \
+		ADDR="127.0.0.1:$port" DB_PATH="$db" API_TOKEN="$TOKEN" LOG_LEVEL=info ${redis:+REDIS_URL="$redis"} \
 		"$SVC_BIN" >>"$OUT/logs/$label.log" 2>&1 &
 	SVC_PID=$!
 	PIDS+=("$SVC_PID")

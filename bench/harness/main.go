@@ -346,7 +346,7 @@ func cmdReport(args []string, stdout io.Writer) error {
 	}
 	fmt.Fprintf(&b, "- refsqlite (a) is compared with refhttp (a), to show what SQLite costs on its own.\n")
 	fmt.Fprintf(&b, "- refhttp: net/http answering one fixed ~300-byte product body (ceiling of HTTP). refsqlite: net/http + modernc SQLite, prepared point query on WAL read connections, one writer connection with synchronous=FULL and one row per transaction (ceiling of HTTP + SQLite).\n")
-	fmt.Fprintf(&b, "- productsvc: SQLite only (REDIS_URL unset). productsvc+redis: with a local redis-server as cache. Both start from a copy of the same seeded database.\n")
+	fmt.Fprintf(&b, "- productsvc: SQLite only (REDIS_URL unset). productsvc+redis: with a local redis-server as cache. Both run the default configuration (access log at INFO, DB_SYNC=full, in-process cache of 10000 products) and start from a copy of the same seeded database.\n")
 
 	notes, err := os.ReadFile(*dir + "/notes.txt")
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
