@@ -45,7 +45,7 @@ type cachedProduct struct {
 func newLocalCache(size int, ttl time.Duration) *localCache {
 	c := &localCache{ttl: ttl, now: time.Now}
 	if size > 0 {
-		c.perCap = max(1, size/localShards)
+		c.perCap = (size + localShards - 1) / localShards // round up: size entries always fit
 	}
 	for i := range c.shards {
 		c.shards[i].entries = make(map[int64]localEntry)
