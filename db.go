@@ -686,12 +686,15 @@ func (s *Store) Create(ctx context.Context, p Product, idem *IdempotencyKey, onC
 	var out Product
 	err := s.writeTx(ctx, idemRecord(idem, 201, &out), func(ctx context.Context, tx *sql.Tx) error {
 		now := s.now().UTC().Truncate(time.Microsecond)
-		row := s.queryRow(ctx, tx, `INSERT INTO products
+		// Only the id comes back: every other column is what was written,
+		// and scanning eleven columns is a tenth of the writer's time.
+		err := s.queryRow(ctx, tx, `INSERT INTO products
 			(sku, name, description, category, price_cents, currency, stock, version, created_at, updated_at)
-			VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?) RETURNING `+productColumns,
-			p.SKU, p.Name, p.Description, p.Category, p.PriceCents, p.Currency, p.Stock, now.UnixMicro(), now.UnixMicro())
-		var err error
-		if out, err = scanProduct(row); err == nil {
+			VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?) RETURNING id`,
+			p.SKU, p.Name, p.Description, p.Category, p.PriceCents, p.Currency, p.Stock, now.UnixMicro(), now.UnixMicro()).Scan(&p.ID)
+		if err == nil {
+			p.Version, p.CreatedAt, p.UpdatedAt = 1, now, now
+			out = p
 			s.fts.created(out.ID)
 		}
 		return err
