@@ -260,7 +260,7 @@ func handleReplaceProduct(svc *ProductService) http.Handler {
 			return err
 		}
 		var in ProductInput
-		if err := decode(w, r, &in, false); err != nil {
+		if err := decode(w, r, &in); err != nil {
 			return err
 		}
 		p, err := svc.Replace(r.Context(), id, in, cond)
@@ -318,7 +318,7 @@ func handleSetStock(svc *ProductService) http.Handler {
 		var in struct {
 			Stock *int64 `json:"stock"`
 		}
-		if err := decode(w, r, &in, false); err != nil {
+		if err := decode(w, r, &in); err != nil {
 			return err
 		}
 		if in.Stock == nil {
@@ -536,8 +536,8 @@ func checkContentType(ct string, mergePatch bool) error {
 }
 
 // decode reads a JSON body strictly into v.
-func decode(w http.ResponseWriter, r *http.Request, v any, mergePatch bool) error {
-	body, err := readBody(w, r, mergePatch)
+func decode(w http.ResponseWriter, r *http.Request, v any) error {
+	body, err := readBody(w, r, false)
 	if err != nil {
 		return err
 	}
