@@ -203,12 +203,15 @@ func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, stri
 		v      cachedProduct
 		source string
 	}
-	// Concurrent misses for one id share one read. The shared read must not
+	// Concurrent misses for one id share one read. The key carries the
+	// shard's generation, so a read that arrives after a write committed
+	// never joins a read that started before it. The shared read must not
 	// die with the first caller's request, hence WithoutCancel; the store
 	// bounds it with DB_TIMEOUT.
-	r, err, _ := s.flight.Do(strconv.FormatInt(id, 10), func() (any, error) {
+	tok := s.local.token(id)
+	key := strconv.FormatInt(id, 10) + "/" + strconv.FormatUint(tok.gen, 10)
+	r, err, _ := s.flight.Do(key, func() (any, error) {
 		ctx := context.WithoutCancel(ctx)
-		tok := s.local.token(id)
 		forgets := s.forgets.Load()
 		v, source := s.cacheGet(ctx, id)
 		if source == cacheHit && tok.redisFresh {

@@ -398,3 +398,69 @@ func TestProductService_AdjustStock_concurrent(t *testing.T) {
 		t.Errorf("cached product differs from the stored one (-want +got):\n%s", diff)
 	}
 }
+
+// holdFirstGet is a store whose first Get reads the product, then waits for
+// release before returning it: a read slow enough to straddle a write.
+type holdFirstGet struct {
+	*Store
+	once    sync.Once
+	read    chan struct{} // closed once the held Get has read
+	release chan struct{}
+}
+
+func (h *holdFirstGet) Get(ctx context.Context, id int64) (Product, error) {
+	p, err := h.Store.Get(ctx, id)
+	held := false
+	h.once.Do(func() { held = true })
+	if held {
+		close(h.read)
+		<-h.release
+	}
+	return p, err
+}
+
+// TestProductService_Get_noSharedReadAcrossWrite shows that a read arriving
+// after an acknowledged write does not join a slow read of the same product
+// that started before the write (singleflight), which would return the old
+// version. The in-process cache is off so the later read needs the store.
+func TestProductService_Get_noSharedReadAcrossWrite(t *testing.T) {
+	store := &holdFirstGet{Store: newTestStore(t), read: make(chan struct{}), release: make(chan struct{})}
+	svc := newTestService(t, store, ServiceConfig{LocalCacheSize: 0})
+	p, err := svc.Create(t.Context(), ProductInput{SKU: new("SF-1"), Name: new("pen"), PriceCents: new(int64(100))}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slow := make(chan int64, 1)
+	go func() {
+		v, _, err := svc.Get(context.Background(), p.ID)
+		if err != nil {
+			t.Error(err)
+		}
+		slow <- v.Version
+	}()
+	<-store.read // the slow read holds version 1
+
+	if _, err := svc.Patch(t.Context(), p.ID, ProductPatch{PriceCents: optional[int64]{Set: true, Value: 200}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan int64, 1)
+	go func() {
+		v, _, err := svc.Get(context.Background(), p.ID)
+		if err != nil {
+			t.Error(err)
+		}
+		got <- v.Version
+	}()
+	select {
+	case v := <-got:
+		if v != 2 {
+			t.Errorf("Get after the acknowledged write = version %d, want 2", v)
+		}
+	case <-time.After(10 * time.Second):
+		t.Error("Get after the write waited for the slow read that started before it")
+	}
+	close(store.release)
+	if v := <-slow; v != 1 {
+		t.Errorf("slow Get = version %d, want 1 (it read before the write)", v)
+	}
+}
