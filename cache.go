@@ -117,20 +117,24 @@ func (c *redisCache) onConnect(ctx context.Context, cn *redis.Conn) error {
 	return nil
 }
 
-func (c *redisCache) key(id int64) string {
-	return "productsvc:" + *c.ns.Load() + ":product:" + strconv.FormatInt(id, 10)
+func key(ns *string, id int64) string {
+	return "productsvc:" + *ns + ":product:" + strconv.FormatInt(id, 10)
 }
 
+// Get returns a miss when the namespace changed while it ran: the call may
+// have been the first on a new connection to a Redis that restarted from an
+// old snapshot (onConnect forgets), and what it read is not to be trusted.
 func (c *redisCache) Get(ctx context.Context, id int64) ([]byte, error) {
-	b, err := c.client.HGet(ctx, c.key(id), "d").Bytes()
-	if errors.Is(err, redis.Nil) || err == nil && len(b) == 0 {
+	ns := c.ns.Load()
+	b, err := c.client.HGet(ctx, key(ns, id), "d").Bytes()
+	if errors.Is(err, redis.Nil) || err == nil && (len(b) == 0 || c.ns.Load() != ns) {
 		return nil, errCacheMiss
 	}
 	return b, err
 }
 
 func (c *redisCache) Put(ctx context.Context, id, version int64, json []byte) error {
-	return putScript.Run(ctx, c.client, []string{c.key(id)}, version, json, c.ttl.Milliseconds()).Err()
+	return putScript.Run(ctx, c.client, []string{key(c.ns.Load(), id)}, version, json, c.ttl.Milliseconds()).Err()
 }
 
 func (c *redisCache) Forget() {
