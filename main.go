@@ -111,6 +111,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	reg := prometheus.NewRegistry()
 	m := newMetrics(reg)
 	m.dbPools(store.Stats)
+	m.writeGroups(store.GroupStats)
 	svc := NewProductService(store, ServiceConfig{
 		Cache: c, RedisTimeout: cfg.RedisTimeout, LocalCacheSize: cfg.LocalCacheSize,
 		CacheTTL: cfg.CacheTTL, Logger: log, Metrics: m, Tracing: tr,

@@ -142,6 +142,21 @@ func (m *metrics) dbPools(stats func() (read, write sql.DBStats)) {
 	m.reg.MustRegister(&dbStatsCollector{stats: stats})
 }
 
+// writeGroups exposes the group commit: transactions committed and the
+// writes they carried.
+func (m *metrics) writeGroups(stats func() (groups, writes int64)) {
+	m.reg.MustRegister(
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "db_write_groups_total",
+			Help: "Write transactions committed by the group-commit writer (one fsync each).",
+		}, func() float64 { g, _ := stats(); return float64(g) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "db_group_writes_total",
+			Help: "Writes committed in those transactions; divided by db_write_groups_total, the average group size.",
+		}, func() float64 { _, w := stats(); return float64(w) }),
+	)
+}
+
 type dbStatsCollector struct {
 	stats func() (read, write sql.DBStats)
 }
