@@ -25,7 +25,13 @@ var errCacheMiss = errors.New("cache miss")
 // race). Deletes are written as tombstones (nil JSON) at the next version.
 type cache interface {
 	Get(ctx context.Context, id int64) ([]byte, error)
-	Put(ctx context.Context, id, version int64, json []byte) error
+	// Epoch names the current namespace. A reader takes it before reading
+	// the database and fills under it: if the namespace changes meanwhile,
+	// the fill lands where no read looks.
+	Epoch() cacheEpoch
+	// Put stores json at version under epoch's namespace, unless that holds
+	// the same or a newer version, or epoch is no longer current.
+	Put(ctx context.Context, epoch cacheEpoch, id, version int64, json []byte) error
 	// Forget makes every entry written so far unreachable. The service calls
 	// it when a write could not update the cache, so no stale entry survives.
 	Forget()
@@ -33,14 +39,18 @@ type cache interface {
 	Close() error
 }
 
+// cacheEpoch identifies a cache namespace.
+type cacheEpoch uint64
+
 // noCache is the cache used when REDIS_URL is unset: it holds nothing.
 type noCache struct{}
 
-func (noCache) Get(context.Context, int64) ([]byte, error)      { return nil, errCacheMiss }
-func (noCache) Put(context.Context, int64, int64, []byte) error { return nil }
-func (noCache) Forget()                                         {}
-func (noCache) Ping(context.Context) error                      { return nil }
-func (noCache) Close() error                                    { return nil }
+func (noCache) Get(context.Context, int64) ([]byte, error)                  { return nil, errCacheMiss }
+func (noCache) Epoch() cacheEpoch                                           { return 0 }
+func (noCache) Put(context.Context, cacheEpoch, int64, int64, []byte) error { return nil }
+func (noCache) Forget()                                                     {}
+func (noCache) Ping(context.Context) error                                  { return nil }
+func (noCache) Close() error                                                { return nil }
 
 // redisCache keeps products in Redis hashes {v: version, d: json} under
 // keys "productsvc:<namespace>:product:<id>". The namespace is random per
@@ -51,10 +61,16 @@ type redisCache struct {
 	client *redis.Client
 	ttl    time.Duration
 
-	ns atomic.Pointer[string]
+	ns atomic.Pointer[namespace]
 
 	runIDMu sync.Mutex
 	runID   string
+}
+
+// namespace is one generation of keys.
+type namespace struct {
+	epoch cacheEpoch
+	name  string
 }
 
 // putScript stores a product unless the key already holds the same or a
@@ -117,8 +133,8 @@ func (c *redisCache) onConnect(ctx context.Context, cn *redis.Conn) error {
 	return nil
 }
 
-func key(ns *string, id int64) string {
-	return "productsvc:" + *ns + ":product:" + strconv.FormatInt(id, 10)
+func (n *namespace) key(id int64) string {
+	return "productsvc:" + n.name + ":product:" + strconv.FormatInt(id, 10)
 }
 
 // Get returns a miss when the namespace changed while it ran: the call may
@@ -126,22 +142,36 @@ func key(ns *string, id int64) string {
 // old snapshot (onConnect forgets), and what it read is not to be trusted.
 func (c *redisCache) Get(ctx context.Context, id int64) ([]byte, error) {
 	ns := c.ns.Load()
-	b, err := c.client.HGet(ctx, key(ns, id), "d").Bytes()
+	b, err := c.client.HGet(ctx, ns.key(id), "d").Bytes()
 	if errors.Is(err, redis.Nil) || err == nil && (len(b) == 0 || c.ns.Load() != ns) {
 		return nil, errCacheMiss
 	}
 	return b, err
 }
 
-func (c *redisCache) Put(ctx context.Context, id, version int64, json []byte) error {
-	return putScript.Run(ctx, c.client, []string{key(c.ns.Load(), id)}, version, json, c.ttl.Milliseconds()).Err()
+func (c *redisCache) Epoch() cacheEpoch { return c.ns.Load().epoch }
+
+func (c *redisCache) Put(ctx context.Context, epoch cacheEpoch, id, version int64, json []byte) error {
+	ns := c.ns.Load()
+	if ns.epoch != epoch {
+		return nil // a newer namespace exists; this value belongs to none
+	}
+	return putScript.Run(ctx, c.client, []string{ns.key(id)}, version, json, c.ttl.Milliseconds()).Err()
 }
 
 func (c *redisCache) Forget() {
 	var b [8]byte
 	rand.Read(b[:])
-	ns := hex.EncodeToString(b[:])
-	c.ns.Store(&ns)
+	for {
+		old := c.ns.Load()
+		next := &namespace{name: hex.EncodeToString(b[:])}
+		if old != nil {
+			next.epoch = old.epoch + 1
+		}
+		if c.ns.CompareAndSwap(old, next) {
+			return
+		}
+	}
 }
 
 func (c *redisCache) Ping(ctx context.Context) error { return c.client.Ping(ctx).Err() }

@@ -570,3 +570,48 @@ func TestRedisCache_restartFromOldSnapshot(t *testing.T) {
 		}
 	}
 }
+
+// TestProductService_Get_fillAcrossRedisRestart: a read takes version 1
+// from SQLite and stalls; Redis restarts; a write commits version 2 (its put
+// goes to the namespace of before the restart, which the reconnect then
+// forgets); the stalled read fills Redis. A read after the acknowledged
+// write must still see version 2: the stalled fill belongs to the old
+// namespace.
+func TestProductService_Get_fillAcrossRedisRestart(t *testing.T) {
+	r := startRedis(t)
+	rc := newTestRedisCache(t, r, time.Second)
+	store := &holdFirstGet{Store: newTestStore(t), read: make(chan struct{}), release: make(chan struct{})}
+	svc := newTestService(t, store, ServiceConfig{Cache: rc, RedisTimeout: time.Second, LocalCacheSize: 0})
+	p, err := store.Store.Create(t.Context(), Product{SKU: "RS-1", Name: "old", Currency: "USD"}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rc.Ping(t.Context()); err != nil { // a connection, so Redis's run_id is known
+		t.Fatal(err)
+	}
+	slow := make(chan int64, 1)
+	go func() {
+		v, _, err := svc.Get(context.Background(), p.ID)
+		if err != nil {
+			t.Error(err)
+		}
+		slow <- v.Version
+	}()
+	<-store.read
+	r.Restart()
+	out, err := svc.Patch(t.Context(), p.ID, ProductPatch{Name: optional[string]{Set: true, Value: "new"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	close(store.release)
+	<-slow
+	for i := range 3 {
+		got, src, err := svc.Get(t.Context(), p.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Version != out.Version {
+			t.Fatalf("read %d after the acknowledged write = version %d from %s, want %d", i, got.Version, src, out.Version)
+		}
+	}
+}

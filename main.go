@@ -163,12 +163,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	case err := <-errc:
 		return err
 	}
-	stop()
-
-	// From here a second signal ends the process at once.
+	// From here a second signal ends the process at once. Listen for it
+	// before releasing the first handler, so no signal finds neither.
 	second := make(chan os.Signal, 1)
 	signal.Notify(second, os.Interrupt, syscall.SIGTERM)
 	defer signal.Stop(second)
+	stop()
 	done := make(chan error, 1)
 	go func() { done <- shutdown(life, servers, cfg, log) }()
 	select {

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
-	"sync/atomic"
 	"time"
 
 	"github.com/sony/gobreaker/v2"
@@ -35,10 +34,6 @@ type ProductService struct {
 	redisCB *gobreaker.CircuitBreaker[struct{}]
 
 	flight singleflight.Group
-
-	// forgets counts the Forget calls made because a write could not update
-	// Redis. A read that fills Redis checks it did not change meanwhile.
-	forgets atomic.Uint64
 }
 
 // productStore is what the service needs of the store. *Store is the one
@@ -212,7 +207,7 @@ func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, stri
 	key := strconv.FormatInt(id, 10) + "/" + strconv.FormatUint(tok.gen, 10)
 	r, err, _ := s.flight.Do(key, func() (any, error) {
 		ctx := context.WithoutCancel(ctx)
-		forgets := s.forgets.Load()
+		epoch := s.cache.Epoch() // before reading anything that may be filled
 		v, source := s.cacheGet(ctx, id)
 		if source == cacheHit && tok.redisFresh {
 			s.local.fill(id, tok, v)
@@ -230,15 +225,10 @@ func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, stri
 			return nil, err
 		}
 		v = cachedProduct{JSON: appendProduct(nil, &p), Version: p.Version}
-		// A write that failed to reach Redis while we read made Forget move
-		// to a fresh namespace, where nothing newer would refuse our maybe
-		// older copy: then don't fill, or forget again if it raced the put.
-		if s.forgets.Load() == forgets {
-			s.cachePut(ctx, id, p.Version, v.JSON)
-			if s.forgets.Load() != forgets {
-				s.cache.Forget()
-			}
-		}
+		// Fill under the namespace of before the read: if a write that could
+		// not reach Redis (or a Redis restart) moved to a fresh namespace
+		// meanwhile, nothing newer there would refuse this maybe older copy.
+		s.cachePut(ctx, epoch, id, p.Version, v.JSON)
 		s.local.fill(id, tok, v)
 		if source == cacheHit {
 			source = cacheMiss // Redis answered, but could not be trusted yet
@@ -313,7 +303,7 @@ func versionOf(b []byte) (int64, bool) {
 
 // cachePut writes a product (or a tombstone, nil JSON) to Redis. It reports
 // whether Redis now holds that version or a newer one.
-func (s *ProductService) cachePut(ctx context.Context, id, version int64, json []byte) bool {
+func (s *ProductService) cachePut(ctx context.Context, epoch cacheEpoch, id, version int64, json []byte) bool {
 	if !s.redisEnabled {
 		return true
 	}
@@ -322,7 +312,7 @@ func (s *ProductService) cachePut(ctx context.Context, id, version int64, json [
 	err := guard(s.redisCB, func() error {
 		ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
 		defer cancel()
-		return s.cache.Put(ctx, id, version, json)
+		return s.cache.Put(ctx, epoch, id, version, json)
 	})
 	if err != nil {
 		s.log.Debug("redis put failed", "id", id, "err", err)
@@ -355,8 +345,7 @@ func (s *ProductService) publish(ctx context.Context, id int64, v cachedProduct)
 		version++ // a tombstone outranks the deleted version
 	}
 	s.metrics.cacheInvalidation()
-	if !s.cachePut(context.WithoutCancel(ctx), id, version, v.JSON) {
-		s.forgets.Add(1) // before Forget: a fill that can see the new namespace sees this too
+	if !s.cachePut(context.WithoutCancel(ctx), s.cache.Epoch(), id, version, v.JSON) {
 		s.cache.Forget()
 	}
 }

@@ -153,7 +153,9 @@ func (c *mapCache) Get(_ context.Context, id int64) ([]byte, error) {
 	return nil, errCacheMiss
 }
 
-func (c *mapCache) Put(_ context.Context, id, version int64, json []byte) error {
+func (c *mapCache) Epoch() cacheEpoch { return 0 }
+
+func (c *mapCache) Put(_ context.Context, _ cacheEpoch, id, version int64, json []byte) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.v == nil {
