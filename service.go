@@ -228,10 +228,14 @@ func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, stri
 		// Fill under the namespace of before the read: if a write that could
 		// not reach Redis (or a Redis restart) moved to a fresh namespace
 		// meanwhile, nothing newer there would refuse this maybe older copy.
-		s.cachePut(ctx, epoch, id, p.Version, v.JSON)
+		// A Redis that just failed or is skipped is not asked again: a read
+		// pays at most one REDIS_TIMEOUT for a failing Redis.
+		if source == cacheMiss || source == cacheHit {
+			s.cachePut(ctx, epoch, id, p.Version, v.JSON)
+		}
 		s.local.fill(id, tok, v)
-		if source == cacheHit {
-			source = cacheMiss // Redis answered, but could not be trusted yet
+		if source != cacheSkipped {
+			source = cacheMiss // read from the database (Redis missed, failed, or could not be trusted yet)
 		}
 		return result{v, source}, nil
 	})
@@ -272,9 +276,6 @@ func (s *ProductService) cacheGet(ctx context.Context, id int64) (cachedProduct,
 	}
 	s.metrics.cacheRequest(result)
 	if result != cacheHit {
-		if result == cacheError {
-			result = cacheMiss
-		}
 		return cachedProduct{}, result
 	}
 	version, ok := versionOf(b)
