@@ -33,6 +33,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/google/go-cmp/cmp"
 )
 
 const (
@@ -485,69 +487,23 @@ func (c *client) do(ctx context.Context, method, path string, body []byte, hdr h
 
 // product is the service's product representation.
 type product struct {
-	ID          int64  `json:"id"`
-	SKU         string `json:"sku"`
-	Name        string `json:"name"`
-	Description string `json:"description"`
-	Category    string `json:"category"`
-	PriceCents  int64  `json:"price_cents"`
-	Currency    string `json:"currency"`
-	Stock       int64  `json:"stock"`
-	Version     int64  `json:"version"`
-	CreatedAt   string `json:"created_at"`
-	UpdatedAt   string `json:"updated_at"`
+	ID          int64     `json:"id"`
+	SKU         string    `json:"sku"`
+	Name        string    `json:"name"`
+	Description string    `json:"description"`
+	Category    string    `json:"category"`
+	PriceCents  int64     `json:"price_cents"`
+	Currency    string    `json:"currency"`
+	Stock       int64     `json:"stock"`
+	Version     int64     `json:"version"`
+	CreatedAt   time.Time `json:"created_at"`
+	UpdatedAt   time.Time `json:"updated_at"`
 }
 
-// diffProduct describes how got differs from want; "" when equal.
-// Timestamps are compared as instants so that formatting is not at issue.
+// diffProduct describes how got differs from want, "" when equal.
+// Timestamps compare as instants (time.Time's Equal).
 func diffProduct(want, got product) string {
-	var d []string
-	add := func(field string, w, g any) {
-		d = append(d, fmt.Sprintf("%s: want %v, got %v", field, w, g))
-	}
-	if want.ID != got.ID {
-		add("id", want.ID, got.ID)
-	}
-	if want.SKU != got.SKU {
-		add("sku", want.SKU, got.SKU)
-	}
-	if want.Name != got.Name {
-		add("name", want.Name, got.Name)
-	}
-	if want.Description != got.Description {
-		add("description", want.Description, got.Description)
-	}
-	if want.Category != got.Category {
-		add("category", want.Category, got.Category)
-	}
-	if want.PriceCents != got.PriceCents {
-		add("price_cents", want.PriceCents, got.PriceCents)
-	}
-	if want.Currency != got.Currency {
-		add("currency", want.Currency, got.Currency)
-	}
-	if want.Stock != got.Stock {
-		add("stock", want.Stock, got.Stock)
-	}
-	if want.Version != got.Version {
-		add("version", want.Version, got.Version)
-	}
-	if !sameInstant(want.CreatedAt, got.CreatedAt) {
-		add("created_at", want.CreatedAt, got.CreatedAt)
-	}
-	if !sameInstant(want.UpdatedAt, got.UpdatedAt) {
-		add("updated_at", want.UpdatedAt, got.UpdatedAt)
-	}
-	return strings.Join(d, "; ")
-}
-
-func sameInstant(a, b string) bool {
-	if a == b {
-		return true
-	}
-	ta, err1 := time.Parse(time.RFC3339Nano, a)
-	tb, err2 := time.Parse(time.RFC3339Nano, b)
-	return err1 == nil && err2 == nil && ta.Equal(tb)
+	return cmp.Diff(want, got)
 }
 
 // createBody is the JSON for POST /products.
