@@ -29,9 +29,9 @@ func abuseServer(tb testing.TB, store productStore, limiter *rateLimiter, maxFli
 	return srv
 }
 
-func abuseStore(tb testing.TB) *Store {
+func abuseStore(tb testing.TB) *sqliteStore {
 	tb.Helper()
-	s, err := OpenStore(context.Background(), StoreConfig{Path: filepath.Join(tb.TempDir(), "a.db"), Sync: "normal"})
+	s, err := openSQLite(context.Background(), StoreConfig{Path: filepath.Join(tb.TempDir(), "a.db"), Sync: "normal"})
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -138,7 +138,7 @@ func TestRateLimiter_EvictsIdleBuckets(t *testing.T) {
 
 // blockingStore holds every List call until release is closed.
 type blockingStore struct {
-	*Store
+	productStore
 	entered chan struct{}
 	release chan struct{}
 }
@@ -146,11 +146,11 @@ type blockingStore struct {
 func (s *blockingStore) List(ctx context.Context, f ListFilter) (Page, error) {
 	s.entered <- struct{}{}
 	<-s.release
-	return s.Store.List(ctx, f)
+	return s.productStore.List(ctx, f)
 }
 
 func TestShedLoad(t *testing.T) {
-	bs := &blockingStore{Store: abuseStore(t), entered: make(chan struct{}, 10), release: make(chan struct{})}
+	bs := &blockingStore{productStore: abuseStore(t), entered: make(chan struct{}, 10), release: make(chan struct{})}
 	srv := abuseServer(t, bs, nil, 2)
 	var wg sync.WaitGroup
 	codes := make(chan int, 2)

@@ -49,16 +49,16 @@ func BenchmarkEncodeProduct(b *testing.B) {
 }
 
 // benchStore is a store in a temp dir with n products.
-func benchStore(b *testing.B, n int, sync string) *Store {
+func benchStore(b *testing.B, n int, sync string) *sqliteStore {
 	b.Helper()
-	s, err := OpenStore(context.Background(), StoreConfig{Path: filepath.Join(b.TempDir(), "b.db"), Sync: sync})
+	s, err := openSQLite(context.Background(), StoreConfig{Path: filepath.Join(b.TempDir(), "b.db"), Sync: sync})
 	if err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { s.Close() })
 	for i := range n {
 		_, err := s.Create(context.Background(), Product{SKU: "S-" + strconv.Itoa(i), Name: "product " + strconv.Itoa(i),
-			Category: "cat-" + strconv.Itoa(i%20), PriceCents: int64(i * 7 % 10000), Currency: "USD"}, nil, nil)
+			Category: "cat-" + strconv.Itoa(i%20), PriceCents: int64(i * 7 % 10000), Currency: "USD"}, nil)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -107,7 +107,7 @@ func BenchmarkStore_Create(b *testing.B) {
 				for pb.Next() {
 					i := n.Add(1)
 					_, err := s.Create(context.Background(), Product{SKU: "C-" + strconv.FormatInt(i, 10), Name: "bench",
-						PriceCents: 1, Currency: "USD"}, nil, nil)
+						PriceCents: 1, Currency: "USD"}, nil)
 					if err != nil {
 						b.Fatal(err)
 					}

@@ -75,7 +75,7 @@ func TestProductService_Get_redisHitMiss(t *testing.T) {
 	misses := svc.metrics.cacheRequests.WithLabelValues(cacheMiss)
 
 	// Written straight to SQLite: no cache layer has heard of it.
-	p, err := store.Create(t.Context(), newProduct("HIT-1"), nil, nil)
+	p, err := store.Create(t.Context(), newProduct("HIT-1"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -158,7 +158,7 @@ func TestProductService_invalidation(t *testing.T) {
 			t.Run(fmt.Sprintf("%s/local=%d", w.name, local), func(t *testing.T) {
 				store := newTestStore(t)
 				svc := newCachedService(t, r, store, ServiceConfig{LocalCacheSize: local})
-				p, err := store.Create(t.Context(), newProduct(fmt.Sprintf("INV-%d", local)), nil, nil)
+				p, err := store.Create(t.Context(), newProduct(fmt.Sprintf("INV-%d", local)), nil)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -199,18 +199,18 @@ func TestProductService_invalidation(t *testing.T) {
 // gatedStore holds up one Get after it has read the database, so a test can
 // commit a write between a read and the cache fill that follows it.
 type gatedStore struct {
-	*Store
+	productStore
 	armed   atomic.Bool
 	read    chan Product  // receives what the held Get read
 	release chan struct{} // closed to let the held Get return
 }
 
-func newGatedStore(s *Store) *gatedStore {
-	return &gatedStore{Store: s, read: make(chan Product, 1), release: make(chan struct{})}
+func newGatedStore(s *sqliteStore) *gatedStore {
+	return &gatedStore{productStore: s, read: make(chan Product, 1), release: make(chan struct{})}
 }
 
 func (g *gatedStore) Get(ctx context.Context, id int64) (Product, error) {
-	p, err := g.Store.Get(ctx, id)
+	p, err := g.productStore.Get(ctx, id)
 	if g.armed.CompareAndSwap(true, false) {
 		g.read <- p
 		<-g.release
@@ -225,7 +225,7 @@ func TestProductService_Get_staleFillLoses(t *testing.T) {
 			t.Run(fmt.Sprintf("%s/local=%d", w.name, local), func(t *testing.T) {
 				gs := newGatedStore(newTestStore(t))
 				svc := newCachedService(t, r, gs, ServiceConfig{LocalCacheSize: local})
-				p, err := gs.Store.Create(t.Context(), newProduct("RACE-1"), nil, nil)
+				p, err := gs.productStore.Create(t.Context(), newProduct("RACE-1"), nil)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -303,7 +303,7 @@ func TestProductService_Get_staleFillAfterFailedPublish(t *testing.T) {
 	r := startRedis(t)
 	gs := newGatedStore(newTestStore(t))
 	svc := newCachedService(t, r, gs, ServiceConfig{RedisTimeout: 200 * time.Millisecond})
-	p, err := gs.Store.Create(t.Context(), newProduct("FORGET-1"), nil, nil)
+	p, err := gs.productStore.Create(t.Context(), newProduct("FORGET-1"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -463,7 +463,7 @@ func TestProductService_localCache(t *testing.T) {
 	}
 
 	// Unknown to the caches: one database read fills both layers.
-	p, err := store.Create(t.Context(), newProduct("LOCAL-1"), nil, nil)
+	p, err := store.Create(t.Context(), newProduct("LOCAL-1"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -580,9 +580,9 @@ func TestRedisCache_restartFromOldSnapshot(t *testing.T) {
 func TestProductService_Get_fillAcrossRedisRestart(t *testing.T) {
 	r := startRedis(t)
 	rc := newTestRedisCache(t, r, time.Second)
-	store := &holdFirstGet{Store: newTestStore(t), read: make(chan struct{}), release: make(chan struct{})}
+	store := &holdFirstGet{productStore: newTestStore(t), read: make(chan struct{}), release: make(chan struct{})}
 	svc := newTestService(t, store, ServiceConfig{Cache: rc, RedisTimeout: time.Second, LocalCacheSize: 0})
-	p, err := store.Store.Create(t.Context(), Product{SKU: "RS-1", Name: "old", Currency: "USD"}, nil, nil)
+	p, err := store.productStore.Create(t.Context(), Product{SKU: "RS-1", Name: "old", Currency: "USD"}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,6 +18,7 @@ import (
 // if given, else its environment variable, else its default.
 type config struct {
 	Addr            string
+	DatabaseURL     string
 	DBPath          string
 	DBSync          string
 	DBTimeout       time.Duration
@@ -37,6 +38,7 @@ type config struct {
 
 	Version     bool
 	HealthCheck bool
+	CopyTo      string // -copy-to: copy the SQLite catalog at DBPath to this PostgreSQL URL and exit
 }
 
 // configError is an invalid setting; the process exits with status 2.
@@ -53,7 +55,8 @@ type setting struct {
 func (c *config) settings() []setting {
 	return []setting{
 		{"ADDR", "addr", ":8080", "listen address", strSetting(&c.Addr, nonEmpty)},
-		{"DB_PATH", "db", "products.db", "SQLite database file", strSetting(&c.DBPath, nonEmpty)},
+		{"DATABASE_URL", "database-url", "", "PostgreSQL URL, e.g. postgres://user:pass@host:5432/db?sslmode=require (empty: SQLite at DB_PATH)", strSetting(&c.DatabaseURL, emptyOr(postgresURL))},
+		{"DB_PATH", "db", "products.db", "SQLite database file (when DATABASE_URL is empty)", strSetting(&c.DBPath, nonEmpty)},
 		{"DB_SYNC", "db-sync", "full", "SQLite synchronous mode: full (durable on power loss) or normal", strSetting(&c.DBSync, oneOf("full", "normal"))},
 		{"DB_TIMEOUT", "db-timeout", "2s", "bound on each database query and write batch", durSetting(&c.DBTimeout, time.Millisecond)},
 		{"REDIS_URL", "redis-url", "", "Redis URL for the shared cache, e.g. redis://localhost:16379/0 (empty: no Redis)", strSetting(&c.RedisURL, redisURL)},
@@ -168,6 +171,16 @@ func loopbackHostPort(s string) error {
 	return nil
 }
 
+// emptyOr accepts the empty string (the setting is off) or what check accepts.
+func emptyOr(check func(string) error) func(string) error {
+	return func(s string) error {
+		if s == "" {
+			return nil
+		}
+		return check(s)
+	}
+}
+
 func redisURL(s string) error {
 	if s == "" {
 		return nil
@@ -191,6 +204,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	}
 	fs.BoolVar(&c.Version, "version", false, "print the version and exit")
 	fs.BoolVar(&c.HealthCheck, "healthcheck", false, "GET this service's /health and exit 0 if it answers 200, else 1")
+	fs.StringVar(&c.CopyTo, "copy-to", "", "copy the SQLite catalog at DB_PATH to this PostgreSQL URL, then exit (safe to re-run)")
 	if err := fs.Parse(args[1:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil, err
@@ -199,6 +213,11 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	}
 	if fs.NArg() > 0 {
 		return nil, &configError{msg: fmt.Sprintf("unexpected argument %q", fs.Arg(0))}
+	}
+	if c.CopyTo != "" {
+		if err := postgresURL(c.CopyTo); err != nil {
+			return nil, &configError{msg: fmt.Sprintf("invalid -copy-to %q: %v", redactURL(c.CopyTo), err)}
+		}
 	}
 	given := make(map[string]bool)
 	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
@@ -215,8 +234,11 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 				name = source
 			}
 			shown := v
-			if s.env == "API_TOKEN" {
+			switch s.env {
+			case "API_TOKEN":
 				shown = "[redacted]"
+			case "DATABASE_URL":
+				shown = redactURL(v)
 			}
 			return nil, &configError{msg: fmt.Sprintf("invalid %s %q: %v", name, shown, err)}
 		}
@@ -230,8 +252,12 @@ func (c *config) logAttrs() []any {
 	if u, err := url.Parse(redis); err == nil && redis != "" {
 		redis = u.Redacted()
 	}
+	backend := "sqlite"
+	if c.DatabaseURL != "" {
+		backend = "postgres"
+	}
 	return []any{
-		"addr", c.Addr, "db_path", c.DBPath, "db_sync", c.DBSync, "db_timeout", c.DBTimeout.String(),
+		"addr", c.Addr, "backend", backend, "database_url", redactURL(c.DatabaseURL), "db_path", c.DBPath, "db_sync", c.DBSync, "db_timeout", c.DBTimeout.String(),
 		"redis_url", redis, "redis_timeout", c.RedisTimeout.String(), "cache_ttl", c.CacheTTL.String(),
 		"local_cache_size", c.LocalCacheSize, "api_tokens", len(c.APITokens), "log_level", c.LogLevel.String(),
 		"shutdown_delay", c.ShutdownDelay.String(), "shutdown_timeout", c.ShutdownTimeout.String(),

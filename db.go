@@ -1,5 +1,10 @@
 package main
 
+// The store boundary: the interface the service needs of a database, what
+// both engines share (configuration, the error vocabulary, idempotency
+// records, the migrations rule), and the choice of engine. The engines are
+// sqlite.go (embedded, the default) and postgres.go (DATABASE_URL).
+
 import (
 	"context"
 	"database/sql"
@@ -7,976 +12,176 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"runtime"
+	"net/url"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
+	"unicode"
 
-	"modernc.org/sqlite"
-	sqlite3 "modernc.org/sqlite/lib"
+	"golang.org/x/text/runes"
+	"golang.org/x/text/transform"
+	"golang.org/x/text/unicode/norm"
 )
 
-// productColumns is the column list every product query selects, in the
-// order scanProduct reads them.
-const productColumns = `id, sku, name, description, category, price_cents, currency, stock, version, created_at, updated_at`
-
-// qualifiedColumns is productColumns for queries that join other tables.
-const qualifiedColumns = `products.id, products.sku, products.name, products.description, products.category,
-	products.price_cents, products.currency, products.stock, products.version, products.created_at, products.updated_at`
-
-// migrations are applied in order, each once, in one transaction each.
-// Append only: a released migration never changes.
-var migrations = []string{
-	// 1: products, their sort indexes and the full-text index.
-	`CREATE TABLE products (
-		id          INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused, so (id, version) is unique forever
-		sku         TEXT    NOT NULL UNIQUE,
-		name        TEXT    NOT NULL,
-		description TEXT    NOT NULL DEFAULT '',
-		category    TEXT    NOT NULL DEFAULT '',
-		price_cents INTEGER NOT NULL CHECK (price_cents BETWEEN 0 AND 1000000000000),
-		currency    TEXT    NOT NULL DEFAULT 'USD',
-		stock       INTEGER NOT NULL DEFAULT 0 CHECK (stock BETWEEN 0 AND 1000000000000),
-		version     INTEGER NOT NULL DEFAULT 1,
-		created_at  INTEGER NOT NULL, -- Unix microseconds, UTC
-		updated_at  INTEGER NOT NULL
-	);
-	CREATE INDEX products_name_id ON products (name, id);
-	CREATE INDEX products_price_id ON products (price_cents, id);
-	CREATE INDEX products_created_id ON products (created_at, id);
-	CREATE INDEX products_category_id ON products (category, id);
-	CREATE INDEX products_category_price_id ON products (category, price_cents, id);
-	CREATE VIRTUAL TABLE products_fts USING fts5(
-		name, description, content='products', content_rowid='id',
-		tokenize='unicode61 remove_diacritics 2'
-	);
-	CREATE TRIGGER products_fts_insert AFTER INSERT ON products BEGIN
-		INSERT INTO products_fts (rowid, name, description) VALUES (new.id, new.name, new.description);
-	END;
-	CREATE TRIGGER products_fts_delete AFTER DELETE ON products BEGIN
-		INSERT INTO products_fts (products_fts, rowid, name, description) VALUES ('delete', old.id, old.name, old.description);
-	END;
-	CREATE TRIGGER products_fts_update AFTER UPDATE OF name, description ON products BEGIN
-		INSERT INTO products_fts (products_fts, rowid, name, description) VALUES ('delete', old.id, old.name, old.description);
-		INSERT INTO products_fts (rowid, name, description) VALUES (new.id, new.name, new.description);
-	END;`,
-	// 2: stored responses of writes made with an Idempotency-Key.
-	`CREATE TABLE idempotency_keys (
-		scope       TEXT    NOT NULL,
-		key         TEXT    NOT NULL,
-		fingerprint TEXT    NOT NULL,
-		status      INTEGER NOT NULL,
-		body        BLOB    NOT NULL,
-		product_id  INTEGER NOT NULL,
-		version     INTEGER NOT NULL,
-		created_at  INTEGER NOT NULL, -- Unix microseconds
-		PRIMARY KEY (scope, key)
-	) WITHOUT ROWID;
-	CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);`,
-	// 3: a row the write breaker's probe rewrites to see if writes work again.
-	`CREATE TABLE write_probe (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);`,
-	// 4: the writer maintains the full-text index once per group commit
-	// (see ftsBatch) instead of triggers doing it row by row: FTS5 flushes
-	// its pending index at every statement that touches it.
-	`DROP TRIGGER products_fts_insert;
-	DROP TRIGGER products_fts_delete;
-	DROP TRIGGER products_fts_update;`,
+// productStore is what the service needs of a database. Every method takes
+// the request's context and domain values, and returns the committed domain
+// value or a domain error (ErrNotFound, ErrConflict, ErrInsufficientStock,
+// ErrPrecondition, ErrInvalid, ErrIdempotencyMismatch, a *Replay, or an
+// error that unwraps to ErrUnavailable when the database itself fails).
+//
+// A store knows nothing of HTTP or of caches. Writes are atomic under any
+// number of connections and processes: every returned product carries the
+// version it was committed at, and the service keeps its caches coherent by
+// that version alone.
+type productStore interface {
+	// Backend names the engine: "sqlite" or "postgres".
+	Backend() string
+	Get(ctx context.Context, id int64) (Product, error)
+	List(ctx context.Context, f ListFilter) (Page, error)
+	// Create inserts p and returns it with its id, version 1 and timestamps.
+	Create(ctx context.Context, p Product, idem *IdempotencyKey) (Product, error)
+	// Update applies change to the current product inside the write's
+	// transaction and stores the result at the next version. change may
+	// return ErrPrecondition, a validation error, or errUnchanged (nothing
+	// to write: the current product is returned as it is).
+	Update(ctx context.Context, id int64, change func(*Product) error) (Product, error)
+	// AdjustStock adds delta to the stock in one atomic step; check, if not
+	// nil, sees the current version first (If-Match). It returns
+	// ErrInsufficientStock, changing nothing, if stock would leave its range.
+	AdjustStock(ctx context.Context, id, delta int64, check func(version int64) error, idem *IdempotencyKey) (Product, error)
+	// Delete removes the product and returns it as it was. check, if not
+	// nil, sees it first and may refuse with ErrPrecondition.
+	Delete(ctx context.Context, id int64, check func(Product) error) (Product, error)
+	Ping(ctx context.Context) error
+	// ProbeWrite makes one small real write, to learn whether writes work
+	// again after a failure.
+	ProbeWrite(ctx context.Context) error
+	// ExpireIdempotencyKeys deletes idempotency records older than
+	// idempotencyTTL.
+	ExpireIdempotencyKeys(ctx context.Context) error
+	// Count returns the number of products, cheaply (it may lag writes by a
+	// few seconds on engines that cannot maintain it exactly).
+	Count() int64
+	Close() error
 }
 
-// StoreConfig configures OpenStore.
+// StoreConfig configures openStore.
 type StoreConfig struct {
-	Path    string
-	Sync    string        // "full" or "normal"
-	Timeout time.Duration // bound on every query and on each write batch
-	Readers int           // read-only connections; 0 picks a default
+	// DatabaseURL selects PostgreSQL when set (postgres:// or
+	// postgresql://); otherwise the SQLite file at Path is used.
+	DatabaseURL string
+	Path        string
+	Sync        string        // SQLite: "full" or "normal"
+	Timeout     time.Duration // bound on every query and on each write
+	Readers     int           // SQLite read-only connections; 0 picks a default
 }
 
-// Store is the SQLite product store. It has one writer connection, fed by a
-// single goroutine that commits concurrent writes in groups (one transaction
-// and one fsync per group), and a pool of read-only connections.
-type Store struct {
-	write   *sql.DB
-	read    *sql.DB
-	timeout time.Duration
-	now     func() time.Time
-
-	writes    chan *writeOp
-	stop      chan struct{}
-	loopDone  chan struct{}
-	closeOnce sync.Once
-
-	getStmt *sql.Stmt
-	// Writer statements by SQL text, and those still to prepare; used by
-	// the writer goroutine only.
-	wstmts    map[string]*sql.Stmt
-	toPrepare []string
-	fts       ftsBatch
-	stmtsMu   sync.Mutex
-	stmts     map[string]*sql.Stmt // list queries by their SQL text
-
-	count atomic.Int64 // number of products, kept up to date by writes
-
-	groups, grouped atomic.Int64 // write groups committed, and the writes in them
+// openStore opens and migrates the store cfg selects.
+func openStore(ctx context.Context, cfg StoreConfig) (productStore, error) {
+	if cfg.DatabaseURL != "" {
+		return openPostgres(ctx, cfg)
+	}
+	return openSQLite(ctx, cfg)
 }
 
-// maxBatch bounds how many writes share one transaction.
-const maxBatch = 128
-
-// OpenStore opens (creating if needed) and migrates the database at cfg.Path.
-func OpenStore(ctx context.Context, cfg StoreConfig) (*Store, error) {
-	if cfg.Timeout <= 0 {
-		cfg.Timeout = 2 * time.Second
-	}
-	if cfg.Sync == "" {
-		cfg.Sync = "full"
-	}
-	if cfg.Readers <= 0 {
-		cfg.Readers = max(4, 2*runtime.GOMAXPROCS(0))
-	}
-	busy := cfg.Timeout.Milliseconds()
-	common := fmt.Sprintf("_pragma=busy_timeout(%d)&_pragma=foreign_keys(1)&_pragma=temp_store(memory)", busy)
-	// A URI filename, so the readers can ask for mode=ro; escape what URI
-	// syntax would read as its own.
-	path := "file:" + strings.NewReplacer("%", "%25", "?", "%3f", "#", "%23").Replace(cfg.Path)
-
-	wdb, err := sql.Open("sqlite", path+"?"+common+
-		"&_pragma=journal_mode(WAL)&_pragma=synchronous("+cfg.Sync+")&_txlock=immediate")
-	if err != nil {
-		return nil, fmt.Errorf("open database: %w", err)
-	}
-	wdb.SetMaxOpenConns(1)
-	wdb.SetMaxIdleConns(1)
-	wdb.SetConnMaxLifetime(0)
-	wdb.SetConnMaxIdleTime(0)
-
-	s := &Store{
-		write:    wdb,
-		timeout:  cfg.Timeout,
-		now:      time.Now,
-		writes:   make(chan *writeOp, maxBatch),
-		stop:     make(chan struct{}),
-		loopDone: make(chan struct{}),
-		stmts:    make(map[string]*sql.Stmt),
-		wstmts:   make(map[string]*sql.Stmt),
-	}
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	if err := s.migrate(ctx); err != nil {
-		wdb.Close()
-		return nil, err
-	}
-
-	// Readers open the file read-only: a bug in a read path can never write.
-	rdb, err := sql.Open("sqlite", path+"?mode=ro&"+common+"&_pragma=query_only(1)")
-	if err != nil {
-		wdb.Close()
-		return nil, fmt.Errorf("open database: %w", err)
-	}
-	rdb.SetMaxOpenConns(cfg.Readers)
-	rdb.SetMaxIdleConns(cfg.Readers)
-	rdb.SetConnMaxIdleTime(0)
-	s.read = rdb
-
-	if s.getStmt, err = rdb.PrepareContext(ctx, `SELECT `+productColumns+` FROM products WHERE id = ?`); err != nil {
-		s.closeDBs()
-		return nil, fmt.Errorf("prepare: %w", err)
-	}
-	var n int64
-	if err := rdb.QueryRowContext(ctx, `SELECT count(*) FROM products`).Scan(&n); err != nil {
-		s.closeDBs()
-		return nil, fmt.Errorf("count products: %w", err)
-	}
-	s.count.Store(n)
-
-	go s.writeLoop()
-	return s, nil
-}
-
-func (s *Store) migrate(ctx context.Context) error {
-	if _, err := s.write.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
-		version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)`); err != nil {
-		return fmt.Errorf("migrate: %w", err)
-	}
-	for i, stmt := range migrations {
-		version := i + 1
-		err := func() error {
-			tx, err := s.write.BeginTx(ctx, nil)
-			if err != nil {
-				return err
-			}
-			defer tx.Rollback()
-			var applied int
-			if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM schema_migrations WHERE version = ?`, version).Scan(&applied); err != nil {
-				return err
-			}
-			if applied > 0 {
-				return nil
-			}
-			if _, err := tx.ExecContext(ctx, stmt); err != nil {
-				return err
-			}
-			if _, err := tx.ExecContext(ctx, `INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)`, version, time.Now().Unix()); err != nil {
-				return err
-			}
-			return tx.Commit()
-		}()
-		if err != nil {
-			return fmt.Errorf("migrate to version %d: %w", version, err)
-		}
+// postgresURL checks that s is a PostgreSQL URL the service accepts.
+func postgresURL(s string) error {
+	u, err := url.Parse(s)
+	if err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") || u.Host == "" && u.Query().Get("host") == "" {
+		return errors.New("must be a postgres:// or postgresql:// URL with a host")
 	}
 	return nil
 }
 
-// Close stops the writer, checkpoints the WAL into the main file and closes
-// every connection. Writes still queued get ErrUnavailable.
-func (s *Store) Close() error {
-	var err error
-	s.closeOnce.Do(func() {
-		close(s.stop)
-		<-s.loopDone
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		s.read.Close() // readers first, so the writer's close is the last and removes the WAL
-		if _, cerr := s.write.ExecContext(ctx, `PRAGMA wal_checkpoint(TRUNCATE)`); cerr != nil {
-			err = fmt.Errorf("checkpoint: %w", cerr)
-		}
-		if cerr := s.write.Close(); cerr != nil && err == nil {
-			err = cerr
-		}
-	})
-	return err
-}
-
-func (s *Store) closeDBs() {
-	if s.read != nil {
-		s.read.Close()
-	}
-	s.write.Close()
-}
-
-// Count returns the number of products, maintained by writes (no query).
-func (s *Store) Count() int64 { return s.count.Load() }
-
-// GroupStats returns how many write groups have committed and how many
-// writes they held: their ratio is the average group size.
-func (s *Store) GroupStats() (groups, writes int64) { return s.groups.Load(), s.grouped.Load() }
-
-// Stats returns the read and write pools' statistics.
-func (s *Store) Stats() (read, write sql.DBStats) { return s.read.Stats(), s.write.Stats() }
-
-// Ping checks that a read connection can run a query.
-func (s *Store) Ping(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	var one int
-	return translate(ctx, s.read.QueryRowContext(ctx, `SELECT 1`).Scan(&one))
-}
-
-// Get returns the product with id, or ErrNotFound.
-func (s *Store) Get(ctx context.Context, id int64) (Product, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	p, err := scanProduct(s.getStmt.QueryRowContext(ctx, id))
+// redactURL returns s with any password replaced, for logs.
+func redactURL(s string) string {
+	u, err := url.Parse(s)
 	if err != nil {
-		return Product{}, fmt.Errorf("get product %d: %w", id, translate(ctx, err))
+		return "(unparsable)"
+	}
+	q := u.Query()
+	if q.Has("password") {
+		q.Set("password", "xxxxx")
+		u.RawQuery = q.Encode()
+	}
+	return u.Redacted()
+}
+
+// encodeSnapshot and decodeSnapshot store an idempotency record's product.
+// It is the domain value's own encoding, not an HTTP body: the handler
+// shapes a replayed response the way it shapes the first one.
+func encodeSnapshot(p Product) []byte {
+	b, _ := json.Marshal(p) // a Product always encodes
+	return b
+}
+
+func decodeSnapshot(b []byte) (Product, error) {
+	var p Product
+	if err := json.Unmarshal(b, &p); err != nil {
+		return Product{}, fmt.Errorf("idempotency record: %w", err)
 	}
 	return p, nil
 }
 
-type rowScanner interface{ Scan(dest ...any) error }
-
-func scanProduct(row rowScanner) (Product, error) {
-	var p Product
-	var created, updated int64
-	err := row.Scan(&p.ID, &p.SKU, &p.Name, &p.Description, &p.Category, &p.PriceCents,
-		&p.Currency, &p.Stock, &p.Version, &created, &updated)
-	p.CreatedAt = time.UnixMicro(created).UTC()
-	p.UpdatedAt = time.UnixMicro(updated).UTC()
-	return p, err
-}
-
-// List returns one page of products in keyset order.
-func (s *Store) List(ctx context.Context, f ListFilter) (Page, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	query, args := listQuery(f)
-	stmt, err := s.listStmt(ctx, query)
-	if err != nil {
-		return Page{}, fmt.Errorf("list products: %w", translate(ctx, err))
-	}
-	rows, err := stmt.QueryContext(ctx, args...)
-	if err != nil {
-		return Page{}, fmt.Errorf("list products: %w", translate(ctx, err))
-	}
-	defer rows.Close()
-	items := make([]Product, 0, f.Limit+1)
-	for rows.Next() {
-		p, err := scanProduct(rows)
-		if err != nil {
-			return Page{}, fmt.Errorf("list products: %w", translate(ctx, err))
-		}
-		items = append(items, p)
-	}
-	if err := rows.Err(); err != nil {
-		return Page{}, fmt.Errorf("list products: %w", translate(ctx, err))
-	}
-	var page Page
-	if len(items) > f.Limit {
-		items = items[:f.Limit]
-		page.NextCursor = cursorAfter(f, items[len(items)-1]).encode()
-	}
-	page.Items = items
-	return page, nil
-}
-
-// listStmt returns a prepared statement for query. The number of distinct
-// queries is bounded by the combinations of filters and sorts (a few hundred).
-func (s *Store) listStmt(ctx context.Context, query string) (*sql.Stmt, error) {
-	s.stmtsMu.Lock()
-	defer s.stmtsMu.Unlock()
-	if st, ok := s.stmts[query]; ok {
-		return st, nil
-	}
-	st, err := s.read.PrepareContext(ctx, query)
-	if err != nil {
-		return nil, err
-	}
-	s.stmts[query] = st
-	return st, nil
-}
-
-// listQuery builds the SQL for f. Every value is a bound parameter; only
-// column names from the closed set in sortColumns reach the SQL text.
-func listQuery(f ListFilter) (string, []any) {
-	var where []string
-	var args []any
-	if f.Category != nil {
-		where = append(where, "category = ?")
-		args = append(args, *f.Category)
-	}
-	if f.MinPriceCents != nil {
-		where = append(where, "price_cents >= ?")
-		args = append(args, *f.MinPriceCents)
-	}
-	if f.MaxPriceCents != nil {
-		where = append(where, "price_cents <= ?")
-		args = append(args, *f.MaxPriceCents)
-	}
-	if f.InStock != nil {
-		if *f.InStock {
-			where = append(where, "stock > 0")
-		} else {
-			where = append(where, "stock = 0")
-		}
-	}
-	col := sortColumns[f.Sort]
-	from := "products"
-	if f.Query != "" {
-		if col == "id" {
-			// In id order, walk the full-text index in rowid order and stop
-			// after the page, instead of collecting every match first.
-			from = "products_fts JOIN products ON products.id = products_fts.rowid"
-			where = append(where, "products_fts MATCH ?")
-		} else {
-			where = append(where, "id IN (SELECT rowid FROM products_fts WHERE products_fts MATCH ?)")
-		}
-		args = append(args, f.Query)
-	}
-	cmp, dir := ">", "ASC"
-	if f.Desc {
-		cmp, dir = "<", "DESC"
-	}
-	if f.After != nil {
-		if col == "id" && f.Query != "" {
-			where = append(where, "products_fts.rowid "+cmp+" ?")
-			args = append(args, f.After.ID)
-		} else if col == "id" {
-			where = append(where, "id "+cmp+" ?")
-			args = append(args, f.After.ID)
-		} else {
-			where = append(where, "("+col+", id) "+cmp+" (?, ?)")
-			args = append(args, f.After.Key, f.After.ID)
-		}
-	}
-	var b strings.Builder
-	b.WriteString("SELECT " + qualifiedColumns + " FROM " + from)
-	if len(where) > 0 {
-		b.WriteString(" WHERE " + strings.Join(where, " AND "))
-	}
-	if col == "id" && f.Query != "" {
-		b.WriteString(" ORDER BY products_fts.rowid " + dir)
-	} else if col == "id" {
-		b.WriteString(" ORDER BY id " + dir)
-	} else {
-		b.WriteString(" ORDER BY " + col + " " + dir + ", id " + dir)
-	}
-	b.WriteString(" LIMIT ?")
-	args = append(args, f.Limit+1)
-	return b.String(), args
-}
-
-// exec and queryRow run a statement in the writer's transaction, prepared
-// once: parsing SQL is a large share of a small write's cost. A statement
-// seen for the first time is prepared on the transaction and, once the
-// transaction is over, prepared for good (preparing on the pool while the
-// transaction holds its one connection would wait for itself).
-func (s *Store) exec(ctx context.Context, tx *sql.Tx, query string, args ...any) (sql.Result, error) {
-	st, err := s.wstmt(ctx, tx, query)
-	if err != nil {
-		return nil, err
-	}
-	return st.ExecContext(ctx, args...)
-}
-
-func (s *Store) queryRow(ctx context.Context, tx *sql.Tx, query string, args ...any) rowScanner {
-	st, err := s.wstmt(ctx, tx, query)
-	if err != nil {
-		return errRow{err}
-	}
-	return st.QueryRowContext(ctx, args...)
-}
-
-func (s *Store) wstmt(ctx context.Context, tx *sql.Tx, query string) (*sql.Stmt, error) {
-	if st, ok := s.wstmts[query]; ok {
-		return tx.StmtContext(ctx, st), nil
-	}
-	s.toPrepare = append(s.toPrepare, query)
-	return tx.PrepareContext(ctx, query)
-}
-
-// prepareNew prepares the statements first seen in the last transaction.
-func (s *Store) prepareNew() {
-	for _, q := range s.toPrepare {
-		if _, ok := s.wstmts[q]; ok {
-			continue
-		}
-		if st, err := s.write.Prepare(q); err == nil {
-			s.wstmts[q] = st
-		}
-	}
-	s.toPrepare = s.toPrepare[:0]
-}
-
-// errRow is a row whose statement could not be prepared.
-type errRow struct{ err error }
-
-func (r errRow) Scan(...any) error { return r.err }
-
-// writeOp is one write waiting for the writer goroutine. fn runs inside its
-// own savepoint of the group's transaction, so a failing write (a conflict,
-// say) rolls back alone; onCommit runs on the writer goroutine after the
-// group commits, in commit order.
-type writeOp struct {
-	ctx      context.Context
-	fn       func(ctx context.Context, tx *sql.Tx) error
-	onCommit func()
-	idem     *idemWrite
-	done     chan error
-}
-
-// idemWrite records a write's response under its idempotency key, in the
-// write's own savepoint: the write and its record commit together or not at
-// all, so a retry after a crash can never apply the write twice.
-type idemWrite struct {
-	key    *IdempotencyKey
-	status int
-	result func() Product
-}
-
-// writeTx runs fn in the writer's next group transaction and returns once
-// that transaction has committed (durably, with the configured sync) or
-// failed. A write that was queued is waited for even if ctx ends, so the
-// caller always learns its fate.
-func (s *Store) writeTx(ctx context.Context, idem *idemWrite, fn func(ctx context.Context, tx *sql.Tx) error, onCommit func()) error {
-	op := &writeOp{ctx: ctx, fn: fn, onCommit: onCommit, idem: idem, done: make(chan error, 1)}
-	select {
-	case s.writes <- op:
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-s.stop:
-		return fmt.Errorf("store closed: %w", ErrUnavailable)
-	}
-	// With s.stop closed the send above can still win the select (the
-	// channel is buffered), after the writer drained the queue and exited:
-	// nobody would ever answer op. Stop waiting once the writer is gone.
-	select {
-	case err := <-op.done:
-		return err
-	case <-s.loopDone:
-		select {
-		case err := <-op.done:
-			return err
-		default:
-			return fmt.Errorf("store closed: %w", ErrUnavailable)
-		}
-	}
-}
-
-func (s *Store) writeLoop() {
-	defer close(s.loopDone)
-	batch := make([]*writeOp, 0, maxBatch)
-	for {
-		select {
-		case op := <-s.writes:
-			batch = s.collect(append(batch[:0], op))
-			s.commitGroup(batch)
-			clear(batch)
-			if len(s.toPrepare) > 0 {
-				s.prepareNew()
-			}
-		case <-s.stop:
-			// Fail whatever is still queued; writeTx callers are waiting.
-			for {
-				select {
-				case op := <-s.writes:
-					op.done <- fmt.Errorf("store closed: %w", ErrUnavailable)
-				default:
-					return
-				}
-			}
-		}
-	}
-}
-
-// collect adds the writes already queued to batch. Between rounds it yields
-// the processor so that handlers about to queue a write can do so: under
-// load the group grows and shares one commit, while a lone write waits for
-// nothing (a yield with nothing else to run returns at once).
-func (s *Store) collect(batch []*writeOp) []*writeOp {
-	for round := 0; round < 4 && len(batch) < maxBatch; round++ {
-		n := len(batch)
-	drain:
-		for len(batch) < maxBatch {
-			select {
-			case op := <-s.writes:
-				batch = append(batch, op)
-			default:
-				break drain
-			}
-		}
-		if len(batch) == n && round > 0 {
-			break // a round found nothing new
-		}
-		runtime.Gosched()
-	}
-	return batch
-}
-
-// commitGroup runs ops in one transaction, each in a savepoint, and commits
-// once. If the transaction itself fails, every op in it fails: none of them
-// was acknowledged, and none is half-applied.
-func (s *Store) commitGroup(ops []*writeOp) {
-	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
-	defer cancel()
-	errs := make([]error, len(ops))
-	s.fts.reset()
-	failAll := func(err error) {
-		err = translate(ctx, err)
-		for _, op := range ops {
-			op.done <- err
-		}
-	}
-	tx, err := s.write.BeginTx(ctx, nil)
-	if err != nil {
-		failAll(fmt.Errorf("begin: %w", err))
-		return
-	}
-	defer tx.Rollback()
-	for i, op := range ops {
-		if err := op.ctx.Err(); err != nil {
-			errs[i] = err // the client left before its write started: skip it
-			continue
-		}
-		// A write of one statement is atomic by itself: SQLite backs out a
-		// failed statement and the transaction goes on. Only writes of more
-		// than one statement (those recording an idempotency key) need a
-		// savepoint. Savepoints are not free: releasing one makes FTS5 flush
-		// its pending index, which done per write costs more than the write.
-		savepoint := op.idem != nil
-		mark := s.fts.mark()
-		if savepoint {
-			if _, err := s.exec(ctx, tx, `SAVEPOINT w`); err != nil {
-				failAll(err)
-				return
-			}
-		}
-		opErr := translate(ctx, s.runOp(ctx, tx, op))
-		if opErr != nil {
-			if errors.Is(opErr, ErrUnavailable) || !savepoint && !backedOut(opErr) {
-				// A database failure may have rolled back the whole
-				// transaction; an unexpected error may have left a write
-				// half-done. Either way, nothing in this group commits.
-				failAll(opErr)
-				return
-			}
-			errs[i] = opErr
-			s.fts.undo(mark)
-			if savepoint {
-				if _, err := s.exec(ctx, tx, `ROLLBACK TO w`); err != nil {
-					failAll(err)
-					return
-				}
-			}
-		}
-		if savepoint {
-			if _, err := s.exec(ctx, tx, `RELEASE w`); err != nil {
-				failAll(err)
-				return
-			}
-		}
-	}
-	if err := s.fts.flush(ctx, s, tx); err != nil {
-		failAll(fmt.Errorf("full-text index: %w", err))
-		return
-	}
-	if err := tx.Commit(); err != nil {
-		failAll(fmt.Errorf("commit: %w", err))
-		return
-	}
-	s.groups.Add(1)
-	s.grouped.Add(int64(len(ops)))
-	for i, op := range ops {
-		if errs[i] == nil && op.onCommit != nil {
-			op.onCommit()
-		}
-		op.done <- errs[i]
-	}
-}
-
-// runOp runs one write, checking and recording its idempotency key.
-func (s *Store) runOp(ctx context.Context, tx *sql.Tx, op *writeOp) error {
-	if op.idem == nil {
-		return op.fn(ctx, tx)
-	}
-	k := op.idem.key
-	cutoff := s.now().Add(-idempotencyTTL).UnixMicro()
-	var fp string
-	var r Replay
-	err := s.queryRow(ctx, tx, `SELECT fingerprint, status, body, product_id, version
-		FROM idempotency_keys WHERE scope = ? AND key = ? AND created_at > ?`, k.Scope, k.Key, cutoff).
-		Scan(&fp, &r.Status, &r.Body, &r.ProductID, &r.Version)
-	switch {
-	case err == nil && fp != k.Fingerprint:
+// replayOrMismatch turns a live idempotency record for k into the error a
+// retried write returns.
+func replayOrMismatch(k *IdempotencyKey, fingerprint string, snapshot []byte) error {
+	if fingerprint != k.Fingerprint {
 		return ErrIdempotencyMismatch
-	case err == nil:
-		return &r
-	case !errors.Is(err, sql.ErrNoRows):
-		return err
 	}
-	if err := op.fn(ctx, tx); err != nil {
-		return err
-	}
-	p := op.idem.result()
-	_, err = s.exec(ctx, tx, `INSERT INTO idempotency_keys
-		(scope, key, fingerprint, status, body, product_id, version, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-		ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint, status = excluded.status,
-		body = excluded.body, product_id = excluded.product_id, version = excluded.version, created_at = excluded.created_at`,
-		k.Scope, k.Key, k.Fingerprint, op.idem.status, appendProduct(nil, &p), p.ID, p.Version, s.now().UnixMicro())
-	return err
-}
-
-// ProbeWrite makes one small real write, to learn whether writes work again
-// after a failure (a full or read-only disk).
-func (s *Store) ProbeWrite(ctx context.Context) error {
-	return s.writeTx(ctx, nil, func(ctx context.Context, tx *sql.Tx) error {
-		_, err := s.exec(ctx, tx, `INSERT INTO write_probe (id, at) VALUES (1, ?)
-			ON CONFLICT (id) DO UPDATE SET at = excluded.at`, s.now().UnixMicro())
-		return err
-	}, nil)
-}
-
-// ExpireIdempotencyKeys deletes keys older than idempotencyTTL.
-func (s *Store) ExpireIdempotencyKeys(ctx context.Context) error {
-	cutoff := s.now().Add(-idempotencyTTL).UnixMicro()
-	return s.writeTx(ctx, nil, func(ctx context.Context, tx *sql.Tx) error {
-		_, err := s.exec(ctx, tx, `DELETE FROM idempotency_keys WHERE created_at <= ?`, cutoff)
-		return err
-	}, nil)
-}
-
-// backedOut reports whether a write that failed with err changed nothing:
-// it failed before writing, or its one statement failed and was backed out.
-func backedOut(err error) bool {
-	var verr *ValidationError
-	return errors.Is(err, ErrNotFound) || errors.Is(err, ErrConflict) || errors.Is(err, ErrInsufficientStock) ||
-		errors.Is(err, ErrPrecondition) || errors.Is(err, ErrInvalid) || errors.As(err, &verr)
-}
-
-// Create inserts p and returns it with its id, version and timestamps.
-// It returns ErrConflict if the SKU is taken.
-func (s *Store) Create(ctx context.Context, p Product, idem *IdempotencyKey, onCommit func(Product)) (Product, error) {
-	var out Product
-	err := s.writeTx(ctx, idemRecord(idem, 201, &out), func(ctx context.Context, tx *sql.Tx) error {
-		now := s.now().UTC().Truncate(time.Microsecond)
-		// Only the id is read back: every other column is what was written.
-		// A plain INSERT and last_insert_rowid cost less than RETURNING.
-		res, err := s.exec(ctx, tx, `INSERT INTO products
-			(sku, name, description, category, price_cents, currency, stock, version, created_at, updated_at)
-			VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?)`,
-			p.SKU, p.Name, p.Description, p.Category, p.PriceCents, p.Currency, p.Stock, now.UnixMicro(), now.UnixMicro())
-		if err != nil {
-			return err
-		}
-		if p.ID, err = res.LastInsertId(); err != nil {
-			return err
-		}
-		p.Version, p.CreatedAt, p.UpdatedAt = 1, now, now
-		out = p
-		s.fts.created(out.ID)
-		return nil
-	}, func() {
-		s.count.Add(1)
-		if onCommit != nil {
-			onCommit(out)
-		}
-	})
+	p, err := decodeSnapshot(snapshot)
 	if err != nil {
-		return Product{}, fmt.Errorf("create product: %w", err)
-	}
-	return out, nil
-}
-
-// Update applies change to the product with id inside the write transaction
-// and stores the result with the next version. change sees the current
-// product and returns ErrPrecondition, a validation error or errUnchanged
-// (nothing to write: the current product is returned as it is). Update
-// returns ErrNotFound, ErrConflict (SKU taken) or change's error.
-func (s *Store) Update(ctx context.Context, id int64, change func(*Product) error, onCommit func(Product)) (Product, error) {
-	var out Product
-	changed := false
-	err := s.writeTx(ctx, nil, func(ctx context.Context, tx *sql.Tx) error {
-		cur, err := scanProduct(s.queryRow(ctx, tx, `SELECT `+productColumns+` FROM products WHERE id = ?`, id))
-		if err != nil {
-			return err
-		}
-		next := cur
-		if err := change(&next); err != nil {
-			if errors.Is(err, errUnchanged) {
-				out = cur
-				return nil
-			}
-			return err
-		}
-		now := s.now().UTC().Truncate(time.Microsecond)
-		out, err = scanProduct(s.queryRow(ctx, tx, `UPDATE products SET
-			sku = ?, name = ?, description = ?, category = ?, price_cents = ?, currency = ?, stock = ?,
-			version = version + 1, updated_at = ?
-			WHERE id = ? RETURNING `+productColumns,
-			next.SKU, next.Name, next.Description, next.Category, next.PriceCents, next.Currency, next.Stock,
-			now.UnixMicro(), id))
-		changed = err == nil
-		if changed && (cur.Name != out.Name || cur.Description != out.Description) {
-			s.fts.changed(cur)
-		}
 		return err
-	}, func() {
-		if changed && onCommit != nil {
-			onCommit(out)
-		}
-	})
-	if err != nil {
-		return Product{}, fmt.Errorf("update product %d: %w", id, err)
 	}
-	return out, nil
+	return &Replay{Product: p}
 }
 
-func idemRecord(k *IdempotencyKey, status int, out *Product) *idemWrite {
-	if k == nil {
-		return nil
-	}
-	return &idemWrite{key: k, status: status, result: func() Product { return *out }}
-}
+// errSchemaNewer is a database migrated by a newer binary than this one.
+var errSchemaNewer = errors.New("the database schema is newer than this binary")
 
-// errUnchanged tells Update that a change left the product as it was.
-var errUnchanged = errors.New("unchanged")
-
-// AdjustStock adds delta to the stock of the product with id in one
-// statement, so concurrent adjustments never lose an update. check, if not
-// nil, sees the current version first (If-Match). It returns ErrNotFound,
-// check's error, or ErrInsufficientStock if the stock would go below zero
-// (or above the maximum), in which case nothing changes.
-func (s *Store) AdjustStock(ctx context.Context, id, delta int64, check func(version int64) error, idem *IdempotencyKey, onCommit func(Product)) (Product, error) {
-	var out Product
-	err := s.writeTx(ctx, idemRecord(idem, 200, &out), func(ctx context.Context, tx *sql.Tx) error {
-		now := s.now().UTC().Truncate(time.Microsecond)
-		var err error
-		if check != nil {
-			var version int64
-			if err := s.queryRow(ctx, tx, `SELECT version FROM products WHERE id = ?`, id).Scan(&version); err != nil {
-				return err
-			}
-			if err := check(version); err != nil {
-				return err
-			}
-		}
-		out, err = scanProduct(s.queryRow(ctx, tx, `UPDATE products SET
-			stock = stock + ?1, version = version + 1, updated_at = ?2
-			WHERE id = ?3 AND stock + ?1 BETWEEN 0 AND 1000000000000
-			RETURNING `+productColumns, delta, now.UnixMicro(), id))
-		if errors.Is(err, sql.ErrNoRows) {
-			var exists int
-			if err := s.queryRow(ctx, tx, `SELECT 1 FROM products WHERE id = ?`, id).Scan(&exists); err != nil {
-				return err // ErrNoRows: not found
-			}
-			return ErrInsufficientStock
-		}
-		return err
-	}, func() {
-		if onCommit != nil {
-			onCommit(out)
-		}
-	})
-	if err != nil {
-		return Product{}, fmt.Errorf("adjust stock of product %d: %w", id, err)
-	}
-	return out, nil
-}
-
-// Delete removes the product with id. check, if not nil, sees the current
-// product first and may refuse with ErrPrecondition. Delete returns
-// ErrNotFound if there is no such product.
-func (s *Store) Delete(ctx context.Context, id int64, check func(Product) error, onCommit func(Product)) error {
-	var gone Product
-	err := s.writeTx(ctx, nil, func(ctx context.Context, tx *sql.Tx) error {
-		cur, err := scanProduct(s.queryRow(ctx, tx, `SELECT `+productColumns+` FROM products WHERE id = ?`, id))
-		if err != nil {
-			return err
-		}
-		if check != nil {
-			if err := check(cur); err != nil {
-				return err
-			}
-		}
-		gone = cur
-		if _, err = s.exec(ctx, tx, `DELETE FROM products WHERE id = ?`, id); err == nil {
-			s.fts.changed(cur)
-		}
-		return err
-	}, func() {
-		s.count.Add(-1)
-		if onCommit != nil {
-			onCommit(gone)
-		}
-	})
-	if err != nil {
-		return fmt.Errorf("delete product %d: %w", id, err)
+// checkSchemaVersion refuses a database whose schema is newer than the
+// migrations this binary knows: an older binary must not write rows it
+// does not understand (see the README, "Upgrades").
+func checkSchemaVersion(applied, known int) error {
+	if applied > known {
+		return fmt.Errorf("%w: schema version %d, this binary knows %d; run a binary at least as new as the one that migrated it",
+			errSchemaNewer, applied, known)
 	}
 	return nil
 }
 
-// ftsBatch collects the full-text index changes of one group commit, which
-// flush applies in two statements just before the commit. For each product
-// touched in the group it keeps the indexed text as it was before the group
-// (none for a product created in it): the index is told to delete exactly
-// what it holds, then to add what the products table holds at the end.
-type ftsBatch struct {
-	before  map[int64]*Product // nil value: created in this group
-	journal []int64            // ids in the order they were first touched
-}
-
-func (b *ftsBatch) reset() {
-	if b.before == nil {
-		b.before = make(map[int64]*Product)
-	}
-	clear(b.before)
-	b.journal = b.journal[:0]
-}
-
-func (b *ftsBatch) created(id int64) { b.touch(id, nil) }
-
-// changed records that the text of old (as committed before) changes.
-func (b *ftsBatch) changed(old Product) { b.touch(old.ID, &old) }
-
-func (b *ftsBatch) touch(id int64, old *Product) {
-	if _, ok := b.before[id]; ok {
-		return // the first state in the group is the one the index holds
-	}
-	b.before[id] = old
-	b.journal = append(b.journal, id)
-}
-
-// mark and undo forget the changes of a write that was rolled back.
-func (b *ftsBatch) mark() int { return len(b.journal) }
-
-func (b *ftsBatch) undo(mark int) {
-	for _, id := range b.journal[mark:] {
-		delete(b.before, id)
-	}
-	b.journal = b.journal[:mark]
-}
-
-type ftsRow struct {
-	ID          int64  `json:"id"`
-	Name        string `json:"name"`
-	Description string `json:"description"`
-}
-
-func (b *ftsBatch) flush(ctx context.Context, s *Store, tx *sql.Tx) error {
-	if len(b.journal) == 0 {
-		return nil
-	}
-	var dels []ftsRow
-	for _, id := range b.journal {
-		if old := b.before[id]; old != nil {
-			dels = append(dels, ftsRow{old.ID, old.Name, old.Description})
-		}
-	}
-	if len(dels) > 0 {
-		js, _ := json.Marshal(dels)
-		if _, err := s.exec(ctx, tx, `INSERT INTO products_fts (products_fts, rowid, name, description)
-			SELECT 'delete', value ->> '$.id', value ->> '$.name', value ->> '$.description' FROM json_each(?)`, string(js)); err != nil {
-			return err
-		}
-	}
-	ids, _ := json.Marshal(b.journal)
-	_, err := s.exec(ctx, tx, `INSERT INTO products_fts (rowid, name, description)
-		SELECT id, name, description FROM products WHERE id IN (SELECT value FROM json_each(?))`, string(ids))
-	return err
-}
-
 // dbFailure is a failure of the database itself (I/O error, disk full,
-// read-only file, lock held past busy_timeout, deadline): the kind of error
-// the circuit breaker counts. It unwraps to ErrUnavailable; the driver's
-// text stays in the log and never reaches a client.
+// read-only file, lost connection, lock held past the timeout, deadline):
+// the kind of error the circuit breaker counts. It unwraps to
+// ErrUnavailable; the driver's text stays in the log and never reaches a
+// client.
 type dbFailure struct{ err error }
 
 func (e *dbFailure) Error() string   { return "database failure: " + e.err.Error() }
 func (e *dbFailure) Unwrap() []error { return []error{ErrUnavailable, e.err} }
 
-// translate turns driver errors into domain errors at the storage boundary.
-// ctx is the context the failed call ran under: a deadline there is a
-// database failure, a cancellation is the client's doing and is not.
-func translate(ctx context.Context, err error) error {
-	if err == nil {
-		return nil
+// translateKnown passes through errors that are already domain errors and
+// turns "no rows" into ErrNotFound. It reports whether it recognised err.
+// Engines call it first, then translate their driver's errors, then call
+// translateGeneric.
+func translateKnown(err error) (error, bool) {
+	if errors.Is(err, ErrUnavailable) || errors.Is(err, ErrNotFound) || errors.Is(err, ErrInvalid) ||
+		errors.Is(err, ErrConflict) || errors.Is(err, ErrInsufficientStock) || errors.Is(err, ErrPrecondition) ||
+		errors.Is(err, ErrIdempotencyMismatch) || errors.Is(err, errUnchanged) {
+		return err, true
 	}
-	var replay *Replay
-	if errors.Is(err, ErrUnavailable) || errors.Is(err, ErrNotFound) || errors.As(err, &replay) {
-		return err
+	if _, ok := errors.AsType[*Replay](err); ok {
+		return err, true
 	}
 	if errors.Is(err, sql.ErrNoRows) {
-		return ErrNotFound
+		return ErrNotFound, true
 	}
-	var se *sqlite.Error
-	if errors.As(err, &se) {
-		switch se.Code() & 0xff {
-		case sqlite3.SQLITE_CONSTRAINT:
-			if se.Code() == sqlite3.SQLITE_CONSTRAINT_UNIQUE || se.Code() == sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY {
-				return fmt.Errorf("%w: %s", ErrConflict, "a product with this sku already exists")
-			}
-			return fmt.Errorf("%w: constraint violated", ErrInvalid)
-		case sqlite3.SQLITE_INTERRUPT:
-			if ctx.Err() == nil || errors.Is(context.Cause(ctx), context.Canceled) {
-				return context.Canceled
-			}
-			return &dbFailure{err}
-		case sqlite3.SQLITE_ERROR:
-			// A logic error (bad SQL, a bad FTS query) is a bug, not an outage.
-			return err
-		}
-		return &dbFailure{err}
-	}
+	return nil, false
+}
+
+// translateGeneric classifies what no engine recognised: a cancellation is
+// the client's doing; a deadline, a lost connection or a closed pool is a
+// database failure. ctx is the context the failed call ran under.
+func translateGeneric(ctx context.Context, err error) error {
 	switch {
 	case errors.Is(err, context.Canceled):
 		return err
@@ -992,4 +197,64 @@ func translate(ctx context.Context, err error) error {
 		return &dbFailure{err}
 	}
 	return err
+}
+
+// errUnchanged tells Update that a change left the product as it was.
+var errUnchanged = errors.New("unchanged")
+
+// backedOut reports whether a write that failed with err changed nothing:
+// it failed before writing, or its one statement failed and was backed out.
+func backedOut(err error) bool {
+	var verr *ValidationError
+	return errors.Is(err, ErrNotFound) || errors.Is(err, ErrConflict) || errors.Is(err, ErrInsufficientStock) ||
+		errors.Is(err, ErrPrecondition) || errors.Is(err, ErrInvalid) || errors.As(err, &verr)
+}
+
+// Full-text terms. The service hands the store words (runs of letters and
+// digits); each engine builds its own query, in which every word must match
+// as a prefix of a word in the name or the description.
+
+// ftsMatch builds the SQLite FTS5 expression for terms: each a quoted
+// prefix term, so no input can be read as FTS5 syntax.
+func ftsMatch(terms []string) string {
+	var b strings.Builder
+	for i, t := range terms {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		b.WriteString(`"` + t + `"*`)
+	}
+	return b.String()
+}
+
+// searchText is the text PostgreSQL indexes for a product: name and
+// description folded the way SQLite's unicode61 tokenizer folds them
+// (diacritics removed), every run of letters and digits a word and
+// everything else a space. So both stores split text into the same words,
+// and the words of q match the same products on either.
+func searchText(name, description string) string {
+	folded, _, err := transform.String(transform.Chain(norm.NFD, runes.Remove(runes.In(unicode.Mn)), norm.NFC), name+" "+description)
+	if err != nil {
+		folded = name + " " + description
+	}
+	return strings.Map(func(r rune) rune {
+		if unicode.IsLetter(r) || unicode.IsDigit(r) {
+			return r
+		}
+		return ' '
+	}, folded)
+}
+
+// tsQuery builds the PostgreSQL tsquery text for terms: every word a
+// prefix match, all required. Terms hold only letters and digits, which
+// tsquery syntax reads as plain lexemes.
+func tsQuery(terms []string) string {
+	var words []string
+	for _, t := range terms {
+		words = append(words, strings.Fields(searchText(t, ""))...) // folded as the indexed text is
+	}
+	for i := range words {
+		words[i] += ":*"
+	}
+	return strings.Join(words, " & ")
 }

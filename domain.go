@@ -35,13 +35,11 @@ type IdempotencyKey struct {
 // idempotencyTTL is how long a key's response is kept for replay.
 const idempotencyTTL = 24 * time.Hour
 
-// Replay is the stored outcome of an earlier request with the same
-// Idempotency-Key. It is returned as an error: the write was not applied again.
+// Replay is the outcome of an earlier request with the same Idempotency-Key:
+// the product that write produced. It is returned as an error: the write was
+// not applied again.
 type Replay struct {
-	Status    int
-	Body      []byte
-	ProductID int64
-	Version   int64
+	Product Product
 }
 
 func (r *Replay) Error() string { return "replay of an earlier request with the same idempotency key" }
@@ -350,7 +348,7 @@ func (m *IfMatch) check(version int64) error {
 type ListFilter struct {
 	Limit         int
 	Category      *string
-	Query         string // full-text search terms, already tokenised
+	Terms         []string // full-text search words (letters and digits); all must match as prefixes
 	MinPriceCents *int64
 	MaxPriceCents *int64
 	InStock       *bool

@@ -241,10 +241,9 @@ func handleCreateProduct(svc *ProductService) http.Handler {
 		}
 		p, err := svc.Create(r.Context(), in, idem)
 		if replay, ok := errors.AsType[*Replay](err); ok {
-			writeReplay(w, replay)
-			return nil
-		}
-		if err != nil {
+			p = replay.Product
+			w.Header().Set("Idempotency-Replayed", "true")
+		} else if err != nil {
 			return err
 		}
 		w.Header().Set("Location", "/products/"+strconv.FormatInt(p.ID, 10))
@@ -358,10 +357,9 @@ func handleAdjustStock(svc *ProductService) http.Handler {
 		}
 		p, err := svc.AdjustStock(r.Context(), id, *in.Delta, cond, idem)
 		if replay, ok := errors.AsType[*Replay](err); ok {
-			writeReplay(w, replay)
-			return nil
-		}
-		if err != nil {
+			p = replay.Product
+			w.Header().Set("Idempotency-Replayed", "true")
+		} else if err != nil {
 			return err
 		}
 		writeProduct(w, http.StatusOK, p)
@@ -391,17 +389,6 @@ func idempotencyKey(r *http.Request, body []byte) (*IdempotencyKey, error) {
 		Key:         k,
 		Fingerprint: hex.EncodeToString(h.Sum(nil)),
 	}, nil
-}
-
-// writeReplay answers a retried write with the response it first got.
-func writeReplay(w http.ResponseWriter, rp *Replay) {
-	h := w.Header()
-	h.Set("Idempotency-Replayed", "true")
-	h["Etag"] = []string{etag(rp.Version)}
-	if rp.Status == http.StatusCreated {
-		h.Set("Location", "/products/"+strconv.FormatInt(rp.ProductID, 10))
-	}
-	writeJSON(w, rp.Status, rp.Body)
 }
 
 // parseID reads the {id} path value: a positive int64.

@@ -1022,90 +1022,92 @@ func seedCatalog(tb testing.TB, ts *testServer) {
 }
 
 func TestHandleListProducts(t *testing.T) {
-	ts := newTestServer(t, nil)
-	seedCatalog(t, ts)
-	all := []string{"apple", "beer", "bread", "cake", "cafe", "pen"}
-	tests := []struct {
-		query string
-		want  []string
-	}{
-		{"", all},
-		{"limit=100", all},
-		{"sort=id", all},
-		{"sort=-id", []string{"pen", "cafe", "cake", "bread", "beer", "apple"}},
-		{"sort=name", []string{"apple", "beer", "bread", "cafe", "cake", "pen"}},
-		{"sort=-name", []string{"pen", "cake", "cafe", "bread", "beer", "apple"}},
-		{"sort=price_cents", []string{"pen", "bread", "apple", "cafe", "beer", "cake"}},
-		{"sort=-price_cents", []string{"cake", "beer", "cafe", "apple", "bread", "pen"}},
-		{"sort=created_at", all},
-		{"sort=-created_at", []string{"pen", "cafe", "cake", "bread", "beer", "apple"}},
-		{"category=drinks", []string{"apple", "beer", "cafe"}},
-		{"category=bakery&sort=-price_cents", []string{"cake", "bread"}},
-		{"category=", []string{"pen"}},
-		{"category=Drinks", []string{}},
-		{"q=juice", []string{"apple"}},
-		{"q=CREAM", []string{"cafe"}},
-		{"q=cafe", []string{"cafe"}},
-		{"q=crème", []string{"cafe"}},
-		{"q=cho", []string{"cake"}},
-		{"q=bread+loaf", []string{"bread"}},
-		{"q=bread+cake", []string{}},
-		{"q=" + url.QueryEscape(`lager"`), []string{"beer"}},
-		// FTS5 syntax in q is searched for as words, never run.
-		{"q=" + url.QueryEscape(`"lager" OR NEAR(x) *`), []string{}},
-		{"q=" + url.QueryEscape(`name:pen`), []string{}},
-		{"min_price_cents=300", []string{"apple", "beer", "cake", "cafe"}},
-		{"max_price_cents=300", []string{"apple", "bread", "pen"}},
-		{"min_price_cents=250&max_price_cents=350", []string{"apple", "bread", "cafe"}},
-		{"min_price_cents=0&max_price_cents=1000000000000", all},
-		{"in_stock=true", []string{"apple", "bread", "cafe", "pen"}},
-		{"in_stock=false", []string{"beer", "cake"}},
-		{"category=drinks&in_stock=true&sort=-price_cents", []string{"cafe", "apple"}},
-		{"q=c&sort=name", []string{"cafe", "cake"}},
-	}
-	for _, tt := range tests {
-		t.Run(tt.query, func(t *testing.T) {
-			lb, r := ts.list(t, tt.query)
-			if r.status != http.StatusOK {
-				t.Fatalf("GET /products?%s = %v, want 200", tt.query, r)
-			}
-			if diff := cmp.Diff(tt.want, skus(lb.Items)); diff != "" {
-				t.Errorf("GET /products?%s items (-want +got):\n%s", tt.query, diff)
-			}
-			if lb.NextCursor != nil {
-				t.Errorf("GET /products?%s next_cursor = %q, want null", tt.query, *lb.NextCursor)
-			}
-		})
-	}
-
-	// Walking with a small limit gives the same order as one big page.
-	for _, sort := range []string{"id", "-id", "name", "-name", "price_cents", "-price_cents", "created_at", "-created_at"} {
-		t.Run("pages sort="+sort, func(t *testing.T) {
-			whole, _ := ts.list(t, "limit=100&sort="+sort)
-			var walked []string
-			query := "limit=2&sort=" + sort
-			for pages := 0; ; pages++ {
-				if pages > 10 {
-					t.Fatalf("more than 10 pages of 2 for 6 products")
-				}
-				lb, r := ts.list(t, query)
+	forEachStore(t, func(t *testing.T, s productStore) {
+		ts := newTestServer(t, newTestService(t, s, ServiceConfig{}))
+		seedCatalog(t, ts)
+		all := []string{"apple", "beer", "bread", "cake", "cafe", "pen"}
+		tests := []struct {
+			query string
+			want  []string
+		}{
+			{"", all},
+			{"limit=100", all},
+			{"sort=id", all},
+			{"sort=-id", []string{"pen", "cafe", "cake", "bread", "beer", "apple"}},
+			{"sort=name", []string{"apple", "beer", "bread", "cafe", "cake", "pen"}},
+			{"sort=-name", []string{"pen", "cake", "cafe", "bread", "beer", "apple"}},
+			{"sort=price_cents", []string{"pen", "bread", "apple", "cafe", "beer", "cake"}},
+			{"sort=-price_cents", []string{"cake", "beer", "cafe", "apple", "bread", "pen"}},
+			{"sort=created_at", all},
+			{"sort=-created_at", []string{"pen", "cafe", "cake", "bread", "beer", "apple"}},
+			{"category=drinks", []string{"apple", "beer", "cafe"}},
+			{"category=bakery&sort=-price_cents", []string{"cake", "bread"}},
+			{"category=", []string{"pen"}},
+			{"category=Drinks", []string{}},
+			{"q=juice", []string{"apple"}},
+			{"q=CREAM", []string{"cafe"}},
+			{"q=cafe", []string{"cafe"}},
+			{"q=crème", []string{"cafe"}},
+			{"q=cho", []string{"cake"}},
+			{"q=bread+loaf", []string{"bread"}},
+			{"q=bread+cake", []string{}},
+			{"q=" + url.QueryEscape(`lager"`), []string{"beer"}},
+			// FTS5 syntax in q is searched for as words, never run.
+			{"q=" + url.QueryEscape(`"lager" OR NEAR(x) *`), []string{}},
+			{"q=" + url.QueryEscape(`name:pen`), []string{}},
+			{"min_price_cents=300", []string{"apple", "beer", "cake", "cafe"}},
+			{"max_price_cents=300", []string{"apple", "bread", "pen"}},
+			{"min_price_cents=250&max_price_cents=350", []string{"apple", "bread", "cafe"}},
+			{"min_price_cents=0&max_price_cents=1000000000000", all},
+			{"in_stock=true", []string{"apple", "bread", "cafe", "pen"}},
+			{"in_stock=false", []string{"beer", "cake"}},
+			{"category=drinks&in_stock=true&sort=-price_cents", []string{"cafe", "apple"}},
+			{"q=c&sort=name", []string{"cafe", "cake"}},
+		}
+		for _, tt := range tests {
+			t.Run(tt.query, func(t *testing.T) {
+				lb, r := ts.list(t, tt.query)
 				if r.status != http.StatusOK {
-					t.Fatalf("GET /products?%s = %v, want 200", query, r)
+					t.Fatalf("GET /products?%s = %v, want 200", tt.query, r)
 				}
-				walked = append(walked, skus(lb.Items)...)
-				if lb.NextCursor == nil {
-					break
+				if diff := cmp.Diff(tt.want, skus(lb.Items)); diff != "" {
+					t.Errorf("GET /products?%s items (-want +got):\n%s", tt.query, diff)
 				}
-				if len(lb.Items) != 2 {
-					t.Errorf("page with a next_cursor has %d items, want 2", len(lb.Items))
+				if lb.NextCursor != nil {
+					t.Errorf("GET /products?%s next_cursor = %q, want null", tt.query, *lb.NextCursor)
 				}
-				query = "limit=2&sort=" + sort + "&cursor=" + url.QueryEscape(*lb.NextCursor)
-			}
-			if diff := cmp.Diff(skus(whole.Items), walked); diff != "" {
-				t.Errorf("pages of 2 differ from one page (-want +got):\n%s", diff)
-			}
-		})
-	}
+			})
+		}
+
+		// Walking with a small limit gives the same order as one big page.
+		for _, sort := range []string{"id", "-id", "name", "-name", "price_cents", "-price_cents", "created_at", "-created_at"} {
+			t.Run("pages sort="+sort, func(t *testing.T) {
+				whole, _ := ts.list(t, "limit=100&sort="+sort)
+				var walked []string
+				query := "limit=2&sort=" + sort
+				for pages := 0; ; pages++ {
+					if pages > 10 {
+						t.Fatalf("more than 10 pages of 2 for 6 products")
+					}
+					lb, r := ts.list(t, query)
+					if r.status != http.StatusOK {
+						t.Fatalf("GET /products?%s = %v, want 200", query, r)
+					}
+					walked = append(walked, skus(lb.Items)...)
+					if lb.NextCursor == nil {
+						break
+					}
+					if len(lb.Items) != 2 {
+						t.Errorf("page with a next_cursor has %d items, want 2", len(lb.Items))
+					}
+					query = "limit=2&sort=" + sort + "&cursor=" + url.QueryEscape(*lb.NextCursor)
+				}
+				if diff := cmp.Diff(skus(whole.Items), walked); diff != "" {
+					t.Errorf("pages of 2 differ from one page (-want +got):\n%s", diff)
+				}
+			})
+		}
+	})
 }
 
 func TestParseListQuery_invalid(t *testing.T) {
@@ -1172,7 +1174,9 @@ func TestHandleListProducts_concurrentInserts(t *testing.T) {
 	// With the in-process caches on, listing pages are cached too.
 	for _, local := range []int{0, 1000} {
 		t.Run(fmt.Sprintf("local=%d", local), func(t *testing.T) {
-			testWalkWhileInserting(t, newTestServer(t, newTestService(t, nil, ServiceConfig{LocalCacheSize: local})))
+			forEachStore(t, func(t *testing.T, s productStore) {
+				testWalkWhileInserting(t, newTestServer(t, newTestService(t, s, ServiceConfig{LocalCacheSize: local})))
+			})
 		})
 	}
 }
@@ -1418,7 +1422,7 @@ func TestWriteError_serverErrorsDoNotLeak(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			fs := &failingStore{Store: newTestStore(t)}
+			fs := &failingStore{productStore: newTestStore(t)}
 			ts := newTestServer(t, newTestService(t, fs, ServiceConfig{}))
 			p := ts.createProduct(t, "LEAK-1", 100)
 			fs.failReads(tt.err)
@@ -1487,166 +1491,172 @@ func TestWriteError_closedStore(t *testing.T) {
 }
 
 func TestIdempotencyKey_create(t *testing.T) {
-	ts := newTestServer(t, nil)
-	body := `{"sku":"IDEM-1","name":"pen","price_cents":150}`
-	first := ts.write(t, http.MethodPost, "/products", body, "Idempotency-Key", "key-1")
-	if first.status != http.StatusCreated {
-		t.Fatalf("first POST = %v, want 201", first)
-	}
-	if first.header.Get("Idempotency-Replayed") != "" {
-		t.Errorf("first POST has Idempotency-Replayed %q, want none", first.header.Get("Idempotency-Replayed"))
-	}
-	created := decodeProduct(t, first.body)
-	// Change the product, so a replay that re-read it would show.
-	ts.write(t, http.MethodPatch, fmt.Sprintf("/products/%d", created.ID), `{"name":"renamed"}`)
+	forEachStore(t, func(t *testing.T, s productStore) {
+		ts := newTestServer(t, newTestService(t, s, ServiceConfig{}))
+		body := `{"sku":"IDEM-1","name":"pen","price_cents":150}`
+		first := ts.write(t, http.MethodPost, "/products", body, "Idempotency-Key", "key-1")
+		if first.status != http.StatusCreated {
+			t.Fatalf("first POST = %v, want 201", first)
+		}
+		if first.header.Get("Idempotency-Replayed") != "" {
+			t.Errorf("first POST has Idempotency-Replayed %q, want none", first.header.Get("Idempotency-Replayed"))
+		}
+		created := decodeProduct(t, first.body)
+		// Change the product, so a replay that re-read it would show.
+		ts.write(t, http.MethodPatch, fmt.Sprintf("/products/%d", created.ID), `{"name":"renamed"}`)
 
-	for i := range 3 {
-		again := ts.write(t, http.MethodPost, "/products", body, "Idempotency-Key", "key-1")
-		if again.status != http.StatusCreated {
-			t.Fatalf("retry %d = %v, want 201", i, again)
-		}
-		if got := again.header.Get("Idempotency-Replayed"); got != "true" {
-			t.Errorf("retry %d Idempotency-Replayed = %q, want true", i, got)
-		}
-		if diff := cmp.Diff(created, decodeProduct(t, again.body)); diff != "" {
-			t.Errorf("retry %d body differs from the first response (-want +got):\n%s", i, diff)
-		}
-		for _, h := range []string{"Location", "ETag"} {
-			if got, want := again.header.Get(h), first.header.Get(h); got != want {
-				t.Errorf("retry %d %s = %q, want %q", i, h, got, want)
+		for i := range 3 {
+			again := ts.write(t, http.MethodPost, "/products", body, "Idempotency-Key", "key-1")
+			if again.status != http.StatusCreated {
+				t.Fatalf("retry %d = %v, want 201", i, again)
+			}
+			if got := again.header.Get("Idempotency-Replayed"); got != "true" {
+				t.Errorf("retry %d Idempotency-Replayed = %q, want true", i, got)
+			}
+			if diff := cmp.Diff(created, decodeProduct(t, again.body)); diff != "" {
+				t.Errorf("retry %d body differs from the first response (-want +got):\n%s", i, diff)
+			}
+			for _, h := range []string{"Location", "ETag"} {
+				if got, want := again.header.Get(h), first.header.Get(h); got != want {
+					t.Errorf("retry %d %s = %q, want %q", i, h, got, want)
+				}
 			}
 		}
-	}
-	if n := ts.svc.store.Count(); n != 1 {
-		t.Errorf("product count = %d after retries, want 1", n)
-	}
+		if n := ts.svc.store.Count(); n != 1 {
+			t.Errorf("product count = %d after retries, want 1", n)
+		}
 
-	// The same key with another body is refused, and creates nothing.
-	r := ts.write(t, http.MethodPost, "/products", `{"sku":"IDEM-2","name":"pen","price_cents":150}`, "Idempotency-Key", "key-1")
-	checkProblem(t, r, http.StatusUnprocessableEntity, "idempotency-key-reused", nil)
-	if n := ts.svc.store.Count(); n != 1 {
-		t.Errorf("product count = %d after a reused key, want 1", n)
-	}
-	// A different key is a different request: here, a duplicate sku.
-	r = ts.write(t, http.MethodPost, "/products", body, "Idempotency-Key", "key-2")
-	checkProblem(t, r, http.StatusConflict, "conflict", nil)
+		// The same key with another body is refused, and creates nothing.
+		r := ts.write(t, http.MethodPost, "/products", `{"sku":"IDEM-2","name":"pen","price_cents":150}`, "Idempotency-Key", "key-1")
+		checkProblem(t, r, http.StatusUnprocessableEntity, "idempotency-key-reused", nil)
+		if n := ts.svc.store.Count(); n != 1 {
+			t.Errorf("product count = %d after a reused key, want 1", n)
+		}
+		// A different key is a different request: here, a duplicate sku.
+		r = ts.write(t, http.MethodPost, "/products", body, "Idempotency-Key", "key-2")
+		checkProblem(t, r, http.StatusConflict, "conflict", nil)
 
-	// Malformed keys.
-	for _, k := range []string{strings.Repeat("k", 256), "tab\there", "ünï"} {
-		r := ts.write(t, http.MethodPost, "/products", `{"sku":"IDEM-3","name":"pen","price_cents":150}`, "Idempotency-Key", k)
-		checkProblem(t, r, http.StatusBadRequest, "bad-request", []string{"Idempotency-Key"})
-	}
+		// Malformed keys.
+		for _, k := range []string{strings.Repeat("k", 256), "tab\there", "ünï"} {
+			r := ts.write(t, http.MethodPost, "/products", `{"sku":"IDEM-3","name":"pen","price_cents":150}`, "Idempotency-Key", k)
+			checkProblem(t, r, http.StatusBadRequest, "bad-request", []string{"Idempotency-Key"})
+		}
+	})
 }
 
 func TestIdempotencyKey_adjustment(t *testing.T) {
-	ts := newTestServer(t, nil, testToken, "token-a", "token-b")
-	p := ts.createProduct(t, "IDEM-ADJ", 1, `"stock":10`)
-	other := ts.createProduct(t, "IDEM-OTHER", 1, `"stock":10`)
-	path := fmt.Sprintf("/products/%d/stock/adjustments", p.ID)
-	adjust := func(token, key, body string) response {
-		t.Helper()
-		return ts.write(t, http.MethodPost, path, body, "Authorization", "Bearer "+token, "Idempotency-Key", key)
-	}
-	stock := func(id int64) int64 {
-		t.Helper()
-		return ts.getProduct(t, id).Stock
-	}
+	forEachStore(t, func(t *testing.T, s productStore) {
+		ts := newTestServer(t, newTestService(t, s, ServiceConfig{}), testToken, "token-a", "token-b")
+		p := ts.createProduct(t, "IDEM-ADJ", 1, `"stock":10`)
+		other := ts.createProduct(t, "IDEM-OTHER", 1, `"stock":10`)
+		path := fmt.Sprintf("/products/%d/stock/adjustments", p.ID)
+		adjust := func(token, key, body string) response {
+			t.Helper()
+			return ts.write(t, http.MethodPost, path, body, "Authorization", "Bearer "+token, "Idempotency-Key", key)
+		}
+		stock := func(id int64) int64 {
+			t.Helper()
+			return ts.getProduct(t, id).Stock
+		}
 
-	a1 := adjust("token-a", "adj-1", `{"delta":3}`)
-	if a1.status != 200 || a1.header.Get("Idempotency-Replayed") != "" {
-		t.Fatalf("first adjustment = %v (replayed %q), want 200 not replayed", a1, a1.header.Get("Idempotency-Replayed"))
-	}
-	a2 := adjust("token-a", "adj-1", `{"delta":3}`)
-	if a2.status != 200 || a2.header.Get("Idempotency-Replayed") != "true" {
-		t.Errorf("retry = %v (replayed %q), want 200 replayed", a2, a2.header.Get("Idempotency-Replayed"))
-	}
-	if diff := cmp.Diff(decodeProduct(t, a1.body), decodeProduct(t, a2.body)); diff != "" {
-		t.Errorf("retry body differs from the first response (-want +got):\n%s", diff)
-	}
-	if a2.header.Get("ETag") != a1.header.Get("ETag") {
-		t.Errorf("retry ETag = %q, want %q", a2.header.Get("ETag"), a1.header.Get("ETag"))
-	}
-	if got := stock(p.ID); got != 13 {
-		t.Errorf("stock after an adjustment and its retry = %d, want 13 (applied once)", got)
-	}
+		a1 := adjust("token-a", "adj-1", `{"delta":3}`)
+		if a1.status != 200 || a1.header.Get("Idempotency-Replayed") != "" {
+			t.Fatalf("first adjustment = %v (replayed %q), want 200 not replayed", a1, a1.header.Get("Idempotency-Replayed"))
+		}
+		a2 := adjust("token-a", "adj-1", `{"delta":3}`)
+		if a2.status != 200 || a2.header.Get("Idempotency-Replayed") != "true" {
+			t.Errorf("retry = %v (replayed %q), want 200 replayed", a2, a2.header.Get("Idempotency-Replayed"))
+		}
+		if diff := cmp.Diff(decodeProduct(t, a1.body), decodeProduct(t, a2.body)); diff != "" {
+			t.Errorf("retry body differs from the first response (-want +got):\n%s", diff)
+		}
+		if a2.header.Get("ETag") != a1.header.Get("ETag") {
+			t.Errorf("retry ETag = %q, want %q", a2.header.Get("ETag"), a1.header.Get("ETag"))
+		}
+		if got := stock(p.ID); got != 13 {
+			t.Errorf("stock after an adjustment and its retry = %d, want 13 (applied once)", got)
+		}
 
-	// Keys are scoped per token: token-b's "adj-1" is another request.
-	b1 := adjust("token-b", "adj-1", `{"delta":3}`)
-	if b1.status != 200 || b1.header.Get("Idempotency-Replayed") != "" {
-		t.Errorf("same key with another token = %v (replayed %q), want 200 not replayed", b1, b1.header.Get("Idempotency-Replayed"))
-	}
-	b2 := adjust("token-b", "adj-1", `{"delta":3}`)
-	if b2.status != 200 || b2.header.Get("Idempotency-Replayed") != "true" {
-		t.Errorf("token-b retry = %v, want 200 replayed", b2)
-	}
-	if got := stock(p.ID); got != 16 {
-		t.Errorf("stock = %d, want 16 (one adjustment per token)", got)
-	}
+		// Keys are scoped per token: token-b's "adj-1" is another request.
+		b1 := adjust("token-b", "adj-1", `{"delta":3}`)
+		if b1.status != 200 || b1.header.Get("Idempotency-Replayed") != "" {
+			t.Errorf("same key with another token = %v (replayed %q), want 200 not replayed", b1, b1.header.Get("Idempotency-Replayed"))
+		}
+		b2 := adjust("token-b", "adj-1", `{"delta":3}`)
+		if b2.status != 200 || b2.header.Get("Idempotency-Replayed") != "true" {
+			t.Errorf("token-b retry = %v, want 200 replayed", b2)
+		}
+		if got := stock(p.ID); got != 16 {
+			t.Errorf("stock = %d, want 16 (one adjustment per token)", got)
+		}
 
-	// The same key with another body, or for another product, is refused.
-	checkProblem(t, adjust("token-a", "adj-1", `{"delta":4}`), http.StatusUnprocessableEntity, "idempotency-key-reused", nil)
-	r := ts.write(t, http.MethodPost, fmt.Sprintf("/products/%d/stock/adjustments", other.ID), `{"delta":3}`,
-		"Authorization", "Bearer token-a", "Idempotency-Key", "adj-1")
-	checkProblem(t, r, http.StatusUnprocessableEntity, "idempotency-key-reused", nil)
-	if got := stock(p.ID); got != 16 {
-		t.Errorf("stock = %d after refused reuses, want 16", got)
-	}
-	if got := stock(other.ID); got != 10 {
-		t.Errorf("other product's stock = %d, want 10", got)
-	}
+		// The same key with another body, or for another product, is refused.
+		checkProblem(t, adjust("token-a", "adj-1", `{"delta":4}`), http.StatusUnprocessableEntity, "idempotency-key-reused", nil)
+		r := ts.write(t, http.MethodPost, fmt.Sprintf("/products/%d/stock/adjustments", other.ID), `{"delta":3}`,
+			"Authorization", "Bearer token-a", "Idempotency-Key", "adj-1")
+		checkProblem(t, r, http.StatusUnprocessableEntity, "idempotency-key-reused", nil)
+		if got := stock(p.ID); got != 16 {
+			t.Errorf("stock = %d after refused reuses, want 16", got)
+		}
+		if got := stock(other.ID); got != 10 {
+			t.Errorf("other product's stock = %d, want 10", got)
+		}
 
-	// A refused adjustment records nothing: once stock allows it, the same
-	// key applies it.
-	checkProblem(t, adjust("token-a", "adj-2", `{"delta":-20}`), http.StatusConflict, "insufficient-stock", nil)
-	ts.write(t, http.MethodPut, fmt.Sprintf("/products/%d/stock", p.ID), `{"stock":30}`)
-	if r := adjust("token-a", "adj-2", `{"delta":-20}`); r.status != 200 || r.header.Get("Idempotency-Replayed") != "" {
-		t.Errorf("retry of a refused adjustment = %v, want 200 applied", r)
-	}
-	if got := stock(p.ID); got != 10 {
-		t.Errorf("stock = %d, want 10", got)
-	}
+		// A refused adjustment records nothing: once stock allows it, the same
+		// key applies it.
+		checkProblem(t, adjust("token-a", "adj-2", `{"delta":-20}`), http.StatusConflict, "insufficient-stock", nil)
+		ts.write(t, http.MethodPut, fmt.Sprintf("/products/%d/stock", p.ID), `{"stock":30}`)
+		if r := adjust("token-a", "adj-2", `{"delta":-20}`); r.status != 200 || r.header.Get("Idempotency-Replayed") != "" {
+			t.Errorf("retry of a refused adjustment = %v, want 200 applied", r)
+		}
+		if got := stock(p.ID); got != 10 {
+			t.Errorf("stock = %d, want 10", got)
+		}
+	})
 }
 
 func TestIdempotencyKey_concurrentRetries(t *testing.T) {
-	ts := newTestServer(t, nil)
-	p := ts.createProduct(t, "IDEM-CONC", 1, `"stock":100`)
-	path := fmt.Sprintf("/products/%d/stock/adjustments", p.ID)
-	const retries = 20
-	responses := make([]response, retries)
-	var wg sync.WaitGroup
-	for i := range retries {
-		wg.Go(func() {
-			r, err := ts.try(http.MethodPost, path, strings.NewReader(`{"delta":-7}`), writeHeaders("Idempotency-Key", "conc-1")...)
-			if err != nil {
-				t.Error(err)
+	forEachStore(t, func(t *testing.T, s productStore) {
+		ts := newTestServer(t, newTestService(t, s, ServiceConfig{}))
+		p := ts.createProduct(t, "IDEM-CONC", 1, `"stock":100`)
+		path := fmt.Sprintf("/products/%d/stock/adjustments", p.ID)
+		const retries = 20
+		responses := make([]response, retries)
+		var wg sync.WaitGroup
+		for i := range retries {
+			wg.Go(func() {
+				r, err := ts.try(http.MethodPost, path, strings.NewReader(`{"delta":-7}`), writeHeaders("Idempotency-Key", "conc-1")...)
+				if err != nil {
+					t.Error(err)
+				}
+				responses[i] = r
+			})
+		}
+		wg.Wait()
+		applied := 0
+		var bodies []Product
+		for i, r := range responses {
+			if r.status != 200 {
+				t.Errorf("retry %d = %v, want 200", i, r)
+				continue
 			}
-			responses[i] = r
-		})
-	}
-	wg.Wait()
-	applied := 0
-	var bodies []Product
-	for i, r := range responses {
-		if r.status != 200 {
-			t.Errorf("retry %d = %v, want 200", i, r)
-			continue
+			if r.header.Get("Idempotency-Replayed") != "true" {
+				applied++
+			}
+			bodies = append(bodies, decodeProduct(t, r.body))
 		}
-		if r.header.Get("Idempotency-Replayed") != "true" {
-			applied++
+		if applied != 1 {
+			t.Errorf("%d of %d concurrent requests with one key were applied, want exactly 1", applied, retries)
 		}
-		bodies = append(bodies, decodeProduct(t, r.body))
-	}
-	if applied != 1 {
-		t.Errorf("%d of %d concurrent requests with one key were applied, want exactly 1", applied, retries)
-	}
-	for i := 1; i < len(bodies); i++ {
-		if diff := cmp.Diff(bodies[0], bodies[i]); diff != "" {
-			t.Errorf("response %d differs from response 0 (-want +got):\n%s", i, diff)
+		for i := 1; i < len(bodies); i++ {
+			if diff := cmp.Diff(bodies[0], bodies[i]); diff != "" {
+				t.Errorf("response %d differs from response 0 (-want +got):\n%s", i, diff)
+			}
 		}
-	}
-	if got := ts.getProduct(t, p.ID); got.Stock != 93 || got.Version != 2 {
-		t.Errorf("stock, version = %d, %d, want 93, 2 (one adjustment)", got.Stock, got.Version)
-	}
+		if got := ts.getProduct(t, p.ID); got.Stock != 93 || got.Version != 2 {
+			t.Errorf("stock, version = %d, %d, want 93, 2 (one adjustment)", got.Stock, got.Version)
+		}
+	})
 }
 
 func TestHandleReady(t *testing.T) {
@@ -1706,152 +1716,158 @@ func TestHandleReady(t *testing.T) {
 }
 
 func TestHandleAdjustStock_noOversell(t *testing.T) {
-	ts := newTestServer(t, nil)
-	const initial, buyers = 30, 100
-	p := ts.createProduct(t, "OVERSELL", 1, fmt.Sprintf(`"stock":%d`, initial))
-	path := fmt.Sprintf("/products/%d/stock/adjustments", p.ID)
-	responses := make([]response, buyers)
-	var wg sync.WaitGroup
-	for i := range buyers {
-		wg.Go(func() {
-			r, err := ts.try(http.MethodPost, path, strings.NewReader(`{"delta":-1}`), writeHeaders()...)
-			if err != nil {
-				t.Error(err)
-			}
-			responses[i] = r
-		})
-	}
-	wg.Wait()
-	sold := make(map[int64]int)
-	refused := 0
-	for i, r := range responses {
-		switch r.status {
-		case http.StatusOK:
-			got := decodeProduct(t, r.body)
-			if got.Stock < 0 {
-				t.Errorf("buyer %d: stock after sale = %d, want >= 0", i, got.Stock)
-			}
-			sold[got.Stock]++
-		case http.StatusConflict:
-			checkProblem(t, r, http.StatusConflict, "insufficient-stock", nil)
-			refused++
-		default:
-			t.Errorf("buyer %d: %v, want 200 or 409", i, r)
+	forEachStore(t, func(t *testing.T, s productStore) {
+		ts := newTestServer(t, newTestService(t, s, ServiceConfig{}))
+		const initial, buyers = 30, 100
+		p := ts.createProduct(t, "OVERSELL", 1, fmt.Sprintf(`"stock":%d`, initial))
+		path := fmt.Sprintf("/products/%d/stock/adjustments", p.ID)
+		responses := make([]response, buyers)
+		var wg sync.WaitGroup
+		for i := range buyers {
+			wg.Go(func() {
+				r, err := ts.try(http.MethodPost, path, strings.NewReader(`{"delta":-1}`), writeHeaders()...)
+				if err != nil {
+					t.Error(err)
+				}
+				responses[i] = r
+			})
 		}
-	}
-	if len(sold) != initial || refused != buyers-initial {
-		t.Errorf("%d sales and %d refusals, want %d and %d", len(sold), refused, initial, buyers-initial)
-	}
-	// Each sale saw its own remaining stock: 29, 28, ..., 0, once each.
-	for s := range int64(initial) {
-		if sold[s] != 1 {
-			t.Errorf("%d sales left stock %d, want exactly 1", sold[s], s)
+		wg.Wait()
+		sold := make(map[int64]int)
+		refused := 0
+		for i, r := range responses {
+			switch r.status {
+			case http.StatusOK:
+				got := decodeProduct(t, r.body)
+				if got.Stock < 0 {
+					t.Errorf("buyer %d: stock after sale = %d, want >= 0", i, got.Stock)
+				}
+				sold[got.Stock]++
+			case http.StatusConflict:
+				checkProblem(t, r, http.StatusConflict, "insufficient-stock", nil)
+				refused++
+			default:
+				t.Errorf("buyer %d: %v, want 200 or 409", i, r)
+			}
 		}
-	}
-	if got := ts.getProduct(t, p.ID); got.Stock != 0 || got.Version != 1+initial {
-		t.Errorf("final stock, version = %d, %d, want 0, %d", got.Stock, got.Version, 1+initial)
-	}
+		if len(sold) != initial || refused != buyers-initial {
+			t.Errorf("%d sales and %d refusals, want %d and %d", len(sold), refused, initial, buyers-initial)
+		}
+		// Each sale saw its own remaining stock: 29, 28, ..., 0, once each.
+		for s := range int64(initial) {
+			if sold[s] != 1 {
+				t.Errorf("%d sales left stock %d, want exactly 1", sold[s], s)
+			}
+		}
+		if got := ts.getProduct(t, p.ID); got.Stock != 0 || got.Version != 1+initial {
+			t.Errorf("final stock, version = %d, %d, want 0, %d", got.Stock, got.Version, 1+initial)
+		}
+	})
 }
 
 func TestHandleCreateProduct_concurrentSameSKU(t *testing.T) {
-	ts := newTestServer(t, nil)
-	const clients = 20
-	responses := make([]response, clients)
-	var wg sync.WaitGroup
-	for i := range clients {
-		wg.Go(func() {
-			body := fmt.Sprintf(`{"sku":"SAME-SKU","name":"client %d","price_cents":%d}`, i, i)
-			r, err := ts.try(http.MethodPost, "/products", strings.NewReader(body), writeHeaders()...)
-			if err != nil {
-				t.Error(err)
-			}
-			responses[i] = r
-		})
-	}
-	wg.Wait()
-	created, conflicts := 0, 0
-	var winner Product
-	for i, r := range responses {
-		switch r.status {
-		case http.StatusCreated:
-			created++
-			winner = decodeProduct(t, r.body)
-		case http.StatusConflict:
-			conflicts++
-			checkProblem(t, r, http.StatusConflict, "conflict", nil)
-		default:
-			t.Errorf("client %d: %v, want 201 or 409", i, r)
+	forEachStore(t, func(t *testing.T, s productStore) {
+		ts := newTestServer(t, newTestService(t, s, ServiceConfig{}))
+		const clients = 20
+		responses := make([]response, clients)
+		var wg sync.WaitGroup
+		for i := range clients {
+			wg.Go(func() {
+				body := fmt.Sprintf(`{"sku":"SAME-SKU","name":"client %d","price_cents":%d}`, i, i)
+				r, err := ts.try(http.MethodPost, "/products", strings.NewReader(body), writeHeaders()...)
+				if err != nil {
+					t.Error(err)
+				}
+				responses[i] = r
+			})
 		}
-	}
-	if created != 1 || conflicts != clients-1 {
-		t.Fatalf("%d created and %d conflicts, want 1 and %d", created, conflicts, clients-1)
-	}
-	if n := ts.svc.store.Count(); n != 1 {
-		t.Errorf("product count = %d, want 1", n)
-	}
-	if diff := cmp.Diff(winner, ts.getProduct(t, winner.ID)); diff != "" {
-		t.Errorf("stored product differs from the 201 body (-want +got):\n%s", diff)
-	}
+		wg.Wait()
+		created, conflicts := 0, 0
+		var winner Product
+		for i, r := range responses {
+			switch r.status {
+			case http.StatusCreated:
+				created++
+				winner = decodeProduct(t, r.body)
+			case http.StatusConflict:
+				conflicts++
+				checkProblem(t, r, http.StatusConflict, "conflict", nil)
+			default:
+				t.Errorf("client %d: %v, want 201 or 409", i, r)
+			}
+		}
+		if created != 1 || conflicts != clients-1 {
+			t.Fatalf("%d created and %d conflicts, want 1 and %d", created, conflicts, clients-1)
+		}
+		if n := ts.svc.store.Count(); n != 1 {
+			t.Errorf("product count = %d, want 1", n)
+		}
+		if diff := cmp.Diff(winner, ts.getProduct(t, winner.ID)); diff != "" {
+			t.Errorf("stored product differs from the 201 body (-want +got):\n%s", diff)
+		}
+	})
 }
 
 func TestHandleListProducts_freshAfterWrites(t *testing.T) {
-	// With the in-process caches on, listing pages are cached; every kind
-	// of write must show in the next listing.
-	ts := newTestServer(t, newTestService(t, nil, ServiceConfig{LocalCacheSize: 1000}))
-	p := ts.createProduct(t, "FRESH-1", 100, `"category":"c"`, `"stock":5`)
-	path := fmt.Sprintf("/products/%d", p.ID)
-	const query = "category=c&sort=-price_cents"
-	listed := func() []Product {
-		t.Helper()
-		lb, r := ts.list(t, query)
-		if r.status != http.StatusOK {
-			t.Fatalf("GET /products?%s = %v, want 200", query, r)
+	forEachStore(t, func(t *testing.T, s productStore) {
+		// With the in-process caches on, listing pages are cached; every kind
+		// of write must show in the next listing.
+		ts := newTestServer(t, newTestService(t, s, ServiceConfig{LocalCacheSize: 1000}))
+		p := ts.createProduct(t, "FRESH-1", 100, `"category":"c"`, `"stock":5`)
+		path := fmt.Sprintf("/products/%d", p.ID)
+		const query = "category=c&sort=-price_cents"
+		listed := func() []Product {
+			t.Helper()
+			lb, r := ts.list(t, query)
+			if r.status != http.StatusOK {
+				t.Fatalf("GET /products?%s = %v, want 200", query, r)
+			}
+			// Twice: the second answer may come from the page cache.
+			lb2, _ := ts.list(t, query)
+			if diff := cmp.Diff(lb.Items, lb2.Items); diff != "" {
+				t.Fatalf("two listings without a write differ (-first +second):\n%s", diff)
+			}
+			return lb.Items
 		}
-		// Twice: the second answer may come from the page cache.
-		lb2, _ := ts.list(t, query)
-		if diff := cmp.Diff(lb.Items, lb2.Items); diff != "" {
-			t.Fatalf("two listings without a write differ (-first +second):\n%s", diff)
+		tests := []struct {
+			name, method, path, body string
+		}{
+			{"create", http.MethodPost, "/products", `{"sku":"FRESH-2","name":"x","category":"c","price_cents":50}`},
+			{"PUT", http.MethodPut, path, `{"sku":"FRESH-1","name":"replaced","category":"c","price_cents":200}`},
+			{"PATCH", http.MethodPatch, path, `{"price_cents":10}`},
+			{"stock set", http.MethodPut, path + "/stock", `{"stock":9}`},
+			{"adjustment", http.MethodPost, path + "/stock/adjustments", `{"delta":-2}`},
+			{"PATCH out of the category", http.MethodPatch, path, `{"category":"d"}`},
+			{"DELETE", http.MethodDelete, "/products/%d", ""},
 		}
-		return lb.Items
-	}
-	tests := []struct {
-		name, method, path, body string
-	}{
-		{"create", http.MethodPost, "/products", `{"sku":"FRESH-2","name":"x","category":"c","price_cents":50}`},
-		{"PUT", http.MethodPut, path, `{"sku":"FRESH-1","name":"replaced","category":"c","price_cents":200}`},
-		{"PATCH", http.MethodPatch, path, `{"price_cents":10}`},
-		{"stock set", http.MethodPut, path + "/stock", `{"stock":9}`},
-		{"adjustment", http.MethodPost, path + "/stock/adjustments", `{"delta":-2}`},
-		{"PATCH out of the category", http.MethodPatch, path, `{"category":"d"}`},
-		{"DELETE", http.MethodDelete, "/products/%d", ""},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			listed() // cache the page
-			target := tt.path
-			if strings.Contains(target, "%d") {
-				target = fmt.Sprintf(target, listed()[0].ID)
-			}
-			if r := ts.write(t, tt.method, target, tt.body); r.status >= 300 {
-				t.Fatalf("%s %s = %v, want success", tt.method, target, r)
-			}
-			// The listing now equals what each product's GET says.
-			var want []Product
-			lb, _ := ts.list(t, "limit=100")
-			for _, q := range lb.Items {
-				if q.Category == "c" {
-					want = append(want, ts.getProduct(t, q.ID))
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				listed() // cache the page
+				target := tt.path
+				if strings.Contains(target, "%d") {
+					target = fmt.Sprintf(target, listed()[0].ID)
 				}
-			}
-			slices.SortFunc(want, func(a, b Product) int {
-				if a.PriceCents != b.PriceCents {
-					return int(b.PriceCents - a.PriceCents)
+				if r := ts.write(t, tt.method, target, tt.body); r.status >= 300 {
+					t.Fatalf("%s %s = %v, want success", tt.method, target, r)
 				}
-				return int(b.ID - a.ID)
+				// The listing now equals what each product's GET says.
+				var want []Product
+				lb, _ := ts.list(t, "limit=100")
+				for _, q := range lb.Items {
+					if q.Category == "c" {
+						want = append(want, ts.getProduct(t, q.ID))
+					}
+				}
+				slices.SortFunc(want, func(a, b Product) int {
+					if a.PriceCents != b.PriceCents {
+						return int(b.PriceCents - a.PriceCents)
+					}
+					return int(b.ID - a.ID)
+				})
+				if diff := cmp.Diff(want, listed(), cmpopts.EquateEmpty()); diff != "" {
+					t.Errorf("listing after %s (-want +got):\n%s", tt.name, diff)
+				}
 			})
-			if diff := cmp.Diff(want, listed(), cmpopts.EquateEmpty()); diff != "" {
-				t.Errorf("listing after %s (-want +got):\n%s", tt.name, diff)
-			}
-		})
-	}
+		}
+	})
 }

@@ -64,12 +64,12 @@ func parseListQuery(rawQuery string) (ListFilter, error) {
 			}
 			f.Category = &v
 		case "q":
-			expr, msg := ftsQuery(v)
+			terms, msg := searchTerms(v)
 			if msg != "" {
 				problems[name] = msg
 				continue
 			}
-			f.Query = expr
+			f.Terms = terms
 		case "min_price_cents", "max_price_cents":
 			n, err := strconv.ParseInt(v, 10, 64)
 			if err != nil || validPrice(n) != "" {
@@ -124,28 +124,21 @@ func (f ListFilter) sortParam() string {
 	return f.Sort
 }
 
-// ftsQuery turns free text into an FTS5 query: each run of letters and
-// digits becomes a quoted prefix term, all terms must match. Quoting every
-// term means no input can be read as FTS5 syntax (NEAR, OR, column filters).
-func ftsQuery(q string) (string, string) {
+// searchTerms splits free text into words: each run of letters and digits
+// is one. Only words reach the store, which builds its own query from them,
+// so no input can be read as query syntax (NEAR, OR, column filters).
+func searchTerms(q string) ([]string, string) {
 	if utf8.RuneCountInString(q) > maxQueryLen {
-		return "", "must be at most 200 characters"
+		return nil, "must be at most 200 characters"
 	}
 	terms := strings.FieldsFunc(q, func(r rune) bool { return !unicode.IsLetter(r) && !unicode.IsDigit(r) })
 	if len(terms) == 0 {
-		return "", "must contain at least one letter or digit"
+		return nil, "must contain at least one letter or digit"
 	}
 	if len(terms) > maxQueryTerms {
-		return "", "must have at most 16 words"
+		return nil, "must have at most 16 words"
 	}
-	var b strings.Builder
-	for i, t := range terms {
-		if i > 0 {
-			b.WriteByte(' ')
-		}
-		b.WriteString(`"` + t + `"*`)
-	}
-	return b.String(), ""
+	return terms, ""
 }
 
 // cursor is a keyset position: the sort key and id of the last product of

@@ -10,11 +10,14 @@ import (
 // in-process SQLite point read, so hot products are answered from here and
 // Redis holds what does not fit.
 //
-// It is never stale after an acknowledged write. Writes update it on the
-// store's writer goroutine, after commit and in commit order, and each update
-// bumps its shard's generation. A reader takes the generation (token) before
-// it reads the database and may fill only if no write has touched the shard
-// since: a slow read can never put back a value that a write replaced.
+// It is never stale after an acknowledged write. Every write updates it after
+// commit and before it is acknowledged, and each update bumps its shard's
+// generation. Writes may report in any order (concurrent connections):
+// an entry only ever moves to a higher version, and a delete leaves a
+// tombstone one version above the deleted product. A reader takes the
+// generation (token) before it reads the database and may fill only if no
+// write has touched the shard since: a slow read can never put back a value
+// that a write replaced.
 type localCache struct {
 	shards [localShards]localShard
 	perCap int // entries per shard; 0 disables the cache
@@ -66,7 +69,7 @@ func (c *localCache) get(id int64) (cachedProduct, bool) {
 	s.mu.Lock()
 	e, ok := s.entries[id]
 	s.mu.Unlock()
-	if !ok || c.now().After(e.expires) {
+	if !ok || e.cached.JSON == nil || c.now().After(e.expires) {
 		return cachedProduct{}, false
 	}
 	return e.cached, true
@@ -102,9 +105,10 @@ func (c *localCache) fill(id int64, tok fillToken, v cachedProduct) {
 	c.putLocked(s, id, v)
 }
 
-// written records a committed write: v is the new product, or nil JSON when
-// the product was deleted. Call it in commit order. With toRedis set, the
-// write still has to reach Redis, and published must be called once it has.
+// written records a committed write: v is the new product, or a tombstone
+// (nil JSON, the deleted version plus one) when the product was deleted.
+// With toRedis set, the write still has to reach Redis, and published must
+// be called once it has.
 func (c *localCache) written(id int64, v cachedProduct, toRedis bool) {
 	s := c.shard(id)
 	s.mu.Lock()
@@ -113,8 +117,7 @@ func (c *localCache) written(id int64, v cachedProduct, toRedis bool) {
 	if toRedis {
 		s.pending++
 	}
-	if v.JSON == nil || c.perCap == 0 {
-		delete(s.entries, id)
+	if c.perCap == 0 {
 		return
 	}
 	c.putLocked(s, id, v)
@@ -129,8 +132,13 @@ func (c *localCache) published(id int64) {
 	s.pending--
 }
 
+// putLocked stores v unless the shard holds a higher version of id.
 func (c *localCache) putLocked(s *localShard, id int64, v cachedProduct) {
-	if _, ok := s.entries[id]; !ok && len(s.entries) >= c.perCap {
+	old, ok := s.entries[id]
+	if ok && old.cached.Version > v.Version {
+		return
+	}
+	if !ok && len(s.entries) >= c.perCap {
 		// Evict an arbitrary entry: map iteration starts at a random place.
 		for k := range s.entries {
 			delete(s.entries, k)

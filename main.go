@@ -89,7 +89,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
-	store, err := OpenStore(ctx, StoreConfig{Path: cfg.DBPath, Sync: cfg.DBSync, Timeout: cfg.DBTimeout})
+	storeCfg := StoreConfig{DatabaseURL: cfg.DatabaseURL, Path: cfg.DBPath, Sync: cfg.DBSync, Timeout: cfg.DBTimeout}
+	if cfg.CopyTo != "" {
+		return copyToPostgres(ctx, storeCfg, cfg.CopyTo, stderr)
+	}
+	store, err := openStore(ctx, storeCfg)
 	if err != nil {
 		return fmt.Errorf("open store: %w", err)
 	}
@@ -110,8 +114,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 
 	reg := prometheus.NewRegistry()
 	m := newMetrics(reg)
-	m.dbPools(store.Stats)
-	m.writeGroups(store.GroupStats)
+	switch st := store.(type) {
+	case *sqliteStore:
+		m.dbPools(st.Stats)
+		m.writeGroups(st.GroupStats)
+	case *postgresStore:
+		m.pgPool(st.Stat)
+	}
 	svc := NewProductService(store, ServiceConfig{
 		Cache: c, RedisTimeout: cfg.RedisTimeout, LocalCacheSize: cfg.LocalCacheSize,
 		CacheTTL: cfg.CacheTTL, Logger: log, Metrics: m, Tracing: tr,
@@ -238,7 +247,7 @@ func adminMux(m *metrics) http.Handler {
 }
 
 // expireIdempotencyKeys deletes expired idempotency keys every few minutes.
-func expireIdempotencyKeys(ctx context.Context, store *Store, log *slog.Logger) {
+func expireIdempotencyKeys(ctx context.Context, store productStore, log *slog.Logger) {
 	t := time.NewTicker(10 * time.Minute)
 	defer t.Stop()
 	for {

@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -197,4 +198,40 @@ func (m *metrics) observe(method, route string, status int, elapsed time.Duratio
 	}
 	m.requests.WithLabelValues(method, route, strconv.Itoa(status)).Inc()
 	m.duration.WithLabelValues(method, route).Observe(elapsed.Seconds())
+}
+
+// pgPool exposes the PostgreSQL connection pool's statistics at scrape time.
+func (m *metrics) pgPool(stat func() *pgxpool.Stat) {
+	m.reg.MustRegister(pgPoolCollector{stat})
+}
+
+type pgPoolCollector struct{ stat func() *pgxpool.Stat }
+
+var (
+	pgMaxDesc     = prometheus.NewDesc("pgxpool_max_connections", "Maximum PostgreSQL connections in the pool.", nil, nil)
+	pgTotalDesc   = prometheus.NewDesc("pgxpool_connections", "Open PostgreSQL connections by state.", []string{"state"}, nil)
+	pgAcqDesc     = prometheus.NewDesc("pgxpool_acquires_total", "Connections acquired from the pool.", nil, nil)
+	pgEmptyDesc   = prometheus.NewDesc("pgxpool_empty_acquires_total", "Acquires that had to wait for a connection.", nil, nil)
+	pgWaitDesc    = prometheus.NewDesc("pgxpool_acquire_wait_seconds_total", "Time spent waiting for a connection.", nil, nil)
+	pgCancelDesc  = prometheus.NewDesc("pgxpool_canceled_acquires_total", "Acquires abandoned by their caller.", nil, nil)
+	pgNewConnDesc = prometheus.NewDesc("pgxpool_new_connections_total", "Connections opened.", nil, nil)
+)
+
+func (c pgPoolCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{pgMaxDesc, pgTotalDesc, pgAcqDesc, pgEmptyDesc, pgWaitDesc, pgCancelDesc, pgNewConnDesc} {
+		ch <- d
+	}
+}
+
+func (c pgPoolCollector) Collect(ch chan<- prometheus.Metric) {
+	s := c.stat()
+	ch <- prometheus.MustNewConstMetric(pgMaxDesc, prometheus.GaugeValue, float64(s.MaxConns()))
+	ch <- prometheus.MustNewConstMetric(pgTotalDesc, prometheus.GaugeValue, float64(s.AcquiredConns()), "acquired")
+	ch <- prometheus.MustNewConstMetric(pgTotalDesc, prometheus.GaugeValue, float64(s.IdleConns()), "idle")
+	ch <- prometheus.MustNewConstMetric(pgTotalDesc, prometheus.GaugeValue, float64(s.ConstructingConns()), "constructing")
+	ch <- prometheus.MustNewConstMetric(pgAcqDesc, prometheus.CounterValue, float64(s.AcquireCount()))
+	ch <- prometheus.MustNewConstMetric(pgEmptyDesc, prometheus.CounterValue, float64(s.EmptyAcquireCount()))
+	ch <- prometheus.MustNewConstMetric(pgWaitDesc, prometheus.CounterValue, s.AcquireDuration().Seconds())
+	ch <- prometheus.MustNewConstMetric(pgCancelDesc, prometheus.CounterValue, float64(s.CanceledAcquireCount()))
+	ch <- prometheus.MustNewConstMetric(pgNewConnDesc, prometheus.CounterValue, float64(s.NewConnsCount()))
 }

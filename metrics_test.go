@@ -29,7 +29,7 @@ const mtToken = "t"
 // it, without a listener.
 type mtServer struct {
 	handler http.Handler
-	store   *Store
+	store   *sqliteStore
 	svc     *ProductService
 }
 
@@ -38,7 +38,7 @@ type mtServer struct {
 // and no load shedding.
 func mtNewServer(tb testing.TB) *mtServer {
 	tb.Helper()
-	store, err := OpenStore(tb.Context(), StoreConfig{Path: filepath.Join(tb.TempDir(), "products.db")})
+	store, err := openSQLite(tb.Context(), StoreConfig{Path: filepath.Join(tb.TempDir(), "products.db")})
 	if err != nil {
 		tb.Fatalf("OpenStore: %v", err)
 	}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/sony/gobreaker/v2"
 	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/sync/singleflight"
 )
 
@@ -18,7 +19,8 @@ import (
 // behind circuit breakers.
 type ProductService struct {
 	store        productStore
-	cache        cache // noCache when Redis is not configured
+	dbSystem     string // the store's engine, for span names and attributes
+	cache        cache  // noCache when Redis is not configured
 	redisEnabled bool
 	local        *localCache
 	pages        *pageCache
@@ -34,20 +36,6 @@ type ProductService struct {
 	redisCB *gobreaker.CircuitBreaker[struct{}]
 
 	flight singleflight.Group
-}
-
-// productStore is what the service needs of the store. *Store is the one
-// real implementation; tests wrap it to inject database failures.
-type productStore interface {
-	Get(ctx context.Context, id int64) (Product, error)
-	List(ctx context.Context, f ListFilter) (Page, error)
-	Create(ctx context.Context, p Product, idem *IdempotencyKey, onCommit func(Product)) (Product, error)
-	Update(ctx context.Context, id int64, change func(*Product) error, onCommit func(Product)) (Product, error)
-	AdjustStock(ctx context.Context, id, delta int64, check func(version int64) error, idem *IdempotencyKey, onCommit func(Product)) (Product, error)
-	Delete(ctx context.Context, id int64, check func(Product) error, onCommit func(Product)) error
-	Ping(ctx context.Context) error
-	ProbeWrite(ctx context.Context) error
-	Count() int64
 }
 
 // ServiceConfig configures NewProductService.
@@ -99,6 +87,7 @@ func NewProductService(store productStore, cfg ServiceConfig) *ProductService {
 	}
 	s := &ProductService{
 		store:        store,
+		dbSystem:     store.Backend(),
 		cache:        cfg.Cache,
 		redisEnabled: cfg.Cache != nil,
 		local:        newLocalCache(cfg.LocalCacheSize, cfg.CacheTTL),
@@ -160,13 +149,20 @@ type UnavailableError struct {
 func (e *UnavailableError) Error() string { return e.Reason }
 func (e *UnavailableError) Unwrap() error { return ErrUnavailable }
 
-func dbAttrs(op string) []attribute.KeyValue {
-	return []attribute.KeyValue{attribute.String("db.system", "sqlite"), attribute.String("db.operation", op)}
+// dbSpan starts a span for a store call named after the engine, e.g.
+// "postgres get product".
+func (s *ProductService) dbSpan(ctx context.Context, name, op string) (context.Context, trace.Span) {
+	system := s.dbSystem
+	if system == "postgres" {
+		system = "postgresql" // OpenTelemetry's name for it
+	}
+	return s.trace.start(ctx, s.dbSystem+" "+name,
+		attribute.String("db.system", system), attribute.String("db.operation", op))
 }
 
 // write runs a store write through the write breaker, in a span.
 func (s *ProductService) write(ctx context.Context, name string, fn func(ctx context.Context) error) error {
-	ctx, span := s.trace.start(ctx, name, dbAttrs("WRITE")...)
+	ctx, span := s.dbSpan(ctx, name, "WRITE")
 	defer span.End()
 	return guard(s.writeCB, func() error { return fn(ctx) })
 }
@@ -215,7 +211,7 @@ func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, stri
 		}
 		var p Product
 		err := guard(s.readCB, func() error {
-			ctx, span := s.trace.start(ctx, "sqlite get product", dbAttrs("SELECT")...)
+			ctx, span := s.dbSpan(ctx, "get product", "SELECT")
 			defer span.End()
 			var err error
 			p, err = s.store.Get(ctx, id)
@@ -321,11 +317,15 @@ func (s *ProductService) cachePut(ctx context.Context, epoch cacheEpoch, id, ver
 	return err == nil
 }
 
-// written is called on the store's writer goroutine after a write commits,
-// in commit order: the in-process layer never goes back in time.
+// written records a committed write in the in-process layers, before the
+// write is acknowledged. Writes may report in any order (several
+// connections, several goroutines): the product cache keeps the higher
+// version, and a delete leaves a tombstone that outranks the product.
 func (s *ProductService) written(p Product, deleted bool) cachedProduct {
 	v := cachedProduct{Version: p.Version}
-	if !deleted {
+	if deleted {
+		v.Version++ // a tombstone outranks the deleted version
+	} else {
 		v.JSON = appendProduct(nil, &p)
 	}
 	s.local.written(p.ID, v, s.redisEnabled)
@@ -341,12 +341,8 @@ func (s *ProductService) publish(ctx context.Context, id int64, v cachedProduct)
 		return
 	}
 	defer s.local.published(id)
-	version := v.Version
-	if v.JSON == nil {
-		version++ // a tombstone outranks the deleted version
-	}
 	s.metrics.cacheInvalidation()
-	if !s.cachePut(context.WithoutCancel(ctx), s.cache.Epoch(), id, version, v.JSON) {
+	if !s.cachePut(context.WithoutCancel(ctx), s.cache.Epoch(), id, v.Version, v.JSON) {
 		s.cache.Forget()
 	}
 }
@@ -360,16 +356,15 @@ func (s *ProductService) Create(ctx context.Context, in ProductInput, idem *Idem
 	}
 	var p Product
 	in.apply(&p, false)
-	var v cachedProduct
-	err := s.write(ctx, "sqlite create product", func(ctx context.Context) error {
+	err := s.write(ctx, "create product", func(ctx context.Context) error {
 		var err error
-		p, err = s.store.Create(ctx, p, idem, func(p Product) { v = s.written(p, false) })
+		p, err = s.store.Create(ctx, p, idem)
 		return err
 	})
 	if err != nil {
 		return Product{}, err
 	}
-	s.publish(ctx, p.ID, v)
+	s.publish(ctx, p.ID, s.written(p, false))
 	return p, nil
 }
 
@@ -419,23 +414,24 @@ func (s *ProductService) SetStock(ctx context.Context, id, stock int64, cond *If
 
 func (s *ProductService) update(ctx context.Context, id int64, cond *IfMatch, change func(*Product) error) (Product, error) {
 	var out Product
-	var v cachedProduct
 	wrote := false
-	err := s.write(ctx, "sqlite update product", func(ctx context.Context) error {
+	err := s.write(ctx, "update product", func(ctx context.Context) error {
 		var err error
 		out, err = s.store.Update(ctx, id, func(p *Product) error {
-			if err := cond.check(p.Version); err != nil {
-				return err
+			err := cond.check(p.Version)
+			if err == nil {
+				err = change(p)
 			}
-			return change(p)
-		}, func(p Product) { v, wrote = s.written(p, false), true })
+			wrote = err == nil // the last run is the one that committed
+			return err
+		})
 		return err
 	})
 	if err != nil {
 		return Product{}, err
 	}
 	if wrote {
-		s.publish(ctx, id, v)
+		s.publish(ctx, id, s.written(out, false))
 	}
 	return out, nil
 }
@@ -448,31 +444,31 @@ func (s *ProductService) AdjustStock(ctx context.Context, id, delta int64, cond 
 		return Product{}, &ValidationError{Problems: map[string]string{"delta": "must be a non-zero integer from -1000000000000 to 1000000000000"}}
 	}
 	var p Product
-	var v cachedProduct
-	err := s.write(ctx, "sqlite adjust stock", func(ctx context.Context) error {
+	err := s.write(ctx, "adjust stock", func(ctx context.Context) error {
 		var err error
-		p, err = s.store.AdjustStock(ctx, id, delta, cond.check, idem, func(p Product) { v = s.written(p, false) })
+		p, err = s.store.AdjustStock(ctx, id, delta, cond.check, idem)
 		return err
 	})
 	if err != nil {
 		return Product{}, err
 	}
-	s.publish(ctx, id, v)
+	s.publish(ctx, id, s.written(p, false))
 	return p, nil
 }
 
 // Delete removes the product with id. It returns ErrNotFound,
 // ErrPrecondition or an *UnavailableError.
 func (s *ProductService) Delete(ctx context.Context, id int64, cond *IfMatch) error {
-	var v cachedProduct
-	err := s.write(ctx, "sqlite delete product", func(ctx context.Context) error {
-		return s.store.Delete(ctx, id, func(p Product) error { return cond.check(p.Version) },
-			func(p Product) { v = s.written(p, true) })
+	var gone Product
+	err := s.write(ctx, "delete product", func(ctx context.Context) error {
+		var err error
+		gone, err = s.store.Delete(ctx, id, func(p Product) error { return cond.check(p.Version) })
+		return err
 	})
 	if err != nil {
 		return err
 	}
-	s.publish(ctx, id, v)
+	s.publish(ctx, id, s.written(gone, true))
 	return nil
 }
 
@@ -501,7 +497,7 @@ func (s *ProductService) ListJSON(ctx context.Context, key string, f ListFilter)
 // database is failing.
 func (s *ProductService) List(ctx context.Context, f ListFilter) (Page, error) {
 	var page Page
-	ctx, span := s.trace.start(ctx, "sqlite list products", dbAttrs("SELECT")...)
+	ctx, span := s.dbSpan(ctx, "list products", "SELECT")
 	defer span.End()
 	err := guard(s.readCB, func() error {
 		var err error

@@ -32,38 +32,40 @@ func TestProductService_Create(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			svc := newTestService(t, nil, ServiceConfig{})
-			if _, err := svc.Create(t.Context(), ProductInput{SKU: new("TAKEN"), Name: new("x"), PriceCents: new(int64(1))}, nil); err != nil {
-				t.Fatal(err)
-			}
-			got, err := svc.Create(t.Context(), tt.in, nil)
-			if !errors.Is(err, tt.wantErr) || (tt.wantErr == nil) != (err == nil) {
-				t.Fatalf("Create(%+v) error = %v, want %v", tt.in, err, tt.wantErr)
-			}
-			var verr *ValidationError
-			if errors.Is(tt.wantErr, ErrInvalid) && !errors.As(err, &verr) {
-				t.Errorf("Create(%+v) error = %T, want a *ValidationError", tt.in, err)
-			}
-			if err != nil {
-				return
-			}
-			var want Product
-			tt.in.apply(&want, false)
-			want.Version = 1
-			if diff := cmp.Diff(want, got, ignoreServerFields); diff != "" {
-				t.Errorf("Create(%+v) (-want +got):\n%s", tt.in, diff)
-			}
-			v, _, err := svc.Get(t.Context(), got.ID)
-			if err != nil {
-				t.Fatal(err)
-			}
-			var read Product
-			if err := json.Unmarshal(v.JSON, &read); err != nil {
-				t.Fatal(err)
-			}
-			if diff := cmp.Diff(got, read); diff != "" {
-				t.Errorf("Get after Create (-want +got):\n%s", diff)
-			}
+			forEachStore(t, func(t *testing.T, s productStore) {
+				svc := newTestService(t, s, ServiceConfig{})
+				if _, err := svc.Create(t.Context(), ProductInput{SKU: new("TAKEN"), Name: new("x"), PriceCents: new(int64(1))}, nil); err != nil {
+					t.Fatal(err)
+				}
+				got, err := svc.Create(t.Context(), tt.in, nil)
+				if !errors.Is(err, tt.wantErr) || (tt.wantErr == nil) != (err == nil) {
+					t.Fatalf("Create(%+v) error = %v, want %v", tt.in, err, tt.wantErr)
+				}
+				var verr *ValidationError
+				if errors.Is(tt.wantErr, ErrInvalid) && !errors.As(err, &verr) {
+					t.Errorf("Create(%+v) error = %T, want a *ValidationError", tt.in, err)
+				}
+				if err != nil {
+					return
+				}
+				var want Product
+				tt.in.apply(&want, false)
+				want.Version = 1
+				if diff := cmp.Diff(want, got, ignoreServerFields); diff != "" {
+					t.Errorf("Create(%+v) (-want +got):\n%s", tt.in, diff)
+				}
+				v, _, err := svc.Get(t.Context(), got.ID)
+				if err != nil {
+					t.Fatal(err)
+				}
+				var read Product
+				if err := json.Unmarshal(v.JSON, &read); err != nil {
+					t.Fatal(err)
+				}
+				if diff := cmp.Diff(got, read); diff != "" {
+					t.Errorf("Get after Create (-want +got):\n%s", diff)
+				}
+			})
 		})
 	}
 }
@@ -81,7 +83,7 @@ var dbFaults = []struct {
 func TestProductService_readBreaker(t *testing.T) {
 	for _, fault := range dbFaults {
 		t.Run(fault.name, func(t *testing.T) {
-			fs := &failingStore{Store: newTestStore(t)}
+			fs := &failingStore{productStore: newTestStore(t)}
 			ts := newTestServer(t, newTestService(t, fs, ServiceConfig{}))
 			p := ts.createProduct(t, "BRK-1", 100)
 			path := fmt.Sprintf("/products/%d", p.ID)
@@ -132,7 +134,7 @@ func TestProductService_readBreaker(t *testing.T) {
 func TestProductService_writeBreaker(t *testing.T) {
 	for _, fault := range dbFaults {
 		t.Run(fault.name, func(t *testing.T) {
-			fs := &failingStore{Store: newTestStore(t)}
+			fs := &failingStore{productStore: newTestStore(t)}
 			ts := newTestServer(t, newTestService(t, fs, ServiceConfig{}))
 			p := ts.createProduct(t, "BRK-W", 100, `"stock":5`)
 			path := fmt.Sprintf("/products/%d", p.ID)
@@ -182,7 +184,7 @@ func TestProductService_writeBreaker(t *testing.T) {
 }
 
 func TestProductService_breakerRecovers(t *testing.T) {
-	fs := &failingStore{Store: newTestStore(t)}
+	fs := &failingStore{productStore: newTestStore(t)}
 	svc := newTestService(t, fs, ServiceConfig{BreakerTimeout: 50 * time.Millisecond})
 	p, err := svc.Create(t.Context(), ProductInput{SKU: new("REC-1"), Name: new("pen"), PriceCents: new(int64(1))}, nil)
 	if err != nil {
@@ -222,7 +224,7 @@ func TestProductService_breakerRecovers(t *testing.T) {
 
 func TestProductService_Probe(t *testing.T) {
 	// The background probe closes the breakers with no client request.
-	fs := &failingStore{Store: newTestStore(t)}
+	fs := &failingStore{productStore: newTestStore(t)}
 	svc := newTestService(t, fs, ServiceConfig{BreakerTimeout: 50 * time.Millisecond})
 	fs.failReads(&dbFailure{errors.New("disk I/O error")})
 	fs.failWrites(&dbFailure{errors.New("disk full")})
@@ -254,7 +256,7 @@ func TestProductService_Probe(t *testing.T) {
 }
 
 func TestProductService_breakerIgnoresClientErrors(t *testing.T) {
-	fs := &failingStore{Store: newTestStore(t)}
+	fs := &failingStore{productStore: newTestStore(t)}
 	svc := newTestService(t, fs, ServiceConfig{})
 	ctx := t.Context()
 	p, err := svc.Create(ctx, ProductInput{SKU: new("IGN-1"), Name: new("pen"), PriceCents: new(int64(1)), Stock: new(int64(1))}, nil)
@@ -345,71 +347,73 @@ func TestProductService_breakerIgnoresClientErrors(t *testing.T) {
 }
 
 func TestProductService_AdjustStock_concurrent(t *testing.T) {
-	svc := newTestService(t, nil, ServiceConfig{LocalCacheSize: 100})
-	p, err := svc.Create(t.Context(), ProductInput{SKU: new("CONC-1"), Name: new("pen"), PriceCents: new(int64(1)), Stock: new(int64(1000))}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	const goroutines, perGoroutine = 50, 20
-	var wg sync.WaitGroup
-	want := p.Stock
-	for g := range goroutines {
-		for j := range perGoroutine {
-			if (g+j)%3 == 0 {
-				want--
-			} else {
-				want++
-			}
+	forEachStore(t, func(t *testing.T, s productStore) {
+		svc := newTestService(t, s, ServiceConfig{LocalCacheSize: 100})
+		p, err := svc.Create(t.Context(), ProductInput{SKU: new("CONC-1"), Name: new("pen"), PriceCents: new(int64(1)), Stock: new(int64(1000))}, nil)
+		if err != nil {
+			t.Fatal(err)
 		}
-		wg.Go(func() {
+		const goroutines, perGoroutine = 50, 20
+		var wg sync.WaitGroup
+		want := p.Stock
+		for g := range goroutines {
 			for j := range perGoroutine {
-				delta := int64(1)
 				if (g+j)%3 == 0 {
-					delta = -1
-				}
-				if _, err := svc.AdjustStock(context.Background(), p.ID, delta, nil, nil); err != nil {
-					t.Errorf("goroutine %d: AdjustStock(%d) error = %v", g, delta, err)
-					return
+					want--
+				} else {
+					want++
 				}
 			}
-		})
-	}
-	wg.Wait()
-	v, _, err := svc.Get(t.Context(), p.ID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var got Product
-	if err := json.Unmarshal(v.JSON, &got); err != nil {
-		t.Fatal(err)
-	}
-	if got.Stock != want {
-		t.Errorf("stock after %d concurrent ±1 adjustments = %d, want %d", goroutines*perGoroutine, got.Stock, want)
-	}
-	if wantVersion := int64(1 + goroutines*perGoroutine); got.Version != wantVersion {
-		t.Errorf("version = %d, want %d (one per adjustment)", got.Version, wantVersion)
-	}
-	// The store agrees with the cache.
-	stored, err := svc.store.Get(t.Context(), p.ID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if diff := cmp.Diff(stored, got); diff != "" {
-		t.Errorf("cached product differs from the stored one (-want +got):\n%s", diff)
-	}
+			wg.Go(func() {
+				for j := range perGoroutine {
+					delta := int64(1)
+					if (g+j)%3 == 0 {
+						delta = -1
+					}
+					if _, err := svc.AdjustStock(context.Background(), p.ID, delta, nil, nil); err != nil {
+						t.Errorf("goroutine %d: AdjustStock(%d) error = %v", g, delta, err)
+						return
+					}
+				}
+			})
+		}
+		wg.Wait()
+		v, _, err := svc.Get(t.Context(), p.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got Product
+		if err := json.Unmarshal(v.JSON, &got); err != nil {
+			t.Fatal(err)
+		}
+		if got.Stock != want {
+			t.Errorf("stock after %d concurrent ±1 adjustments = %d, want %d", goroutines*perGoroutine, got.Stock, want)
+		}
+		if wantVersion := int64(1 + goroutines*perGoroutine); got.Version != wantVersion {
+			t.Errorf("version = %d, want %d (one per adjustment)", got.Version, wantVersion)
+		}
+		// The store agrees with the cache.
+		stored, err := svc.store.Get(t.Context(), p.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if diff := cmp.Diff(stored, got); diff != "" {
+			t.Errorf("cached product differs from the stored one (-want +got):\n%s", diff)
+		}
+	})
 }
 
 // holdFirstGet is a store whose first Get reads the product, then waits for
 // release before returning it: a read slow enough to straddle a write.
 type holdFirstGet struct {
-	*Store
+	productStore
 	once    sync.Once
 	read    chan struct{} // closed once the held Get has read
 	release chan struct{}
 }
 
 func (h *holdFirstGet) Get(ctx context.Context, id int64) (Product, error) {
-	p, err := h.Store.Get(ctx, id)
+	p, err := h.productStore.Get(ctx, id)
 	held := false
 	h.once.Do(func() { held = true })
 	if held {
@@ -424,43 +428,45 @@ func (h *holdFirstGet) Get(ctx context.Context, id int64) (Product, error) {
 // that started before the write (singleflight), which would return the old
 // version. The in-process cache is off so the later read needs the store.
 func TestProductService_Get_noSharedReadAcrossWrite(t *testing.T) {
-	store := &holdFirstGet{Store: newTestStore(t), read: make(chan struct{}), release: make(chan struct{})}
-	svc := newTestService(t, store, ServiceConfig{LocalCacheSize: 0})
-	p, err := svc.Create(t.Context(), ProductInput{SKU: new("SF-1"), Name: new("pen"), PriceCents: new(int64(100))}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	slow := make(chan int64, 1)
-	go func() {
-		v, _, err := svc.Get(context.Background(), p.ID)
+	forEachStore(t, func(t *testing.T, s productStore) {
+		store := &holdFirstGet{productStore: s, read: make(chan struct{}), release: make(chan struct{})}
+		svc := newTestService(t, store, ServiceConfig{LocalCacheSize: 0})
+		p, err := svc.Create(t.Context(), ProductInput{SKU: new("SF-1"), Name: new("pen"), PriceCents: new(int64(100))}, nil)
 		if err != nil {
-			t.Error(err)
+			t.Fatal(err)
 		}
-		slow <- v.Version
-	}()
-	<-store.read // the slow read holds version 1
+		slow := make(chan int64, 1)
+		go func() {
+			v, _, err := svc.Get(context.Background(), p.ID)
+			if err != nil {
+				t.Error(err)
+			}
+			slow <- v.Version
+		}()
+		<-store.read // the slow read holds version 1
 
-	if _, err := svc.Patch(t.Context(), p.ID, ProductPatch{PriceCents: optional[int64]{Set: true, Value: 200}}, nil); err != nil {
-		t.Fatal(err)
-	}
-	got := make(chan int64, 1)
-	go func() {
-		v, _, err := svc.Get(context.Background(), p.ID)
-		if err != nil {
-			t.Error(err)
+		if _, err := svc.Patch(t.Context(), p.ID, ProductPatch{PriceCents: optional[int64]{Set: true, Value: 200}}, nil); err != nil {
+			t.Fatal(err)
 		}
-		got <- v.Version
-	}()
-	select {
-	case v := <-got:
-		if v != 2 {
-			t.Errorf("Get after the acknowledged write = version %d, want 2", v)
+		got := make(chan int64, 1)
+		go func() {
+			v, _, err := svc.Get(context.Background(), p.ID)
+			if err != nil {
+				t.Error(err)
+			}
+			got <- v.Version
+		}()
+		select {
+		case v := <-got:
+			if v != 2 {
+				t.Errorf("Get after the acknowledged write = version %d, want 2", v)
+			}
+		case <-time.After(10 * time.Second):
+			t.Error("Get after the write waited for the slow read that started before it")
 		}
-	case <-time.After(10 * time.Second):
-		t.Error("Get after the write waited for the slow read that started before it")
-	}
-	close(store.release)
-	if v := <-slow; v != 1 {
-		t.Errorf("slow Get = version %d, want 1 (it read before the write)", v)
-	}
+		close(store.release)
+		if v := <-slow; v != 1 {
+			t.Errorf("slow Get = version %d, want 1 (it read before the write)", v)
+		}
+	})
 }

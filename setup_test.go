@@ -30,6 +30,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+
+	"productsvc/internal/pgtest"
 )
 
 // testToken is the bearer token test servers accept unless told otherwise.
@@ -38,17 +40,17 @@ const testToken = "test-token"
 // newTestStore opens a migrated SQLite store in a file under tb.TempDir()
 // and closes it when the test ends. Sync is "normal": these tests are not
 // about surviving power loss, and an fsync per group slows them down.
-func newTestStore(tb testing.TB) *Store {
+func newTestStore(tb testing.TB) *sqliteStore {
 	tb.Helper()
 	return openTestStore(tb, filepath.Join(tb.TempDir(), "products.db"))
 }
 
 // openTestStore opens the store at path and closes it when the test ends.
-func openTestStore(tb testing.TB, path string) *Store {
+func openTestStore(tb testing.TB, path string) *sqliteStore {
 	tb.Helper()
-	s, err := OpenStore(context.Background(), StoreConfig{Path: path, Sync: "normal", Timeout: 5 * time.Second})
+	s, err := openSQLite(context.Background(), StoreConfig{Path: path, Sync: "normal", Timeout: 5 * time.Second})
 	if err != nil {
-		tb.Fatalf("OpenStore(%q) error = %v, want nil", path, err)
+		tb.Fatalf("openSQLite(%q) error = %v, want nil", path, err)
 	}
 	tb.Cleanup(func() {
 		if err := s.Close(); err != nil {
@@ -363,7 +365,7 @@ func counterValue(tb testing.TB, c prometheus.Counter) float64 {
 // failingStore is a store whose operations can be made to fail with a
 // given error. Each operation counts the calls that reached it.
 type failingStore struct {
-	*Store
+	productStore
 
 	mu       sync.Mutex
 	readErr  error // returned by Get and List when set
@@ -396,7 +398,7 @@ func (f *failingStore) Get(ctx context.Context, id int64) (Product, error) {
 	if err, _ := f.errs(); err != nil {
 		return Product{}, fmt.Errorf("get product %d: %w", id, err)
 	}
-	return f.Store.Get(ctx, id)
+	return f.productStore.Get(ctx, id)
 }
 
 func (f *failingStore) List(ctx context.Context, lf ListFilter) (Page, error) {
@@ -404,31 +406,31 @@ func (f *failingStore) List(ctx context.Context, lf ListFilter) (Page, error) {
 	if err, _ := f.errs(); err != nil {
 		return Page{}, fmt.Errorf("list products: %w", err)
 	}
-	return f.Store.List(ctx, lf)
+	return f.productStore.List(ctx, lf)
 }
 
-func (f *failingStore) Create(ctx context.Context, p Product, idem *IdempotencyKey, onCommit func(Product)) (Product, error) {
+func (f *failingStore) Create(ctx context.Context, p Product, idem *IdempotencyKey) (Product, error) {
 	f.writes.Add(1)
 	if _, err := f.errs(); err != nil {
 		return Product{}, fmt.Errorf("create product: %w", err)
 	}
-	return f.Store.Create(ctx, p, idem, onCommit)
+	return f.productStore.Create(ctx, p, idem)
 }
 
-func (f *failingStore) Update(ctx context.Context, id int64, change func(*Product) error, onCommit func(Product)) (Product, error) {
+func (f *failingStore) Update(ctx context.Context, id int64, change func(*Product) error) (Product, error) {
 	f.writes.Add(1)
 	if _, err := f.errs(); err != nil {
 		return Product{}, fmt.Errorf("update product %d: %w", id, err)
 	}
-	return f.Store.Update(ctx, id, change, onCommit)
+	return f.productStore.Update(ctx, id, change)
 }
 
-func (f *failingStore) AdjustStock(ctx context.Context, id, delta int64, check func(int64) error, idem *IdempotencyKey, onCommit func(Product)) (Product, error) {
+func (f *failingStore) AdjustStock(ctx context.Context, id, delta int64, check func(int64) error, idem *IdempotencyKey) (Product, error) {
 	f.writes.Add(1)
 	if _, err := f.errs(); err != nil {
 		return Product{}, fmt.Errorf("adjust stock of product %d: %w", id, err)
 	}
-	return f.Store.AdjustStock(ctx, id, delta, check, idem, onCommit)
+	return f.productStore.AdjustStock(ctx, id, delta, check, idem)
 }
 
 // ProbeWrite fails like the writes: the write breaker's background probe
@@ -438,15 +440,15 @@ func (f *failingStore) ProbeWrite(ctx context.Context) error {
 	if _, err := f.errs(); err != nil {
 		return fmt.Errorf("probe write: %w", err)
 	}
-	return f.Store.ProbeWrite(ctx)
+	return f.productStore.ProbeWrite(ctx)
 }
 
-func (f *failingStore) Delete(ctx context.Context, id int64, check func(Product) error, onCommit func(Product)) error {
+func (f *failingStore) Delete(ctx context.Context, id int64, check func(Product) error) (Product, error) {
 	f.writes.Add(1)
 	if _, err := f.errs(); err != nil {
-		return fmt.Errorf("delete product %d: %w", id, err)
+		return Product{}, fmt.Errorf("delete product %d: %w", id, err)
 	}
-	return f.Store.Delete(ctx, id, check, onCommit)
+	return f.productStore.Delete(ctx, id, check)
 }
 
 // redisServer is a redis-server child process on a fixed loopback port,
@@ -643,4 +645,106 @@ func newTestRedisCache(tb testing.TB, r *redisServer, timeout time.Duration) *re
 		tb.Fatalf("newRedisCache(%q) error = %v", r.URL, err)
 	}
 	return c
+}
+
+// TestMain stops the shared PostgreSQL server, if a test started one.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if pgServer != nil {
+		pgServer.Stop()
+	}
+	os.Exit(code)
+}
+
+var (
+	pgOnce     sync.Once
+	pgServer   *pgtest.Server
+	pgStartErr error
+)
+
+// sharedPostgres returns the PostgreSQL server of this test binary,
+// starting it on first use. Without PostgreSQL installed the test is
+// skipped, or fails when REQUIRE_POSTGRES=1 (as in CI).
+func sharedPostgres(tb testing.TB) *pgtest.Server {
+	tb.Helper()
+	pgOnce.Do(func() { pgServer, pgStartErr = pgtest.Start() })
+	if pgStartErr != nil {
+		if os.Getenv("REQUIRE_POSTGRES") == "1" {
+			tb.Fatalf("REQUIRE_POSTGRES=1 but PostgreSQL could not start: %v", pgStartErr)
+		}
+		tb.Skipf("PostgreSQL not available: %v", pgStartErr)
+	}
+	return pgServer
+}
+
+// newTestDatabase creates an empty PostgreSQL database, dropped when the
+// test ends, and returns its URL.
+func newTestDatabase(tb testing.TB) string {
+	tb.Helper()
+	srv := sharedPostgres(tb)
+	name, url, err := srv.CreateDatabase(context.Background())
+	if err != nil {
+		tb.Fatalf("create database: %v", err)
+	}
+	tb.Cleanup(func() {
+		if err := srv.DropDatabase(context.Background(), name); err != nil {
+			tb.Errorf("drop database %s: %v", name, err)
+		}
+	})
+	return url
+}
+
+// openTestPostgres opens a store on the database at url, closed when the
+// test ends.
+func openTestPostgres(tb testing.TB, url string) *postgresStore {
+	tb.Helper()
+	s, err := openPostgres(context.Background(), StoreConfig{DatabaseURL: url, Timeout: 5 * time.Second})
+	if err != nil {
+		tb.Fatalf("openPostgres error = %v, want nil", err)
+	}
+	tb.Cleanup(func() { s.Close() })
+	return s
+}
+
+// newTestPostgres opens a PostgreSQL store on a new database.
+func newTestPostgres(tb testing.TB) *postgresStore {
+	tb.Helper()
+	return openTestPostgres(tb, newTestDatabase(tb))
+}
+
+// storeOpener opens a store on the same test database each time it is
+// called; the first call creates the database.
+type storeOpener func(tb testing.TB) productStore
+
+// forEachBackend runs test once per engine, each on a database of its own:
+// one behaviour, two stores.
+func forEachBackend(t *testing.T, test func(t *testing.T, open storeOpener)) {
+	t.Run("sqlite", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "products.db")
+		test(t, func(tb testing.TB) productStore { return openTestStore(tb, path) })
+	})
+	t.Run("postgres", func(t *testing.T) {
+		var url string
+		test(t, func(tb testing.TB) productStore {
+			if url == "" {
+				url = newTestDatabase(t)
+			}
+			return openTestPostgres(tb, url)
+		})
+	})
+}
+
+// forEachStore runs test against a new store of each engine.
+func forEachStore(t *testing.T, test func(t *testing.T, s productStore)) {
+	forEachBackend(t, func(t *testing.T, open storeOpener) { test(t, open(t)) })
+}
+
+// setStoreClock makes s read the time from now.
+func setStoreClock(s productStore, now func() time.Time) {
+	switch s := s.(type) {
+	case *sqliteStore:
+		s.now = now
+	case *postgresStore:
+		s.now = now
+	}
 }

@@ -8,7 +8,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -20,14 +23,41 @@ func newProduct(sku string) Product {
 	return Product{SKU: sku, Name: "product " + sku, PriceCents: 100, Currency: "USD"}
 }
 
-func TestOpenStore_migrationsIdempotent(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "products.db")
-	var created Product
-	for i := range 3 {
-		s, err := OpenStore(t.Context(), StoreConfig{Path: path, Sync: "normal"})
-		if err != nil {
-			t.Fatalf("OpenStore #%d error = %v, want nil", i+1, err)
+// The tests named TestStore_* are the store conformance suite: each runs
+// the same body against SQLite and PostgreSQL (forEachStore).
+
+func TestStore_migrationsIdempotent(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, open storeOpener) {
+		var created Product
+		for i := range 3 {
+			s := open(t)
+			if i == 0 {
+				var err error
+				if created, err = s.Create(t.Context(), newProduct("MIG-1"), nil); err != nil {
+					t.Fatal(err)
+				}
+			}
+			got, err := s.Get(t.Context(), created.ID)
+			if err != nil {
+				t.Errorf("open #%d: Get(%d) error = %v", i+1, created.ID, err)
+			}
+			if diff := cmp.Diff(created, got); diff != "" {
+				t.Errorf("open #%d: product (-want +got):\n%s", i+1, diff)
+			}
+			if n := s.Count(); n != 1 {
+				t.Errorf("open #%d: Count() = %d, want 1", i+1, n)
+			}
+			if err := s.Close(); err != nil {
+				t.Fatalf("Close #%d error = %v", i+1, err)
+			}
 		}
+	})
+}
+
+func TestSQLite_migrationsRecorded(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "products.db")
+	for i := range 2 {
+		s := openTestStore(t, path)
 		var applied int
 		if err := s.read.QueryRowContext(t.Context(), `SELECT count(*) FROM schema_migrations`).Scan(&applied); err != nil {
 			t.Fatal(err)
@@ -35,37 +65,29 @@ func TestOpenStore_migrationsIdempotent(t *testing.T) {
 		if applied != len(migrations) {
 			t.Errorf("open #%d: %d migrations recorded, want %d", i+1, applied, len(migrations))
 		}
-		if i == 0 {
-			if created, err = s.Create(t.Context(), newProduct("MIG-1"), nil, nil); err != nil {
-				t.Fatal(err)
-			}
-		}
-		got, err := s.Get(t.Context(), created.ID)
-		if err != nil {
-			t.Errorf("open #%d: Get(%d) error = %v", i+1, created.ID, err)
-		}
-		if diff := cmp.Diff(created, got); diff != "" {
-			t.Errorf("open #%d: product (-want +got):\n%s", i+1, diff)
-		}
-		if n := s.Count(); n != 1 {
-			t.Errorf("open #%d: Count() = %d, want 1", i+1, n)
-		}
-		if err := s.Close(); err != nil {
-			t.Fatalf("Close #%d error = %v", i+1, err)
-		}
+		s.Close()
+	}
+	// A schema newer than this binary knows is refused.
+	s := openTestStore(t, path)
+	if _, err := s.write.ExecContext(t.Context(), `INSERT INTO schema_migrations (version, applied_at) VALUES (?, 0)`, len(migrations)+1); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if _, err := openSQLite(t.Context(), StoreConfig{Path: path}); !errors.Is(err, errSchemaNewer) {
+		t.Errorf("openSQLite on a newer schema error = %v, want errSchemaNewer", err)
 	}
 }
 
-func TestStore_Close(t *testing.T) {
+func TestSQLite_Close(t *testing.T) {
 	for _, sync := range []string{"full", "normal"} {
 		t.Run(sync, func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "products.db")
-			s, err := OpenStore(t.Context(), StoreConfig{Path: path, Sync: sync})
+			s, err := openSQLite(t.Context(), StoreConfig{Path: path, Sync: sync})
 			if err != nil {
 				t.Fatal(err)
 			}
 			for i := range 20 {
-				if _, err := s.Create(t.Context(), newProduct(fmt.Sprintf("WAL-%d", i)), nil, nil); err != nil {
+				if _, err := s.Create(t.Context(), newProduct(fmt.Sprintf("WAL-%d", i)), nil); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -95,8 +117,11 @@ func TestStore_Close(t *testing.T) {
 }
 
 func TestStore_writeAfterClose(t *testing.T) {
-	s := newTestStore(t)
-	p, err := s.Create(t.Context(), newProduct("CL-1"), nil, nil)
+	forEachStore(t, testWriteAfterClose)
+}
+
+func testWriteAfterClose(t *testing.T, s productStore) {
+	p, err := s.Create(t.Context(), newProduct("CL-1"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -105,13 +130,13 @@ func TestStore_writeAfterClose(t *testing.T) {
 	}
 	// Every write after Close fails with ErrUnavailable; none may block.
 	writes := map[string]func(ctx context.Context) error{
-		"Create": func(ctx context.Context) error { _, err := s.Create(ctx, newProduct("CL-2"), nil, nil); return err },
+		"Create": func(ctx context.Context) error { _, err := s.Create(ctx, newProduct("CL-2"), nil); return err },
 		"Update": func(ctx context.Context) error {
-			_, err := s.Update(ctx, p.ID, func(p *Product) error { p.Name = "x"; return nil }, nil)
+			_, err := s.Update(ctx, p.ID, func(p *Product) error { p.Name = "x"; return nil })
 			return err
 		},
-		"AdjustStock": func(ctx context.Context) error { _, err := s.AdjustStock(ctx, p.ID, 1, nil, nil, nil); return err },
-		"Delete":      func(ctx context.Context) error { return s.Delete(ctx, p.ID, nil, nil) },
+		"AdjustStock": func(ctx context.Context) error { _, err := s.AdjustStock(ctx, p.ID, 1, nil, nil); return err },
+		"Delete":      func(ctx context.Context) error { _, err := s.Delete(ctx, p.ID, nil); return err },
 	}
 	for name, write := range writes {
 		t.Run(name, func(t *testing.T) {
@@ -132,14 +157,17 @@ func TestStore_writeAfterClose(t *testing.T) {
 }
 
 func TestStore_closeWithWritesInFlight(t *testing.T) {
-	s := newTestStore(t)
+	forEachStore(t, testCloseWithWritesInFlight)
+}
+
+func testCloseWithWritesInFlight(t *testing.T, s productStore) {
 	// Writers race Close: each write either commits or fails with
 	// ErrUnavailable, and none blocks.
 	var wg sync.WaitGroup
 	errs := make(chan error, 200)
 	for i := range 200 {
 		wg.Go(func() {
-			_, err := s.Create(context.Background(), newProduct(fmt.Sprintf("RACE-%d", i)), nil, nil)
+			_, err := s.Create(context.Background(), newProduct(fmt.Sprintf("RACE-%d", i)), nil)
 			errs <- err
 		})
 	}
@@ -162,11 +190,14 @@ func TestStore_closeWithWritesInFlight(t *testing.T) {
 }
 
 func TestStore_Create_duplicateSKU(t *testing.T) {
-	s := newTestStore(t)
-	if _, err := s.Create(t.Context(), newProduct("UNIQ-1"), nil, nil); err != nil {
+	forEachStore(t, testCreateDuplicateSKU)
+}
+
+func testCreateDuplicateSKU(t *testing.T, s productStore) {
+	if _, err := s.Create(t.Context(), newProduct("UNIQ-1"), nil); err != nil {
 		t.Fatal(err)
 	}
-	_, err := s.Create(t.Context(), newProduct("UNIQ-1"), nil, nil)
+	_, err := s.Create(t.Context(), newProduct("UNIQ-1"), nil)
 	if !errors.Is(err, ErrConflict) {
 		t.Errorf("Create(duplicate sku) error = %v, want ErrConflict", err)
 	}
@@ -177,17 +208,17 @@ func TestStore_Create_duplicateSKU(t *testing.T) {
 		t.Errorf("Count() = %d, want 1", n)
 	}
 	// Update onto a taken sku is a conflict too.
-	q, err := s.Create(t.Context(), newProduct("UNIQ-2"), nil, nil)
+	q, err := s.Create(t.Context(), newProduct("UNIQ-2"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = s.Update(t.Context(), q.ID, func(p *Product) error { p.SKU = "UNIQ-1"; return nil }, nil)
+	_, err = s.Update(t.Context(), q.ID, func(p *Product) error { p.SKU = "UNIQ-1"; return nil })
 	if !errors.Is(err, ErrConflict) {
 		t.Errorf("Update(sku taken) error = %v, want ErrConflict", err)
 	}
 }
 
-func TestTranslate(t *testing.T) {
+func TestSQLite_translate(t *testing.T) {
 	s := newTestStore(t)
 	// Real driver errors, from the database itself.
 	if _, err := s.write.ExecContext(t.Context(), `INSERT INTO products (sku, name, price_cents, created_at, updated_at) VALUES ('T-1', 'n', 1, 0, 0)`); err != nil {
@@ -257,10 +288,13 @@ func TestTranslate(t *testing.T) {
 }
 
 func TestStore_AdjustStock(t *testing.T) {
-	s := newTestStore(t)
+	forEachStore(t, testAdjustStock)
+}
+
+func testAdjustStock(t *testing.T, s productStore) {
 	p := newProduct("ADJ")
 	p.Stock = 5
-	p, err := s.Create(t.Context(), p, nil, nil)
+	p, err := s.Create(t.Context(), p, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -281,13 +315,12 @@ func TestStore_AdjustStock(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			before, _ := s.Get(t.Context(), p.ID)
-			committed := false
-			_, err := s.AdjustStock(t.Context(), tt.id, tt.delta, tt.check, nil, func(Product) { committed = true })
+			out, err := s.AdjustStock(t.Context(), tt.id, tt.delta, tt.check, nil)
 			if !errors.Is(err, tt.wantErr) || (tt.wantErr == nil && err != nil) {
 				t.Fatalf("AdjustStock(%d, %d) error = %v, want %v", tt.id, tt.delta, err, tt.wantErr)
 			}
-			if committed != (tt.wantErr == nil) {
-				t.Errorf("onCommit called = %t, want %t", committed, tt.wantErr == nil)
+			if err == nil && (out.Stock != tt.wantStock || out.Version != before.Version+1) {
+				t.Errorf("AdjustStock returned stock %d version %d, want %d and %d", out.Stock, out.Version, tt.wantStock, before.Version+1)
 			}
 			got, err := s.Get(t.Context(), p.ID)
 			if err != nil {
@@ -308,58 +341,318 @@ func TestStore_AdjustStock(t *testing.T) {
 }
 
 func TestStore_Get_notFound(t *testing.T) {
-	s := newTestStore(t)
+	forEachStore(t, testGetNotFound)
+}
+
+func testGetNotFound(t *testing.T, s productStore) {
 	if _, err := s.Get(t.Context(), 1); !errors.Is(err, ErrNotFound) {
 		t.Errorf("Get(1) on an empty store error = %v, want ErrNotFound", err)
 	}
-	if err := s.Delete(t.Context(), 1, nil, nil); !errors.Is(err, ErrNotFound) {
+	if _, err := s.Delete(t.Context(), 1, nil); !errors.Is(err, ErrNotFound) {
 		t.Errorf("Delete(1) on an empty store error = %v, want ErrNotFound", err)
 	}
-	if _, err := s.Update(t.Context(), 1, func(*Product) error { return nil }, nil); !errors.Is(err, ErrNotFound) {
+	if _, err := s.Update(t.Context(), 1, func(*Product) error { return nil }); !errors.Is(err, ErrNotFound) {
 		t.Errorf("Update(1) on an empty store error = %v, want ErrNotFound", err)
 	}
 }
 
 func TestStore_ExpireIdempotencyKeys(t *testing.T) {
+	forEachStore(t, testExpireIdempotencyKeys)
+}
+
+func testExpireIdempotencyKeys(t *testing.T, s productStore) {
+	// The store reads the clock while it runs a write; the test moves it
+	// only between writes.
+	var clock atomic.Pointer[time.Time]
+	now := time.Now()
+	clock.Store(&now)
+	setStoreClock(s, func() time.Time { return *clock.Load() })
+	key := &IdempotencyKey{Scope: "s", Key: "k", Fingerprint: "f"}
+	first, err := s.Create(t.Context(), newProduct("EXP-1"), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.Create(t.Context(), newProduct("EXP-1"), key)
+	if replay, ok := errors.AsType[*Replay](err); !ok || !cmp.Equal(replay.Product, first) {
+		t.Fatalf("Create with a used key error = %v, want a *Replay of %+v", err, first)
+	}
+	if _, err := s.Create(t.Context(), newProduct("EXP-X"), &IdempotencyKey{Scope: "s", Key: "k", Fingerprint: "other"}); !errors.Is(err, ErrIdempotencyMismatch) {
+		t.Errorf("Create with a used key and another request error = %v, want ErrIdempotencyMismatch", err)
+	}
+	if err := s.ExpireIdempotencyKeys(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Create(t.Context(), newProduct("EXP-1"), key); !errors.As(err, new(*Replay)) {
+		t.Errorf("after expiring none, Create with the key error = %v, want a replay", err)
+	}
+
+	later := now.Add(idempotencyTTL + time.Minute)
+	clock.Store(&later)
+	if err := s.ExpireIdempotencyKeys(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	// An expired key is a new request.
+	second, err := s.Create(t.Context(), newProduct("EXP-2"), key)
+	if err != nil || second.ID == first.ID {
+		t.Errorf("Create with an expired key = %+v, %v, want a new product", second, err)
+	}
+}
+
+func TestSQLite_ExpireIdempotencyKeys_deletes(t *testing.T) {
 	s := newTestStore(t)
-	// The writer goroutine reads the clock while it runs a write; the test
-	// moves it only between writes, which the write channel orders.
-	clock := time.Now()
-	s.now = func() time.Time { return clock }
-	countKeys := func() int {
+	now := time.Now()
+	s.now = func() time.Time { return now }
+	if _, err := s.Create(t.Context(), newProduct("DEL-1"), &IdempotencyKey{Scope: "s", Key: "k", Fingerprint: "f"}); err != nil {
+		t.Fatal(err)
+	}
+	count := func() (n int) {
 		t.Helper()
-		var n int
 		if err := s.read.QueryRowContext(t.Context(), `SELECT count(*) FROM idempotency_keys`).Scan(&n); err != nil {
 			t.Fatal(err)
 		}
 		return n
 	}
-	key := &IdempotencyKey{Scope: "s", Key: "k", Fingerprint: "f"}
-	first, err := s.Create(t.Context(), newProduct("EXP-1"), key, nil)
-	if err != nil {
-		t.Fatal(err)
+	if n := count(); n != 1 {
+		t.Fatalf("%d records, want 1", n)
 	}
-	var replay *Replay
-	if _, err := s.Create(t.Context(), newProduct("EXP-1"), key, nil); !errors.As(err, &replay) || replay.ProductID != first.ID || replay.Status != 201 {
-		t.Fatalf("Create with a used key error = %v, want a *Replay of product %d with status 201", err, first.ID)
-	}
+	now = now.Add(idempotencyTTL + time.Minute)
 	if err := s.ExpireIdempotencyKeys(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	if n := countKeys(); n != 1 {
-		t.Errorf("%d keys after expiring none, want 1", n)
+	if n := count(); n != 0 {
+		t.Errorf("%d records after expiry, want 0", n)
 	}
+}
 
-	clock = clock.Add(idempotencyTTL + time.Minute)
-	if err := s.ExpireIdempotencyKeys(t.Context()); err != nil {
-		t.Fatal(err)
+func TestStore_List_sameOrderOnBoth(t *testing.T) {
+	// Names that byte order and a linguistic collation sort differently.
+	names := []string{"b", "B", "a", "Z", "é", "e", "_x", "10", "9", "ä", "A b", "Ab", "a-b"}
+	var walks [][]string
+	forEachStore(t, func(t *testing.T, s productStore) {
+		for i, n := range names {
+			p := newProduct(fmt.Sprintf("ORD-%d", i))
+			p.Name = n
+			if _, err := s.Create(t.Context(), p, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, desc := range []bool{false, true} {
+			var got []string
+			f := ListFilter{Limit: 4, Sort: "name", Desc: desc}
+			for range 10 {
+				page, err := s.List(t.Context(), f)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, p := range page.Items {
+					got = append(got, p.Name)
+				}
+				if page.NextCursor == "" {
+					break
+				}
+				c, err := decodeCursor(page.NextCursor, f.sortParam())
+				if err != nil {
+					t.Fatal(err)
+				}
+				f.After = &c
+			}
+			want := slices.Sorted(slices.Values(names)) // Go compares strings by bytes
+			if desc {
+				slices.Reverse(want)
+			}
+			if !slices.Equal(got, want) {
+				t.Errorf("walk by name (desc %t) = %q, want byte order %q", desc, got, want)
+			}
+			walks = append(walks, got)
+		}
+	})
+	if len(walks) == 4 && (!slices.Equal(walks[0], walks[2]) || !slices.Equal(walks[1], walks[3])) {
+		t.Errorf("the stores walk in different orders: %q and %q", walks[:2], walks[2:])
 	}
-	if n := countKeys(); n != 0 {
-		t.Errorf("%d keys after expiring all, want 0", n)
-	}
-	// An expired key is a new request.
-	second, err := s.Create(t.Context(), newProduct("EXP-2"), key, nil)
-	if err != nil || second.ID == first.ID {
-		t.Errorf("Create with an expired key = %+v, %v, want a new product", second, err)
-	}
+}
+
+func TestStore_List_search(t *testing.T) {
+	forEachStore(t, func(t *testing.T, s productStore) {
+		for i, pr := range [][2]string{
+			{"Fountain pen", "Steel nib, blue ink"},
+			{"Crème brûlée torch", "for the kitchen"},
+			{"Pencil", "HB graphite; steel-free"},
+			{"Notebook", "A5 dotted, 120 pages"},
+		} {
+			p := newProduct(fmt.Sprintf("FTS-%d", i))
+			p.Name, p.Description = pr[0], pr[1]
+			if _, err := s.Create(t.Context(), p, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		tests := []struct {
+			q    string
+			want []string
+		}{
+			{"pen", []string{"Fountain pen", "Pencil"}}, // prefix of a word
+			{"steel", []string{"Fountain pen", "Pencil"}},
+			{"steel nib", []string{"Fountain pen"}}, // every word must match
+			{"NIB", []string{"Fountain pen"}},       // case-insensitive
+			{"creme brulee", []string{"Crème brûlée torch"}},
+			{"crème", []string{"Crème brûlée torch"}}, // diacritics folded both ways
+			{"a5 120", []string{"Notebook"}},
+			{"free", []string{"Pencil"}},
+			{"ink kitchen", nil},
+			{"xyz", nil},
+		}
+		for _, tt := range tests {
+			terms, msg := searchTerms(tt.q)
+			if msg != "" {
+				t.Fatal(msg)
+			}
+			page, err := s.List(t.Context(), ListFilter{Limit: 100, Sort: "id", Terms: terms})
+			if err != nil {
+				t.Fatalf("search %q: %v", tt.q, err)
+			}
+			var got []string
+			for _, p := range page.Items {
+				got = append(got, p.Name)
+			}
+			if !slices.Equal(got, tt.want) {
+				t.Errorf("search %q = %q, want %q", tt.q, got, tt.want)
+			}
+		}
+	})
+}
+
+func TestStore_concurrentWrites(t *testing.T) {
+	forEachStore(t, func(t *testing.T, s productStore) {
+		p := newProduct("CONC-1")
+		p.Stock = 100
+		p, err := s.Create(t.Context(), p, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// 60 decrements of 2 race for 100 units: exactly 50 succeed.
+		// 20 renames race with them: none is lost, every version is unique.
+		var wg sync.WaitGroup
+		var okAdjust, short atomic.Int64
+		versions := make(chan int64, 100)
+		for range 60 {
+			wg.Go(func() {
+				q, err := s.AdjustStock(context.Background(), p.ID, -2, nil, nil)
+				switch {
+				case err == nil:
+					okAdjust.Add(1)
+					versions <- q.Version
+				case errors.Is(err, ErrInsufficientStock):
+					short.Add(1)
+				default:
+					t.Errorf("AdjustStock: %v", err)
+				}
+			})
+		}
+		for i := range 20 {
+			wg.Go(func() {
+				q, err := s.Update(context.Background(), p.ID, func(p *Product) error {
+					p.Description += fmt.Sprintf("[%d]", i)
+					return nil
+				})
+				if err != nil {
+					t.Errorf("Update: %v", err)
+					return
+				}
+				versions <- q.Version
+			})
+		}
+		wg.Wait()
+		close(versions)
+		if okAdjust.Load() != 50 || short.Load() != 10 {
+			t.Errorf("adjustments: %d succeeded and %d were short, want 50 and 10", okAdjust.Load(), short.Load())
+		}
+		seen := map[int64]bool{}
+		for v := range versions {
+			if seen[v] {
+				t.Errorf("version %d returned twice", v)
+			}
+			seen[v] = true
+		}
+		got, err := s.Get(t.Context(), p.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Stock != 0 || got.Version != 1+50+20 {
+			t.Errorf("after the race stock %d version %d, want 0 and %d", got.Stock, got.Version, 1+50+20)
+		}
+		for i := range 20 {
+			if !strings.Contains(got.Description, fmt.Sprintf("[%d]", i)) {
+				t.Errorf("description %q lost rename %d", got.Description, i)
+			}
+		}
+	})
+}
+
+func TestStore_idempotencyKeyRace(t *testing.T) {
+	forEachStore(t, func(t *testing.T, s productStore) {
+		p := newProduct("IDEM-R")
+		p.Stock = 10
+		p, err := s.Create(t.Context(), p, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// 20 retries of one adjustment race: it applies once, and every
+		// caller sees the product that one application produced.
+		key := &IdempotencyKey{Scope: "s", Key: "race", Fingerprint: "f"}
+		results := make(chan Product, 20)
+		var wg sync.WaitGroup
+		for range 20 {
+			wg.Go(func() {
+				q, err := s.AdjustStock(context.Background(), p.ID, -3, nil, key)
+				if r, ok := errors.AsType[*Replay](err); ok {
+					q, err = r.Product, nil
+				}
+				if err != nil {
+					t.Errorf("AdjustStock: %v", err)
+					return
+				}
+				results <- q
+			})
+		}
+		wg.Wait()
+		close(results)
+		for q := range results {
+			if q.Stock != 7 || q.Version != 2 {
+				t.Errorf("a caller saw stock %d version %d, want 7 and 2 (one application)", q.Stock, q.Version)
+			}
+		}
+		got, _ := s.Get(t.Context(), p.ID)
+		if got.Stock != 7 {
+			t.Errorf("stock = %d, want 7: the key applied more than once", got.Stock)
+		}
+	})
+}
+
+func TestStore_Delete_returnsProduct(t *testing.T) {
+	forEachStore(t, func(t *testing.T, s productStore) {
+		p, err := s.Create(t.Context(), newProduct("DEL-R"), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Delete(t.Context(), p.ID, func(Product) error { return ErrPrecondition }); !errors.Is(err, ErrPrecondition) {
+			t.Errorf("Delete with a refusing check error = %v, want ErrPrecondition", err)
+		}
+		gone, err := s.Delete(t.Context(), p.ID, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if diff := cmp.Diff(p, gone); diff != "" {
+			t.Errorf("Delete returned (-want +got):\n%s", diff)
+		}
+		if _, err := s.Get(t.Context(), p.ID); !errors.Is(err, ErrNotFound) {
+			t.Errorf("Get after Delete error = %v, want ErrNotFound", err)
+		}
+		// Ids are never reused.
+		q, err := s.Create(t.Context(), newProduct("DEL-R2"), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if q.ID <= p.ID {
+			t.Errorf("new product id %d, want above the deleted %d", q.ID, p.ID)
+		}
+	})
 }

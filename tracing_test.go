@@ -23,7 +23,7 @@ func tracedServer(tb testing.TB) (http.Handler, *ProductService, *tracetest.InMe
 	exp := tracetest.NewInMemoryExporter()
 	tr := newTracingWith(sdktrace.WithSyncer(exp), func(string) string { return "" }, "test")
 	tb.Cleanup(func() { tr.shutdown(context.Background()) })
-	store, err := OpenStore(context.Background(), StoreConfig{Path: filepath.Join(tb.TempDir(), "t.db"), Sync: "normal"})
+	store, err := openSQLite(context.Background(), StoreConfig{Path: filepath.Join(tb.TempDir(), "t.db"), Sync: "normal"})
 	if err != nil {
 		tb.Fatal(err)
 	}
