@@ -130,7 +130,8 @@ type readyBody struct {
 	Status string `json:"status"`
 	Checks struct {
 		Database struct {
-			Status string `json:"status"`
+			Status  string `json:"status"`
+			Backend string `json:"backend"` // sqlite or postgres
 		} `json:"database"`
 		Cache struct {
 			Status string `json:"status"`
@@ -151,6 +152,7 @@ func handleReady(svc *ProductService, life *lifecycle) http.Handler {
 		rd := svc.Ready(r.Context())
 		var body readyBody
 		body.Checks.Database.Status = rd.Database
+		body.Checks.Database.Backend = svc.dbSystem
 		body.Checks.Cache.Status = rd.Cache
 		body.Checks.Breaker.Read = breakerName(rd.ReadState)
 		body.Checks.Breaker.Write = breakerName(rd.WriteState)

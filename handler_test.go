@@ -1660,11 +1660,15 @@ func TestIdempotencyKey_concurrentRetries(t *testing.T) {
 }
 
 func TestHandleReady(t *testing.T) {
-	ts := newTestServer(t, nil)
+	forEachStore(t, testHandleReady)
+}
+
+func testHandleReady(t *testing.T, s productStore) {
+	ts := newTestServer(t, newTestService(t, s, ServiceConfig{}))
 	type readyDoc struct {
 		Status string `json:"status"`
 		Checks struct {
-			Database struct{ Status string }             `json:"database"`
+			Database struct{ Status, Backend string }    `json:"database"`
 			Cache    struct{ Status string }             `json:"cache"`
 			Breaker  struct{ State, Read, Write string } `json:"breaker"`
 		} `json:"checks"`
@@ -1681,7 +1685,7 @@ func TestHandleReady(t *testing.T) {
 	status, d := ready()
 	var want readyDoc
 	want.Status = "ok"
-	want.Checks.Database.Status = "ok"
+	want.Checks.Database.Status, want.Checks.Database.Backend = "ok", s.Backend()
 	want.Checks.Cache.Status = "disabled"
 	want.Checks.Breaker.State, want.Checks.Breaker.Read, want.Checks.Breaker.Write = "closed", "closed", "closed"
 	if status != 200 {

@@ -209,6 +209,9 @@ func TestRun_invalidConfig(t *testing.T) {
 		{name: "flag wins and is named", env: map[string]string{"DB_TIMEOUT": "1s"}, args: []string{"-db-timeout=abc"}, wantName: "-db-timeout"},
 		{name: "unknown flag", args: []string{"-no-such-flag"}, wantName: "no-such-flag"},
 		{name: "stray argument", args: []string{"serve"}, wantName: "serve"},
+		{name: "DATABASE_URL not postgres", env: map[string]string{"DATABASE_URL": "mysql://u:p@localhost/db"}, wantName: "DATABASE_URL"},
+		{name: "DATABASE_URL not a URL", env: map[string]string{"DATABASE_URL": "host=localhost dbname=x"}, wantName: "DATABASE_URL"},
+		{name: "-copy-to not postgres", args: []string{"-copy-to", "sqlite:///x.db"}, wantName: "-copy-to"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
