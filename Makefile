@@ -23,9 +23,10 @@ lint:
 	@out="$$(gofmt -l .)"; if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	go vet ./...
 
-## test-faults: the black-box fault suite against the real binary (see e2e/)
+## test-faults: the black-box fault suite against the real binary (see e2e/), on SQLite then on PostgreSQL
 test-faults:
 	go test -count=1 -v -timeout 40m ./e2e/
+	E2E_BACKEND=postgres go test -count=1 -v -timeout 40m ./e2e/
 
 ## fuzz: run each fuzz target for FUZZTIME
 fuzz:

@@ -9,6 +9,9 @@
 //	E2E_CRASH_CYCLES    number of kill -9 cycles in TestCrashDurability (default 20)
 //	E2E_SOAK_DURATION   length of TestSoak's steady load (default 60s)
 //	REQUIRE_REDIS=1     fail instead of skip when redis-server is absent
+//	E2E_BACKEND         sqlite (default) or postgres: the store every
+//	                    scenario runs on; postgres starts a throwaway
+//	                    PostgreSQL server and gives each test a database
 package e2e
 
 import (
@@ -19,6 +22,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"net"
 	"net/http"
@@ -35,6 +39,8 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+
+	"productsvc/internal/pgtest"
 )
 
 const (
@@ -46,9 +52,13 @@ const (
 	readyTimeout = 30 * time.Second
 )
 
-// binPath is the productsvc binary built once by TestMain. It is the only
-// package-level variable: it is set before any test runs and never changes.
-var binPath string
+// binPath is the productsvc binary built once by TestMain; pgServer is the
+// PostgreSQL server the suite runs on with E2E_BACKEND=postgres. Both are
+// set before any test runs and never change.
+var (
+	binPath  string
+	pgServer *pgtest.Server
+)
 
 func TestMain(m *testing.M) {
 	os.Exit(runTests(m))
@@ -76,7 +86,50 @@ func runTests(m *testing.M) int {
 		return 1
 	}
 	fmt.Printf("e2e: built %s in %v\n", binPath, time.Since(start).Round(time.Millisecond))
+	switch b := os.Getenv("E2E_BACKEND"); b {
+	case "", "sqlite":
+	case "postgres":
+		if pgServer, err = pgtest.Start(); err != nil {
+			fmt.Fprintf(os.Stderr, "e2e: E2E_BACKEND=postgres: %v\n", err)
+			return 1
+		}
+		defer pgServer.Stop()
+		fmt.Printf("e2e: PostgreSQL on 127.0.0.1:%d\n", pgServer.Port())
+	default:
+		fmt.Fprintf(os.Stderr, "e2e: E2E_BACKEND=%q: want sqlite or postgres\n", b)
+		return 1
+	}
 	return m.Run()
+}
+
+// onPostgres reports whether the suite runs on PostgreSQL.
+func onPostgres() bool { return pgServer != nil }
+
+// storeEnv returns the settings that give a test a database of its own,
+// kept across the service restarts within the test: a DB_PATH in
+// t.TempDir(), or on PostgreSQL a new database's DATABASE_URL.
+func storeEnv(t testing.TB) map[string]string {
+	t.Helper()
+	if !onPostgres() {
+		return map[string]string{"DB_PATH": filepath.Join(t.TempDir(), "products.db")}
+	}
+	name, url, err := pgServer.CreateDatabase(context.Background())
+	if err != nil {
+		t.Fatalf("create database: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := pgServer.DropDatabase(context.Background(), name); err != nil {
+			t.Errorf("drop database %s: %v", name, err)
+		}
+	})
+	return map[string]string{"DATABASE_URL": url, "DB_PATH": filepath.Join(t.TempDir(), "unused.db")}
+}
+
+// withStore returns env with the database settings of store added.
+func withStore(store, env map[string]string) map[string]string {
+	out := maps.Clone(store)
+	maps.Copy(out, env)
+	return out
 }
 
 // ---------------------------------------------------------------------------
@@ -198,7 +251,7 @@ func startService(t testing.TB, env map[string]string) *service {
 		"LOG_LEVEL": "info",
 	}
 	if _, ok := env["DB_PATH"]; !ok {
-		defaults["DB_PATH"] = filepath.Join(t.TempDir(), "products.db")
+		maps.Copy(defaults, storeEnv(t))
 	}
 	s := &service{t: t, done: make(chan struct{})}
 	s.DBPath = defaults["DB_PATH"]

@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -309,9 +308,8 @@ func TestRedisFaultsUnderLoad(t *testing.T) {
 		writeEvery   = 100 * time.Millisecond // 10 writes/s
 	)
 	rds := startRedis(t, 0)
-	dbPath := filepath.Join(t.TempDir(), "products.db")
-	env := map[string]string{
-		"DB_PATH":       dbPath,
+	store := storeEnv(t)
+	env := withStore(store, map[string]string{
 		"REDIS_URL":     "redis://" + rds.Addr + "/0",
 		"REDIS_TIMEOUT": redisTimeout.String(),
 		// The service also keeps an in-process cache in front of Redis
@@ -319,7 +317,7 @@ func TestRedisFaultsUnderLoad(t *testing.T) {
 		// hot read and keep Redis off the read path. Turn it off so that
 		// each read goes through Redis and the faults are felt.
 		"LOCAL_CACHE_SIZE": "0",
-	}
+	})
 	svc, c := startReadyService(t, env)
 
 	var ids []int64
@@ -527,7 +525,7 @@ func TestRedisFaultsUnderLoad(t *testing.T) {
 
 		// Modify products through a process without a cache, so redis keeps
 		// the old values.
-		nc := startService(t, map[string]string{"DB_PATH": dbPath, "REDIS_URL": ""})
+		nc := startService(t, withStore(store, map[string]string{"REDIS_URL": ""}))
 		ncc := nc.Client()
 		waitReady(t, ncc, readyTimeout)
 		want := map[int64]product{}
