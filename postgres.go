@@ -294,6 +294,26 @@ func pgListQuery(f ListFilter) (string, []any) {
 	return b.String(), args
 }
 
+// pgQuerier is what a single statement runs on: the pool (autocommit, one
+// round trip) or a transaction.
+type pgQuerier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+}
+
+// write runs fn as one statement on the pool when it needs no transaction
+// (no idempotency key to claim, no check to hold a lock for), else in one.
+// A single statement is atomic by itself and costs one round trip instead
+// of three.
+func (s *postgresStore) write(ctx context.Context, needTx bool, fn func(ctx context.Context, q pgQuerier) error) error {
+	if needTx {
+		return s.inTx(ctx, func(ctx context.Context, tx pgx.Tx) error { return fn(ctx, tx) })
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	return pgTranslate(ctx, fn(ctx, s.pool))
+}
+
 // inTx runs fn in a transaction bounded by the store's timeout and commits
 // it. A transaction that lost a deadlock or a serialization check is run
 // again (fn must be safe to re-run: it sees the database afresh).
@@ -316,7 +336,7 @@ func (s *postgresStore) inTx(ctx context.Context, fn func(ctx context.Context, t
 // for the first, then finds its record and replays it. An expired record is
 // taken over. claimKey returns nil when the key is claimed, else the
 // replay or mismatch error.
-func (s *postgresStore) claimKey(ctx context.Context, tx pgx.Tx, k *IdempotencyKey) error {
+func (s *postgresStore) claimKey(ctx context.Context, tx pgQuerier, k *IdempotencyKey) error {
 	now := s.now()
 	tag, err := tx.Exec(ctx, `INSERT INTO idempotency_keys (scope, key, fingerprint, created_at) VALUES ($1, $2, $3, $4)
 		ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint, product = NULL, created_at = excluded.created_at
@@ -337,14 +357,14 @@ func (s *postgresStore) claimKey(ctx context.Context, tx pgx.Tx, k *IdempotencyK
 }
 
 // recordKey stores the product a write produced under its claimed key.
-func recordKey(ctx context.Context, tx pgx.Tx, k *IdempotencyKey, p Product) error {
+func recordKey(ctx context.Context, tx pgQuerier, k *IdempotencyKey, p Product) error {
 	_, err := tx.Exec(ctx, `UPDATE idempotency_keys SET product = $3 WHERE scope = $1 AND key = $2`,
 		k.Scope, k.Key, encodeSnapshot(p))
 	return err
 }
 
 // withKey runs write between claiming and recording k (when k is set).
-func (s *postgresStore) withKey(ctx context.Context, tx pgx.Tx, k *IdempotencyKey, write func() (Product, error)) (Product, error) {
+func (s *postgresStore) withKey(ctx context.Context, tx pgQuerier, k *IdempotencyKey, write func() (Product, error)) (Product, error) {
 	if k != nil {
 		if err := s.claimKey(ctx, tx, k); err != nil {
 			return Product{}, err
@@ -361,7 +381,7 @@ func (s *postgresStore) withKey(ctx context.Context, tx pgx.Tx, k *IdempotencyKe
 // It returns ErrConflict if the SKU is taken.
 func (s *postgresStore) Create(ctx context.Context, p Product, idem *IdempotencyKey) (Product, error) {
 	var out Product
-	err := s.inTx(ctx, func(ctx context.Context, tx pgx.Tx) error {
+	err := s.write(ctx, idem != nil, func(ctx context.Context, tx pgQuerier) error {
 		var err error
 		out, err = s.withKey(ctx, tx, idem, func() (Product, error) {
 			now := s.now().UTC().Truncate(time.Microsecond)
@@ -419,7 +439,7 @@ func (s *postgresStore) Update(ctx context.Context, id int64, change func(*Produ
 // sqliteStore.AdjustStock.
 func (s *postgresStore) AdjustStock(ctx context.Context, id, delta int64, check func(version int64) error, idem *IdempotencyKey) (Product, error) {
 	var out Product
-	err := s.inTx(ctx, func(ctx context.Context, tx pgx.Tx) error {
+	err := s.write(ctx, idem != nil || check != nil, func(ctx context.Context, tx pgQuerier) error {
 		var err error
 		out, err = s.withKey(ctx, tx, idem, func() (Product, error) {
 			if check != nil {

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# run.sh benchmarks productsvc with wrk against two reference servers
-# (bench/refhttp: net/http alone; bench/refsqlite: net/http + SQLite) and writes
-# bench/results.md (also printed). `make bench` runs it from the repo root.
+# run.sh benchmarks productsvc with wrk against three reference servers
+# (bench/refhttp: net/http alone; bench/refsqlite: net/http + SQLite;
+# bench/refpgx: net/http + a pgx pool on PostgreSQL) and writes
+# bench/results.md (also printed). productsvc runs on SQLite, on SQLite with
+# Redis, and on a throwaway PostgreSQL server (Debian's postgresql package,
+# durable settings). `make bench` runs it from the repo root.
 #
 # Environment (all optional):
 #   BENCH_DURATION    seconds per measured wrk run (default 5)
@@ -13,6 +16,7 @@
 #   BENCH_WORKLOADS   which of a..g to run (default "a b c d e f g")
 #   BENCH_PRODUCTSVC  run this binary as productsvc instead of building it
 #                     (only to test the harness while the service does not build)
+#   BENCH_POSTGRES    0 skips the PostgreSQL runs (default 1)
 #
 # Only 127.0.0.1 is used, every load is bounded by -d, and everything this
 # script starts is stopped on exit.
@@ -120,6 +124,7 @@ export CGO_ENABLED=0
 # Every server is built the way `make build` builds productsvc (stripped).
 go build -trimpath -ldflags "-s -w" -o "$OUT/refhttp" ./bench/refhttp
 go build -trimpath -ldflags "-s -w" -o "$OUT/refsqlite" ./bench/refsqlite
+go build -trimpath -ldflags "-s -w" -o "$OUT/refpgx" ./bench/refpgx
 go build -trimpath -o "$HARNESS" ./bench/harness
 if [[ -n ${BENCH_PRODUCTSVC:-} ]]; then
 	SVC_BIN=$BENCH_PRODUCTSVC
@@ -208,16 +213,18 @@ start_ref() {
 	READY_MS=$("$HARNESS" ready -url "$REF_URL/ready" -since "$start" -pid "$REF_PID" -timeout 60s)
 }
 
-# start_svc LABEL DB REDIS_URL starts productsvc on a free port and sets
-# SVC_PID, SVC_URL and READY_MS (process start to first 200 on /ready).
+# start_svc LABEL DB REDIS_URL [DATABASE_URL] starts productsvc on a free
+# port and sets SVC_PID, SVC_URL and READY_MS (process start to first 200 on
+# /ready).
 start_svc() {
-	local label=$1 db=$2 redis=$3 port start
+	local label=$1 db=$2 redis=$3 pg=${4:-} port start
 	port=$("$HARNESS" port)
 	SVC_URL=http://127.0.0.1:$port
 	start=$(now_ns)
 	env -u REDIS_URL -u RATE_LIMIT_RPS -u RATE_LIMIT_BURST -u MAX_IN_FLIGHT -u METRICS_ADDR -u ADMIN_ADDR \
-		-u OTEL_EXPORTER_OTLP_ENDPOINT -u DB_SYNC -u SHUTDOWN_DELAY \
+		-u OTEL_EXPORTER_OTLP_ENDPOINT -u DB_SYNC -u SHUTDOWN_DELAY -u DATABASE_URL \
 		ADDR="127.0.0.1:$port" DB_PATH="$db" API_TOKEN="$TOKEN" LOG_LEVEL=info ${redis:+REDIS_URL="$redis"} \
+		${pg:+DATABASE_URL="$pg"} \
 		"$SVC_BIN" >>"$OUT/logs/$label.log" 2>&1 &
 	SVC_PID=$!
 	PIDS+=("$SVC_PID")
@@ -342,6 +349,51 @@ for cfg in productsvc productsvc+redis; do
 		REDIS_PID=""
 	fi
 done
+
+# ---- PostgreSQL: the pgx reference, then productsvc on a copy of the seed ---
+if [[ ${BENCH_POSTGRES:-1} != 0 ]]; then
+	log "postgres: starting a throwaway server"
+	pglog=$OUT/logs/postgres.log
+	: >"$pglog"
+	"$HARNESS" postgres >"$pglog" 2>&1 &
+	PG_PID=$!
+	PIDS+=("$PG_PID")
+	pgline=""
+	for ((i = 0; i < 6000; i++)); do
+		pgline=$(awk '$1 == "listening" {print; exit}' "$pglog")
+		[[ -n $pgline ]] && break
+		running "$PG_PID" || die "PostgreSQL did not start: $(tail -5 "$pglog")"
+		sleep 0.01
+	done
+	[[ -n $pgline ]] || die "PostgreSQL printed no listening line in 60s"
+	read -r _ PG_SVC PG_REF <<<"$pgline"
+
+	log "refpgx (seeding $N products with COPY)"
+	start_ref refpgx -seed "$N" -url "$PG_REF"
+	sleep 0.5
+	printf 'refpgx\t%s\t%s\t%s\t%s\n' "$(stat -c %s "$OUT/refpgx")" "$READY_MS" "$(vm_kb "$REF_PID" VmRSS)" "start includes seeding $N rows with COPY" >>"$DATA/startup.tsv"
+	check refpgx 200 GET "$REF_URL/products/$N" || true
+	! has a || run_workload refpgx a "$REF_PID" "$REF_URL"
+	! has e || run_workload refpgx e "$REF_PID" "$REF_URL"
+	stop_pid "$REF_PID"
+
+	cfg=productsvc+postgres
+	log "$cfg: -copy-to the $N-product catalog, then start"
+	DB_PATH=$WORK/seed/products.db "$SVC_BIN" -copy-to "$PG_SVC" >>"$OUT/logs/copy.log" 2>&1 ||
+		die "-copy-to failed: $(tail -5 "$OUT/logs/copy.log")"
+	start_svc productsvc-postgres "$WORK/unused.db" "" "$PG_SVC"
+	sleep 1
+	printf '%s\t%s\t%s\t%s\t%s\n' "$cfg" "$(stat -c %s "$SVC_BIN")" "$READY_MS" "$(vm_kb "$SVC_PID" VmRSS)" \
+		"restart on the $N-product PostgreSQL database" >>"$DATA/startup.tsv"
+	check "$cfg" 200 GET "$SVC_URL/products/2" || true
+	check "$cfg" 200 GET "$SVC_URL/products?q=steel&limit=20" || true
+	check "$cfg" 201 POST "$SVC_URL/products" "{\"sku\":\"check-$RUN_ID-pg\",\"name\":\"check\",\"price_cents\":1}" || true
+	for wl in $WORKLOADS; do
+		run_workload "$cfg" "$wl" "$SVC_PID" "$SVC_URL"
+	done
+	stop_svc "$cfg" "$WORK/unused.db"
+	stop_pid "$PG_PID"
+fi
 
 # ---- report ------------------------------------------------------------------
 log "writing bench/results.md"

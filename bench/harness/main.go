@@ -6,6 +6,9 @@
 //	                                      poll U until 200; print ms since NS (unix ns)
 //	harness report -dir D [-o FILE]       parse wrk outputs listed in D/results.tsv,
 //	                                      write the Markdown report to FILE and stdout
+//	harness postgres                      start a throwaway PostgreSQL (durable settings)
+//	                                      on 127.0.0.1, print "listening SVC_URL REF_URL"
+//	                                      (two empty databases), stop it on SIGTERM
 package main
 
 import (
@@ -19,11 +22,15 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/signal"
 	"regexp"
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
+
+	"productsvc/internal/pgtest"
 )
 
 func main() {
@@ -44,9 +51,32 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		return cmdReady(ctx, rest, stdout)
 	case "report":
 		return cmdReport(rest, stdout)
+	case "postgres":
+		return cmdPostgres(ctx, stdout)
 	default:
 		return fmt.Errorf("unknown command %q", cmd)
 	}
+}
+
+func cmdPostgres(ctx context.Context, stdout io.Writer) error {
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	srv, err := pgtest.StartDurable()
+	if err != nil {
+		return err
+	}
+	defer srv.Stop()
+	_, svc, err := srv.CreateDatabase(ctx)
+	if err != nil {
+		return err
+	}
+	_, ref, err := srv.CreateDatabase(ctx)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "listening %s %s\n", svc, ref)
+	<-ctx.Done()
+	return nil
 }
 
 func cmdPort(stdout io.Writer) error {
@@ -168,7 +198,20 @@ var workloads = []struct {
 	{"g", "90% GET /products/{id} + 10% POST /products/{id}/stock/adjustments, random id 1..N", "refsqlite", "a"},
 }
 
-var serverOrder = []string{"refhttp", "refsqlite", "productsvc", "productsvc+redis"}
+var serverOrder = []string{"refhttp", "refsqlite", "refpgx", "productsvc", "productsvc+redis", "productsvc+postgres"}
+
+// reference returns the server and workload that srv's figure for w is
+// compared with: on PostgreSQL the pgx reference stands where SQLite's
+// does, and each storage reference's reads are compared with bare net/http.
+func reference(srv, w, refServer, refWorkload string) (string, string) {
+	switch {
+	case (srv == "refsqlite" || srv == "refpgx") && w == "a":
+		return "refhttp", "a"
+	case (srv == "productsvc+postgres" || srv == "refpgx") && refServer == "refsqlite":
+		return "refpgx", refWorkload
+	}
+	return refServer, refWorkload
+}
 
 type key struct{ workload, server string }
 
@@ -313,16 +356,13 @@ func cmdReport(args []string, stdout io.Writer) error {
 				continue
 			}
 			ratio := "—"
-			refServer, refWorkload := w.refServer, w.refWorkload
-			if srv == "refsqlite" && w.id == "a" {
-				refServer = "refhttp"
-			}
+			refServer, refWorkload := reference(srv, w.id, w.refServer, w.refWorkload)
 			if srv != refServer || w.id != refWorkload {
 				if ref, ok := sums[key{refWorkload, refServer}]; ok && ref.median > 0 {
 					ratio = fmt.Sprintf("%.2f× %s (%s)", s.median/ref.median, refServer, refWorkload)
 				}
 			}
-			if srv == "refhttp" || (srv == "refsqlite" && w.id == "e") {
+			if srv == "refhttp" || ((srv == "refsqlite" || srv == "refpgx") && w.id == "e") {
 				ratio = "reference"
 			}
 			// Fast failures are not throughput: hide the ratio when more
@@ -344,8 +384,10 @@ func cmdReport(args []string, stdout io.Writer) error {
 	for _, w := range workloads {
 		fmt.Fprintf(&b, "- **%s**: %s. Ratio against %s (%s).\n", w.id, w.desc, w.refServer, w.refWorkload)
 	}
-	fmt.Fprintf(&b, "- refsqlite (a) is compared with refhttp (a), to show what SQLite costs on its own.\n")
+	fmt.Fprintf(&b, "- refsqlite (a) and refpgx (a) are compared with refhttp (a), to show what each database costs on its own; productsvc+postgres is compared with refpgx wherever productsvc is compared with refsqlite.\n")
 	fmt.Fprintf(&b, "- refhttp: net/http answering one fixed ~300-byte product body (ceiling of HTTP). refsqlite: net/http + modernc SQLite, prepared point query on WAL read connections, one writer connection with synchronous=FULL and one row per transaction (ceiling of HTTP + SQLite).\n")
+	fmt.Fprintf(&b, "- refpgx: net/http + a pgx pool (the pool size productsvc uses by default) on the same PostgreSQL server, one pooled SELECT per read and one INSERT (its own transaction) per create. PostgreSQL runs with its durable defaults (fsync, synchronous_commit on) from Debian's package, on the same 2 cores.\n")
+	fmt.Fprintf(&b, "- productsvc+postgres: productsvc with DATABASE_URL on that server, its catalog moved there with -copy-to from the same seeded SQLite file.\n")
 	fmt.Fprintf(&b, "- productsvc: SQLite only (REDIS_URL unset). productsvc+redis: with a local redis-server as cache. Both run the default configuration (access log at INFO, DB_SYNC=full, in-process cache of 10000 products) and start from a copy of the same seeded database.\n")
 
 	notes, err := os.ReadFile(*dir + "/notes.txt")

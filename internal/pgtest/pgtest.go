@@ -25,7 +25,8 @@ import (
 // Server is a running PostgreSQL server. Every database on it is reached
 // as the superuser postgres without a password (trust on loopback).
 type Server struct {
-	dir  string
+	durable bool
+	dir     string
 	port int
 	cmd  *exec.Cmd
 	cred *syscall.Credential
@@ -36,7 +37,13 @@ type Server struct {
 // Start initialises a cluster and starts a server. Settings trade
 // durability for speed (fsync off): the tests kill the service, not the
 // machine. It returns an error when PostgreSQL is not installed.
-func Start() (*Server, error) {
+func Start() (*Server, error) { return start(false) }
+
+// StartDurable is Start with PostgreSQL's durable defaults (fsync and
+// synchronous_commit on), for benchmarks that compare durable writes.
+func StartDurable() (*Server, error) { return start(true) }
+
+func start(durable bool) (*Server, error) {
 	bin, err := binDir()
 	if err != nil {
 		return nil, err
@@ -45,7 +52,7 @@ func Start() (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{dir: dir, bin: bin}
+	s := &Server{dir: dir, bin: bin, durable: durable}
 	if os.Geteuid() == 0 { // PostgreSQL refuses to run as root
 		u, err := user.Lookup("postgres")
 		if err != nil {
@@ -86,9 +93,12 @@ func (s *Server) start() error {
 		return err
 	}
 	defer log.Close()
-	s.cmd = s.command("postgres", "-D", filepath.Join(s.dir, "data"), "-p", strconv.Itoa(s.port), "-k", s.dir,
-		"-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off",
-		"-c", "max_connections=300", "-c", "shared_buffers=64MB")
+	args := []string{"-D", filepath.Join(s.dir, "data"), "-p", strconv.Itoa(s.port), "-k", s.dir,
+		"-c", "listen_addresses=127.0.0.1", "-c", "max_connections=300", "-c", "shared_buffers=64MB"}
+	if !s.durable {
+		args = append(args, "-c", "fsync=off", "-c", "full_page_writes=off")
+	}
+	s.cmd = s.command("postgres", args...)
 	s.cmd.Stdout, s.cmd.Stderr = log, log
 	if err := s.cmd.Start(); err != nil {
 		return fmt.Errorf("start postgres: %w", err)
