@@ -27,11 +27,11 @@ import (
 type Server struct {
 	durable bool
 	dir     string
-	port int
-	cmd  *exec.Cmd
-	cred *syscall.Credential
-	bin  string
-	n    atomic.Int64
+	port    int
+	cmd     *exec.Cmd
+	cred    *syscall.Credential
+	bin     string
+	n       atomic.Int64
 }
 
 // Start initialises a cluster and starts a server. Settings trade
