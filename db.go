@@ -16,6 +16,7 @@ import (
 	"strings"
 	"time"
 	"unicode"
+	"unicode/utf8"
 
 	"golang.org/x/text/runes"
 	"golang.org/x/text/transform"
@@ -233,9 +234,11 @@ func ftsMatch(terms []string) string {
 // everything else a space. So both stores split text into the same words,
 // and the words of q match the same products on either.
 func searchText(name, description string) string {
-	folded, _, err := transform.String(transform.Chain(norm.NFD, runes.Remove(runes.In(unicode.Mn)), norm.NFC), name+" "+description)
-	if err != nil {
-		folded = name + " " + description
+	folded := name + " " + description
+	if !isASCII(folded) { // ASCII has no diacritics to fold: skip the costly normalisation
+		if f, _, err := transform.String(transform.Chain(norm.NFD, runes.Remove(runes.In(unicode.Mn)), norm.NFC), folded); err == nil {
+			folded = f
+		}
 	}
 	return strings.Map(func(r rune) rune {
 		if unicode.IsLetter(r) || unicode.IsDigit(r) {
@@ -243,6 +246,15 @@ func searchText(name, description string) string {
 		}
 		return ' '
 	}, folded)
+}
+
+func isASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] >= utf8.RuneSelf {
+			return false
+		}
+	}
+	return true
 }
 
 // tsQuery builds the PostgreSQL tsquery text for terms: every word a
