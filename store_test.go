@@ -656,3 +656,85 @@ func TestStore_Delete_returnsProduct(t *testing.T) {
 		}
 	})
 }
+
+func TestStore_List_cursorWalkEverySort(t *testing.T) {
+	forEachStore(t, func(t *testing.T, s productStore) {
+		// Ties in every sort key, so the id breaks them.
+		var all []Product
+		for i := range 11 {
+			p := newProduct(fmt.Sprintf("WALK-%02d", i))
+			p.Name = []string{"b", "a", "c"}[i%3]
+			p.PriceCents = int64(i % 4 * 100)
+			p.Stock = int64(i % 2)
+			q, err := s.Create(t.Context(), p, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			all = append(all, q)
+		}
+		for _, sort := range []string{"id", "name", "price_cents", "created_at"} {
+			for _, desc := range []bool{false, true} {
+				for _, inStock := range []*bool{nil, new(true)} {
+					f := ListFilter{Limit: 3, Sort: sort, Desc: desc, InStock: inStock}
+					var got []int64
+					for range 20 {
+						page, err := s.List(t.Context(), f)
+						if err != nil {
+							t.Fatal(err)
+						}
+						for _, p := range page.Items {
+							got = append(got, p.ID)
+						}
+						if page.NextCursor == "" {
+							break
+						}
+						c, err := decodeCursor(page.NextCursor, f.sortParam())
+						if err != nil {
+							t.Fatalf("the store's own cursor %q: %v", page.NextCursor, err)
+						}
+						f.After = &c
+					}
+					want := slices.Clone(all)
+					if inStock != nil {
+						want = slices.DeleteFunc(want, func(p Product) bool { return p.Stock == 0 })
+					}
+					slices.SortStableFunc(want, func(a, b Product) int {
+						c := 0
+						switch sort {
+						case "name":
+							c = strings.Compare(a.Name, b.Name)
+						case "price_cents":
+							c = cmpInt(a.PriceCents, b.PriceCents)
+						case "created_at":
+							c = a.CreatedAt.Compare(b.CreatedAt)
+						}
+						if c == 0 {
+							c = cmpInt(a.ID, b.ID)
+						}
+						if desc {
+							c = -c
+						}
+						return c
+					})
+					var wantIDs []int64
+					for _, p := range want {
+						wantIDs = append(wantIDs, p.ID)
+					}
+					if !slices.Equal(got, wantIDs) {
+						t.Errorf("walk sort=%s desc=%t in_stock=%v = %v, want %v", sort, desc, inStock != nil, got, wantIDs)
+					}
+				}
+			}
+		}
+	})
+}
+
+func cmpInt(a, b int64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
