@@ -237,7 +237,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 			switch s.env {
 			case "API_TOKEN":
 				shown = "[redacted]"
-			case "DATABASE_URL":
+			case "DATABASE_URL", "REDIS_URL":
 				shown = redactURL(v)
 			}
 			return nil, &configError{msg: fmt.Sprintf("invalid %s %q: %v", name, shown, err)}
