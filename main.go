@@ -112,8 +112,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	m := newMetrics(reg)
 	m.dbPools(store.Stats)
 	m.writeGroups(store.GroupStats)
+	localSize := cfg.LocalCacheSize
+	if cfg.CacheMemory == 0 {
+		localSize = 0 // CACHE_MEMORY=0: no in-process caches
+	}
 	svc := NewProductService(store, ServiceConfig{
-		Cache: c, RedisTimeout: cfg.RedisTimeout, LocalCacheSize: cfg.LocalCacheSize,
+		Cache: c, RedisTimeout: cfg.RedisTimeout, LocalCacheSize: localSize, CacheMemory: cfg.CacheMemory,
 		CacheTTL: cfg.CacheTTL, Logger: log, Metrics: m, Tracing: tr,
 	})
 	defer svc.Close()

@@ -197,6 +197,8 @@ func TestRun_invalidConfig(t *testing.T) {
 		{name: "DB_SYNC", env: map[string]string{"DB_SYNC": "off"}, wantName: "DB_SYNC"},
 		{name: "LOG_LEVEL", env: map[string]string{"LOG_LEVEL": "loud"}, wantName: "LOG_LEVEL"},
 		{name: "LOCAL_CACHE_SIZE", env: map[string]string{"LOCAL_CACHE_SIZE": "-1"}, wantName: "LOCAL_CACHE_SIZE"},
+		{name: "CACHE_MEMORY", env: map[string]string{"CACHE_MEMORY": "lots"}, wantName: "CACHE_MEMORY"},
+		{name: "CACHE_MEMORY negative", env: map[string]string{"CACHE_MEMORY": "-1MiB"}, wantName: "CACHE_MEMORY"},
 		{name: "REDIS_URL", env: map[string]string{"REDIS_URL": "http://localhost:6379"}, wantName: "REDIS_URL"},
 		{name: "REDIS_TIMEOUT", env: map[string]string{"REDIS_TIMEOUT": "fast"}, wantName: "REDIS_TIMEOUT"},
 		{name: "CACHE_TTL", env: map[string]string{"CACHE_TTL": "1ms"}, wantName: "CACHE_TTL"},
