@@ -89,6 +89,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
+	unlock, err := lockDatabase(cfg.DBPath)
+	if err != nil {
+		return err
+	}
+	defer unlock() // deferred first, so released after the store has closed
 	store, err := OpenStore(ctx, StoreConfig{Path: cfg.DBPath, Sync: cfg.DBSync, Timeout: cfg.DBTimeout})
 	if err != nil {
 		return fmt.Errorf("open store: %w", err)

@@ -271,3 +271,39 @@ func TestRun_version(t *testing.T) {
 		t.Errorf("run(-h) usage on stderr = %q, want the flags listed", usage.String())
 	}
 }
+
+// TestRun_databaseInUse starts a second run on the database file of a
+// running one: it must refuse to start, naming DB_PATH and the holder, and
+// the first must keep serving. Once the first has stopped, the file is free.
+func TestRun_databaseInUse(t *testing.T) {
+	dbPath := filepath.Join(t.TempDir(), "products.db")
+	env := map[string]string{"ADDR": "127.0.0.1:0", "DB_PATH": dbPath, "API_TOKEN": "t"}
+	first := runService(t, env)
+	addr := first.listeningAddr(t)
+
+	var stdout, stderr syncBuffer
+	err := run(t.Context(), []string{"productsvc"}, envFunc(env), &stdout, &stderr)
+	var cerr *configError
+	if !errors.As(err, &cerr) {
+		t.Fatalf("second run() = %v, want a *configError (exit status 2)", err)
+	}
+	if msg := err.Error(); !strings.Contains(msg, "DB_PATH "+dbPath) || !strings.Contains(msg, fmt.Sprintf("pid %d", os.Getpid())) || strings.Contains(msg, "\n") {
+		t.Errorf("second run() error = %q, want one line naming DB_PATH %s and pid %d", msg, dbPath, os.Getpid())
+	}
+	for _, l := range stdout.logLines() {
+		if l["msg"] == "listening" {
+			t.Errorf("second run logged %v", l)
+		}
+	}
+	resp, err := http.Get("http://" + addr + "/health")
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("first instance after the refused start: GET /health = %v, %v", resp, err)
+	}
+	resp.Body.Close()
+
+	if err := first.stop(t); err != nil {
+		t.Fatalf("first run() = %v", err)
+	}
+	again := runService(t, env)
+	again.listeningAddr(t) // the lock was released with the first process's store
+}
