@@ -597,6 +597,9 @@ var errorStatus = []struct {
 	{ErrConflict, http.StatusConflict, "conflict", "a product with this sku already exists"},
 	{ErrPrecondition, http.StatusPreconditionFailed, "precondition-failed", "the product has changed: If-Match does not name its current ETag; nothing was changed"},
 	{ErrIdempotencyMismatch, http.StatusUnprocessableEntity, "idempotency-key-reused", "this Idempotency-Key was used with a different request"},
+	// A *ValidationError is answered above with its fields; a bare ErrInvalid
+	// is a value the database refused (a CHECK constraint).
+	{ErrInvalid, http.StatusUnprocessableEntity, "validation", "the request is not valid: a value is out of range"},
 	{ErrUnavailable, http.StatusServiceUnavailable, "unavailable", ""},
 }
 
@@ -618,8 +621,12 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 		verr *ValidationError
 		uerr *UnavailableError
 		rerr *rateLimitError
+		rp   *Replay
 	)
 	switch {
+	case errors.As(err, &rp):
+		writeReplay(w, rp) // handlers of idempotent writes answer these themselves
+		return
 	case errors.As(err, &herr):
 		status, detail = herr.status, herr.detail
 	case errors.As(err, &bad):

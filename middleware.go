@@ -39,12 +39,19 @@ func infoFrom(ctx context.Context) *requestInfo {
 	return info
 }
 
-// loggerFrom returns a logger that tags lines with the request id.
+// discardLogger is what loggerFrom returns when it has nothing better.
+var discardLogger = slog.New(slog.DiscardHandler)
+
+// loggerFrom returns a logger that tags lines with the request id: the
+// request's, else fallback, else one that discards. It never returns nil.
 func loggerFrom(ctx context.Context, fallback *slog.Logger) *slog.Logger {
-	if info := infoFrom(ctx); info != nil {
+	if info := infoFrom(ctx); info != nil && info.log != nil {
 		return info.log.With("request_id", info.id)
 	}
-	return fallback
+	if fallback != nil {
+		return fallback
+	}
+	return discardLogger
 }
 
 func setCacheResult(ctx context.Context, result string) {
