@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -124,15 +125,99 @@ func TestRateLimiter_FailedAuthentication(t *testing.T) {
 func TestRateLimiter_EvictsIdleBuckets(t *testing.T) {
 	rl := newRateLimiter(1e6, 1, nil) // refills at once: every bucket is idle
 	now := time.Now()
-	rl.mu.Lock()
 	for i := range 1000 {
-		rl.get(rl.buckets, "ip:"+strconv.Itoa(i), rl.rps, rl.burst, now)
+		key := "ip:" + strconv.Itoa(i)
+		s := rl.shard(key)
+		s.mu.Lock()
+		rl.get(s.buckets, key, rl.rps, rl.burst, maxBuckets/limiterShards, now)
+		s.mu.Unlock()
 	}
-	rl.get(rl.buckets, "ip:late", rl.rps, rl.burst, now.Add(2*time.Minute)) // triggers a sweep
-	n := len(rl.buckets)
-	rl.mu.Unlock()
-	if n > 1 {
-		t.Errorf("buckets after a sweep = %d, want only the new one: idle buckets are dropped", n)
+	// Each new client dropped the idle buckets it looked at.
+	if n, _ := rl.len(); n > 1000/2 {
+		t.Errorf("buckets after 1000 idle clients = %d, want most of the idle ones dropped", n)
+	}
+}
+
+// TestRateLimiter_boundedWork fills the limiter with active clients, more
+// than it holds, and checks that no request looks at more than a handful of
+// buckets to make room, however full the map.
+func TestRateLimiter_boundedWork(t *testing.T) {
+	rl := newRateLimiter(0.001, 5, nil) // nobody refills during the test
+	h := rl.limit(newMetrics(nil), http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	const clients = maxBuckets + maxBuckets/4
+	before := rl.examined.Load()
+	for i := range clients {
+		r := httptest.NewRequest("GET", "/products", nil)
+		r.RemoteAddr = netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}).String() + ":1234"
+		h.ServeHTTP(httptest.NewRecorder(), r)
+	}
+	if perRequest := float64(rl.examined.Load()-before) / clients; perRequest > evictSample {
+		t.Errorf("buckets examined per new client = %.1f, want at most %d", perRequest, evictSample)
+	}
+	if n, _ := rl.len(); n > maxBuckets {
+		t.Errorf("buckets = %d after %d clients, want at most %d", n, clients, maxBuckets)
+	}
+}
+
+func TestClientKey(t *testing.T) {
+	tests := []struct{ remote, want string }{
+		{"192.0.2.7:1234", "192.0.2.7"},
+		{"[2001:db8:1:2:3:4:5:6]:443", "2001:db8:1:2::/64"},
+		{"[2001:db8:1:2:ffff:ffff:ffff:ffff]:443", "2001:db8:1:2::/64"}, // same host, same /64
+		{"[2001:db8:1:3::1]:443", "2001:db8:1:3::/64"},
+		{"[::ffff:192.0.2.7]:80", "192.0.2.7"},
+		{"[fe80::1%eth0]:80", "fe80::/64"},
+		{"not-an-address", "not-an-address"},
+	}
+	for _, tt := range tests {
+		r := httptest.NewRequest("GET", "/", nil)
+		r.RemoteAddr = tt.remote
+		if got := clientKey(r); got != tt.want {
+			t.Errorf("clientKey(%q) = %q, want %q", tt.remote, got, tt.want)
+		}
+	}
+}
+
+// TestRateLimiter_ipv6SameBucket sends from many addresses of one /64: they
+// share one bucket, so one host cannot escape the limit or fill the map.
+func TestRateLimiter_ipv6SameBucket(t *testing.T) {
+	rl := newRateLimiter(0.001, 3, nil)
+	h := rl.limit(newMetrics(nil), http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	codes := map[int]int{}
+	for i := range 10 {
+		r := httptest.NewRequest("GET", "/products", nil)
+		r.RemoteAddr = fmt.Sprintf("[2001:db8:0:7::%x]:5555", i+1)
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+		codes[w.Code]++
+	}
+	if codes[http.StatusOK] != 3 || codes[http.StatusTooManyRequests] != 7 {
+		t.Errorf("10 requests from one /64 with a burst of 3: statuses %v, want 3 × 200 and 7 × 429", codes)
+	}
+	if n, _ := rl.len(); n != 1 {
+		t.Errorf("buckets = %d, want 1 for one /64", n)
+	}
+}
+
+// TestRun_authFailuresLimitedByDefault runs the service with no rate limit
+// configured: failed authentication is limited all the same.
+func TestRun_authFailuresLimitedByDefault(t *testing.T) {
+	svc := runService(t, map[string]string{"ADDR": "127.0.0.1:0", "DB_PATH": filepath.Join(t.TempDir(), "a.db"), "API_TOKEN": "right"})
+	base := "http://" + svc.listeningAddr(t)
+	codes := map[int]int{}
+	for i := range authFailureBurst + 5 {
+		req, _ := http.NewRequest("POST", base+"/products", strings.NewReader(`{"sku":"X-1","name":"x","price_cents":1}`))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Authorization", "Bearer guess-"+strconv.Itoa(i))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		codes[resp.StatusCode]++
+	}
+	if codes[http.StatusUnauthorized] != authFailureBurst || codes[http.StatusTooManyRequests] != 5 {
+		t.Errorf("%d failed authentications without RATE_LIMIT_RPS: statuses %v, want %d × 401 then 429", authFailureBurst+5, codes, authFailureBurst)
 	}
 }
 

@@ -51,7 +51,7 @@ type serverDeps struct {
 	metrics      *metrics
 	tokens       tokenSet
 	life         *lifecycle
-	limiter      *rateLimiter // nil: no rate limit
+	limiter      *rateLimiter // nil: no limits; rps 0: failed authentication only
 	maxFlight    int
 	serveMetrics bool     // /metrics on this listener
 	tracing      *tracing // nil: no tracing
@@ -63,7 +63,7 @@ func newServer(d serverDeps) http.Handler {
 	mux := http.NewServeMux()
 	addRoutes(mux, d)
 	var h http.Handler = mux
-	if d.limiter != nil {
+	if d.limiter != nil && d.limiter.rps > 0 {
 		h = d.limiter.limit(d.metrics, h)
 	}
 	h = shedLoad(d.maxFlight, d.metrics, h)

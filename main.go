@@ -130,10 +130,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	life := &lifecycle{}
 	life.started.Store(true)
 	tokens := newTokenSet(cfg.APITokens)
-	var limiter *rateLimiter
-	if cfg.RateLimitRPS > 0 {
-		limiter = newRateLimiter(cfg.RateLimitRPS, cfg.RateLimitBurst, tokens)
-	}
+	// Always made: failed authentication is limited even when
+	// RATE_LIMIT_RPS is 0 and requests in general are not.
+	limiter := newRateLimiter(cfg.RateLimitRPS, cfg.RateLimitBurst, tokens)
 	handler := newServer(serverDeps{
 		svc: svc, log: log, metrics: m, tokens: tokens, life: life,
 		limiter: limiter, maxFlight: cfg.MaxInFlight, serveMetrics: cfg.MetricsAddr == "", tracing: tr,

@@ -7,10 +7,12 @@ import (
 	"crypto/subtle"
 	"encoding/hex"
 	"fmt"
+	"hash/maphash"
 	"log/slog"
 	"math"
 	"net"
 	"net/http"
+	"net/netip"
 	"path"
 	"runtime/debug"
 	"strconv"
@@ -280,7 +282,7 @@ func requireToken(ts tokenSet, limits *rateLimiter, next http.Handler) http.Hand
 			next.ServeHTTP(w, r)
 			return
 		}
-		if limits != nil && !limits.allowAuthFailure(clientIP(r)) {
+		if limits != nil && !limits.allowAuthFailure(clientKey(r)) {
 			writeError(w, r, &rateLimitError{retryAfter: limits.authRetryAfter})
 			return
 		}
@@ -303,83 +305,126 @@ func clientIP(r *http.Request) string {
 	return host
 }
 
+// clientKey is what a client is limited by when it has no valid token: its
+// IPv4 address, or the /64 of its IPv6 address. A host is routinely given a
+// whole /64, so keying by the full address would let one host take as many
+// buckets as it likes.
+func clientKey(r *http.Request) string {
+	ip := clientIP(r)
+	a, err := netip.ParseAddr(ip)
+	if err != nil {
+		return ip
+	}
+	a = a.Unmap().WithZone("")
+	if a.Is6() {
+		p, _ := a.Prefix(64)
+		return p.String()
+	}
+	return a.String()
+}
+
 // rateLimiter keeps a token bucket per client: the bearer token's digest
 // when the token is valid (so a client is one client from any address),
-// else the client IP. Buckets idle for longer than it takes them to refill
-// are dropped, so memory stays bounded by the clients of the last minutes.
+// else the client's address (clientKey); and a tighter bucket per address
+// for failed authentication. The buckets are spread over shards, each with
+// its own lock and a fixed capacity, and no request ever walks a whole
+// shard: a new client looks at a few buckets and drops those that have
+// refilled (forgetting them changes nothing for their clients), and when
+// the shard is still full it drops one of them.
 type rateLimiter struct {
-	rps    rate.Limit
+	rps    rate.Limit // 0: no general limit, only failed authentication is limited
 	burst  int
 	tokens tokenSet
 
-	mu        sync.Mutex
-	buckets   map[string]*bucket
-	failures  map[string]*bucket
-	lastSweep time.Time
+	seed   maphash.Seed
+	shards [limiterShards]limiterShard
 
 	authRetryAfter time.Duration
+	examined       atomic.Int64 // buckets looked at to make room, for tests
 }
 
-type bucket struct {
-	lim      *rate.Limiter
-	lastSeen time.Time
+type limiterShard struct {
+	mu       sync.Mutex
+	buckets  map[string]*rate.Limiter
+	failures map[string]*rate.Limiter
 }
 
 const (
-	maxBuckets       = 100_000
-	authFailureRate  = rate.Limit(1.0 / 6) // one failed authentication per 6 s...
-	authFailureBurst = 10                  // ...after a burst of 10
+	limiterShards     = 64
+	maxBuckets        = 64 << 10            // clients tracked by the general limit, across shards
+	maxFailureBuckets = 16 << 10            // addresses tracked for failed authentication
+	evictSample       = 4                   // buckets a new client looks at
+	authFailureRate   = rate.Limit(1.0 / 6) // one failed authentication per 6 s...
+	authFailureBurst  = 10                  // ...after a burst of 10
 )
 
+// newRateLimiter returns a limiter of rps requests per second per client
+// (0: none) with burst; failed authentication is limited either way.
 func newRateLimiter(rps float64, burst int, tokens tokenSet) *rateLimiter {
 	if burst <= 0 {
 		burst = max(1, int(math.Ceil(rps)))
 	}
-	return &rateLimiter{
-		rps: rate.Limit(rps), burst: burst, tokens: tokens,
-		buckets: make(map[string]*bucket), failures: make(map[string]*bucket),
-		lastSweep:      time.Now(),
+	rl := &rateLimiter{
+		rps: rate.Limit(rps), burst: burst, tokens: tokens, seed: maphash.MakeSeed(),
 		authRetryAfter: time.Duration(float64(time.Second) / float64(authFailureRate)),
 	}
+	for i := range rl.shards {
+		rl.shards[i].buckets = make(map[string]*rate.Limiter)
+		rl.shards[i].failures = make(map[string]*rate.Limiter)
+	}
+	return rl
 }
 
-func (rl *rateLimiter) get(m map[string]*bucket, key string, lim rate.Limit, burst int, now time.Time) *bucket {
-	if now.Sub(rl.lastSweep) > time.Minute || len(m) >= maxBuckets {
-		rl.sweep(now)
+func (rl *rateLimiter) shard(key string) *limiterShard {
+	return &rl.shards[maphash.String(rl.seed, key)%limiterShards]
+}
+
+// get returns key's bucket in m, making one if needed. Call it with the
+// shard's lock held. It looks at no more than evictSample other buckets.
+func (rl *rateLimiter) get(m map[string]*rate.Limiter, key string, lim rate.Limit, burst, capacity int, now time.Time) *rate.Limiter {
+	if b, ok := m[key]; ok {
+		return b
 	}
-	b, ok := m[key]
-	if !ok {
-		if len(m) >= maxBuckets {
-			for k := range m { // still full of active clients: drop one at random
-				delete(m, k)
-				break
-			}
+	victim, n := "", 0
+	for k, b := range m { // map iteration starts at a random place
+		if n == evictSample {
+			break
 		}
-		b = &bucket{lim: rate.NewLimiter(lim, burst)}
-		m[key] = b
+		n++
+		if b.TokensAt(now) >= float64(b.Burst()) {
+			delete(m, k)
+			continue
+		}
+		victim = k
 	}
-	b.lastSeen = now
+	rl.examined.Add(int64(n))
+	if len(m) >= capacity && victim != "" {
+		delete(m, victim) // still full of active clients: drop one at random
+	}
+	b := rate.NewLimiter(lim, burst)
+	m[key] = b
 	return b
 }
 
-// sweep drops buckets that have refilled completely: forgetting them
-// changes nothing for their clients.
-func (rl *rateLimiter) sweep(now time.Time) {
-	rl.lastSweep = now
-	for _, m := range []map[string]*bucket{rl.buckets, rl.failures} {
-		for k, b := range m {
-			if b.lim.TokensAt(now) >= float64(b.lim.Burst()) {
-				delete(m, k)
-			}
-		}
+// len returns the number of buckets of the general limit and of failed
+// authentication.
+func (rl *rateLimiter) len() (buckets, failures int) {
+	for i := range rl.shards {
+		s := &rl.shards[i]
+		s.mu.Lock()
+		buckets += len(s.buckets)
+		failures += len(s.failures)
+		s.mu.Unlock()
 	}
+	return buckets, failures
 }
 
-func (rl *rateLimiter) allowAuthFailure(ip string) bool {
+func (rl *rateLimiter) allowAuthFailure(key string) bool {
 	now := time.Now()
-	rl.mu.Lock()
-	defer rl.mu.Unlock()
-	return rl.get(rl.failures, ip, authFailureRate, authFailureBurst, now).lim.AllowN(now, 1)
+	s := rl.shard(key)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return rl.get(s.failures, key, authFailureRate, authFailureBurst, maxFailureBuckets/limiterShards, now).AllowN(now, 1)
 }
 
 // limit applies the per-client rate limit. Probes are never limited.
@@ -389,16 +434,17 @@ func (rl *rateLimiter) limit(m *metrics, next http.Handler) http.Handler {
 			next.ServeHTTP(w, r)
 			return
 		}
-		key := "ip:" + clientIP(r)
+		key := "ip:" + clientKey(r)
 		if sum, ok := rl.tokens.match(r); ok {
 			key = "token:" + hex.EncodeToString(sum[:8])
 		}
 		now := time.Now()
-		rl.mu.Lock()
-		lim := rl.get(rl.buckets, key, rl.rps, rl.burst, now).lim
+		s := rl.shard(key)
+		s.mu.Lock()
+		lim := rl.get(s.buckets, key, rl.rps, rl.burst, maxBuckets/limiterShards, now)
 		allowed := lim.AllowN(now, 1)
 		remaining := lim.TokensAt(now)
-		rl.mu.Unlock()
+		s.mu.Unlock()
 
 		h := w.Header()
 		h.Set("RateLimit-Limit", strconv.Itoa(rl.burst))
