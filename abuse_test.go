@@ -336,3 +336,57 @@ func TestRun_SlowClients(t *testing.T) {
 		}
 	}
 }
+
+func TestRejectLog_note(t *testing.T) {
+	l := &rejectLog{interval: time.Second}
+	t0 := time.Unix(1000, 0)
+	if n, ok := l.note(t0); !ok || n != 1 {
+		t.Errorf("first note = %d, %v, want 1, true", n, ok)
+	}
+	for i := range 99 {
+		if _, ok := l.note(t0.Add(time.Duration(i) * time.Millisecond)); ok {
+			t.Fatalf("note %d within the interval asked to log", i+2)
+		}
+	}
+	if n, ok := l.note(t0.Add(time.Second)); !ok || n != 100 {
+		t.Errorf("note after the interval = %d, %v, want 100 (99 suppressed and this one), true", n, ok)
+	}
+}
+
+// TestObserve_rejectsSampled floods a rate-limited server: every refusal is
+// counted in metrics, but the log gets a sampled line, not one per request,
+// and nothing at WARN per request (which would be written synchronously).
+func TestObserve_rejectsSampled(t *testing.T) {
+	logs := &syncBuffer{}
+	m := newMetrics(nil)
+	svc := NewProductService(abuseStore(t), ServiceConfig{Metrics: m})
+	life := &lifecycle{}
+	life.started.Store(true)
+	tokens := newTokenSet([]string{"t"})
+	h := newServer(serverDeps{svc: svc, log: slog.New(slog.NewJSONHandler(logs, nil)), metrics: m,
+		tokens: tokens, life: life, limiter: newRateLimiter(1e-9, 1, tokens), maxFlight: 100})
+	const flood = 2000
+	h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/products", nil)) // the burst
+	for range flood {
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, httptest.NewRequest("GET", "/products", nil))
+		if w.Code != http.StatusTooManyRequests {
+			t.Fatalf("status = %d, want 429", w.Code)
+		}
+	}
+	lines := logs.logLines()
+	sampled := 0
+	for _, l := range lines {
+		if l["msg"] == "requests rejected" {
+			sampled++
+		}
+	}
+	// One line a second at most: the loop would have to take 100 s to
+	// reach the bound.
+	if len(lines) > flood/20 || sampled == 0 {
+		t.Errorf("%d refused requests wrote %d log lines (%d sampled), want a few sampled ones", flood, len(lines), sampled)
+	}
+	if got := counterValue(t, m.rateLimited); got != flood {
+		t.Errorf("http_requests_rate_limited_total = %v, want %d", got, flood)
+	}
+}

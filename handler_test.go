@@ -1944,3 +1944,38 @@ func TestLoggerFrom_neverNil(t *testing.T) {
 		loggerFrom(ctx, nil).InfoContext(ctx, "must not panic")
 	}
 }
+
+// TestWriteProblem_matchesEncodingJSON checks the hand-written encoding of
+// problem documents against encoding/json, byte for byte.
+func TestWriteProblem_matchesEncodingJSON(t *testing.T) {
+	tests := []struct {
+		name     string
+		path     string
+		detail   string
+		problems map[string]string
+	}{
+		{name: "plain", path: "/products/1", detail: "no product has this id"},
+		{name: "escapes", path: "/products/\"<x>\"\\", detail: "tab\there, é, \u2028, \x01, <&>"},
+		{name: "field errors", path: "/products", detail: "see errors", problems: map[string]string{"sku": "required", "name": "too \"long\"", "a": "é"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := httptest.NewRequest("GET", "/", nil)
+			r.URL.Path = tt.path
+			r = r.WithContext(context.WithValue(r.Context(), requestInfoKey{}, &requestInfo{id: "req-1"}))
+			w := httptest.NewRecorder()
+			n := writeProblem(w, r, http.StatusUnprocessableEntity, "validation", tt.detail, tt.problems)
+			var want bytes.Buffer
+			enc := json.NewEncoder(&want)
+			enc.SetEscapeHTML(false)
+			enc.Encode(problem{Type: "/problems/validation", Title: http.StatusText(422), Status: 422, Detail: tt.detail,
+				Instance: tt.path, RequestID: "req-1", Errors: tt.problems})
+			if got := w.Body.String(); got != want.String() || n != want.Len() {
+				t.Errorf("writeProblem body = %q (%d bytes), want %q", got, n, want.String())
+			}
+			if cl := w.Header().Get("Content-Length"); cl != strconv.Itoa(want.Len()) {
+				t.Errorf("Content-Length = %s, want %d", cl, want.Len())
+			}
+		})
+	}
+}

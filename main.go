@@ -72,7 +72,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	defer tr.shutdown(context.Background())
 	logOut := newLogWriter(stdout, 100*time.Millisecond)
 	defer logOut.Close()
-	var logh slog.Handler = slog.NewJSONHandler(logOut, &slog.HandlerOptions{Level: cfg.LogLevel})
+	var logh slog.Handler = flushHandler{slog.NewJSONHandler(logOut, &slog.HandlerOptions{Level: cfg.LogLevel}), logOut}
 	if tr.enabled {
 		logh = traceLogHandler{logh}
 	}

@@ -29,9 +29,10 @@ import (
 // requestInfo is the mutable per-request record the outer middleware puts
 // in the context: handlers add to it, the access log reads it.
 type requestInfo struct {
-	id    string
-	cache string
-	log   *slog.Logger // the service logger; loggerFrom adds the request id
+	id       string
+	cache    string
+	log      *slog.Logger // the service logger; loggerFrom adds the request id
+	rejected bool         // refused by load shedding or a rate limit
 }
 
 type requestInfoKey struct{}
@@ -54,6 +55,40 @@ func loggerFrom(ctx context.Context, fallback *slog.Logger) *slog.Logger {
 		return fallback
 	}
 	return discardLogger
+}
+
+// markRejected records that the request is being refused by load shedding or
+// a rate limit. Such requests are counted in metrics but logged only by
+// sample (see rejectLog): under a flood of them, a log line each would make
+// refusing dearer than serving.
+func markRejected(ctx context.Context) {
+	if info := infoFrom(ctx); info != nil {
+		info.rejected = true
+	}
+}
+
+func isRejected(ctx context.Context) bool {
+	info := infoFrom(ctx)
+	return info != nil && info.rejected
+}
+
+// rejectLog samples the log of rejected requests: at most one line per
+// interval, carrying how many were rejected since the last line.
+type rejectLog struct {
+	interval time.Duration
+	last     atomic.Int64 // Unix nanoseconds of the last line
+	count    atomic.Int64 // rejected since the last line
+}
+
+// note counts one rejected request and reports whether to log it, with the
+// count of those rejected since the last line (this one included).
+func (l *rejectLog) note(now time.Time) (int64, bool) {
+	l.count.Add(1)
+	last := l.last.Load()
+	if now.UnixNano()-last < int64(l.interval) || !l.last.CompareAndSwap(last, now.UnixNano()) {
+		return 0, false
+	}
+	return l.count.Swap(0), true
 }
 
 func setCacheResult(ctx context.Context, result string) {
@@ -131,6 +166,7 @@ var nosniff = []string{"nosniff"}
 // observe is the outermost middleware: request id, security headers, access
 // log, metrics and panic recovery, for every request.
 func observe(log *slog.Logger, m *metrics, next http.Handler) http.Handler {
+	rejects := &rejectLog{interval: time.Second}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		id := r.Header.Get("X-Request-ID")
@@ -170,7 +206,15 @@ func observe(log *slog.Logger, m *metrics, next http.Handler) http.Handler {
 			}
 			elapsed := time.Since(start)
 			m.observe(r.Method, route, rec.status, elapsed)
-			if log.Enabled(r.Context(), slog.LevelInfo) {
+			level, rejected := slog.LevelInfo, int64(0)
+			if info.rejected {
+				n, ok := rejects.note(start)
+				if !ok {
+					return // counted in metrics; a sampled line tells the log
+				}
+				level, rejected = slog.LevelWarn, n
+			}
+			if log.Enabled(r.Context(), level) {
 				attrs := []slog.Attr{
 					slog.String("method", r.Method),
 					slog.String("route", route),
@@ -183,7 +227,12 @@ func observe(log *slog.Logger, m *metrics, next http.Handler) http.Handler {
 				if info.cache != "" {
 					attrs = append(attrs, slog.String("cache", info.cache))
 				}
-				log.LogAttrs(r.Context(), slog.LevelInfo, "request", attrs...)
+				msg := "request"
+				if rejected > 0 {
+					msg = "requests rejected" // this one stands for the rest since the last such line
+					attrs = append(attrs, slog.Int64("rejected_since_last", rejected))
+				}
+				log.LogAttrs(r.Context(), level, msg, attrs...)
 			}
 		}()
 		next.ServeHTTP(rec, r)
@@ -235,6 +284,7 @@ func shedLoad(max int, m *metrics, next http.Handler) http.Handler {
 		if inFlight.Add(1) > int64(max) {
 			inFlight.Add(-1)
 			m.shed.Inc()
+			markRejected(r.Context())
 			writeError(w, r, &UnavailableError{Reason: "the server is at capacity; retry shortly", RetryAfter: time.Second})
 			return
 		}
@@ -283,6 +333,7 @@ func requireToken(ts tokenSet, limits *rateLimiter, next http.Handler) http.Hand
 			return
 		}
 		if limits != nil && !limits.allowAuthFailure(clientKey(r)) {
+			markRejected(r.Context())
 			writeError(w, r, &rateLimitError{retryAfter: limits.authRetryAfter})
 			return
 		}
@@ -456,6 +507,7 @@ func (rl *rateLimiter) limit(m *metrics, next http.Handler) http.Handler {
 		h.Set("RateLimit-Reset", strconv.Itoa(int(math.Ceil(untilOne.Seconds()))))
 		if !allowed {
 			m.rateLimited.Inc()
+			markRejected(r.Context())
 			writeError(w, r, &rateLimitError{retryAfter: untilOne})
 			return
 		}
