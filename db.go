@@ -8,6 +8,8 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"runtime/debug"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -601,7 +603,15 @@ func (s *Store) commitGroup(ops []*writeOp) {
 				return
 			}
 		}
-		opErr := translate(ctx, s.runOp(ctx, tx, op))
+		opErr := translate(ctx, s.runOpRecover(ctx, tx, op))
+		if _, ok := errors.AsType[*writePanic](opErr); ok && !savepoint {
+			// It may have written half of itself, and only a savepoint could
+			// take back just that: run the group again without it.
+			tx.Rollback()
+			op.done <- opErr
+			s.commitGroup(slices.Delete(slices.Clone(ops), i, i+1))
+			return
+		}
 		if opErr != nil {
 			if errors.Is(opErr, ErrUnavailable) || !savepoint && !backedOut(opErr) {
 				// A database failure may have rolled back the whole
@@ -638,7 +648,7 @@ func (s *Store) commitGroup(ops []*writeOp) {
 	s.grouped.Add(int64(len(ops)))
 	for i, op := range ops {
 		if errs[i] == nil && op.onCommit != nil {
-			op.onCommit()
+			errs[i] = runOnCommit(op.onCommit)
 		}
 		op.done <- errs[i]
 	}
@@ -674,6 +684,39 @@ func (s *Store) runOp(ctx context.Context, tx *sql.Tx, op *writeOp) error {
 		body = excluded.body, product_id = excluded.product_id, version = excluded.version, created_at = excluded.created_at`,
 		k.Scope, k.Key, k.Fingerprint, op.idem.status, appendProduct(nil, &p), p.ID, p.Version, s.now().UnixMicro())
 	return err
+}
+
+// writePanic is a panic in code run for one write on the writer goroutine.
+// The write fails with it (a 500 for its client, the stack in the log) and
+// the writer goes on with the others.
+type writePanic struct {
+	value any
+	stack []byte
+}
+
+func (e *writePanic) Error() string { return fmt.Sprintf("panic in a write: %v", e.value) }
+
+// runOpRecover is runOp with a panic turned into a *writePanic.
+func (s *Store) runOpRecover(ctx context.Context, tx *sql.Tx, op *writeOp) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = &writePanic{value: p, stack: debug.Stack()}
+		}
+	}()
+	return s.runOp(ctx, tx, op)
+}
+
+// runOnCommit runs a committed write's callback, a panic in it turned into
+// a *writePanic: the write has committed, but its caller cannot be told it
+// succeeded when what follows the commit did not happen.
+func runOnCommit(fn func()) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = &writePanic{value: p, stack: debug.Stack()}
+		}
+	}()
+	fn()
+	return nil
 }
 
 // ProbeWrite makes one small real write, to learn whether writes work again

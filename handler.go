@@ -657,8 +657,11 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 		}
 	}
 	if status == http.StatusInternalServerError {
-		loggerFrom(r.Context(), nil).ErrorContext(r.Context(), "internal error", "err", err.Error(),
-			"method", r.Method, "path", r.URL.Path)
+		attrs := []any{"err", err.Error(), "method", r.Method, "path", r.URL.Path}
+		if wp, ok := errors.AsType[*writePanic](err); ok {
+			attrs = append(attrs, "stack", string(wp.stack))
+		}
+		loggerFrom(r.Context(), nil).ErrorContext(r.Context(), "internal error", attrs...)
 		detail = ""
 	}
 	writeProblem(w, r, status, slug, detail, problems)
