@@ -104,6 +104,7 @@ type Store struct {
 	now     func() time.Time
 
 	writes    chan *writeOp
+	solo      chan *writeOp // writes committed each in a transaction of its own
 	stop      chan struct{}
 	loopDone  chan struct{}
 	closeOnce sync.Once
@@ -157,6 +158,7 @@ func OpenStore(ctx context.Context, cfg StoreConfig) (*Store, error) {
 		timeout:  cfg.Timeout,
 		now:      time.Now,
 		writes:   make(chan *writeOp, maxBatch),
+		solo:     make(chan *writeOp),
 		stop:     make(chan struct{}),
 		loopDone: make(chan struct{}),
 		stmts:    make(map[string]*sql.Stmt),
@@ -491,9 +493,20 @@ type idemWrite struct {
 // failed. A write that was queued is waited for even if ctx ends, so the
 // caller always learns its fate.
 func (s *Store) writeTx(ctx context.Context, idem *idemWrite, fn func(ctx context.Context, tx *sql.Tx) error, onCommit func()) error {
-	op := &writeOp{ctx: ctx, fn: fn, onCommit: onCommit, idem: idem, done: make(chan error, 1)}
+	return s.submit(ctx, s.writes, &writeOp{ctx: ctx, fn: fn, onCommit: onCommit, idem: idem, done: make(chan error, 1)})
+}
+
+// writeAlone is writeTx for maintenance: fn runs in a transaction of its
+// own, never in a group with client writes, so its cost and its failure are
+// never theirs.
+func (s *Store) writeAlone(ctx context.Context, fn func(ctx context.Context, tx *sql.Tx) error) error {
+	return s.submit(ctx, s.solo, &writeOp{ctx: ctx, fn: fn, done: make(chan error, 1)})
+}
+
+// submit queues op on ch for the writer and waits for its outcome.
+func (s *Store) submit(ctx context.Context, ch chan<- *writeOp, op *writeOp) error {
 	select {
-	case s.writes <- op:
+	case ch <- op:
 	case <-ctx.Done():
 		return ctx.Err()
 	case <-s.stop:
@@ -524,6 +537,11 @@ func (s *Store) writeLoop() {
 			batch = s.collect(append(batch[:0], op))
 			s.commitGroup(batch)
 			clear(batch)
+			if len(s.toPrepare) > 0 {
+				s.prepareNew()
+			}
+		case op := <-s.solo:
+			s.commitGroup([]*writeOp{op})
 			if len(s.toPrepare) > 0 {
 				s.prepareNew()
 			}
@@ -729,13 +747,36 @@ func (s *Store) ProbeWrite(ctx context.Context) error {
 	}, nil)
 }
 
-// ExpireIdempotencyKeys deletes keys older than idempotencyTTL.
-func (s *Store) ExpireIdempotencyKeys(ctx context.Context) error {
+// expireBatch bounds the keys one expiry transaction deletes: a batch takes
+// milliseconds, so the writer is never held for long whatever the backlog.
+const expireBatch = 500
+
+// ExpireIdempotencyKeys deletes keys older than idempotencyTTL, in batches
+// of expireBatch, each in a transaction of its own between client write
+// groups: a backlog of any size neither fails nor stalls client writes. It
+// returns how many keys it deleted, and stops early when ctx ends.
+func (s *Store) ExpireIdempotencyKeys(ctx context.Context) (int64, error) {
 	cutoff := s.now().Add(-idempotencyTTL).UnixMicro()
-	return s.writeTx(ctx, nil, func(ctx context.Context, tx *sql.Tx) error {
-		_, err := s.exec(ctx, tx, `DELETE FROM idempotency_keys WHERE created_at <= ?`, cutoff)
-		return err
-	}, nil)
+	var total int64
+	for {
+		var n int64
+		err := s.writeAlone(ctx, func(ctx context.Context, tx *sql.Tx) error {
+			res, err := s.exec(ctx, tx, `DELETE FROM idempotency_keys WHERE (scope, key) IN
+				(SELECT scope, key FROM idempotency_keys WHERE created_at <= ? ORDER BY created_at LIMIT ?)`, cutoff, expireBatch)
+			if err != nil {
+				return err
+			}
+			n, err = res.RowsAffected()
+			return err
+		})
+		total += n
+		if err != nil {
+			return total, fmt.Errorf("expire idempotency keys: %w", err)
+		}
+		if n < expireBatch {
+			return total, nil
+		}
+	}
 }
 
 // backedOut reports whether a write that failed with err changed nothing:

@@ -41,7 +41,7 @@ var openAPIDocument []byte
 
 // lifecycle is what /ready and /health/startup know about the process.
 type lifecycle struct {
-	started      atomic.Bool // the database is open and migrated
+	started      atomic.Bool // the database is open and migrated, and the listeners are up
 	shuttingDown atomic.Bool // a shutdown signal arrived
 }
 

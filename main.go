@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"sync"
 	"syscall"
 	"time"
 
@@ -69,7 +70,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return &configError{msg: "invalid OTEL_* settings: " + err.Error()}
 	}
-	defer tr.shutdown(context.Background())
+	defer tr.close(tracingShutdownTimeout)
 	logOut := newLogWriter(stdout, 100*time.Millisecond)
 	defer logOut.Close()
 	var logh slog.Handler = flushHandler{slog.NewJSONHandler(logOut, &slog.HandlerOptions{Level: cfg.LogLevel}), logOut}
@@ -127,8 +128,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	})
 	defer svc.Close()
 
-	life := &lifecycle{}
-	life.started.Store(true)
+	life := &lifecycle{} // started once the store is open and every listener is up
 	tokens := newTokenSet(cfg.APITokens)
 	// Always made: failed authentication is limited even when
 	// RATE_LIMIT_RPS is 0 and requests in general are not.
@@ -163,8 +163,17 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		log.Info("admin listening", "addr", aaddr)
 		servers = append(servers, asrv)
 	}
-	go expireIdempotencyKeys(ctx, store, log)
-	go svc.Probe(ctx, time.Second)
+	life.started.Store(true)
+
+	// The background goroutines are joined before the store closes: the
+	// deferred calls run in reverse, so bgCancel, then bg.Wait, then (far
+	// above) store.Close.
+	var bg sync.WaitGroup
+	defer bg.Wait()
+	bgCtx, bgCancel := context.WithCancel(ctx)
+	defer bgCancel()
+	bg.Go(func() { expireIdempotencyKeys(bgCtx, store, log) })
+	bg.Go(func() { svc.Probe(bgCtx, time.Second) })
 
 	select {
 	case <-ctx.Done():
@@ -254,8 +263,11 @@ func expireIdempotencyKeys(ctx context.Context, store *Store, log *slog.Logger) 
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			if err := store.ExpireIdempotencyKeys(ctx); err != nil && ctx.Err() == nil {
-				log.Warn("expire idempotency keys", "err", err.Error())
+			n, err := store.ExpireIdempotencyKeys(ctx)
+			if err != nil && ctx.Err() == nil {
+				log.Warn("expire idempotency keys", "err", err.Error(), "deleted", n)
+			} else if n > 0 {
+				log.Info("expired idempotency keys", "deleted", n)
 			}
 		}
 	}

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -306,4 +307,32 @@ func TestRun_databaseInUse(t *testing.T) {
 	}
 	again := runService(t, env)
 	again.listeningAddr(t) // the lock was released with the first process's store
+}
+
+// TestRun_backgroundJoined stops run and then looks for its background
+// goroutines (expiry, breaker probe): run must have joined them before it
+// closed the store and returned.
+func TestRun_backgroundJoined(t *testing.T) {
+	svc := runService(t, map[string]string{"ADDR": "127.0.0.1:0", "DB_PATH": filepath.Join(t.TempDir(), "b.db"), "API_TOKEN": "t"})
+	svc.listeningAddr(t)
+	if err := svc.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 1<<20)
+	stacks := string(buf[:runtime.Stack(buf, true)])
+	for _, fn := range []string{"main.expireIdempotencyKeys", "(*ProductService).Probe"} {
+		if strings.Contains(stacks, fn) {
+			t.Errorf("after run returned, a goroutine is still in %s:\n%s", fn, stacks)
+		}
+	}
+}
+
+// TestTracing_closeHasDeadline closes a tracer whose exporter never
+// finishes flushing: close gives up with the deadline instead of hanging.
+func TestTracing_closeHasDeadline(t *testing.T) {
+	tr := noTracing()
+	tr.shutdown = func(ctx context.Context) error { <-ctx.Done(); return ctx.Err() }
+	if err := tr.close(10 * time.Millisecond); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("close() = %v, want context.DeadlineExceeded", err)
+	}
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/sony/gobreaker/v2"
 )
 
 // newProduct returns a valid product to store.
@@ -343,7 +344,7 @@ func TestStore_ExpireIdempotencyKeys(t *testing.T) {
 	if _, err := s.Create(t.Context(), newProduct("EXP-1"), key, nil); !errors.As(err, &replay) || replay.ProductID != first.ID || replay.Status != 201 {
 		t.Fatalf("Create with a used key error = %v, want a *Replay of product %d with status 201", err, first.ID)
 	}
-	if err := s.ExpireIdempotencyKeys(t.Context()); err != nil {
+	if _, err := s.ExpireIdempotencyKeys(t.Context()); err != nil {
 		t.Fatal(err)
 	}
 	if n := countKeys(); n != 1 {
@@ -351,7 +352,7 @@ func TestStore_ExpireIdempotencyKeys(t *testing.T) {
 	}
 
 	clock = clock.Add(idempotencyTTL + time.Minute)
-	if err := s.ExpireIdempotencyKeys(t.Context()); err != nil {
+	if _, err := s.ExpireIdempotencyKeys(t.Context()); err != nil {
 		t.Fatal(err)
 	}
 	if n := countKeys(); n != 0 {
@@ -362,4 +363,68 @@ func TestStore_ExpireIdempotencyKeys(t *testing.T) {
 	if err != nil || second.ID == first.ID {
 		t.Errorf("Create with an expired key = %+v, %v, want a new product", second, err)
 	}
+}
+
+// TestStore_ExpireIdempotencyKeys_backlog expires a backlog of a million
+// keys while clients write through the service: no client write fails, the
+// write breaker stays closed, and writes are served while expiry runs.
+// Under -race (or -short) the backlog is a tenth: the race detector makes
+// SQLite itself some thirty times slower, and the concurrency it checks is
+// the same.
+func TestStore_ExpireIdempotencyKeys_backlog(t *testing.T) {
+	backlog := 1_000_000
+	if raceEnabled || testing.Short() {
+		backlog = 100_000
+	}
+	s := newTestStore(t)
+	if _, err := s.write.ExecContext(t.Context(), `WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
+		INSERT INTO idempotency_keys (scope, key, fingerprint, status, body, product_id, version, created_at)
+		SELECT 'old', 'key-' || i, 'f', 201, x'7b7d', 1, 1, 0 FROM n`, backlog); err != nil {
+		t.Fatal(err)
+	}
+	svc := newTestService(t, s, ServiceConfig{})
+
+	type result struct {
+		deleted int64
+		err     error
+	}
+	expired := make(chan result, 1)
+	go func() {
+		n, err := s.ExpireIdempotencyKeys(context.Background())
+		expired <- result{n, err}
+	}()
+	var res *result
+	writes, during := 0, 0
+	for res == nil || writes < 20 {
+		if writes > backlog {
+			t.Fatal("expiry did not finish")
+		}
+		key := &IdempotencyKey{Scope: "new", Key: fmt.Sprintf("w-%d", writes), Fingerprint: "f"}
+		if _, err := svc.Create(t.Context(), ProductInput{SKU: new(fmt.Sprintf("BL-%d", writes)), Name: new("x"), PriceCents: new(int64(1))}, key); err != nil {
+			t.Fatalf("client write %d during expiry error = %v, want nil", writes, err)
+		}
+		writes++
+		select {
+		case r := <-expired:
+			res = &r
+		default:
+			if res == nil {
+				during++
+			}
+		}
+	}
+	if res.err != nil || res.deleted != int64(backlog) {
+		t.Fatalf("ExpireIdempotencyKeys = %d, %v, want %d, nil", res.deleted, res.err, backlog)
+	}
+	if during == 0 {
+		t.Error("no client write was served while expiry ran")
+	}
+	if st := svc.writeCB.State(); st != gobreaker.StateClosed {
+		t.Errorf("write breaker %s after the expiry, want closed", st)
+	}
+	var left int
+	if err := s.read.QueryRowContext(t.Context(), `SELECT count(*) FROM idempotency_keys`).Scan(&left); err != nil || left != writes {
+		t.Errorf("keys left = %d, %v, want the %d of the client writes", left, err, writes)
+	}
+	t.Logf("%d keys expired; %d client writes served during the expiry, all succeeded", res.deleted, during)
 }
