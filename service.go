@@ -504,9 +504,21 @@ func (s *ProductService) ListJSON(ctx context.Context, key string, f ListFilter)
 	if err != nil {
 		return nil, err
 	}
-	b = appendPage(make([]byte, 0, 320*len(page.Items)+64), page)
+	b = appendPage(make([]byte, 0, pageSizeHint(page)), page)
 	s.pages.fill(key, gen, b)
 	return b, nil
+}
+
+// pageSizeHint estimates the encoded size of page, so that encoding it
+// allocates once: with long descriptions, growing the buffer by doubling
+// would allocate twice the page in garbage.
+func pageSizeHint(page Page) int {
+	n := 64 + len(page.NextCursor)
+	for i := range page.Items {
+		p := &page.Items[i]
+		n += 320 + len(p.SKU) + len(p.Name) + len(p.Description) + len(p.Category)
+	}
+	return n + n/16 // escapes
 }
 
 // List returns a page of products. It returns an *UnavailableError when the
