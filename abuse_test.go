@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -124,15 +125,99 @@ func TestRateLimiter_FailedAuthentication(t *testing.T) {
 func TestRateLimiter_EvictsIdleBuckets(t *testing.T) {
 	rl := newRateLimiter(1e6, 1, nil) // refills at once: every bucket is idle
 	now := time.Now()
-	rl.mu.Lock()
 	for i := range 1000 {
-		rl.get(rl.buckets, "ip:"+strconv.Itoa(i), rl.rps, rl.burst, now)
+		key := "ip:" + strconv.Itoa(i)
+		s := rl.shard(key)
+		s.mu.Lock()
+		rl.get(s.buckets, key, rl.rps, rl.burst, maxBuckets/limiterShards, now)
+		s.mu.Unlock()
 	}
-	rl.get(rl.buckets, "ip:late", rl.rps, rl.burst, now.Add(2*time.Minute)) // triggers a sweep
-	n := len(rl.buckets)
-	rl.mu.Unlock()
-	if n > 1 {
-		t.Errorf("buckets after a sweep = %d, want only the new one: idle buckets are dropped", n)
+	// Each new client dropped the idle buckets it looked at.
+	if n, _ := rl.len(); n > 1000/2 {
+		t.Errorf("buckets after 1000 idle clients = %d, want most of the idle ones dropped", n)
+	}
+}
+
+// TestRateLimiter_boundedWork fills the limiter with active clients, more
+// than it holds, and checks that no request looks at more than a handful of
+// buckets to make room, however full the map.
+func TestRateLimiter_boundedWork(t *testing.T) {
+	rl := newRateLimiter(0.001, 5, nil) // nobody refills during the test
+	h := rl.limit(newMetrics(nil), http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	const clients = maxBuckets + maxBuckets/4
+	before := rl.examined.Load()
+	for i := range clients {
+		r := httptest.NewRequest("GET", "/products", nil)
+		r.RemoteAddr = netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}).String() + ":1234"
+		h.ServeHTTP(httptest.NewRecorder(), r)
+	}
+	if perRequest := float64(rl.examined.Load()-before) / clients; perRequest > evictSample {
+		t.Errorf("buckets examined per new client = %.1f, want at most %d", perRequest, evictSample)
+	}
+	if n, _ := rl.len(); n > maxBuckets {
+		t.Errorf("buckets = %d after %d clients, want at most %d", n, clients, maxBuckets)
+	}
+}
+
+func TestClientKey(t *testing.T) {
+	tests := []struct{ remote, want string }{
+		{"192.0.2.7:1234", "192.0.2.7"},
+		{"[2001:db8:1:2:3:4:5:6]:443", "2001:db8:1:2::/64"},
+		{"[2001:db8:1:2:ffff:ffff:ffff:ffff]:443", "2001:db8:1:2::/64"}, // same host, same /64
+		{"[2001:db8:1:3::1]:443", "2001:db8:1:3::/64"},
+		{"[::ffff:192.0.2.7]:80", "192.0.2.7"},
+		{"[fe80::1%eth0]:80", "fe80::/64"},
+		{"not-an-address", "not-an-address"},
+	}
+	for _, tt := range tests {
+		r := httptest.NewRequest("GET", "/", nil)
+		r.RemoteAddr = tt.remote
+		if got := clientKey(r); got != tt.want {
+			t.Errorf("clientKey(%q) = %q, want %q", tt.remote, got, tt.want)
+		}
+	}
+}
+
+// TestRateLimiter_ipv6SameBucket sends from many addresses of one /64: they
+// share one bucket, so one host cannot escape the limit or fill the map.
+func TestRateLimiter_ipv6SameBucket(t *testing.T) {
+	rl := newRateLimiter(0.001, 3, nil)
+	h := rl.limit(newMetrics(nil), http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	codes := map[int]int{}
+	for i := range 10 {
+		r := httptest.NewRequest("GET", "/products", nil)
+		r.RemoteAddr = fmt.Sprintf("[2001:db8:0:7::%x]:5555", i+1)
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+		codes[w.Code]++
+	}
+	if codes[http.StatusOK] != 3 || codes[http.StatusTooManyRequests] != 7 {
+		t.Errorf("10 requests from one /64 with a burst of 3: statuses %v, want 3 × 200 and 7 × 429", codes)
+	}
+	if n, _ := rl.len(); n != 1 {
+		t.Errorf("buckets = %d, want 1 for one /64", n)
+	}
+}
+
+// TestRun_authFailuresLimitedByDefault runs the service with no rate limit
+// configured: failed authentication is limited all the same.
+func TestRun_authFailuresLimitedByDefault(t *testing.T) {
+	svc := runService(t, map[string]string{"ADDR": "127.0.0.1:0", "DB_PATH": filepath.Join(t.TempDir(), "a.db"), "API_TOKEN": "right"})
+	base := "http://" + svc.listeningAddr(t)
+	codes := map[int]int{}
+	for i := range authFailureBurst + 5 {
+		req, _ := http.NewRequest("POST", base+"/products", strings.NewReader(`{"sku":"X-1","name":"x","price_cents":1}`))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Authorization", "Bearer guess-"+strconv.Itoa(i))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		codes[resp.StatusCode]++
+	}
+	if codes[http.StatusUnauthorized] != authFailureBurst || codes[http.StatusTooManyRequests] != 5 {
+		t.Errorf("%d failed authentications without RATE_LIMIT_RPS: statuses %v, want %d × 401 then 429", authFailureBurst+5, codes, authFailureBurst)
 	}
 }
 
@@ -249,5 +334,59 @@ func TestRun_SlowClients(t *testing.T) {
 			}
 			break // EOF or reset: closed by the server
 		}
+	}
+}
+
+func TestRejectLog_note(t *testing.T) {
+	l := &rejectLog{interval: time.Second}
+	t0 := time.Unix(1000, 0)
+	if n, ok := l.note(t0); !ok || n != 1 {
+		t.Errorf("first note = %d, %v, want 1, true", n, ok)
+	}
+	for i := range 99 {
+		if _, ok := l.note(t0.Add(time.Duration(i) * time.Millisecond)); ok {
+			t.Fatalf("note %d within the interval asked to log", i+2)
+		}
+	}
+	if n, ok := l.note(t0.Add(time.Second)); !ok || n != 100 {
+		t.Errorf("note after the interval = %d, %v, want 100 (99 suppressed and this one), true", n, ok)
+	}
+}
+
+// TestObserve_rejectsSampled floods a rate-limited server: every refusal is
+// counted in metrics, but the log gets a sampled line, not one per request,
+// and nothing at WARN per request (which would be written synchronously).
+func TestObserve_rejectsSampled(t *testing.T) {
+	logs := &syncBuffer{}
+	m := newMetrics(nil)
+	svc := NewProductService(abuseStore(t), ServiceConfig{Metrics: m})
+	life := &lifecycle{}
+	life.started.Store(true)
+	tokens := newTokenSet([]string{"t"})
+	h := newServer(serverDeps{svc: svc, log: slog.New(slog.NewJSONHandler(logs, nil)), metrics: m,
+		tokens: tokens, life: life, limiter: newRateLimiter(1e-9, 1, tokens), maxFlight: 100})
+	const flood = 2000
+	h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/products", nil)) // the burst
+	for range flood {
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, httptest.NewRequest("GET", "/products", nil))
+		if w.Code != http.StatusTooManyRequests {
+			t.Fatalf("status = %d, want 429", w.Code)
+		}
+	}
+	lines := logs.logLines()
+	sampled := 0
+	for _, l := range lines {
+		if l["msg"] == "requests rejected" {
+			sampled++
+		}
+	}
+	// One line a second at most: the loop would have to take 100 s to
+	// reach the bound.
+	if len(lines) > flood/20 || sampled == 0 {
+		t.Errorf("%d refused requests wrote %d log lines (%d sampled), want a few sampled ones", flood, len(lines), sampled)
+	}
+	if got := counterValue(t, m.rateLimited); got != flood {
+		t.Errorf("http_requests_rate_limited_total = %v, want %d", got, flood)
 	}
 }

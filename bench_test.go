@@ -13,9 +13,11 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"strconv"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -170,6 +172,94 @@ func BenchmarkServer_GetProduct(b *testing.B) {
 				}
 				i++
 			}
+		})
+	}
+}
+
+// cpuTime returns the CPU time the process has used, user and system.
+func cpuTime(tb testing.TB) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		tb.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// BenchmarkServer_Rejected compares the CPU a served request costs with the
+// CPU of requests refused by a rate limit (429), load shedding (503) and the
+// failed-authentication limit (429), through the whole handler with the
+// production log setup (JSON into the buffered writer, over a real file).
+// Refusing must cost less than serving: that is what keeps overload from
+// getting dearer. cpu-µs/op counts every goroutine of the process.
+func BenchmarkServer_Rejected(b *testing.B) {
+	s := benchStore(b, 10, "normal")
+	logFile, err := os.Create(filepath.Join(b.TempDir(), "log.json"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer logFile.Close()
+	lw := newLogWriter(logFile, 100*time.Millisecond)
+	defer lw.Close()
+	log := slog.New(flushHandler{slog.NewJSONHandler(lw, nil), lw})
+	bs := &blockingStore{productStore: s, entered: make(chan struct{}, 1), release: make(chan struct{})}
+	m := newMetrics(nil)
+	svc := NewProductService(bs, ServiceConfig{LocalCacheSize: 1000, Metrics: m, Logger: log})
+	svc.Get(context.Background(), 1) // cached: the served request is the cheapest kind
+	life := &lifecycle{}
+	life.started.Store(true)
+	tokens := newTokenSet([]string{"t"})
+	limiter := newRateLimiter(1e-9, 1, tokens)
+	served := newServer(serverDeps{svc: svc, log: log, metrics: m, tokens: tokens, life: life,
+		limiter: newRateLimiter(1e9, 1e9, tokens), maxFlight: 1})
+	limited := newServer(serverDeps{svc: svc, log: log, metrics: m, tokens: tokens, life: life, limiter: limiter})
+	shed := newServer(serverDeps{svc: svc, log: log, metrics: m, tokens: tokens, life: life, maxFlight: 1})
+	authOnly := newServer(serverDeps{svc: svc, log: log, metrics: m, tokens: tokens, life: life, limiter: newRateLimiter(0, 0, tokens)})
+
+	// Take shed's one slot with a listing held in the store.
+	held := make(chan struct{})
+	go func() {
+		defer close(held)
+		shed.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/products", nil))
+	}()
+	<-bs.entered
+	defer func() { close(bs.release); <-held }()
+	limited.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/products/1", nil)) // the burst of 1
+	for range authFailureBurst {
+		r := httptest.NewRequest("POST", "/products", nil)
+		r.Header.Set("Authorization", "Bearer wrong")
+		authOnly.ServeHTTP(httptest.NewRecorder(), r)
+	}
+
+	cases := []struct {
+		name   string
+		h      http.Handler
+		method string
+		path   string
+		token  string
+		want   int
+	}{
+		{"served", served, "GET", "/products/1", "", http.StatusOK},
+		{"rate_limited", limited, "GET", "/products/1", "", http.StatusTooManyRequests},
+		{"shed", shed, "GET", "/products/1", "", http.StatusServiceUnavailable},
+		{"auth_limited", authOnly, "POST", "/products", "t-wrong", http.StatusTooManyRequests},
+	}
+	for _, c := range cases {
+		b.Run(c.name, func(b *testing.B) {
+			req := httptest.NewRequest(c.method, c.path, nil)
+			req.RemoteAddr = "192.0.2.1:1234"
+			if c.token != "" {
+				req.Header.Set("Authorization", "Bearer "+c.token)
+			}
+			b.ReportAllocs()
+			cpu := cpuTime(b)
+			for b.Loop() {
+				rec := httptest.NewRecorder()
+				c.h.ServeHTTP(rec, req)
+				if rec.Code != c.want {
+					b.Fatalf("status %d, want %d", rec.Code, c.want)
+				}
+			}
+			b.ReportMetric(float64((cpuTime(b)-cpu).Microseconds())/float64(b.N), "cpu-µs/op")
 		})
 	}
 }

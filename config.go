@@ -26,6 +26,7 @@ type config struct {
 	RedisTimeout    time.Duration
 	CacheTTL        time.Duration
 	LocalCacheSize  int
+	CacheMemory     int
 	APITokens       []string
 	LogLevel        slog.Level
 	ShutdownDelay   time.Duration
@@ -63,6 +64,7 @@ func (c *config) settings() []setting {
 		{"REDIS_TIMEOUT", "redis-timeout", "100ms", "bound on each Redis call", durSetting(&c.RedisTimeout, time.Millisecond)},
 		{"CACHE_TTL", "cache-ttl", "5m", "how long cached products live", durSetting(&c.CacheTTL, time.Second)},
 		{"LOCAL_CACHE_SIZE", "local-cache-size", "10000", "products kept in the in-process cache (0: none)", intSetting(&c.LocalCacheSize, 0, 10_000_000)},
+		{"CACHE_MEMORY", "cache-memory", "32MiB", "bytes the in-process product and page caches may hold together, e.g. 64MiB (0: no in-process caches)", byteSetting(&c.CacheMemory, 1<<40)},
 		{"API_TOKEN", "api-token", "", "comma-separated bearer tokens accepted for writes (empty: one is generated and logged)", func(s string) error {
 			c.APITokens = nil
 			for _, t := range strings.Split(s, ",") {
@@ -123,6 +125,30 @@ func intSetting(dst *int, min, max int) func(string) error {
 			return fmt.Errorf("must be an integer from %d to %d", min, max)
 		}
 		*dst = n
+		return nil
+	}
+}
+
+// byteSetting parses a size in bytes with an optional unit: B, KiB, MiB,
+// GiB (powers of 1024) or KB, MB, GB (powers of 1000).
+func byteSetting(dst *int, max int64) func(string) error {
+	units := []struct {
+		suffix string
+		mult   int64
+	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"B", 1}}
+	return func(s string) error {
+		num, mult := strings.TrimSpace(s), int64(1)
+		for _, u := range units {
+			if n, ok := strings.CutSuffix(num, u.suffix); ok {
+				num, mult = strings.TrimSpace(n), u.mult
+				break
+			}
+		}
+		n, err := strconv.ParseInt(num, 10, 64)
+		if err != nil || n < 0 || n > max/mult {
+			return fmt.Errorf("must be a size such as 32MiB or 500MB, from 0 to %dGiB", max>>30)
+		}
+		*dst = int(n * mult)
 		return nil
 	}
 }
@@ -259,7 +285,7 @@ func (c *config) logAttrs() []any {
 	return []any{
 		"addr", c.Addr, "backend", backend, "database_url", redactURL(c.DatabaseURL), "db_path", c.DBPath, "db_sync", c.DBSync, "db_timeout", c.DBTimeout.String(),
 		"redis_url", redis, "redis_timeout", c.RedisTimeout.String(), "cache_ttl", c.CacheTTL.String(),
-		"local_cache_size", c.LocalCacheSize, "api_tokens", len(c.APITokens), "log_level", c.LogLevel.String(),
+		"local_cache_size", c.LocalCacheSize, "cache_memory", c.CacheMemory, "api_tokens", len(c.APITokens), "log_level", c.LogLevel.String(),
 		"shutdown_delay", c.ShutdownDelay.String(), "shutdown_timeout", c.ShutdownTimeout.String(),
 		"metrics_addr", c.MetricsAddr, "admin_addr", c.AdminAddr,
 		"rate_limit_rps", c.RateLimitRPS, "rate_limit_burst", c.RateLimitBurst, "max_in_flight", c.MaxInFlight,

@@ -57,8 +57,10 @@ type productStore interface {
 	// again after a failure.
 	ProbeWrite(ctx context.Context) error
 	// ExpireIdempotencyKeys deletes idempotency records older than
-	// idempotencyTTL.
-	ExpireIdempotencyKeys(ctx context.Context) error
+	// idempotencyTTL in small batches, each its own transaction, so a
+	// backlog of any size never holds up client writes. It returns how many
+	// it deleted.
+	ExpireIdempotencyKeys(ctx context.Context) (int64, error)
 	// Count returns the number of products, cheaply (it may lag writes by a
 	// few seconds on engines that cannot maintain it exactly).
 	Count() int64
@@ -135,6 +137,10 @@ func replayOrMismatch(k *IdempotencyKey, fingerprint string, snapshot []byte) er
 	}
 	return &Replay{Product: p}
 }
+
+// expireBatch bounds the idempotency records one expiry transaction
+// deletes: a batch takes milliseconds, whatever the backlog.
+const expireBatch = 500
 
 // errSchemaNewer is a database migrated by a newer binary than this one.
 var errSchemaNewer = errors.New("the database schema is newer than this binary")

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	_ "embed"
@@ -10,9 +9,11 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"maps"
 	"math"
 	"mime"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -40,7 +41,7 @@ var openAPIDocument []byte
 
 // lifecycle is what /ready and /health/startup know about the process.
 type lifecycle struct {
-	started      atomic.Bool // the database is open and migrated
+	started      atomic.Bool // the database is open and migrated, and the listeners are up
 	shuttingDown atomic.Bool // a shutdown signal arrived
 }
 
@@ -51,7 +52,7 @@ type serverDeps struct {
 	metrics      *metrics
 	tokens       tokenSet
 	life         *lifecycle
-	limiter      *rateLimiter // nil: no rate limit
+	limiter      *rateLimiter // nil: no limits; rps 0: failed authentication only
 	maxFlight    int
 	serveMetrics bool     // /metrics on this listener
 	tracing      *tracing // nil: no tracing
@@ -63,7 +64,7 @@ func newServer(d serverDeps) http.Handler {
 	mux := http.NewServeMux()
 	addRoutes(mux, d)
 	var h http.Handler = mux
-	if d.limiter != nil {
+	if d.limiter != nil && d.limiter.rps > 0 {
 		h = d.limiter.limit(d.metrics, h)
 	}
 	h = shedLoad(d.maxFlight, d.metrics, h)
@@ -586,6 +587,9 @@ var errorStatus = []struct {
 	{ErrConflict, http.StatusConflict, "conflict", "a product with this sku already exists"},
 	{ErrPrecondition, http.StatusPreconditionFailed, "precondition-failed", "the product has changed: If-Match does not name its current ETag; nothing was changed"},
 	{ErrIdempotencyMismatch, http.StatusUnprocessableEntity, "idempotency-key-reused", "this Idempotency-Key was used with a different request"},
+	// A *ValidationError is answered above with its fields; a bare ErrInvalid
+	// is a value the database refused (a CHECK constraint).
+	{ErrInvalid, http.StatusUnprocessableEntity, "validation", "the request is not valid: a value is out of range"},
 	{ErrUnavailable, http.StatusServiceUnavailable, "unavailable", ""},
 }
 
@@ -607,8 +611,15 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 		verr *ValidationError
 		uerr *UnavailableError
 		rerr *rateLimitError
+		rp   *Replay
 	)
 	switch {
+	case errors.As(err, &rp):
+		// The handlers of idempotent writes answer replays themselves, with
+		// their own status; any other replay is still the product it made.
+		w.Header().Set("Idempotency-Replayed", "true")
+		writeProduct(w, http.StatusOK, rp.Product)
+		return
 	case errors.As(err, &herr):
 		status, detail = herr.status, herr.detail
 	case errors.As(err, &bad):
@@ -633,11 +644,16 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 		}
 		w.Header().Set("Retry-After", retryAfter(ra))
 		detail = "the service cannot handle this request right now; retry after the Retry-After delay"
-		loggerFrom(r.Context(), nil).WarnContext(r.Context(), "unavailable", "err", err.Error())
+		if !isRejected(r.Context()) { // shed requests are counted and sampled instead
+			loggerFrom(r.Context(), nil).WarnContext(r.Context(), "unavailable", "err", err.Error())
+		}
 	}
 	if status == http.StatusInternalServerError {
-		loggerFrom(r.Context(), nil).ErrorContext(r.Context(), "internal error", "err", err.Error(),
-			"method", r.Method, "path", r.URL.Path)
+		attrs := []any{"err", err.Error(), "method", r.Method, "path", r.URL.Path}
+		if wp, ok := errors.AsType[*writePanic](err); ok {
+			attrs = append(attrs, "stack", string(wp.stack))
+		}
+		loggerFrom(r.Context(), nil).ErrorContext(r.Context(), "internal error", attrs...)
 		detail = ""
 	}
 	writeProblem(w, r, status, slug, detail, problems)
@@ -679,27 +695,47 @@ func writeProblem(w http.ResponseWriter, r *http.Request, status int, slug, deta
 			detail = http.StatusText(status)
 		}
 	}
-	p := problem{
-		Type:     "/problems/" + slug,
-		Title:    http.StatusText(status),
-		Status:   status,
-		Detail:   detail,
-		Instance: r.URL.Path,
-		Errors:   problems,
-	}
+	// Encoded by hand, in problem's field order: a refused request under a
+	// flood must cost less than a served one, and reflection is most of
+	// what an error costs otherwise.
+	requestID := ""
 	if info := infoFrom(r.Context()); info != nil {
-		p.RequestID = info.id
+		requestID = info.id
 	}
-	var buf bytes.Buffer
-	enc := json.NewEncoder(&buf)
-	enc.SetEscapeHTML(false)
-	enc.Encode(p)
+	b := make([]byte, 0, 256)
+	b = append(b, `{"type":`...)
+	b = appendString(b, "/problems/"+slug)
+	b = append(b, `,"title":`...)
+	b = appendString(b, http.StatusText(status))
+	b = append(b, `,"status":`...)
+	b = strconv.AppendInt(b, int64(status), 10)
+	b = append(b, `,"detail":`...)
+	b = appendString(b, detail)
+	b = append(b, `,"instance":`...)
+	b = appendString(b, r.URL.Path)
+	if requestID != "" {
+		b = append(b, `,"request_id":`...)
+		b = appendString(b, requestID)
+	}
+	if len(problems) > 0 {
+		b = append(b, `,"errors":{`...)
+		for i, k := range slices.Sorted(maps.Keys(problems)) {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b = appendString(b, k)
+			b = append(b, ':')
+			b = appendString(b, problems[k])
+		}
+		b = append(b, '}')
+	}
+	b = append(b, "}\n"...)
 	h := w.Header()
 	h["Content-Type"] = problemHeader
-	h["Content-Length"] = []string{strconv.Itoa(buf.Len())}
+	h["Content-Length"] = []string{strconv.Itoa(len(b))}
 	h.Del("Etag")
 	h.Del("Location")
 	w.WriteHeader(status)
-	n, _ := w.Write(buf.Bytes())
+	n, _ := w.Write(b)
 	return n
 }

@@ -2,14 +2,19 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"go/ast"
+	"go/parser"
+	"go/token"
 	"io"
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -1874,4 +1879,123 @@ func TestHandleListProducts_freshAfterWrites(t *testing.T) {
 			})
 		}
 	})
+}
+
+// TestWriteError_everySentinel walks every exported sentinel error declared
+// in the package (found by parsing its sources, so a new one cannot be
+// missed) and every domain error type: none may reach 500 by omission from
+// the status table.
+func TestWriteError_everySentinel(t *testing.T) {
+	sentinels := map[string]error{
+		"ErrNotFound":            ErrNotFound,
+		"ErrConflict":            ErrConflict,
+		"ErrInsufficientStock":   ErrInsufficientStock,
+		"ErrInvalid":             ErrInvalid,
+		"ErrPrecondition":        ErrPrecondition,
+		"ErrUnavailable":         ErrUnavailable,
+		"ErrIdempotencyMismatch": ErrIdempotencyMismatch,
+	}
+	files, err := filepath.Glob("*.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fset := token.NewFileSet()
+	for _, name := range files {
+		if strings.HasSuffix(name, "_test.go") {
+			continue
+		}
+		f, err := parser.ParseFile(fset, name, nil, parser.SkipObjectResolution)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range f.Decls {
+			gd, ok := d.(*ast.GenDecl)
+			if !ok || gd.Tok != token.VAR {
+				continue
+			}
+			for _, spec := range gd.Specs {
+				for _, id := range spec.(*ast.ValueSpec).Names {
+					if strings.HasPrefix(id.Name, "Err") {
+						if _, ok := sentinels[id.Name]; !ok {
+							t.Errorf("%s declares sentinel %s; add it to this test and to errorStatus", name, id.Name)
+						}
+					}
+				}
+			}
+		}
+	}
+	// A constraint the database enforces comes back as ErrInvalid.
+	_, constraintErr := newTestStore(t).Create(t.Context(), Product{SKU: "C-1", Name: "x", PriceCents: -1, Currency: "USD"}, nil)
+	if !errors.Is(constraintErr, ErrInvalid) {
+		t.Fatalf("Create with a negative price error = %v, want ErrInvalid", constraintErr)
+	}
+	cases := map[string]error{
+		"CHECK constraint":  constraintErr,
+		"ValidationError":   &ValidationError{Problems: map[string]string{"name": "required"}},
+		"BadRequestError":   &BadRequestError{Detail: "bad"},
+		"UnavailableError":  &UnavailableError{Reason: "down", RetryAfter: time.Second},
+		"rateLimitError":    &rateLimitError{retryAfter: time.Second},
+		"httpError":         &httpError{status: http.StatusNotFound, detail: "gone"},
+		"Replay":            &Replay{Product: Product{ID: 1, Version: 1}},
+		"wrapped not found": fmt.Errorf("get product 1: %w", ErrNotFound),
+	}
+	for name, err := range sentinels {
+		cases[name] = fmt.Errorf("wrapped: %w", err)
+	}
+	for name, err := range cases {
+		r := httptest.NewRequest("GET", "/products/1", nil)
+		w := httptest.NewRecorder()
+		writeError(w, r, err)
+		if w.Code == http.StatusInternalServerError || w.Code < 400 && name != "Replay" {
+			t.Errorf("writeError(%s: %v) status = %d, want a status from the table", name, err, w.Code)
+		}
+	}
+}
+
+func TestLoggerFrom_neverNil(t *testing.T) {
+	ctxs := map[string]context.Context{
+		"no request info":     context.Background(),
+		"request info no log": context.WithValue(context.Background(), requestInfoKey{}, &requestInfo{id: "x"}),
+	}
+	for name, ctx := range ctxs {
+		if loggerFrom(ctx, nil) == nil {
+			t.Errorf("loggerFrom(%s, nil) = nil", name)
+		}
+		loggerFrom(ctx, nil).InfoContext(ctx, "must not panic")
+	}
+}
+
+// TestWriteProblem_matchesEncodingJSON checks the hand-written encoding of
+// problem documents against encoding/json, byte for byte.
+func TestWriteProblem_matchesEncodingJSON(t *testing.T) {
+	tests := []struct {
+		name     string
+		path     string
+		detail   string
+		problems map[string]string
+	}{
+		{name: "plain", path: "/products/1", detail: "no product has this id"},
+		{name: "escapes", path: "/products/\"<x>\"\\", detail: "tab\there, é, \u2028, \x01, <&>"},
+		{name: "field errors", path: "/products", detail: "see errors", problems: map[string]string{"sku": "required", "name": "too \"long\"", "a": "é"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := httptest.NewRequest("GET", "/", nil)
+			r.URL.Path = tt.path
+			r = r.WithContext(context.WithValue(r.Context(), requestInfoKey{}, &requestInfo{id: "req-1"}))
+			w := httptest.NewRecorder()
+			n := writeProblem(w, r, http.StatusUnprocessableEntity, "validation", tt.detail, tt.problems)
+			var want bytes.Buffer
+			enc := json.NewEncoder(&want)
+			enc.SetEscapeHTML(false)
+			enc.Encode(problem{Type: "/problems/validation", Title: http.StatusText(422), Status: 422, Detail: tt.detail,
+				Instance: tt.path, RequestID: "req-1", Errors: tt.problems})
+			if got := w.Body.String(); got != want.String() || n != want.Len() {
+				t.Errorf("writeProblem body = %q (%d bytes), want %q", got, n, want.String())
+			}
+			if cl := w.Header().Get("Content-Length"); cl != strconv.Itoa(want.Len()) {
+				t.Errorf("Content-Length = %s, want %d", cl, want.Len())
+			}
+		})
+	}
 }

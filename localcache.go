@@ -2,11 +2,12 @@ package main
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
 // localCache is the in-process layer of the product cache: encoded products
-// by id, bounded in entries. A loopback Redis round trip costs more than an
+// by id, bounded in entries and in bytes. A loopback Redis round trip costs more than an
 // in-process SQLite point read, so hot products are answered from here and
 // Redis holds what does not fit.
 //
@@ -19,10 +20,13 @@ import (
 // write has touched the shard since: a slow read can never put back a value
 // that a write replaced.
 type localCache struct {
-	shards [localShards]localShard
-	perCap int // entries per shard; 0 disables the cache
-	ttl    time.Duration
-	now    func() time.Time
+	shards   [localShards]localShard
+	perCap   int // entries per shard; 0 disables the cache
+	perBytes int // bytes per shard
+	maxEntry int // larger products are not kept
+	ttl      time.Duration
+	now      func() time.Time
+	bytes    atomic.Int64 // bytes held, across shards
 }
 
 const localShards = 64
@@ -31,6 +35,7 @@ type localShard struct {
 	mu      sync.Mutex
 	gen     uint64
 	pending int // committed writes whose Redis update has not finished
+	bytes   int // cost of entries
 	entries map[int64]localEntry
 }
 
@@ -45,10 +50,20 @@ type cachedProduct struct {
 	Version int64
 }
 
-func newLocalCache(size int, ttl time.Duration) *localCache {
+// entryOverhead approximates what an entry costs besides its JSON: the map
+// slot, the key and the slice header. Counting it keeps a flood of tiny
+// entries bounded too.
+const entryOverhead = 64
+
+// newLocalCache returns a cache of at most size products and budget bytes
+// (JSON plus entryOverhead each). A product larger than a quarter of a
+// shard's share is not kept: one entry must not evict a shard's worth.
+func newLocalCache(size, budget int, ttl time.Duration) *localCache {
 	c := &localCache{ttl: ttl, now: time.Now}
-	if size > 0 {
+	if size > 0 && budget >= localShards*entryOverhead {
 		c.perCap = (size + localShards - 1) / localShards // round up: size entries always fit
+		c.perBytes = budget / localShards
+		c.maxEntry = c.perBytes / 4
 	}
 	for i := range c.shards {
 		c.shards[i].entries = make(map[int64]localEntry)
@@ -134,19 +149,39 @@ func (c *localCache) published(id int64) {
 
 // putLocked stores v unless the shard holds a higher version of id.
 func (c *localCache) putLocked(s *localShard, id int64, v cachedProduct) {
-	old, ok := s.entries[id]
-	if ok && old.cached.Version > v.Version {
+	if old, ok := s.entries[id]; ok && old.cached.Version > v.Version {
 		return
 	}
-	if !ok && len(s.entries) >= c.perCap {
-		// Evict an arbitrary entry: map iteration starts at a random place.
-		for k := range s.entries {
-			delete(s.entries, k)
+	c.deleteLocked(s, id)
+	cost := len(v.JSON) + entryOverhead
+	if cost > c.maxEntry {
+		return // too large to be worth its share: read it from Redis or SQLite
+	}
+	// Evict arbitrary entries until it fits: map iteration starts at a
+	// random place. Each entry is at most a quarter of the shard, so this
+	// frees room after a few deletions.
+	for k := range s.entries {
+		if len(s.entries) < c.perCap && s.bytes+cost <= c.perBytes {
 			break
 		}
+		c.deleteLocked(s, k)
 	}
 	s.entries[id] = localEntry{cached: v, expires: c.now().Add(c.ttl)}
+	s.bytes += cost
+	c.bytes.Add(int64(cost))
 }
+
+func (c *localCache) deleteLocked(s *localShard, id int64) {
+	if e, ok := s.entries[id]; ok {
+		cost := len(e.cached.JSON) + entryOverhead
+		s.bytes -= cost
+		c.bytes.Add(-int64(cost))
+		delete(s.entries, id)
+	}
+}
+
+// size returns the bytes the cache holds (JSON plus overhead).
+func (c *localCache) size() int64 { return c.bytes.Load() }
 
 // len returns the number of cached entries.
 func (c *localCache) len() int {
@@ -160,16 +195,22 @@ func (c *localCache) len() int {
 	return n
 }
 
-// pageCache keeps encoded listing pages by their normalised query. Any
-// committed write makes every page stale, so a write bumps one generation
-// and fills must carry the generation they read under: listings are never
-// stale after an acknowledged write. It pays off for read-mostly catalogs,
-// which is what a storefront is.
+// pageCache keeps encoded listing pages by their normalised query, bounded
+// in entries and in bytes. Any committed write makes every page stale, so a
+// write bumps one generation and fills must carry the generation they read
+// under: listings are never stale after an acknowledged write. It pays off
+// for read-mostly catalogs, which is what a storefront is. Clients choose
+// the keys, so the bound in bytes is what keeps a flood of distinct queries
+// from growing the process.
 type pageCache struct {
-	mu      sync.Mutex
-	gen     uint64
-	max     int
-	entries map[string]pageEntry
+	mu       sync.Mutex
+	gen      uint64
+	max      int // entries
+	maxBytes int
+	maxEntry int // larger pages are not kept
+	used     int
+	bytes    atomic.Int64 // used, readable without the lock
+	entries  map[string]pageEntry
 }
 
 type pageEntry struct {
@@ -177,8 +218,15 @@ type pageEntry struct {
 	json []byte
 }
 
-func newPageCache(max int) *pageCache {
-	return &pageCache{max: max, entries: make(map[string]pageEntry)}
+// newPageCache returns a cache of at most max pages and budget bytes (key,
+// JSON and entryOverhead each). A page larger than a 64th of the budget is
+// not kept: a few huge pages would otherwise crowd out every other.
+func newPageCache(max, budget int) *pageCache {
+	c := &pageCache{entries: make(map[string]pageEntry)}
+	if max > 0 && budget > 0 {
+		c.max, c.maxBytes, c.maxEntry = max, budget, budget/64
+	}
+	return c
 }
 
 // get returns the page cached for key and the generation to fill with.
@@ -192,9 +240,11 @@ func (c *pageCache) get(key string) ([]byte, uint64, bool) {
 	return nil, c.gen, false
 }
 
-// fill stores a page read under generation gen, unless a write came since.
+// fill stores a page read under generation gen, unless a write came since
+// or the page is too large to be worth keeping.
 func (c *pageCache) fill(key string, gen uint64, json []byte) {
-	if c.max == 0 {
+	cost := len(key) + len(json) + entryOverhead
+	if c.max == 0 || cost > c.maxEntry {
 		return
 	}
 	c.mu.Lock()
@@ -202,13 +252,23 @@ func (c *pageCache) fill(key string, gen uint64, json []byte) {
 	if gen != c.gen {
 		return
 	}
-	if _, ok := c.entries[key]; !ok && len(c.entries) >= c.max {
-		for k := range c.entries {
-			delete(c.entries, k)
+	c.deleteLocked(key)
+	for k := range c.entries { // evict arbitrary pages until it fits
+		if len(c.entries) < c.max && c.used+cost <= c.maxBytes {
 			break
 		}
+		c.deleteLocked(k)
 	}
 	c.entries[key] = pageEntry{gen: gen, json: json}
+	c.used += cost
+	c.bytes.Store(int64(c.used))
+}
+
+func (c *pageCache) deleteLocked(key string) {
+	if e, ok := c.entries[key]; ok {
+		c.used -= len(key) + len(e.json) + entryOverhead
+		delete(c.entries, key)
+	}
 }
 
 // written invalidates every page. Call it after a write commits.
@@ -219,4 +279,9 @@ func (c *pageCache) written() {
 	if len(c.entries) > 0 {
 		clear(c.entries)
 	}
+	c.used = 0
+	c.bytes.Store(0)
 }
+
+// size returns the bytes the cache holds (keys, JSON and overhead).
+func (c *pageCache) size() int64 { return c.bytes.Load() }

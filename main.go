@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"sync"
 	"syscall"
 	"time"
 
@@ -69,10 +70,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return &configError{msg: "invalid OTEL_* settings: " + err.Error()}
 	}
-	defer tr.shutdown(context.Background())
+	defer tr.close(tracingShutdownTimeout)
 	logOut := newLogWriter(stdout, 100*time.Millisecond)
 	defer logOut.Close()
-	var logh slog.Handler = slog.NewJSONHandler(logOut, &slog.HandlerOptions{Level: cfg.LogLevel})
+	var logh slog.Handler = flushHandler{slog.NewJSONHandler(logOut, &slog.HandlerOptions{Level: cfg.LogLevel}), logOut}
 	if tr.enabled {
 		logh = traceLogHandler{logh}
 	}
@@ -121,19 +122,21 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	case *postgresStore:
 		m.pgPool(st.Stat)
 	}
+	localSize := cfg.LocalCacheSize
+	if cfg.CacheMemory == 0 {
+		localSize = 0 // CACHE_MEMORY=0: no in-process caches
+	}
 	svc := NewProductService(store, ServiceConfig{
-		Cache: c, RedisTimeout: cfg.RedisTimeout, LocalCacheSize: cfg.LocalCacheSize,
+		Cache: c, RedisTimeout: cfg.RedisTimeout, LocalCacheSize: localSize, CacheMemory: cfg.CacheMemory,
 		CacheTTL: cfg.CacheTTL, Logger: log, Metrics: m, Tracing: tr,
 	})
 	defer svc.Close()
 
-	life := &lifecycle{}
-	life.started.Store(true)
+	life := &lifecycle{} // started once the store is open and every listener is up
 	tokens := newTokenSet(cfg.APITokens)
-	var limiter *rateLimiter
-	if cfg.RateLimitRPS > 0 {
-		limiter = newRateLimiter(cfg.RateLimitRPS, cfg.RateLimitBurst, tokens)
-	}
+	// Always made: failed authentication is limited even when
+	// RATE_LIMIT_RPS is 0 and requests in general are not.
+	limiter := newRateLimiter(cfg.RateLimitRPS, cfg.RateLimitBurst, tokens)
 	handler := newServer(serverDeps{
 		svc: svc, log: log, metrics: m, tokens: tokens, life: life,
 		limiter: limiter, maxFlight: cfg.MaxInFlight, serveMetrics: cfg.MetricsAddr == "", tracing: tr,
@@ -164,8 +167,17 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		log.Info("admin listening", "addr", aaddr)
 		servers = append(servers, asrv)
 	}
-	go expireIdempotencyKeys(ctx, store, log)
-	go svc.Probe(ctx, time.Second)
+	life.started.Store(true)
+
+	// The background goroutines are joined before the store closes: the
+	// deferred calls run in reverse, so bgCancel, then bg.Wait, then (far
+	// above) store.Close.
+	var bg sync.WaitGroup
+	defer bg.Wait()
+	bgCtx, bgCancel := context.WithCancel(ctx)
+	defer bgCancel()
+	bg.Go(func() { expireIdempotencyKeys(bgCtx, store, log) })
+	bg.Go(func() { svc.Probe(bgCtx, time.Second) })
 
 	select {
 	case <-ctx.Done():
@@ -255,8 +267,11 @@ func expireIdempotencyKeys(ctx context.Context, store productStore, log *slog.Lo
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			if err := store.ExpireIdempotencyKeys(ctx); err != nil && ctx.Err() == nil {
-				log.Warn("expire idempotency keys", "err", err.Error())
+			n, err := store.ExpireIdempotencyKeys(ctx)
+			if err != nil && ctx.Err() == nil {
+				log.Warn("expire idempotency keys", "err", err.Error(), "deleted", n)
+			} else if n > 0 {
+				log.Info("expired idempotency keys", "deleted", n)
 			}
 		}
 	}

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -197,6 +198,8 @@ func TestRun_invalidConfig(t *testing.T) {
 		{name: "DB_SYNC", env: map[string]string{"DB_SYNC": "off"}, wantName: "DB_SYNC"},
 		{name: "LOG_LEVEL", env: map[string]string{"LOG_LEVEL": "loud"}, wantName: "LOG_LEVEL"},
 		{name: "LOCAL_CACHE_SIZE", env: map[string]string{"LOCAL_CACHE_SIZE": "-1"}, wantName: "LOCAL_CACHE_SIZE"},
+		{name: "CACHE_MEMORY", env: map[string]string{"CACHE_MEMORY": "lots"}, wantName: "CACHE_MEMORY"},
+		{name: "CACHE_MEMORY negative", env: map[string]string{"CACHE_MEMORY": "-1MiB"}, wantName: "CACHE_MEMORY"},
 		{name: "REDIS_URL", env: map[string]string{"REDIS_URL": "http://localhost:6379"}, wantName: "REDIS_URL"},
 		{name: "REDIS_TIMEOUT", env: map[string]string{"REDIS_TIMEOUT": "fast"}, wantName: "REDIS_TIMEOUT"},
 		{name: "CACHE_TTL", env: map[string]string{"CACHE_TTL": "1ms"}, wantName: "CACHE_TTL"},
@@ -270,5 +273,69 @@ func TestRun_version(t *testing.T) {
 	}
 	if !strings.Contains(usage.String(), "-db-timeout") {
 		t.Errorf("run(-h) usage on stderr = %q, want the flags listed", usage.String())
+	}
+}
+
+// TestRun_databaseInUse starts a second run on the database file of a
+// running one: it must refuse to start, naming DB_PATH and the holder, and
+// the first must keep serving. Once the first has stopped, the file is free.
+func TestRun_databaseInUse(t *testing.T) {
+	dbPath := filepath.Join(t.TempDir(), "products.db")
+	env := map[string]string{"ADDR": "127.0.0.1:0", "DB_PATH": dbPath, "API_TOKEN": "t"}
+	first := runService(t, env)
+	addr := first.listeningAddr(t)
+
+	var stdout, stderr syncBuffer
+	err := run(t.Context(), []string{"productsvc"}, envFunc(env), &stdout, &stderr)
+	var cerr *configError
+	if !errors.As(err, &cerr) {
+		t.Fatalf("second run() = %v, want a *configError (exit status 2)", err)
+	}
+	if msg := err.Error(); !strings.Contains(msg, "DB_PATH "+dbPath) || !strings.Contains(msg, fmt.Sprintf("pid %d", os.Getpid())) || strings.Contains(msg, "\n") {
+		t.Errorf("second run() error = %q, want one line naming DB_PATH %s and pid %d", msg, dbPath, os.Getpid())
+	}
+	for _, l := range stdout.logLines() {
+		if l["msg"] == "listening" {
+			t.Errorf("second run logged %v", l)
+		}
+	}
+	resp, err := http.Get("http://" + addr + "/health")
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("first instance after the refused start: GET /health = %v, %v", resp, err)
+	}
+	resp.Body.Close()
+
+	if err := first.stop(t); err != nil {
+		t.Fatalf("first run() = %v", err)
+	}
+	again := runService(t, env)
+	again.listeningAddr(t) // the lock was released with the first process's store
+}
+
+// TestRun_backgroundJoined stops run and then looks for its background
+// goroutines (expiry, breaker probe): run must have joined them before it
+// closed the store and returned.
+func TestRun_backgroundJoined(t *testing.T) {
+	svc := runService(t, map[string]string{"ADDR": "127.0.0.1:0", "DB_PATH": filepath.Join(t.TempDir(), "b.db"), "API_TOKEN": "t"})
+	svc.listeningAddr(t)
+	if err := svc.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 1<<20)
+	stacks := string(buf[:runtime.Stack(buf, true)])
+	for _, fn := range []string{"main.expireIdempotencyKeys", "(*ProductService).Probe"} {
+		if strings.Contains(stacks, fn) {
+			t.Errorf("after run returned, a goroutine is still in %s:\n%s", fn, stacks)
+		}
+	}
+}
+
+// TestTracing_closeHasDeadline closes a tracer whose exporter never
+// finishes flushing: close gives up with the deadline instead of hanging.
+func TestTracing_closeHasDeadline(t *testing.T) {
+	tr := noTracing()
+	tr.shutdown = func(ctx context.Context) error { <-ctx.Done(); return ctx.Err() }
+	if err := tr.close(10 * time.Millisecond); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("close() = %v, want context.DeadlineExceeded", err)
 	}
 }

@@ -138,6 +138,21 @@ func (m *metrics) productsTotal(count func() int64) {
 	}, func() float64 { return float64(count()) }))
 }
 
+// cacheBytes exposes the bytes held by the in-process product and page
+// caches, which CACHE_MEMORY bounds together.
+func (m *metrics) cacheBytes(local, pages func() int64) {
+	m.reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "local_cache_bytes",
+			Help: "Bytes held by the in-process product cache (half of CACHE_MEMORY at most).",
+		}, func() float64 { return float64(local()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "page_cache_bytes",
+			Help: "Bytes held by the in-process listing page cache (half of CACHE_MEMORY at most).",
+		}, func() float64 { return float64(pages()) }),
+	)
+}
+
 // dbPools exposes the SQLite connection pools' statistics at scrape time.
 func (m *metrics) dbPools(stats func() (read, write sql.DBStats)) {
 	m.reg.MustRegister(&dbStatsCollector{stats: stats})

@@ -7,10 +7,12 @@ import (
 	"crypto/subtle"
 	"encoding/hex"
 	"fmt"
+	"hash/maphash"
 	"log/slog"
 	"math"
 	"net"
 	"net/http"
+	"net/netip"
 	"path"
 	"runtime/debug"
 	"strconv"
@@ -27,9 +29,10 @@ import (
 // requestInfo is the mutable per-request record the outer middleware puts
 // in the context: handlers add to it, the access log reads it.
 type requestInfo struct {
-	id    string
-	cache string
-	log   *slog.Logger // the service logger; loggerFrom adds the request id
+	id       string
+	cache    string
+	log      *slog.Logger // the service logger; loggerFrom adds the request id
+	rejected bool         // refused by load shedding or a rate limit
 }
 
 type requestInfoKey struct{}
@@ -39,12 +42,53 @@ func infoFrom(ctx context.Context) *requestInfo {
 	return info
 }
 
-// loggerFrom returns a logger that tags lines with the request id.
+// discardLogger is what loggerFrom returns when it has nothing better.
+var discardLogger = slog.New(slog.DiscardHandler)
+
+// loggerFrom returns a logger that tags lines with the request id: the
+// request's, else fallback, else one that discards. It never returns nil.
 func loggerFrom(ctx context.Context, fallback *slog.Logger) *slog.Logger {
-	if info := infoFrom(ctx); info != nil {
+	if info := infoFrom(ctx); info != nil && info.log != nil {
 		return info.log.With("request_id", info.id)
 	}
-	return fallback
+	if fallback != nil {
+		return fallback
+	}
+	return discardLogger
+}
+
+// markRejected records that the request is being refused by load shedding or
+// a rate limit. Such requests are counted in metrics but logged only by
+// sample (see rejectLog): under a flood of them, a log line each would make
+// refusing dearer than serving.
+func markRejected(ctx context.Context) {
+	if info := infoFrom(ctx); info != nil {
+		info.rejected = true
+	}
+}
+
+func isRejected(ctx context.Context) bool {
+	info := infoFrom(ctx)
+	return info != nil && info.rejected
+}
+
+// rejectLog samples the log of rejected requests: at most one line per
+// interval, carrying how many were rejected since the last line.
+type rejectLog struct {
+	interval time.Duration
+	last     atomic.Int64 // Unix nanoseconds of the last line
+	count    atomic.Int64 // rejected since the last line
+}
+
+// note counts one rejected request and reports whether to log it, with the
+// count of those rejected since the last line (this one included).
+func (l *rejectLog) note(now time.Time) (int64, bool) {
+	l.count.Add(1)
+	last := l.last.Load()
+	if now.UnixNano()-last < int64(l.interval) || !l.last.CompareAndSwap(last, now.UnixNano()) {
+		return 0, false
+	}
+	return l.count.Swap(0), true
 }
 
 func setCacheResult(ctx context.Context, result string) {
@@ -122,6 +166,7 @@ var nosniff = []string{"nosniff"}
 // observe is the outermost middleware: request id, security headers, access
 // log, metrics and panic recovery, for every request.
 func observe(log *slog.Logger, m *metrics, next http.Handler) http.Handler {
+	rejects := &rejectLog{interval: time.Second}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		id := r.Header.Get("X-Request-ID")
@@ -161,7 +206,15 @@ func observe(log *slog.Logger, m *metrics, next http.Handler) http.Handler {
 			}
 			elapsed := time.Since(start)
 			m.observe(r.Method, route, rec.status, elapsed)
-			if log.Enabled(r.Context(), slog.LevelInfo) {
+			level, rejected := slog.LevelInfo, int64(0)
+			if info.rejected {
+				n, ok := rejects.note(start)
+				if !ok {
+					return // counted in metrics; a sampled line tells the log
+				}
+				level, rejected = slog.LevelWarn, n
+			}
+			if log.Enabled(r.Context(), level) {
 				attrs := []slog.Attr{
 					slog.String("method", r.Method),
 					slog.String("route", route),
@@ -174,7 +227,12 @@ func observe(log *slog.Logger, m *metrics, next http.Handler) http.Handler {
 				if info.cache != "" {
 					attrs = append(attrs, slog.String("cache", info.cache))
 				}
-				log.LogAttrs(r.Context(), slog.LevelInfo, "request", attrs...)
+				msg := "request"
+				if rejected > 0 {
+					msg = "requests rejected" // this one stands for the rest since the last such line
+					attrs = append(attrs, slog.Int64("rejected_since_last", rejected))
+				}
+				log.LogAttrs(r.Context(), level, msg, attrs...)
 			}
 		}()
 		next.ServeHTTP(rec, r)
@@ -226,6 +284,7 @@ func shedLoad(max int, m *metrics, next http.Handler) http.Handler {
 		if inFlight.Add(1) > int64(max) {
 			inFlight.Add(-1)
 			m.shed.Inc()
+			markRejected(r.Context())
 			writeError(w, r, &UnavailableError{Reason: "the server is at capacity; retry shortly", RetryAfter: time.Second})
 			return
 		}
@@ -273,7 +332,8 @@ func requireToken(ts tokenSet, limits *rateLimiter, next http.Handler) http.Hand
 			next.ServeHTTP(w, r)
 			return
 		}
-		if limits != nil && !limits.allowAuthFailure(clientIP(r)) {
+		if limits != nil && !limits.allowAuthFailure(clientKey(r)) {
+			markRejected(r.Context())
 			writeError(w, r, &rateLimitError{retryAfter: limits.authRetryAfter})
 			return
 		}
@@ -296,83 +356,126 @@ func clientIP(r *http.Request) string {
 	return host
 }
 
+// clientKey is what a client is limited by when it has no valid token: its
+// IPv4 address, or the /64 of its IPv6 address. A host is routinely given a
+// whole /64, so keying by the full address would let one host take as many
+// buckets as it likes.
+func clientKey(r *http.Request) string {
+	ip := clientIP(r)
+	a, err := netip.ParseAddr(ip)
+	if err != nil {
+		return ip
+	}
+	a = a.Unmap().WithZone("")
+	if a.Is6() {
+		p, _ := a.Prefix(64)
+		return p.String()
+	}
+	return a.String()
+}
+
 // rateLimiter keeps a token bucket per client: the bearer token's digest
 // when the token is valid (so a client is one client from any address),
-// else the client IP. Buckets idle for longer than it takes them to refill
-// are dropped, so memory stays bounded by the clients of the last minutes.
+// else the client's address (clientKey); and a tighter bucket per address
+// for failed authentication. The buckets are spread over shards, each with
+// its own lock and a fixed capacity, and no request ever walks a whole
+// shard: a new client looks at a few buckets and drops those that have
+// refilled (forgetting them changes nothing for their clients), and when
+// the shard is still full it drops one of them.
 type rateLimiter struct {
-	rps    rate.Limit
+	rps    rate.Limit // 0: no general limit, only failed authentication is limited
 	burst  int
 	tokens tokenSet
 
-	mu        sync.Mutex
-	buckets   map[string]*bucket
-	failures  map[string]*bucket
-	lastSweep time.Time
+	seed   maphash.Seed
+	shards [limiterShards]limiterShard
 
 	authRetryAfter time.Duration
+	examined       atomic.Int64 // buckets looked at to make room, for tests
 }
 
-type bucket struct {
-	lim      *rate.Limiter
-	lastSeen time.Time
+type limiterShard struct {
+	mu       sync.Mutex
+	buckets  map[string]*rate.Limiter
+	failures map[string]*rate.Limiter
 }
 
 const (
-	maxBuckets       = 100_000
-	authFailureRate  = rate.Limit(1.0 / 6) // one failed authentication per 6 s...
-	authFailureBurst = 10                  // ...after a burst of 10
+	limiterShards     = 64
+	maxBuckets        = 64 << 10            // clients tracked by the general limit, across shards
+	maxFailureBuckets = 16 << 10            // addresses tracked for failed authentication
+	evictSample       = 4                   // buckets a new client looks at
+	authFailureRate   = rate.Limit(1.0 / 6) // one failed authentication per 6 s...
+	authFailureBurst  = 10                  // ...after a burst of 10
 )
 
+// newRateLimiter returns a limiter of rps requests per second per client
+// (0: none) with burst; failed authentication is limited either way.
 func newRateLimiter(rps float64, burst int, tokens tokenSet) *rateLimiter {
 	if burst <= 0 {
 		burst = max(1, int(math.Ceil(rps)))
 	}
-	return &rateLimiter{
-		rps: rate.Limit(rps), burst: burst, tokens: tokens,
-		buckets: make(map[string]*bucket), failures: make(map[string]*bucket),
-		lastSweep:      time.Now(),
+	rl := &rateLimiter{
+		rps: rate.Limit(rps), burst: burst, tokens: tokens, seed: maphash.MakeSeed(),
 		authRetryAfter: time.Duration(float64(time.Second) / float64(authFailureRate)),
 	}
+	for i := range rl.shards {
+		rl.shards[i].buckets = make(map[string]*rate.Limiter)
+		rl.shards[i].failures = make(map[string]*rate.Limiter)
+	}
+	return rl
 }
 
-func (rl *rateLimiter) get(m map[string]*bucket, key string, lim rate.Limit, burst int, now time.Time) *bucket {
-	if now.Sub(rl.lastSweep) > time.Minute || len(m) >= maxBuckets {
-		rl.sweep(now)
+func (rl *rateLimiter) shard(key string) *limiterShard {
+	return &rl.shards[maphash.String(rl.seed, key)%limiterShards]
+}
+
+// get returns key's bucket in m, making one if needed. Call it with the
+// shard's lock held. It looks at no more than evictSample other buckets.
+func (rl *rateLimiter) get(m map[string]*rate.Limiter, key string, lim rate.Limit, burst, capacity int, now time.Time) *rate.Limiter {
+	if b, ok := m[key]; ok {
+		return b
 	}
-	b, ok := m[key]
-	if !ok {
-		if len(m) >= maxBuckets {
-			for k := range m { // still full of active clients: drop one at random
-				delete(m, k)
-				break
-			}
+	victim, n := "", 0
+	for k, b := range m { // map iteration starts at a random place
+		if n == evictSample {
+			break
 		}
-		b = &bucket{lim: rate.NewLimiter(lim, burst)}
-		m[key] = b
+		n++
+		if b.TokensAt(now) >= float64(b.Burst()) {
+			delete(m, k)
+			continue
+		}
+		victim = k
 	}
-	b.lastSeen = now
+	rl.examined.Add(int64(n))
+	if len(m) >= capacity && victim != "" {
+		delete(m, victim) // still full of active clients: drop one at random
+	}
+	b := rate.NewLimiter(lim, burst)
+	m[key] = b
 	return b
 }
 
-// sweep drops buckets that have refilled completely: forgetting them
-// changes nothing for their clients.
-func (rl *rateLimiter) sweep(now time.Time) {
-	rl.lastSweep = now
-	for _, m := range []map[string]*bucket{rl.buckets, rl.failures} {
-		for k, b := range m {
-			if b.lim.TokensAt(now) >= float64(b.lim.Burst()) {
-				delete(m, k)
-			}
-		}
+// len returns the number of buckets of the general limit and of failed
+// authentication.
+func (rl *rateLimiter) len() (buckets, failures int) {
+	for i := range rl.shards {
+		s := &rl.shards[i]
+		s.mu.Lock()
+		buckets += len(s.buckets)
+		failures += len(s.failures)
+		s.mu.Unlock()
 	}
+	return buckets, failures
 }
 
-func (rl *rateLimiter) allowAuthFailure(ip string) bool {
+func (rl *rateLimiter) allowAuthFailure(key string) bool {
 	now := time.Now()
-	rl.mu.Lock()
-	defer rl.mu.Unlock()
-	return rl.get(rl.failures, ip, authFailureRate, authFailureBurst, now).lim.AllowN(now, 1)
+	s := rl.shard(key)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return rl.get(s.failures, key, authFailureRate, authFailureBurst, maxFailureBuckets/limiterShards, now).AllowN(now, 1)
 }
 
 // limit applies the per-client rate limit. Probes are never limited.
@@ -382,16 +485,17 @@ func (rl *rateLimiter) limit(m *metrics, next http.Handler) http.Handler {
 			next.ServeHTTP(w, r)
 			return
 		}
-		key := "ip:" + clientIP(r)
+		key := "ip:" + clientKey(r)
 		if sum, ok := rl.tokens.match(r); ok {
 			key = "token:" + hex.EncodeToString(sum[:8])
 		}
 		now := time.Now()
-		rl.mu.Lock()
-		lim := rl.get(rl.buckets, key, rl.rps, rl.burst, now).lim
+		s := rl.shard(key)
+		s.mu.Lock()
+		lim := rl.get(s.buckets, key, rl.rps, rl.burst, maxBuckets/limiterShards, now)
 		allowed := lim.AllowN(now, 1)
 		remaining := lim.TokensAt(now)
-		rl.mu.Unlock()
+		s.mu.Unlock()
 
 		h := w.Header()
 		h.Set("RateLimit-Limit", strconv.Itoa(rl.burst))
@@ -403,6 +507,7 @@ func (rl *rateLimiter) limit(m *metrics, next http.Handler) http.Handler {
 		h.Set("RateLimit-Reset", strconv.Itoa(int(math.Ceil(untilOne.Seconds()))))
 		if !allowed {
 			m.rateLimited.Inc()
+			markRejected(r.Context())
 			writeError(w, r, &rateLimitError{retryAfter: untilOne})
 			return
 		}

@@ -505,28 +505,26 @@ func (s *postgresStore) ProbeWrite(ctx context.Context) error {
 	return pgTranslate(ctx, err)
 }
 
-// expireBatch bounds the idempotency records one expiry statement deletes:
-// a short transaction that never holds up client writes for long.
-const expireBatch = 1000
-
 // ExpireIdempotencyKeys deletes records older than idempotencyTTL, in
-// batches of expireBatch, each its own transaction.
-func (s *postgresStore) ExpireIdempotencyKeys(ctx context.Context) error {
+// batches of expireBatch, each its own short transaction beside the
+// client writes, and returns how many it deleted.
+func (s *postgresStore) ExpireIdempotencyKeys(ctx context.Context) (int64, error) {
 	cutoff := s.now().Add(-idempotencyTTL)
-	for range 10_000 { // at most 10 million records a run; the rest next time
+	var total int64
+	for {
 		bctx, cancel := context.WithTimeout(ctx, s.timeout)
 		tag, err := s.pool.Exec(bctx, `DELETE FROM idempotency_keys WHERE (scope, key) IN (
 			SELECT scope, key FROM idempotency_keys WHERE created_at <= $1 LIMIT $2)`, cutoff, expireBatch)
 		err = pgTranslate(bctx, err)
 		cancel()
+		total += tag.RowsAffected()
 		if err != nil {
-			return fmt.Errorf("expire idempotency keys: %w", err)
+			return total, fmt.Errorf("expire idempotency keys: %w", err)
 		}
 		if tag.RowsAffected() < expireBatch {
-			return nil
+			return total, nil
 		}
 	}
-	return nil
 }
 
 // pgTranslate turns pgx errors into domain errors at the storage boundary.

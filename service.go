@@ -42,11 +42,14 @@ type ProductService struct {
 type ServiceConfig struct {
 	Cache          cache // nil means no Redis
 	RedisTimeout   time.Duration
-	LocalCacheSize int
-	CacheTTL       time.Duration
-	Logger         *slog.Logger
-	Metrics        *metrics // nil means a private registry nobody scrapes
-	Tracing        *tracing // nil means no tracing
+	LocalCacheSize int // products in the in-process cache; 0 turns both in-process caches off
+	// CacheMemory is the byte budget of the in-process caches, split between
+	// products and listing pages. Zero means defaultCacheMemory.
+	CacheMemory int
+	CacheTTL    time.Duration
+	Logger      *slog.Logger
+	Metrics     *metrics // nil means a private registry nobody scrapes
+	Tracing     *tracing // nil means no tracing
 	// BreakerTimeout is how long a breaker stays open before it lets a probe
 	// through. Zero means dbBreakerTimeout / redisBreakerTimeout.
 	BreakerTimeout time.Duration
@@ -85,13 +88,16 @@ func NewProductService(store productStore, cfg ServiceConfig) *ProductService {
 	if cfg.CacheTTL <= 0 {
 		cfg.CacheTTL = 5 * time.Minute
 	}
+	if cfg.CacheMemory <= 0 {
+		cfg.CacheMemory = defaultCacheMemory
+	}
 	s := &ProductService{
 		store:        store,
 		dbSystem:     store.Backend(),
 		cache:        cfg.Cache,
 		redisEnabled: cfg.Cache != nil,
-		local:        newLocalCache(cfg.LocalCacheSize, cfg.CacheTTL),
-		pages:        newPageCache(min(cfg.LocalCacheSize, maxCachedPages)),
+		local:        newLocalCache(cfg.LocalCacheSize, cfg.CacheMemory/2, cfg.CacheTTL),
+		pages:        newPageCache(min(cfg.LocalCacheSize, maxCachedPages), cfg.CacheMemory/2),
 		redisTimeout: cfg.RedisTimeout,
 		log:          cfg.Logger,
 		metrics:      cfg.Metrics,
@@ -110,6 +116,7 @@ func NewProductService(store productStore, cfg ServiceConfig) *ProductService {
 		return err == nil || errors.Is(err, errCacheMiss)
 	})
 	s.metrics.productsTotal(store.Count)
+	s.metrics.cacheBytes(s.local.size, s.pages.size)
 	return s
 }
 
@@ -472,8 +479,13 @@ func (s *ProductService) Delete(ctx context.Context, id int64, cond *IfMatch) er
 	return nil
 }
 
-// maxCachedPages bounds the listing pages kept in memory (a few KB each).
+// maxCachedPages bounds the listing pages kept in memory; their bytes are
+// bounded by half the cache budget.
 const maxCachedPages = 1024
+
+// defaultCacheMemory is the default CACHE_MEMORY: with it the whole process
+// stays well under the 256Mi limit of deploy/kubernetes.
+const defaultCacheMemory = 32 << 20
 
 // ListJSON returns an encoded page of products for the query key (the
 // normalised query string) and filter f, from the page cache when no write
@@ -488,9 +500,21 @@ func (s *ProductService) ListJSON(ctx context.Context, key string, f ListFilter)
 	if err != nil {
 		return nil, err
 	}
-	b = appendPage(make([]byte, 0, 320*len(page.Items)+64), page)
+	b = appendPage(make([]byte, 0, pageSizeHint(page)), page)
 	s.pages.fill(key, gen, b)
 	return b, nil
+}
+
+// pageSizeHint estimates the encoded size of page, so that encoding it
+// allocates once: with long descriptions, growing the buffer by doubling
+// would allocate twice the page in garbage.
+func pageSizeHint(page Page) int {
+	n := 64 + len(page.NextCursor)
+	for i := range page.Items {
+		p := &page.Items[i]
+		n += 320 + len(p.SKU) + len(p.Name) + len(p.Description) + len(p.Category)
+	}
+	return n + n/16 // escapes
 }
 
 // List returns a page of products. It returns an *UnavailableError when the

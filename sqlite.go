@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"runtime/debug"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -92,11 +94,13 @@ var migrations = []string{
 // and one fsync per group), and a pool of read-only connections.
 type sqliteStore struct {
 	write   *sql.DB
+	unlock  func() // releases the file's process lock
 	read    *sql.DB
 	timeout time.Duration
 	now     func() time.Time
 
 	writes    chan *writeOp
+	solo      chan *writeOp // writes committed each in a transaction of its own
 	stop      chan struct{}
 	loopDone  chan struct{}
 	closeOnce sync.Once
@@ -135,9 +139,16 @@ func openSQLite(ctx context.Context, cfg StoreConfig) (*sqliteStore, error) {
 	// syntax would read as its own.
 	path := "file:" + strings.NewReplacer("%", "%25", "?", "%3f", "#", "%23").Replace(cfg.Path)
 
+	// One process per file: every in-process cache and the maintained
+	// count assume it (see lockDatabase).
+	unlock, err := lockDatabase(cfg.Path)
+	if err != nil {
+		return nil, err
+	}
 	wdb, err := sql.Open("sqlite", path+"?"+common+
 		"&_pragma=journal_mode(WAL)&_pragma=synchronous("+cfg.Sync+")&_txlock=immediate")
 	if err != nil {
+		unlock()
 		return nil, fmt.Errorf("open database: %w", err)
 	}
 	wdb.SetMaxOpenConns(1)
@@ -147,9 +158,11 @@ func openSQLite(ctx context.Context, cfg StoreConfig) (*sqliteStore, error) {
 
 	s := &sqliteStore{
 		write:    wdb,
+		unlock:   unlock,
 		timeout:  cfg.Timeout,
 		now:      time.Now,
 		writes:   make(chan *writeOp, maxBatch),
+		solo:     make(chan *writeOp),
 		stop:     make(chan struct{}),
 		loopDone: make(chan struct{}),
 		stmts:    make(map[string]*sql.Stmt),
@@ -158,14 +171,14 @@ func openSQLite(ctx context.Context, cfg StoreConfig) (*sqliteStore, error) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	if err := s.migrate(ctx); err != nil {
-		wdb.Close()
+		s.closeDBs()
 		return nil, err
 	}
 
 	// Readers open the file read-only: a bug in a read path can never write.
 	rdb, err := sql.Open("sqlite", path+"?mode=ro&"+common+"&_pragma=query_only(1)")
 	if err != nil {
-		wdb.Close()
+		s.closeDBs()
 		return nil, fmt.Errorf("open database: %w", err)
 	}
 	rdb.SetMaxOpenConns(cfg.Readers)
@@ -246,6 +259,7 @@ func (s *sqliteStore) Close() error {
 		if cerr := s.write.Close(); cerr != nil && err == nil {
 			err = cerr
 		}
+		s.unlock() // after the last connection: the next process finds the file quiet
 	})
 	return err
 }
@@ -255,6 +269,7 @@ func (s *sqliteStore) closeDBs() {
 		s.read.Close()
 	}
 	s.write.Close()
+	s.unlock()
 }
 
 // Backend names the engine.
@@ -494,9 +509,20 @@ type idemWrite struct {
 // failed. A write that was queued is waited for even if ctx ends, so the
 // caller always learns its fate.
 func (s *sqliteStore) writeTx(ctx context.Context, idem *idemWrite, fn func(ctx context.Context, tx *sql.Tx) error, onCommit func()) error {
-	op := &writeOp{ctx: ctx, fn: fn, onCommit: onCommit, idem: idem, done: make(chan error, 1)}
+	return s.submit(ctx, s.writes, &writeOp{ctx: ctx, fn: fn, onCommit: onCommit, idem: idem, done: make(chan error, 1)})
+}
+
+// writeAlone is writeTx for maintenance: fn runs in a transaction of its
+// own, never in a group with client writes, so its cost and its failure are
+// never theirs.
+func (s *sqliteStore) writeAlone(ctx context.Context, fn func(ctx context.Context, tx *sql.Tx) error) error {
+	return s.submit(ctx, s.solo, &writeOp{ctx: ctx, fn: fn, done: make(chan error, 1)})
+}
+
+// submit queues op on ch for the writer and waits for its outcome.
+func (s *sqliteStore) submit(ctx context.Context, ch chan<- *writeOp, op *writeOp) error {
 	select {
-	case s.writes <- op:
+	case ch <- op:
 	case <-ctx.Done():
 		return ctx.Err()
 	case <-s.stop:
@@ -527,6 +553,11 @@ func (s *sqliteStore) writeLoop() {
 			batch = s.collect(append(batch[:0], op))
 			s.commitGroup(batch)
 			clear(batch)
+			if len(s.toPrepare) > 0 {
+				s.prepareNew()
+			}
+		case op := <-s.solo:
+			s.commitGroup([]*writeOp{op})
 			if len(s.toPrepare) > 0 {
 				s.prepareNew()
 			}
@@ -606,7 +637,15 @@ func (s *sqliteStore) commitGroup(ops []*writeOp) {
 				return
 			}
 		}
-		opErr := translate(ctx, s.runOp(ctx, tx, op))
+		opErr := translate(ctx, s.runOpRecover(ctx, tx, op))
+		if _, ok := errors.AsType[*writePanic](opErr); ok && !savepoint {
+			// It may have written half of itself, and only a savepoint could
+			// take back just that: run the group again without it.
+			tx.Rollback()
+			op.done <- opErr
+			s.commitGroup(slices.Delete(slices.Clone(ops), i, i+1))
+			return
+		}
 		if opErr != nil {
 			if errors.Is(opErr, ErrUnavailable) || !savepoint && !backedOut(opErr) {
 				// A database failure may have rolled back the whole
@@ -643,7 +682,7 @@ func (s *sqliteStore) commitGroup(ops []*writeOp) {
 	s.grouped.Add(int64(len(ops)))
 	for i, op := range ops {
 		if errs[i] == nil && op.onCommit != nil {
-			op.onCommit()
+			errs[i] = runOnCommit(op.onCommit)
 		}
 		op.done <- errs[i]
 	}
@@ -680,6 +719,39 @@ func (s *sqliteStore) runOp(ctx context.Context, tx *sql.Tx, op *writeOp) error 
 	return err
 }
 
+// writePanic is a panic in code run for one write on the writer goroutine.
+// The write fails with it (a 500 for its client, the stack in the log) and
+// the writer goes on with the others.
+type writePanic struct {
+	value any
+	stack []byte
+}
+
+func (e *writePanic) Error() string { return fmt.Sprintf("panic in a write: %v", e.value) }
+
+// runOpRecover is runOp with a panic turned into a *writePanic.
+func (s *sqliteStore) runOpRecover(ctx context.Context, tx *sql.Tx, op *writeOp) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = &writePanic{value: p, stack: debug.Stack()}
+		}
+	}()
+	return s.runOp(ctx, tx, op)
+}
+
+// runOnCommit runs a committed write's callback, a panic in it turned into
+// a *writePanic: the write has committed, but its caller cannot be told it
+// succeeded when what follows the commit did not happen.
+func runOnCommit(fn func()) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = &writePanic{value: p, stack: debug.Stack()}
+		}
+	}()
+	fn()
+	return nil
+}
+
 // ProbeWrite makes one small real write, to learn whether writes work again
 // after a failure (a full or read-only disk).
 func (s *sqliteStore) ProbeWrite(ctx context.Context) error {
@@ -690,13 +762,32 @@ func (s *sqliteStore) ProbeWrite(ctx context.Context) error {
 	}, nil)
 }
 
-// ExpireIdempotencyKeys deletes keys older than idempotencyTTL.
-func (s *sqliteStore) ExpireIdempotencyKeys(ctx context.Context) error {
+// ExpireIdempotencyKeys deletes keys older than idempotencyTTL, in batches
+// of expireBatch, each in a transaction of its own between client write
+// groups: a backlog of any size neither fails nor stalls client writes. It
+// returns how many keys it deleted, and stops early when ctx ends.
+func (s *sqliteStore) ExpireIdempotencyKeys(ctx context.Context) (int64, error) {
 	cutoff := s.now().Add(-idempotencyTTL).UnixMicro()
-	return s.writeTx(ctx, nil, func(ctx context.Context, tx *sql.Tx) error {
-		_, err := s.exec(ctx, tx, `DELETE FROM idempotency_keys WHERE created_at <= ?`, cutoff)
-		return err
-	}, nil)
+	var total int64
+	for {
+		var n int64
+		err := s.writeAlone(ctx, func(ctx context.Context, tx *sql.Tx) error {
+			res, err := s.exec(ctx, tx, `DELETE FROM idempotency_keys WHERE (scope, key) IN
+				(SELECT scope, key FROM idempotency_keys WHERE created_at <= ? ORDER BY created_at LIMIT ?)`, cutoff, expireBatch)
+			if err != nil {
+				return err
+			}
+			n, err = res.RowsAffected()
+			return err
+		})
+		total += n
+		if err != nil {
+			return total, fmt.Errorf("expire idempotency keys: %w", err)
+		}
+		if n < expireBatch {
+			return total, nil
+		}
+	}
 }
 
 // Create inserts p and returns it with its id, version and timestamps.

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/sony/gobreaker/v2"
 )
 
 // newProduct returns a valid product to store.
@@ -379,7 +380,7 @@ func testExpireIdempotencyKeys(t *testing.T, s productStore) {
 	if _, err := s.Create(t.Context(), newProduct("EXP-X"), &IdempotencyKey{Scope: "s", Key: "k", Fingerprint: "other"}); !errors.Is(err, ErrIdempotencyMismatch) {
 		t.Errorf("Create with a used key and another request error = %v, want ErrIdempotencyMismatch", err)
 	}
-	if err := s.ExpireIdempotencyKeys(t.Context()); err != nil {
+	if _, err := s.ExpireIdempotencyKeys(t.Context()); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.Create(t.Context(), newProduct("EXP-1"), key); !errors.As(err, new(*Replay)) {
@@ -388,7 +389,7 @@ func testExpireIdempotencyKeys(t *testing.T, s productStore) {
 
 	later := now.Add(idempotencyTTL + time.Minute)
 	clock.Store(&later)
-	if err := s.ExpireIdempotencyKeys(t.Context()); err != nil {
+	if _, err := s.ExpireIdempotencyKeys(t.Context()); err != nil {
 		t.Fatal(err)
 	}
 	// An expired key is a new request.
@@ -416,7 +417,7 @@ func TestSQLite_ExpireIdempotencyKeys_deletes(t *testing.T) {
 		t.Fatalf("%d records, want 1", n)
 	}
 	now = now.Add(idempotencyTTL + time.Minute)
-	if err := s.ExpireIdempotencyKeys(t.Context()); err != nil {
+	if _, err := s.ExpireIdempotencyKeys(t.Context()); err != nil {
 		t.Fatal(err)
 	}
 	if n := count(); n != 0 {
@@ -737,4 +738,68 @@ func cmpInt(a, b int64) int {
 		return 1
 	}
 	return 0
+}
+
+// TestStore_ExpireIdempotencyKeys_backlog expires a backlog of a million
+// keys while clients write through the service: no client write fails, the
+// write breaker stays closed, and writes are served while expiry runs.
+// Under -race (or -short) the backlog is a tenth: the race detector makes
+// SQLite itself some thirty times slower, and the concurrency it checks is
+// the same.
+func TestStore_ExpireIdempotencyKeys_backlog(t *testing.T) {
+	backlog := 1_000_000
+	if raceEnabled || testing.Short() {
+		backlog = 100_000
+	}
+	s := newTestStore(t)
+	if _, err := s.write.ExecContext(t.Context(), `WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
+		INSERT INTO idempotency_keys (scope, key, fingerprint, product, product_id, version, created_at)
+		SELECT 'old', 'key-' || i, 'f', x'7b7d', 1, 1, 0 FROM n`, backlog); err != nil {
+		t.Fatal(err)
+	}
+	svc := newTestService(t, s, ServiceConfig{})
+
+	type result struct {
+		deleted int64
+		err     error
+	}
+	expired := make(chan result, 1)
+	go func() {
+		n, err := s.ExpireIdempotencyKeys(context.Background())
+		expired <- result{n, err}
+	}()
+	var res *result
+	writes, during := 0, 0
+	for res == nil || writes < 20 {
+		if writes > backlog {
+			t.Fatal("expiry did not finish")
+		}
+		key := &IdempotencyKey{Scope: "new", Key: fmt.Sprintf("w-%d", writes), Fingerprint: "f"}
+		if _, err := svc.Create(t.Context(), ProductInput{SKU: new(fmt.Sprintf("BL-%d", writes)), Name: new("x"), PriceCents: new(int64(1))}, key); err != nil {
+			t.Fatalf("client write %d during expiry error = %v, want nil", writes, err)
+		}
+		writes++
+		select {
+		case r := <-expired:
+			res = &r
+		default:
+			if res == nil {
+				during++
+			}
+		}
+	}
+	if res.err != nil || res.deleted != int64(backlog) {
+		t.Fatalf("ExpireIdempotencyKeys = %d, %v, want %d, nil", res.deleted, res.err, backlog)
+	}
+	if during == 0 {
+		t.Error("no client write was served while expiry ran")
+	}
+	if st := svc.writeCB.State(); st != gobreaker.StateClosed {
+		t.Errorf("write breaker %s after the expiry, want closed", st)
+	}
+	var left int
+	if err := s.read.QueryRowContext(t.Context(), `SELECT count(*) FROM idempotency_keys`).Scan(&left); err != nil || left != writes {
+		t.Errorf("keys left = %d, %v, want the %d of the client writes", left, err, writes)
+	}
+	t.Logf("%d keys expired; %d client writes served during the expiry, all succeeded", res.deleted, during)
 }

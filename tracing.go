@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"time"
 
 	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
 	"go.opentelemetry.io/otel/attribute"
@@ -69,6 +70,17 @@ func newTracingWith(sp sdktrace.TracerProviderOption, getenv func(string) string
 		shutdown: tp.Shutdown,
 		enabled:  true,
 	}
+}
+
+// tracingShutdownTimeout bounds the flush of spans at exit: an unreachable
+// collector must not hold the process.
+const tracingShutdownTimeout = 5 * time.Second
+
+// close flushes and stops the exporter, giving up after timeout.
+func (t *tracing) close(timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	return t.shutdown(ctx)
 }
 
 // wrap puts the otelhttp server span around h: one span per request, with

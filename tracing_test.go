@@ -115,7 +115,7 @@ func TestTracing_RedisSpanHasCacheHit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc.local = newLocalCache(0, time.Minute) // go to Redis every time
+	svc.local = newLocalCache(0, 0, time.Minute) // go to Redis every time
 	exp.Reset()
 	if _, _, err := svc.Get(t.Context(), p.ID); err != nil {
 		t.Fatal(err)
