@@ -185,34 +185,60 @@ func TestRun(t *testing.T) {
 	}
 }
 
+// TestRun_invalidConfig checks that every setting fails alike: a
+// *configError (exit status 2), one line naming the setting, and nothing
+// opened or created.
 func TestRun_invalidConfig(t *testing.T) {
 	tests := []struct {
 		name     string
 		env      map[string]string
 		args     []string
 		wantName string // what the error must name
+		wantText string // and, when set, what else it must say
 	}{
+		{name: "ADDR not host:port", env: map[string]string{"ADDR": "nonsense"}, wantName: "ADDR"},
+		{name: "ADDR port out of range", env: map[string]string{"ADDR": "127.0.0.1:70000"}, wantName: "ADDR"},
+		{name: "ADDR port not a number", env: map[string]string{"ADDR": "localhost:http"}, wantName: "ADDR"},
+		{name: "DB_PATH empty flag", args: []string{"-db="}, wantName: "-db"},
 		{name: "DB_TIMEOUT not a duration", env: map[string]string{"DB_TIMEOUT": "abc"}, wantName: "DB_TIMEOUT"},
 		{name: "DB_TIMEOUT too small", env: map[string]string{"DB_TIMEOUT": "0s"}, wantName: "DB_TIMEOUT"},
-		{name: "DB_SYNC", env: map[string]string{"DB_SYNC": "off"}, wantName: "DB_SYNC"},
-		{name: "LOG_LEVEL", env: map[string]string{"LOG_LEVEL": "loud"}, wantName: "LOG_LEVEL"},
+		{name: "DB_SYNC", env: map[string]string{"DB_SYNC": "off"}, wantName: "DB_SYNC", wantText: "full, normal"},
+		{name: "LOG_LEVEL", env: map[string]string{"LOG_LEVEL": "verbose"}, wantName: "LOG_LEVEL", wantText: "debug, info, warn, error"},
+		{name: "LOG_LEVEL offset", env: map[string]string{"LOG_LEVEL": "INFO+2"}, wantName: "LOG_LEVEL"},
 		{name: "LOCAL_CACHE_SIZE", env: map[string]string{"LOCAL_CACHE_SIZE": "-1"}, wantName: "LOCAL_CACHE_SIZE"},
-		{name: "REDIS_URL", env: map[string]string{"REDIS_URL": "http://localhost:6379"}, wantName: "REDIS_URL"},
+		{name: "REDIS_URL scheme", env: map[string]string{"REDIS_URL": "http://localhost:6379"}, wantName: "REDIS_URL"},
+		{name: "REDIS_URL database", env: map[string]string{"REDIS_URL": "redis://:secret@localhost:6379/x"}, wantName: "REDIS_URL", wantText: "xxxxx"},
 		{name: "REDIS_TIMEOUT", env: map[string]string{"REDIS_TIMEOUT": "fast"}, wantName: "REDIS_TIMEOUT"},
 		{name: "CACHE_TTL", env: map[string]string{"CACHE_TTL": "1ms"}, wantName: "CACHE_TTL"},
-		{name: "ADMIN_ADDR not loopback", env: map[string]string{"ADMIN_ADDR": "0.0.0.0:6060"}, wantName: "ADMIN_ADDR"},
-		{name: "METRICS_ADDR", env: map[string]string{"METRICS_ADDR": "nonsense"}, wantName: "METRICS_ADDR"},
 		{name: "API_TOKEN only commas", env: map[string]string{"API_TOKEN": " , ,"}, wantName: "API_TOKEN"},
-		{name: "RATE_LIMIT_RPS", env: map[string]string{"RATE_LIMIT_RPS": "-1"}, wantName: "RATE_LIMIT_RPS"},
-		{name: "MAX_IN_FLIGHT", env: map[string]string{"MAX_IN_FLIGHT": "many"}, wantName: "MAX_IN_FLIGHT"},
+		{name: "SHUTDOWN_DELAY", env: map[string]string{"SHUTDOWN_DELAY": "-1s"}, wantName: "SHUTDOWN_DELAY"},
 		{name: "SHUTDOWN_TIMEOUT", env: map[string]string{"SHUTDOWN_TIMEOUT": "48h"}, wantName: "SHUTDOWN_TIMEOUT"},
+		{name: "METRICS_ADDR", env: map[string]string{"METRICS_ADDR": "nonsense"}, wantName: "METRICS_ADDR"},
+		{name: "ADMIN_ADDR not loopback", env: map[string]string{"ADMIN_ADDR": "0.0.0.0:6060"}, wantName: "ADMIN_ADDR"},
+		{name: "ADMIN_ADDR not host:port", env: map[string]string{"ADMIN_ADDR": "6060"}, wantName: "ADMIN_ADDR"},
+		{name: "RATE_LIMIT_RPS", env: map[string]string{"RATE_LIMIT_RPS": "-1"}, wantName: "RATE_LIMIT_RPS"},
+		{name: "RATE_LIMIT_BURST", env: map[string]string{"RATE_LIMIT_BURST": "lots"}, wantName: "RATE_LIMIT_BURST"},
+		{name: "MAX_IN_FLIGHT", env: map[string]string{"MAX_IN_FLIGHT": "many"}, wantName: "MAX_IN_FLIGHT"},
 		{name: "flag wins and is named", env: map[string]string{"DB_TIMEOUT": "1s"}, args: []string{"-db-timeout=abc"}, wantName: "-db-timeout"},
 		{name: "unknown flag", args: []string{"-no-such-flag"}, wantName: "no-such-flag"},
 		{name: "stray argument", args: []string{"serve"}, wantName: "serve"},
 	}
+
+	// Every setting has a case: a new one cannot be added without its test.
+	covered := make(map[string]bool)
+	for _, tt := range tests {
+		covered[strings.TrimPrefix(tt.wantName, "-")] = true
+	}
+	for _, s := range (&config{}).settings() {
+		if !covered[s.env] && !covered[s.flag] {
+			t.Errorf("setting %s has no invalid-value case", s.env)
+		}
+	}
+
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			dbPath := filepath.Join(t.TempDir(), "products.db")
+			dir := t.TempDir()
+			dbPath := filepath.Join(dir, "products.db")
 			env := map[string]string{"ADDR": "127.0.0.1:0", "DB_PATH": dbPath}
 			for k, v := range tt.env {
 				env[k] = v
@@ -232,14 +258,21 @@ func TestRun_invalidConfig(t *testing.T) {
 			if !errors.As(err, &cerr) {
 				t.Fatalf("run() error = %v (%T), want a *configError", err, err)
 			}
-			if !strings.Contains(err.Error(), tt.wantName) {
-				t.Errorf("run() error = %q, want it to name %s", err, tt.wantName)
+			msg := err.Error()
+			if !strings.Contains(msg, tt.wantName) || !strings.Contains(msg, tt.wantText) {
+				t.Errorf("run() error = %q, want it to name %s and say %q", msg, tt.wantName, tt.wantText)
+			}
+			if strings.Contains(msg, "\n") {
+				t.Errorf("run() error = %q, want one line", msg)
+			}
+			if strings.Contains(msg, "secret") {
+				t.Errorf("run() error = %q shows a password", msg)
 			}
 			if strings.Contains(stdout.String(), `"listening"`) {
 				t.Errorf("run listened despite invalid config; stdout:\n%s", stdout.String())
 			}
-			if _, err := os.Stat(dbPath); !errors.Is(err, os.ErrNotExist) {
-				t.Errorf("database file exists after invalid config (stat error %v), want it never opened", err)
+			if entries, err := os.ReadDir(dir); err != nil || len(entries) > 0 {
+				t.Errorf("after an invalid setting the directory holds %v (error %v), want nothing created", entries, err)
 			}
 		})
 	}
