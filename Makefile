@@ -3,8 +3,10 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -s -w -X main.version=$(VERSION)
 FUZZTIME ?= 20s
 IMAGE    ?= productsvc:$(VERSION)
+PROMTOOL ?= $(shell command -v promtool 2>/dev/null || echo /tmp/prom/usr/bin/promtool)
+REDOCLY  ?= @redocly/cli@2.77.0
 
-.PHONY: run build test lint test-faults fuzz bench docker-build docker-run
+.PHONY: run build test lint lint-metrics lint-openapi promtool test-faults fuzz bench docker-build docker-run
 
 ## run: build and start the service on :8080 with ./products.db (Redis when REDIS_URL is set)
 run: build
@@ -22,6 +24,18 @@ test:
 lint:
 	@out="$$(gofmt -l .)"; if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	go vet ./...
+
+## promtool: Debian's promtool, unpacked without installing the Prometheus server
+promtool:
+	@test -x $(PROMTOOL) || { cd /tmp && apt-get download prometheus && dpkg -x prometheus_*.deb /tmp/prom; }
+
+## lint-metrics: promtool check metrics on a scrape taken after scripted requests
+lint-metrics: promtool
+	PROMTOOL=$(PROMTOOL) go test -count=1 -run '^TestMetrics_promtool$$' -v .
+
+## lint-openapi: Redocly lint of openapi.json; any finding fails
+lint-openapi:
+	npx --yes $(REDOCLY) lint --extends=recommended-strict --format=stylish openapi.json
 
 ## test-faults: the black-box fault suite against the real binary (see e2e/)
 test-faults:

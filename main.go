@@ -110,7 +110,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 
 	reg := prometheus.NewRegistry()
 	m := newMetrics(reg)
-	m.dbPools(store.Stats)
+	m.dbPools(storePools(store)...)
 	m.writeGroups(store.GroupStats)
 	svc := NewProductService(store, ServiceConfig{
 		Cache: c, RedisTimeout: cfg.RedisTimeout, LocalCacheSize: cfg.LocalCacheSize,
@@ -176,6 +176,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	case <-second:
 		return errors.New("second signal: exiting without draining")
+	}
+}
+
+// storePools returns a collector for each of the store's connection pools,
+// named by engine and role: SQLite has a read pool and a one-connection
+// write pool.
+func storePools(store *Store) []prometheus.Collector {
+	return []prometheus.Collector{
+		sqlPoolCollector(store.read, "sqlite_read"),
+		sqlPoolCollector(store.write, "sqlite_write"),
 	}
 }
 

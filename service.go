@@ -120,7 +120,7 @@ func NewProductService(store productStore, cfg ServiceConfig) *ProductService {
 	s.redisCB = s.newBreaker("redis", redisBreakerFailures, redisTimeout, func(err error) bool {
 		return err == nil || errors.Is(err, errCacheMiss)
 	})
-	s.metrics.productsTotal(store.Count)
+	s.metrics.productsStored(store.Count)
 	return s
 }
 
