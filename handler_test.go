@@ -60,7 +60,7 @@ func TestHandleCreateProduct_validation(t *testing.T) {
 		{name: "all fields", over: map[string]any{"description": "blue ink", "category": "office", "currency": "EUR", "stock": 5}, wantStatus: 201},
 
 		{name: "sku missing", over: map[string]any{"sku": omit}, wantStatus: 422, wantErrors: []string{"sku"}},
-		{name: "sku null", over: map[string]any{"sku": nil}, wantStatus: 422, wantErrors: []string{"sku"}},
+		{name: "sku null", over: map[string]any{"sku": nil}, wantStatus: 400, wantErrors: []string{"sku"}},
 		{name: "sku empty", over: map[string]any{"sku": ""}, wantStatus: 422, wantErrors: []string{"sku"}},
 		{name: "sku 64 chars", over: map[string]any{"sku": strings.Repeat("s", 64)}, wantStatus: 201},
 		{name: "sku 65 chars", over: map[string]any{"sku": strings.Repeat("s", 65)}, wantStatus: 422, wantErrors: []string{"sku"}},
@@ -88,13 +88,17 @@ func TestHandleCreateProduct_validation(t *testing.T) {
 		{name: "description multiline", over: map[string]any{"description": "line 1\nline 2\r\n\tindented"}, wantStatus: 201},
 		{name: "description control", over: map[string]any{"description": "a\u0001"}, wantStatus: 422, wantErrors: []string{"description"}},
 		{name: "description empty", over: map[string]any{"description": ""}, wantStatus: 201},
+		{name: "description null", over: map[string]any{"description": nil}, wantStatus: 400, wantErrors: []string{"description"}},
+		{name: "category null", over: map[string]any{"category": nil}, wantStatus: 400, wantErrors: []string{"category"}},
+		{name: "currency null", over: map[string]any{"currency": nil}, wantStatus: 400, wantErrors: []string{"currency"}},
+		{name: "name null", over: map[string]any{"name": nil}, wantStatus: 400, wantErrors: []string{"name"}},
 
 		{name: "category 64 chars", over: map[string]any{"category": strings.Repeat("c", 64)}, wantStatus: 201},
 		{name: "category 65 chars", over: map[string]any{"category": strings.Repeat("c", 65)}, wantStatus: 422, wantErrors: []string{"category"}},
 		{name: "category tab", over: map[string]any{"category": "a\tb"}, wantStatus: 422, wantErrors: []string{"category"}},
 
 		{name: "price missing", over: map[string]any{"price_cents": omit}, wantStatus: 422, wantErrors: []string{"price_cents"}},
-		{name: "price null", over: map[string]any{"price_cents": nil}, wantStatus: 422, wantErrors: []string{"price_cents"}},
+		{name: "price null", over: map[string]any{"price_cents": nil}, wantStatus: 400, wantErrors: []string{"price_cents"}},
 		{name: "price zero", over: map[string]any{"price_cents": 0}, wantStatus: 201},
 		{name: "price max", over: map[string]any{"price_cents": int64(1e12)}, wantStatus: 201},
 		{name: "price above max", over: map[string]any{"price_cents": int64(1e12) + 1}, wantStatus: 422, wantErrors: []string{"price_cents"}},
@@ -118,6 +122,7 @@ func TestHandleCreateProduct_validation(t *testing.T) {
 		{name: "stock above max", over: map[string]any{"stock": int64(1e12) + 1}, wantStatus: 422, wantErrors: []string{"stock"}},
 		{name: "stock negative", over: map[string]any{"stock": -1}, wantStatus: 422, wantErrors: []string{"stock"}},
 		{name: "stock fraction", over: map[string]any{"stock": raw("2.5")}, wantStatus: 400, wantErrors: []string{"stock"}},
+		{name: "stock null", over: map[string]any{"stock": nil}, wantStatus: 400, wantErrors: []string{"stock"}},
 
 		{name: "every required field missing", over: map[string]any{"sku": omit, "name": omit, "price_cents": omit}, wantStatus: 422, wantErrors: []string{"name", "price_cents", "sku"}},
 		{name: "several rules broken", over: map[string]any{"name": "", "currency": "usd", "stock": -1}, wantStatus: 422, wantErrors: []string{"currency", "name", "stock"}},
@@ -471,6 +476,12 @@ func TestHandleReplaceProduct(t *testing.T) {
 	checkProblem(t, r, http.StatusUnprocessableEntity, "validation", []string{"name", "price_cents"})
 	r = ts.write(t, http.MethodPut, path, `{"name":"x","price_cents":5}`)
 	checkProblem(t, r, http.StatusUnprocessableEntity, "validation", []string{"sku"})
+	// null is a wrong type in a PUT body, for every field: leaving a field
+	// out is how to ask for its default.
+	for _, field := range []string{"description", "category", "currency", "stock"} {
+		body := `{"sku":"PUT-1b","name":"new name","price_cents":250,"` + field + `":null}`
+		checkProblem(t, ts.write(t, http.MethodPut, path, body), http.StatusBadRequest, "bad-request", []string{field})
+	}
 	if diff := cmp.Diff(before, ts.getProduct(t, p.ID)); diff != "" {
 		t.Errorf("invalid PUT changed the product (-want +got):\n%s", diff)
 	}
@@ -577,7 +588,7 @@ func TestHandleSetStock(t *testing.T) {
 		{name: "above max", body: `{"stock":1000000000001}`, wantStatus: 422, wantErrors: []string{"stock"}},
 		{name: "negative", body: `{"stock":-1}`, wantStatus: 422, wantErrors: []string{"stock"}},
 		{name: "missing", body: `{}`, wantStatus: 422, wantErrors: []string{"stock"}},
-		{name: "null", body: `{"stock":null}`, wantStatus: 422, wantErrors: []string{"stock"}},
+		{name: "null", body: `{"stock":null}`, wantStatus: 400, wantErrors: []string{"stock"}},
 		{name: "string", body: `{"stock":"7"}`, wantStatus: 400, wantErrors: []string{"stock"}},
 		{name: "fraction", body: `{"stock":1.5}`, wantStatus: 400, wantErrors: []string{"stock"}},
 		{name: "unknown field", body: `{"stock":1,"delta":1}`, wantStatus: 400, wantErrors: []string{"delta"}},
@@ -631,6 +642,7 @@ func TestHandleAdjustStock(t *testing.T) {
 		{name: "zero", body: `{"delta":0}`, wantStatus: 422, wantSlug: "validation", wantErrors: []string{"delta"}},
 		{name: "out of range", body: `{"delta":-1000000000001}`, wantStatus: 422, wantSlug: "validation", wantErrors: []string{"delta"}},
 		{name: "missing", body: `{}`, wantStatus: 422, wantSlug: "validation", wantErrors: []string{"delta"}},
+		{name: "null", body: `{"delta":null}`, wantStatus: 400, wantSlug: "bad-request", wantErrors: []string{"delta"}},
 		{name: "string", body: `{"delta":"1"}`, wantStatus: 400, wantSlug: "bad-request", wantErrors: []string{"delta"}},
 		{name: "out of int64 range", body: `{"delta":-9223372036854775809}`, wantStatus: 400, wantSlug: "bad-request", wantErrors: []string{"delta"}},
 		{name: "duplicate key", body: `{"delta":1,"delta":2}`, wantStatus: 400, wantSlug: "bad-request", wantErrors: []string{"delta"}},

@@ -226,6 +226,10 @@ type oaCase struct {
 	// docMethod is the operation whose responses document this one, for a
 	// 405 to a method the path does not have.
 	docMethod string
+	// docRejects marks a request the server refuses for a rule the document
+	// states in its schemas: validating it against the document must fail
+	// too, so generated clients and testers learn the rule from the document.
+	docRejects bool
 }
 
 // TestOpenAPI_Responses sends real requests over loopback through the real
@@ -275,6 +279,8 @@ func TestOpenAPI_Responses(t *testing.T) {
 			header: map[string]string{"Content-Type": "text/plain"}, want: 415},
 		{name: "create malformed JSON", method: "POST", path: "/products", body: `{"sku":`, want: 400},
 		{name: "create unknown field", method: "POST", path: "/products", body: `{"sku":"OA-4","name":"pen","price_cents":1,"colour":"red"}`, want: 400},
+		{name: "create null stock", method: "POST", path: "/products", body: `{"sku":"OA-5","name":"pen","price_cents":1,"stock":null}`, want: 400, docRejects: true},
+		{name: "create null description", method: "POST", path: "/products", body: `{"sku":"OA-5","name":"pen","price_cents":1,"description":null}`, want: 400, docRejects: true},
 		{name: "create invalid fields", method: "POST", path: "/products", body: `{"sku":"bad sku","name":" ","price_cents":-1}`, want: 422},
 		{name: "create too large", method: "POST", path: "/products", body: big, want: 413},
 		{name: "products wrong method", method: "PUT", path: "/products", body: product("OA-4"), want: 405, docMethod: "GET"},
@@ -283,11 +289,15 @@ func TestOpenAPI_Responses(t *testing.T) {
 		{name: "list filtered", method: "GET", path: "/products?sort=-name&category=office&in_stock=true&min_price_cents=0&max_price_cents=1000&q=blue", want: 200},
 		{name: "list bad limit", method: "GET", path: "/products?limit=0", want: 400},
 		{name: "list unknown parameter", method: "GET", path: "/products?categry=x", want: 400},
+		{name: "list q without a word", method: "GET", path: "/products?q=%21%21", want: 400, docRejects: true},
+		{name: "list bad sort", method: "GET", path: "/products?sort=stock", want: 400, docRejects: true},
 
 		{name: "get", method: "GET", path: "/products/1", want: 200},
 		{name: "get not modified", method: "GET", path: "/products/1", header: map[string]string{"If-None-Match": `"1"`}, want: 304},
 		{name: "get bad id", method: "GET", path: "/products/abc", want: 400},
 		{name: "get missing", method: "GET", path: "/products/999", want: 404},
+		{name: "get id zero", method: "GET", path: "/products/0", want: 400, docRejects: true},
+		{name: "get id beyond int64", method: "GET", path: "/products/9223372036854775808", want: 400, docRejects: true},
 		{name: "product wrong method", method: "POST", path: "/products/1", body: `{}`, want: 405, docMethod: "GET"},
 
 		{name: "replace", method: "PUT", path: "/products/1", body: strings.Replace(product("OA-1"), "150", "175", 1), header: map[string]string{"If-Match": `"1"`}, want: 200},
@@ -301,7 +311,8 @@ func TestOpenAPI_Responses(t *testing.T) {
 		{name: "patch", method: "PATCH", path: "/products/1", body: `{"description":null,"stock":7}`,
 			header: map[string]string{"Content-Type": "application/merge-patch+json"}, want: 200},
 		{name: "patch stale", method: "PATCH", path: "/products/1", body: `{"stock":8}`, header: map[string]string{"If-Match": `"2"`}, want: 412},
-		{name: "patch null name", method: "PATCH", path: "/products/1", body: `{"name":null}`, want: 422},
+		{name: "patch null name", method: "PATCH", path: "/products/1", body: `{"name":null}`, want: 422, docRejects: true},
+		{name: "patch null price", method: "PATCH", path: "/products/1", body: `{"price_cents":null}`, want: 422, docRejects: true},
 		{name: "patch wrong type", method: "PATCH", path: "/products/1", body: `{"price_cents":"1"}`, want: 400},
 		{name: "patch text/plain", method: "PATCH", path: "/products/1", body: `{"stock":1}`, header: map[string]string{"Content-Type": "text/plain"}, want: 415},
 		{name: "patch taken sku", method: "PATCH", path: "/products/1", body: `{"sku":"OA-2"}`, want: 409},
@@ -310,13 +321,22 @@ func TestOpenAPI_Responses(t *testing.T) {
 		{name: "set stock negative", method: "PUT", path: "/products/1/stock", body: `{"stock":-1}`, want: 422},
 		{name: "set stock missing", method: "PUT", path: "/products/999/stock", body: `{"stock":1}`, want: 404},
 		{name: "set stock bad id", method: "PUT", path: "/products/0/stock", body: `{"stock":1}`, want: 400},
+		{name: "set stock if-match", method: "PUT", path: "/products/1/stock", body: `{"stock":6}`, header: map[string]string{"If-Match": `"4"`}, want: 200},
+		{name: "set stock stale", method: "PUT", path: "/products/1/stock", body: `{"stock":7}`, header: map[string]string{"If-Match": `"4"`}, want: 412},
+		{name: "set stock malformed if-match", method: "PUT", path: "/products/1/stock", body: `{"stock":7}`, header: map[string]string{"If-Match": `4`}, want: 400, docRejects: true},
+		{name: "set stock null", method: "PUT", path: "/products/1/stock", body: `{"stock":null}`, want: 400, docRejects: true},
 		{name: "set stock wrong content type", method: "PUT", path: "/products/1/stock", body: `{"stock":1}`, header: map[string]string{"Content-Type": "application/xml"}, want: 415},
 		{name: "stock wrong method", method: "GET", path: "/products/1/stock", want: 405, docMethod: "PUT"},
 
 		{name: "adjust", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":-2}`, header: map[string]string{"Idempotency-Key": "adj-1"}, want: 200},
 		{name: "adjust replayed", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":-2}`, header: map[string]string{"Idempotency-Key": "adj-1"}, want: 200},
 		{name: "adjust below zero", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":-100}`, want: 409},
-		{name: "adjust zero", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":0}`, want: 422},
+		{name: "adjust zero", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":0}`, want: 422, docRejects: true},
+		{name: "adjust out of range", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":1000000000001}`, want: 422, docRejects: true},
+		{name: "adjust null", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":null}`, want: 400, docRejects: true},
+		{name: "adjust stale", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":1}`, header: map[string]string{"If-Match": `"1"`}, want: 412},
+		{name: "adjust malformed if-match", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":1}`, header: map[string]string{"If-Match": `"1`}, want: 400, docRejects: true},
+		{name: "adjust malformed idempotency key", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":1}`, header: map[string]string{"Idempotency-Key": strings.Repeat("k", 256)}, want: 400, docRejects: true},
 		{name: "adjust missing", method: "POST", path: "/products/999/stock/adjustments", body: `{"delta":1}`, want: 404},
 		{name: "adjust trailing data", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":1} {}`, want: 400},
 		{name: "adjust without token", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":1}`, noAuth: true, want: 401},
@@ -401,6 +421,13 @@ func oaRun(t *testing.T, srv *httptest.Server, router routers.Router, tc oaCase)
 		if err := openapi3filter.ValidateRequest(context.Background(), in); err != nil {
 			t.Errorf("%s: the request %s %s does not match openapi.json: %v", tc.name, tc.method, tc.path, err)
 		}
+	}
+	if tc.docRejects {
+		if err := openapi3filter.ValidateRequest(context.Background(), in); err == nil {
+			t.Errorf("%s: the server answers %d to %s %s, but openapi.json accepts the request: the schema is looser than the server",
+				tc.name, resp.StatusCode, tc.method, tc.path)
+		}
+		// ValidateRequest consumed the body; the response check needs none.
 	}
 	out := &openapi3filter.ResponseValidationInput{
 		RequestValidationInput: in,
