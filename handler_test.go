@@ -2,10 +2,12 @@ package main
 
 import (
 	"bytes"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
@@ -1141,7 +1143,15 @@ func TestParseListQuery_invalid(t *testing.T) {
 		{"limit=1&limit=2", []string{"limit"}},
 		{"cursor=garbage", []string{"cursor"}},
 		{"cursor=%21%21%21", []string{"cursor"}},
-		{"cursor=" + nameCursor, []string{"cursor"}},
+		{"cursor=" + nameCursor + "&cursor=" + nameCursor, []string{"cursor"}},
+		{"limit=2&sort=name&cursor=" + nameCursor, []string{"cursor"}},
+		{"limit=1&cursor=" + nameCursor, []string{"cursor"}},
+		{"limit=1&sort=name&category=drinks&cursor=" + nameCursor, []string{"cursor"}},
+		{"limit=0&sort=name&cursor=" + nameCursor, []string{"limit"}},
+		{"cursor=" + base64.RawURLEncoding.EncodeToString([]byte(`{"q":{"limit":"1","sort":"name","colour":"red"},"k":"a","i":1}`)), []string{"cursor"}},
+		{"cursor=" + base64.RawURLEncoding.EncodeToString([]byte(`{"q":{"limit":"1000","sort":"id"},"i":1}`)), []string{"cursor"}},
+		{"cursor=" + base64.RawURLEncoding.EncodeToString([]byte(`{"q":{"limit":"1","sort":"name"},"k":7,"i":1}`)), []string{"cursor"}},
+		{"cursor=" + base64.RawURLEncoding.EncodeToString([]byte(`{"s":"id","i":1}`)), []string{"cursor"}},
 		{"sort=price_cents&cursor=" + nameCursor, []string{"cursor"}},
 		{"sort=-name&cursor=" + nameCursor, []string{"cursor"}},
 		{"category=" + strings.Repeat("c", 65), []string{"category"}},
@@ -1178,6 +1188,90 @@ func TestParseListQuery_invalid(t *testing.T) {
 			checkProblem(t, r, http.StatusBadRequest, "bad-request", tt.wantErrors)
 		})
 	}
+}
+
+// TestHandleListProducts_cursorCarriesQuery checks that a next_cursor sent
+// alone continues the query it came from, that the same query sent with it
+// is the same request, and that any other query with it is a 400 naming
+// the cursor, never a silent change of query.
+func TestHandleListProducts_cursorCarriesQuery(t *testing.T) {
+	ts := newTestServer(t, nil)
+	seedCatalog(t, ts)
+	const query = "limit=1&category=drinks&sort=-price_cents&in_stock=true"
+	want := []string{"cafe", "apple"} // drinks in stock, dearest first (beer has none)
+
+	var walked []string
+	first, r := ts.list(t, query)
+	if r.status != http.StatusOK || first.NextCursor == nil {
+		t.Fatalf("GET /products?%s = %v, want 200 with a next_cursor", query, r)
+	}
+	walked = append(walked, skus(first.Items)...)
+	cur := url.QueryEscape(*first.NextCursor)
+	for next := first.NextCursor; next != nil; {
+		if len(walked) > 10 {
+			t.Fatal("more than 10 pages of 1 for 2 products")
+		}
+		lb, r := ts.list(t, "cursor="+url.QueryEscape(*next))
+		if r.status != http.StatusOK {
+			t.Fatalf("GET /products?cursor=… alone = %v, want 200", r)
+		}
+		if len(lb.Items) > 1 {
+			t.Errorf("a cursor from limit=1 sent alone gave %d items, want at most 1", len(lb.Items))
+		}
+		walked = append(walked, skus(lb.Items)...)
+		next = lb.NextCursor
+	}
+	if diff := cmp.Diff(want, walked); diff != "" {
+		t.Errorf("pages walked with the cursor alone (-want +got):\n%s", diff)
+	}
+
+	alone, _ := ts.list(t, "cursor="+cur)
+	for _, same := range []string{
+		query + "&cursor=" + cur,
+		"cursor=" + cur + "&in_stock=true&sort=-price_cents&category=drinks&limit=1",
+	} {
+		lb, r := ts.list(t, same)
+		if r.status != http.StatusOK {
+			t.Errorf("GET /products?%s (its own query repeated) = %v, want 200", same, r)
+			continue
+		}
+		if diff := cmp.Diff(alone, lb); diff != "" {
+			t.Errorf("GET /products?%s differs from the cursor alone (-alone +got):\n%s", same, diff)
+		}
+	}
+	for _, other := range []string{
+		"limit=2&category=drinks&sort=-price_cents&in_stock=true",     // limit
+		"limit=1&category=bakery&sort=-price_cents&in_stock=true",     // filter
+		"limit=1&category=drinks&sort=price_cents&in_stock=true",      // sort
+		"limit=1&category=drinks&sort=-price_cents",                   // a filter left out
+		"limit=1&category=drinks&sort=-price_cents&in_stock=true&q=x", // a filter added
+		"category=drinks",
+	} {
+		_, r := ts.list(t, other+"&cursor="+cur)
+		checkProblem(t, r, http.StatusBadRequest, "bad-request", []string{"cursor"})
+	}
+}
+
+// TestCursor_longest builds the longest cursor the service can make and
+// checks that it is within maxCursorLen and decodes.
+func TestCursor_longest(t *testing.T) {
+	category := strings.Repeat("\u2028", maxCategoryLen) // 6 bytes each in JSON
+	q := strings.Repeat("\U0001D400", maxQueryLen)       // a 4-byte letter
+	name := strings.Repeat("\u2028", maxNameLen)         // the sort key
+	raw := url.Values{"limit": {"100"}, "category": {category}, "q": {q}, "sort": {"-name"},
+		"min_price_cents": {"1000000000000"}, "max_price_cents": {"1000000000000"}, "in_stock": {"false"}}
+	f, err := parseListQuery(raw.Encode())
+	if err != nil {
+		t.Fatalf("parseListQuery(longest query): %v", err)
+	}
+	enc := cursorAfter(f, Product{ID: math.MaxInt64, Name: name}).encode()
+	if len(enc) > maxCursorLen {
+		t.Fatalf("longest cursor is %d bytes, over maxCursorLen %d", len(enc), maxCursorLen)
+	}
+	if _, _, err := decodeCursor(enc); err != nil {
+		t.Errorf("decodeCursor(longest cursor, %d bytes): %v", len(enc), err)
+	}
+	t.Logf("longest cursor: %d bytes", len(enc))
 }
 
 func TestHandleListProducts_concurrentInserts(t *testing.T) {
