@@ -101,6 +101,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 
 	var c cache
 	if cfg.RedisURL != "" {
+		routeRedisLogs(log)
 		rc, err := newRedisCache(cfg.RedisURL, cfg.RedisTimeout, cfg.CacheTTL)
 		if err != nil {
 			return &configError{msg: "invalid REDIS_URL: " + err.Error()}

@@ -2,14 +2,17 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -300,5 +303,134 @@ func TestRun_version(t *testing.T) {
 	}
 	if !strings.Contains(usage.String(), "-db-timeout") {
 		t.Errorf("run(-h) usage on stderr = %q, want the flags listed", usage.String())
+	}
+}
+
+// TestMain lets a test run the real process: with PRODUCTSVC_AS_MAIN=1 the
+// test binary is the service (main, its stdout and stderr), without
+// building the binary.
+func TestMain(m *testing.M) {
+	if os.Getenv("PRODUCTSVC_AS_MAIN") == "1" {
+		main()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// TestMain_redisDownLogsOnlyJSON runs the service as a process against a
+// real Redis, kills Redis and brings it back, and checks that everything
+// the process wrote to stdout and stderr is JSON (go-redis's own lines
+// included), and that Redis failing and recovering is logged once each.
+func TestMain_redisDownLogsOnlyJSON(t *testing.T) {
+	r := startRedis(t)
+	var stdout, stderr syncBuffer
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), "PRODUCTSVC_AS_MAIN=1",
+		"ADDR=127.0.0.1:0", "DB_PATH="+filepath.Join(t.TempDir(), "products.db"),
+		"REDIS_URL="+r.URL, "REDIS_TIMEOUT=50ms", "LOCAL_CACHE_SIZE=0", "API_TOKEN=json-token", "LOG_LEVEL=info")
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start the service: %v", err)
+	}
+	exited := make(chan struct{})
+	var waitErr error
+	go func() { waitErr = cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-exited
+		if t.Failed() {
+			t.Logf("stdout:\n%s\nstderr:\n%s", &stdout, &stderr)
+		}
+	})
+
+	var addr string
+	waitFor(t, 30*time.Second, `the "listening" log line`, func() bool {
+		for _, l := range stdout.logLines() {
+			if l["msg"] == "listening" {
+				addr, _ = l["addr"].(string)
+			}
+		}
+		return addr != ""
+	})
+	base := "http://" + addr
+	req, _ := http.NewRequest(http.MethodPost, base+"/products", strings.NewReader(`{"sku":"J-1","name":"pen","price_cents":1}`))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer json-token")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != http.StatusCreated {
+		t.Fatalf("POST /products: %v %v", resp, err)
+	}
+	resp.Body.Close()
+	get := func() {
+		resp, err := http.Get(base + "/products/1")
+		if err != nil {
+			t.Fatalf("GET /products/1: %v", err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("GET /products/1 status = %d, want 200 (Redis is optional)", resp.StatusCode)
+		}
+	}
+	countMsg := func(prefix string) int {
+		n := 0
+		for _, l := range stdout.logLines() {
+			if msg, _ := l["msg"].(string); strings.HasPrefix(msg, prefix) && l["breaker"] == "redis" {
+				n++
+			}
+		}
+		return n
+	}
+
+	r.Kill()
+	waitFor(t, 30*time.Second, "the redis breaker opening", func() bool {
+		get()
+		return countMsg("circuit breaker opened") > 0
+	})
+	for range 20 {
+		get() // more failures while down: no more WARN lines about it
+	}
+	r.Restart()
+	waitFor(t, 30*time.Second, "the redis breaker closing", func() bool {
+		get()
+		return countMsg("circuit breaker closed") > 0
+	})
+
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatalf("SIGTERM: %v", err)
+	}
+	select {
+	case <-exited:
+		if waitErr != nil {
+			t.Errorf("service exited with %v, want status 0", waitErr)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("service did not exit within 30s of SIGTERM")
+	}
+
+	for name, out := range map[string]string{"stdout": stdout.String(), "stderr": stderr.String()} {
+		for line := range strings.Lines(out) {
+			var m map[string]any
+			if err := json.Unmarshal([]byte(line), &m); err != nil {
+				t.Errorf("%s line is not JSON: %q", name, line)
+			}
+		}
+	}
+	var levels []string
+	for _, l := range stdout.logLines() {
+		if l["breaker"] == "redis" {
+			levels = append(levels, fmt.Sprint(l["level"], " ", l["msg"]))
+		}
+	}
+	want := []string{"WARN circuit breaker opened: Redis is failing", "INFO circuit breaker closed: Redis is back"}
+	if !slices.Equal(levels, want) {
+		t.Errorf("redis breaker log lines at INFO and above = %q, want %q", levels, want)
+	}
+	routed := false
+	for _, l := range stdout.logLines() {
+		routed = routed || l["msg"] == "redis client"
+	}
+	if !routed {
+		t.Logf("go-redis logged nothing while Redis was down (fine: nothing reached stderr either)")
 	}
 }
