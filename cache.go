@@ -178,48 +178,12 @@ func (c *redisCache) Forget() {
 func (c *redisCache) Ping(ctx context.Context) error { return c.client.Ping(ctx).Err() }
 func (c *redisCache) Close() error                   { return c.client.Close() }
 
-// redisLogEvery is how often at most a go-redis log line is passed on.
-const redisLogEvery = time.Minute
-
-// redisLogger routes go-redis's own log lines (a failed dial, a bad pool
-// connection) through slog, so every line the process writes is JSON. A
-// dead Redis makes go-redis log on every dial, so at most one line per
-// redisLogEvery is passed on, at WARN, with the number suppressed since the
-// last one. That Redis went down and came back is logged once each by the
-// redis circuit breaker.
-type redisLogger struct {
-	log   *slog.Logger
-	every time.Duration
-	now   func() time.Time
-
-	mu         sync.Mutex
-	last       time.Time
-	suppressed int
-}
-
-func newRedisLogger(log *slog.Logger) *redisLogger {
-	return &redisLogger{log: log, every: redisLogEvery, now: time.Now}
-}
-
-// Printf implements go-redis's internal.Logging.
-func (l *redisLogger) Printf(ctx context.Context, format string, v ...any) {
-	l.mu.Lock()
-	now := l.now()
-	if !l.last.IsZero() && now.Sub(l.last) < l.every {
-		l.suppressed++
-		l.mu.Unlock()
-		return
-	}
-	suppressed := l.suppressed
-	l.last, l.suppressed = now, 0
-	l.mu.Unlock()
-	l.log.LogAttrs(ctx, slog.LevelWarn, "redis client",
-		slog.String("detail", fmt.Sprintf(format, v...)), slog.Int("suppressed", suppressed))
-}
-
 // routeRedisLogs makes go-redis log through log. go-redis has one logger
 // for the whole process (redis.SetLogger), not one per client, so this is
 // the one piece of global state the service sets: without it the library
 // writes plain-text lines to stderr. run calls it once, before the client
 // exists; in tests, the last service started is the one that logs.
-func routeRedisLogs(log *slog.Logger) { redis.SetLogger(newRedisLogger(log)) }
+//
+// A dead Redis makes go-redis log on every dial; that Redis went down and
+// came back is logged once each by the redis circuit breaker.
+func routeRedisLogs(log *slog.Logger) { redis.SetLogger(newLimitedLog(log, "redis client")) }

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net/http"
 	"strconv"
 	"sync/atomic"
@@ -614,29 +613,5 @@ func TestProductService_Get_fillAcrossRedisRestart(t *testing.T) {
 		if got.Version != out.Version {
 			t.Fatalf("read %d after the acknowledged write = version %d from %s, want %d", i, got.Version, src, out.Version)
 		}
-	}
-}
-
-func TestRedisLogger_rateLimited(t *testing.T) {
-	var out syncBuffer
-	l := newRedisLogger(slog.New(slog.NewJSONHandler(&out, nil)))
-	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	l.now = func() time.Time { return now }
-	for i := range 5 {
-		l.Printf(t.Context(), "failed to dial %d", i)
-	}
-	now = now.Add(redisLogEvery)
-	l.Printf(t.Context(), "failed to dial %d", 5)
-
-	var got []string
-	for _, line := range out.logLines() {
-		got = append(got, fmt.Sprintf("%v %v %v suppressed=%v", line["level"], line["msg"], line["detail"], line["suppressed"]))
-	}
-	want := []string{
-		"WARN redis client failed to dial 0 suppressed=0",
-		"WARN redis client failed to dial 5 suppressed=4",
-	}
-	if diff := cmp.Diff(want, got); diff != "" {
-		t.Errorf("redisLogger lines (-want +got):\n%s", diff)
 	}
 }

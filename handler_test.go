@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/base64"
 	"encoding/json"
@@ -9,6 +10,7 @@ import (
 	"io"
 	"math"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -1957,6 +1959,41 @@ func TestHandleListProducts_freshAfterWrites(t *testing.T) {
 			})
 			if diff := cmp.Diff(want, listed(), cmpopts.EquateEmpty()); diff != "" {
 				t.Errorf("listing after %s (-want +got):\n%s", tt.name, diff)
+			}
+		})
+	}
+}
+
+// TestServer_rejectedByNetHTTP pins down what the README says of requests
+// net/http refuses before any handler runs: Go's own plain-text 400, without
+// X-Request-ID or a problem document. No hook in net/http lets the service
+// answer these itself.
+func TestServer_rejectedByNetHTTP(t *testing.T) {
+	ts := newTestServer(t, nil)
+	srv := httptest.NewServer(ts.handler)
+	t.Cleanup(srv.Close)
+	for name, raw := range map[string]string{
+		"control character in a header value": "GET /health HTTP/1.1\r\nHost: x\r\nX-Note: a\x01b\r\n\r\n",
+		"malformed request line":              "GET /health\r\nHost: x\r\n\r\n",
+		"HTTP/1.1 without Host":               "GET /health HTTP/1.1\r\n\r\n",
+	} {
+		t.Run(name, func(t *testing.T) {
+			conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			if _, err := io.WriteString(conn, raw); err != nil {
+				t.Fatal(err)
+			}
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			if err != nil {
+				t.Fatalf("reading the response to %q: %v", raw, err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusBadRequest || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/plain") || resp.Header.Get("X-Request-ID") != "" {
+				t.Errorf("%q: status %d, Content-Type %q, X-Request-ID %q; the README says net/http answers 400 text/plain without a request id",
+					raw, resp.StatusCode, resp.Header.Get("Content-Type"), resp.Header.Get("X-Request-ID"))
 			}
 		})
 	}

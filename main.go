@@ -77,6 +77,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		logh = traceLogHandler{logh}
 	}
 	log := slog.New(logh)
+	if tr.enabled {
+		routeOTelErrors(log)
+	}
 	log.Info("starting", append([]any{"version", buildVersion(), "tracing", tr.enabled}, cfg.logAttrs()...)...)
 	if len(cfg.APITokens) == 0 {
 		var b [24]byte

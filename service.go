@@ -574,15 +574,16 @@ func (s *ProductService) Ready(ctx context.Context) Readiness {
 		}
 	}
 	if s.redisEnabled {
+		// Through the Redis breaker, so readiness probes alone (no read
+		// traffic) notice Redis failing and recovering, and it is logged.
 		r.Cache = "ok"
-		if s.redisCB.State() == gobreaker.StateOpen {
-			r.Cache = "down"
-		} else {
+		err := guard(s.redisCB, func() error {
 			ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
 			defer cancel()
-			if err := s.cache.Ping(ctx); err != nil {
-				r.Cache = "down"
-			}
+			return s.cache.Ping(ctx)
+		})
+		if err != nil {
+			r.Cache = "down"
 		}
 	}
 	return r
