@@ -51,8 +51,9 @@ fuzz:
 bench:
 	bash bench/run.sh
 
+## docker-build: the image, tagged $(IMAGE) and productsvc:latest (the tag deploy/kubernetes uses)
 docker-build:
-	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .
+	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) -t productsvc:latest .
 
 docker-run:
 	docker run --rm -p 8080:8080 -v productsvc-data:/data -e API_TOKEN $(IMAGE)
