@@ -3,8 +3,10 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -s -w -X main.version=$(VERSION)
 FUZZTIME ?= 20s
 IMAGE    ?= productsvc:$(VERSION)
+PROMTOOL ?= $(shell command -v promtool 2>/dev/null || echo /tmp/prom/usr/bin/promtool)
+REDOCLY  ?= @redocly/cli@2.77.0
 
-.PHONY: run build test lint test-faults fuzz bench docker-build docker-run
+.PHONY: run build test lint lint-metrics lint-openapi promtool test-faults fuzz bench docker-build docker-run
 
 ## run: build and start the service on :8080 with ./products.db (Redis when REDIS_URL is set)
 run: build
@@ -23,6 +25,18 @@ lint:
 	@out="$$(gofmt -l .)"; if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	go vet ./...
 
+## promtool: Debian's promtool, unpacked without installing the Prometheus server
+promtool:
+	@test -x $(PROMTOOL) || { cd /tmp && apt-get download prometheus && dpkg -x prometheus_*.deb /tmp/prom; }
+
+## lint-metrics: promtool check metrics on a scrape taken after scripted requests
+lint-metrics: promtool
+	PROMTOOL=$(PROMTOOL) go test -count=1 -run '^TestMetrics_promtool$$' -v .
+
+## lint-openapi: Redocly lint of openapi.json; any finding fails
+lint-openapi:
+	npx --yes $(REDOCLY) lint --extends=recommended-strict --format=stylish openapi.json
+
 ## test-faults: the black-box fault suite against the real binary (see e2e/), on SQLite then on PostgreSQL
 test-faults:
 	go test -count=1 -v -timeout 40m ./e2e/
@@ -38,8 +52,9 @@ fuzz:
 bench:
 	bash bench/run.sh
 
+## docker-build: the image, tagged $(IMAGE) and productsvc:latest (the tag deploy/kubernetes uses)
 docker-build:
-	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .
+	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) -t productsvc:latest .
 
 docker-run:
 	docker run --rm -p 8080:8080 -v productsvc-data:/data -e API_TOKEN $(IMAGE)

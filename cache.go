@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strconv"
 	"strings"
 	"sync"
@@ -176,3 +177,15 @@ func (c *redisCache) Forget() {
 
 func (c *redisCache) Ping(ctx context.Context) error { return c.client.Ping(ctx).Err() }
 func (c *redisCache) Close() error                   { return c.client.Close() }
+
+// routeRedisLogs makes go-redis log through log. go-redis has one logger
+// for the whole process (redis.SetLogger), not one per client, so this is
+// global state, a departure from the house rule that the library leaves no
+// way around: without it go-redis writes plain-text lines to stderr. run
+// calls it once, before the client exists; in tests, the last service
+// started is the one that logs. (OpenTelemetry's error handler is the one
+// other such global; see routeOTelErrors.)
+//
+// A dead Redis makes go-redis log on every dial; that Redis went down and
+// came back is logged once each by the redis circuit breaker.
+func routeRedisLogs(log *slog.Logger) { redis.SetLogger(newLimitedLog(log, "redis client")) }

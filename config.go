@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 // config is the service's configuration: each setting comes from its flag
@@ -55,7 +57,7 @@ type setting struct {
 
 func (c *config) settings() []setting {
 	return []setting{
-		{"ADDR", "addr", ":8080", "listen address", strSetting(&c.Addr, nonEmpty)},
+		{"ADDR", "addr", ":8080", "listen address", strSetting(&c.Addr, listenAddr)},
 		{"DATABASE_URL", "database-url", "", "PostgreSQL URL, e.g. postgres://user:pass@host:5432/db?sslmode=require (empty: SQLite at DB_PATH)", strSetting(&c.DatabaseURL, emptyOr(postgresURL))},
 		{"DB_PATH", "db", "products.db", "SQLite database file (when DATABASE_URL is empty)", strSetting(&c.DBPath, nonEmpty)},
 		{"DB_SYNC", "db-sync", "full", "SQLite synchronous mode: full (durable on power loss) or normal", strSetting(&c.DBSync, oneOf("full", "normal"))},
@@ -78,6 +80,11 @@ func (c *config) settings() []setting {
 			return nil
 		}},
 		{"LOG_LEVEL", "log-level", "info", "debug, info, warn or error", func(s string) error {
+			// slog also reads "INFO+2" and upper case; the documented
+			// values are these four, and an error lists them.
+			if err := oneOf("debug", "info", "warn", "error")(s); err != nil {
+				return err
+			}
 			return c.LogLevel.UnmarshalText([]byte(s))
 		}},
 		{"SHUTDOWN_DELAY", "shutdown-delay", "0s", "how long to keep serving after a shutdown signal, with /ready failing", durSetting(&c.ShutdownDelay, 0)},
@@ -171,14 +178,25 @@ func oneOf(choices ...string) func(string) error {
 	}
 }
 
+// listenAddr accepts host:port or :port with a numeric port, as net.Listen
+// would, so a bad ADDR fails here, before anything is opened or created.
+func listenAddr(s string) error {
+	_, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return errors.New("must be host:port or :port, such as :8080")
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+		return errors.New("must have a port from 0 to 65535, such as :8080")
+	}
+	return nil
+}
+
+// hostPort is listenAddr for an optional listener: empty turns it off.
 func hostPort(s string) error {
 	if s == "" {
 		return nil
 	}
-	if _, _, err := net.SplitHostPort(s); err != nil {
-		return errors.New("must be host:port")
-	}
-	return nil
+	return listenAddr(s)
 }
 
 // loopbackHostPort accepts only loopback addresses: the admin listener
@@ -187,10 +205,10 @@ func loopbackHostPort(s string) error {
 	if s == "" {
 		return nil
 	}
-	host, _, err := net.SplitHostPort(s)
-	if err != nil {
-		return errors.New("must be host:port")
+	if err := listenAddr(s); err != nil {
+		return err
 	}
+	host, _, _ := net.SplitHostPort(s)
 	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
 		return errors.New("must be a loopback address such as 127.0.0.1:6060")
 	}
@@ -214,6 +232,11 @@ func redisURL(s string) error {
 	u, err := url.Parse(s)
 	if err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") || u.Host == "" {
 		return errors.New("must be a URL such as redis://localhost:6379/0")
+	}
+	// What go-redis itself refuses (a bad database number, an unknown
+	// option) must fail here too, not after the database is opened.
+	if _, err := redis.ParseURL(s); err != nil {
+		return errors.New("must be a URL such as redis://localhost:6379/0: " + strings.TrimPrefix(err.Error(), "redis: "))
 	}
 	return nil
 }

@@ -113,7 +113,9 @@ func FuzzParseListQuery(f *testing.F) {
 	f.Add("", int64(1), "pen", int64(150), int64(0))
 	f.Add("limit=100&sort=-price_cents&min_price_cents=0&max_price_cents=1000000000000&in_stock=true", int64(9223372036854775807), "Ä <&>", int64(1000000000000), int64(-62135596800000000))
 	f.Add("q=blue+ink&category=office&sort=name", int64(42), strings.Repeat("\U0001F600", 200), int64(0), int64(1763704800123456))
-	f.Add("sort=name&cursor=eyJzIjoibmFtZSIsImsiOiJwZW4iLCJpIjoxfQ", int64(2), strings.Repeat("<", 200), int64(1), int64(1))
+	f.Add("sort=name&cursor=eyJxIjp7ImxpbWl0IjoiMjAiLCJzb3J0IjoibmFtZSJ9LCJrIjoicGVuIiwiaSI6MX0", int64(2), strings.Repeat("<", 200), int64(1), int64(1))
+	f.Add("cursor=eyJxIjp7ImxpbWl0IjoiMjAiLCJzb3J0IjoibmFtZSJ9LCJrIjoicGVuIiwiaSI6MX0", int64(2), "pen", int64(1), int64(1))
+	f.Add("limit=100&category=\u2028&q=a+b&min_price_cents=1&max_price_cents=2&in_stock=false&sort=-name", int64(3), strings.Repeat("\u2028x", 100), int64(1), int64(1))
 	f.Add("limit=1&limit=2", int64(1), "x", int64(0), int64(0))
 	f.Add("categry=x&sort=size", int64(1), "x", int64(0), int64(0))
 	f.Add("cursor=%ff&q=%e2%80", int64(1), "x", int64(0), int64(0))
@@ -138,26 +140,49 @@ func FuzzParseListQuery(f *testing.F) {
 		for key := range sortColumns {
 			for _, desc := range []bool{false, true} {
 				lf := ListFilter{Limit: defaultLimit, Sort: key, Desc: desc}
+				if err == nil {
+					lf = fl // the fuzzed query, when it is a valid one
+					lf.Sort, lf.Desc, lf.After = key, desc, nil
+				}
 				c := cursorAfter(lf, p)
 				enc := c.encode()
-				got, err := decodeCursor(enc, lf.sortParam())
+				got, gotF, err := decodeCursor(enc)
 				if err != nil {
-					t.Fatalf("decodeCursor(cursorAfter(sort %s, %+v).encode() = %q (%d bytes)): %v", lf.sortParam(), p, enc, len(enc), err)
+					t.Fatalf("decodeCursor(cursorAfter(%+v, %+v).encode() = %q (%d bytes)): %v", lf, p, enc, len(enc), err)
 				}
 				if diff := cmp.Diff(c, got); diff != "" {
 					t.Fatalf("cursor for sort %s does not round-trip (-want +got):\n%s", lf.sortParam(), diff)
 				}
-				q := "sort=" + url.QueryEscape(lf.sortParam()) + "&cursor=" + url.QueryEscape(enc)
-				pf, err := parseListQuery(q)
-				if err != nil {
-					t.Fatalf("parseListQuery(%q): %v", q, err)
+				if diff := cmp.Diff(lf, gotF); diff != "" {
+					t.Fatalf("the query of a cursor does not round-trip (-want +got):\n%s", diff)
 				}
-				if pf.After == nil || !cmp.Equal(*pf.After, c) {
-					t.Fatalf("parseListQuery(%q).After = %+v, want %+v", q, pf.After, c)
+				// Alone, the cursor continues its query; with its own
+				// query repeated, too.
+				for _, q := range []string{"cursor=" + url.QueryEscape(enc), fzEncodeParams(lf.params()) + "&cursor=" + url.QueryEscape(enc)} {
+					pf, err := parseListQuery(q)
+					if err != nil {
+						t.Fatalf("parseListQuery(%q): %v", q, err)
+					}
+					if pf.After == nil || !cmp.Equal(*pf.After, c) {
+						t.Fatalf("parseListQuery(%q).After = %+v, want %+v", q, pf.After, c)
+					}
+					pf.After = nil
+					if diff := cmp.Diff(lf, pf); diff != "" {
+						t.Fatalf("parseListQuery(%q) filter (-want +got):\n%s", q, diff)
+					}
 				}
 			}
 		}
 	})
+}
+
+// fzEncodeParams writes listing parameters as a query string.
+func fzEncodeParams(p map[string]string) string {
+	v := make(url.Values, len(p))
+	for k, s := range p {
+		v.Set(k, s)
+	}
+	return v.Encode()
 }
 
 // fzCheckFilter checks an accepted listing filter against the contract.

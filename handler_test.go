@@ -1,8 +1,10 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,7 +12,9 @@ import (
 	"go/parser"
 	"go/token"
 	"io"
+	"math"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -65,7 +69,7 @@ func TestHandleCreateProduct_validation(t *testing.T) {
 		{name: "all fields", over: map[string]any{"description": "blue ink", "category": "office", "currency": "EUR", "stock": 5}, wantStatus: 201},
 
 		{name: "sku missing", over: map[string]any{"sku": omit}, wantStatus: 422, wantErrors: []string{"sku"}},
-		{name: "sku null", over: map[string]any{"sku": nil}, wantStatus: 422, wantErrors: []string{"sku"}},
+		{name: "sku null", over: map[string]any{"sku": nil}, wantStatus: 400, wantErrors: []string{"sku"}},
 		{name: "sku empty", over: map[string]any{"sku": ""}, wantStatus: 422, wantErrors: []string{"sku"}},
 		{name: "sku 64 chars", over: map[string]any{"sku": strings.Repeat("s", 64)}, wantStatus: 201},
 		{name: "sku 65 chars", over: map[string]any{"sku": strings.Repeat("s", 65)}, wantStatus: 422, wantErrors: []string{"sku"}},
@@ -93,13 +97,17 @@ func TestHandleCreateProduct_validation(t *testing.T) {
 		{name: "description multiline", over: map[string]any{"description": "line 1\nline 2\r\n\tindented"}, wantStatus: 201},
 		{name: "description control", over: map[string]any{"description": "a\u0001"}, wantStatus: 422, wantErrors: []string{"description"}},
 		{name: "description empty", over: map[string]any{"description": ""}, wantStatus: 201},
+		{name: "description null", over: map[string]any{"description": nil}, wantStatus: 400, wantErrors: []string{"description"}},
+		{name: "category null", over: map[string]any{"category": nil}, wantStatus: 400, wantErrors: []string{"category"}},
+		{name: "currency null", over: map[string]any{"currency": nil}, wantStatus: 400, wantErrors: []string{"currency"}},
+		{name: "name null", over: map[string]any{"name": nil}, wantStatus: 400, wantErrors: []string{"name"}},
 
 		{name: "category 64 chars", over: map[string]any{"category": strings.Repeat("c", 64)}, wantStatus: 201},
 		{name: "category 65 chars", over: map[string]any{"category": strings.Repeat("c", 65)}, wantStatus: 422, wantErrors: []string{"category"}},
 		{name: "category tab", over: map[string]any{"category": "a\tb"}, wantStatus: 422, wantErrors: []string{"category"}},
 
 		{name: "price missing", over: map[string]any{"price_cents": omit}, wantStatus: 422, wantErrors: []string{"price_cents"}},
-		{name: "price null", over: map[string]any{"price_cents": nil}, wantStatus: 422, wantErrors: []string{"price_cents"}},
+		{name: "price null", over: map[string]any{"price_cents": nil}, wantStatus: 400, wantErrors: []string{"price_cents"}},
 		{name: "price zero", over: map[string]any{"price_cents": 0}, wantStatus: 201},
 		{name: "price max", over: map[string]any{"price_cents": int64(1e12)}, wantStatus: 201},
 		{name: "price above max", over: map[string]any{"price_cents": int64(1e12) + 1}, wantStatus: 422, wantErrors: []string{"price_cents"}},
@@ -123,6 +131,7 @@ func TestHandleCreateProduct_validation(t *testing.T) {
 		{name: "stock above max", over: map[string]any{"stock": int64(1e12) + 1}, wantStatus: 422, wantErrors: []string{"stock"}},
 		{name: "stock negative", over: map[string]any{"stock": -1}, wantStatus: 422, wantErrors: []string{"stock"}},
 		{name: "stock fraction", over: map[string]any{"stock": raw("2.5")}, wantStatus: 400, wantErrors: []string{"stock"}},
+		{name: "stock null", over: map[string]any{"stock": nil}, wantStatus: 400, wantErrors: []string{"stock"}},
 
 		{name: "every required field missing", over: map[string]any{"sku": omit, "name": omit, "price_cents": omit}, wantStatus: 422, wantErrors: []string{"name", "price_cents", "sku"}},
 		{name: "several rules broken", over: map[string]any{"name": "", "currency": "usd", "stock": -1}, wantStatus: 422, wantErrors: []string{"currency", "name", "stock"}},
@@ -476,6 +485,12 @@ func TestHandleReplaceProduct(t *testing.T) {
 	checkProblem(t, r, http.StatusUnprocessableEntity, "validation", []string{"name", "price_cents"})
 	r = ts.write(t, http.MethodPut, path, `{"name":"x","price_cents":5}`)
 	checkProblem(t, r, http.StatusUnprocessableEntity, "validation", []string{"sku"})
+	// null is a wrong type in a PUT body, for every field: leaving a field
+	// out is how to ask for its default.
+	for _, field := range []string{"description", "category", "currency", "stock"} {
+		body := `{"sku":"PUT-1b","name":"new name","price_cents":250,"` + field + `":null}`
+		checkProblem(t, ts.write(t, http.MethodPut, path, body), http.StatusBadRequest, "bad-request", []string{field})
+	}
 	if diff := cmp.Diff(before, ts.getProduct(t, p.ID)); diff != "" {
 		t.Errorf("invalid PUT changed the product (-want +got):\n%s", diff)
 	}
@@ -582,7 +597,7 @@ func TestHandleSetStock(t *testing.T) {
 		{name: "above max", body: `{"stock":1000000000001}`, wantStatus: 422, wantErrors: []string{"stock"}},
 		{name: "negative", body: `{"stock":-1}`, wantStatus: 422, wantErrors: []string{"stock"}},
 		{name: "missing", body: `{}`, wantStatus: 422, wantErrors: []string{"stock"}},
-		{name: "null", body: `{"stock":null}`, wantStatus: 422, wantErrors: []string{"stock"}},
+		{name: "null", body: `{"stock":null}`, wantStatus: 400, wantErrors: []string{"stock"}},
 		{name: "string", body: `{"stock":"7"}`, wantStatus: 400, wantErrors: []string{"stock"}},
 		{name: "fraction", body: `{"stock":1.5}`, wantStatus: 400, wantErrors: []string{"stock"}},
 		{name: "unknown field", body: `{"stock":1,"delta":1}`, wantStatus: 400, wantErrors: []string{"delta"}},
@@ -636,6 +651,7 @@ func TestHandleAdjustStock(t *testing.T) {
 		{name: "zero", body: `{"delta":0}`, wantStatus: 422, wantSlug: "validation", wantErrors: []string{"delta"}},
 		{name: "out of range", body: `{"delta":-1000000000001}`, wantStatus: 422, wantSlug: "validation", wantErrors: []string{"delta"}},
 		{name: "missing", body: `{}`, wantStatus: 422, wantSlug: "validation", wantErrors: []string{"delta"}},
+		{name: "null", body: `{"delta":null}`, wantStatus: 400, wantSlug: "bad-request", wantErrors: []string{"delta"}},
 		{name: "string", body: `{"delta":"1"}`, wantStatus: 400, wantSlug: "bad-request", wantErrors: []string{"delta"}},
 		{name: "out of int64 range", body: `{"delta":-9223372036854775809}`, wantStatus: 400, wantSlug: "bad-request", wantErrors: []string{"delta"}},
 		{name: "duplicate key", body: `{"delta":1,"delta":2}`, wantStatus: 400, wantSlug: "bad-request", wantErrors: []string{"delta"}},
@@ -1136,7 +1152,15 @@ func TestParseListQuery_invalid(t *testing.T) {
 		{"limit=1&limit=2", []string{"limit"}},
 		{"cursor=garbage", []string{"cursor"}},
 		{"cursor=%21%21%21", []string{"cursor"}},
-		{"cursor=" + nameCursor, []string{"cursor"}},
+		{"cursor=" + nameCursor + "&cursor=" + nameCursor, []string{"cursor"}},
+		{"limit=2&sort=name&cursor=" + nameCursor, []string{"cursor"}},
+		{"limit=1&cursor=" + nameCursor, []string{"cursor"}},
+		{"limit=1&sort=name&category=drinks&cursor=" + nameCursor, []string{"cursor"}},
+		{"limit=0&sort=name&cursor=" + nameCursor, []string{"limit"}},
+		{"cursor=" + base64.RawURLEncoding.EncodeToString([]byte(`{"q":{"limit":"1","sort":"name","colour":"red"},"k":"a","i":1}`)), []string{"cursor"}},
+		{"cursor=" + base64.RawURLEncoding.EncodeToString([]byte(`{"q":{"limit":"1000","sort":"id"},"i":1}`)), []string{"cursor"}},
+		{"cursor=" + base64.RawURLEncoding.EncodeToString([]byte(`{"q":{"limit":"1","sort":"name"},"k":7,"i":1}`)), []string{"cursor"}},
+		{"cursor=" + base64.RawURLEncoding.EncodeToString([]byte(`{"s":"id","i":1}`)), []string{"cursor"}},
 		{"sort=price_cents&cursor=" + nameCursor, []string{"cursor"}},
 		{"sort=-name&cursor=" + nameCursor, []string{"cursor"}},
 		{"category=" + strings.Repeat("c", 65), []string{"category"}},
@@ -1173,6 +1197,90 @@ func TestParseListQuery_invalid(t *testing.T) {
 			checkProblem(t, r, http.StatusBadRequest, "bad-request", tt.wantErrors)
 		})
 	}
+}
+
+// TestHandleListProducts_cursorCarriesQuery checks that a next_cursor sent
+// alone continues the query it came from, that the same query sent with it
+// is the same request, and that any other query with it is a 400 naming
+// the cursor, never a silent change of query.
+func TestHandleListProducts_cursorCarriesQuery(t *testing.T) {
+	ts := newTestServer(t, nil)
+	seedCatalog(t, ts)
+	const query = "limit=1&category=drinks&sort=-price_cents&in_stock=true"
+	want := []string{"cafe", "apple"} // drinks in stock, dearest first (beer has none)
+
+	var walked []string
+	first, r := ts.list(t, query)
+	if r.status != http.StatusOK || first.NextCursor == nil {
+		t.Fatalf("GET /products?%s = %v, want 200 with a next_cursor", query, r)
+	}
+	walked = append(walked, skus(first.Items)...)
+	cur := url.QueryEscape(*first.NextCursor)
+	for next := first.NextCursor; next != nil; {
+		if len(walked) > 10 {
+			t.Fatal("more than 10 pages of 1 for 2 products")
+		}
+		lb, r := ts.list(t, "cursor="+url.QueryEscape(*next))
+		if r.status != http.StatusOK {
+			t.Fatalf("GET /products?cursor=… alone = %v, want 200", r)
+		}
+		if len(lb.Items) > 1 {
+			t.Errorf("a cursor from limit=1 sent alone gave %d items, want at most 1", len(lb.Items))
+		}
+		walked = append(walked, skus(lb.Items)...)
+		next = lb.NextCursor
+	}
+	if diff := cmp.Diff(want, walked); diff != "" {
+		t.Errorf("pages walked with the cursor alone (-want +got):\n%s", diff)
+	}
+
+	alone, _ := ts.list(t, "cursor="+cur)
+	for _, same := range []string{
+		query + "&cursor=" + cur,
+		"cursor=" + cur + "&in_stock=true&sort=-price_cents&category=drinks&limit=1",
+	} {
+		lb, r := ts.list(t, same)
+		if r.status != http.StatusOK {
+			t.Errorf("GET /products?%s (its own query repeated) = %v, want 200", same, r)
+			continue
+		}
+		if diff := cmp.Diff(alone, lb); diff != "" {
+			t.Errorf("GET /products?%s differs from the cursor alone (-alone +got):\n%s", same, diff)
+		}
+	}
+	for _, other := range []string{
+		"limit=2&category=drinks&sort=-price_cents&in_stock=true",     // limit
+		"limit=1&category=bakery&sort=-price_cents&in_stock=true",     // filter
+		"limit=1&category=drinks&sort=price_cents&in_stock=true",      // sort
+		"limit=1&category=drinks&sort=-price_cents",                   // a filter left out
+		"limit=1&category=drinks&sort=-price_cents&in_stock=true&q=x", // a filter added
+		"category=drinks",
+	} {
+		_, r := ts.list(t, other+"&cursor="+cur)
+		checkProblem(t, r, http.StatusBadRequest, "bad-request", []string{"cursor"})
+	}
+}
+
+// TestCursor_longest builds the longest cursor the service can make and
+// checks that it is within maxCursorLen and decodes.
+func TestCursor_longest(t *testing.T) {
+	category := strings.Repeat("\u2028", maxCategoryLen) // 6 bytes each in JSON
+	q := strings.Repeat("\U0001D400", maxQueryLen)       // a 4-byte letter
+	name := strings.Repeat("\u2028", maxNameLen)         // the sort key
+	raw := url.Values{"limit": {"100"}, "category": {category}, "q": {q}, "sort": {"-name"},
+		"min_price_cents": {"1000000000000"}, "max_price_cents": {"1000000000000"}, "in_stock": {"false"}}
+	f, err := parseListQuery(raw.Encode())
+	if err != nil {
+		t.Fatalf("parseListQuery(longest query): %v", err)
+	}
+	enc := cursorAfter(f, Product{ID: math.MaxInt64, Name: name}).encode()
+	if len(enc) > maxCursorLen {
+		t.Fatalf("longest cursor is %d bytes, over maxCursorLen %d", len(enc), maxCursorLen)
+	}
+	if _, _, err := decodeCursor(enc); err != nil {
+		t.Errorf("decodeCursor(longest cursor, %d bytes): %v", len(enc), err)
+	}
+	t.Logf("longest cursor: %d bytes", len(enc))
 }
 
 func TestHandleListProducts_concurrentInserts(t *testing.T) {
@@ -1995,6 +2103,41 @@ func TestWriteProblem_matchesEncodingJSON(t *testing.T) {
 			}
 			if cl := w.Header().Get("Content-Length"); cl != strconv.Itoa(want.Len()) {
 				t.Errorf("Content-Length = %s, want %d", cl, want.Len())
+			}
+		})
+	}
+}
+
+// TestServer_rejectedByNetHTTP pins down what the README says of requests
+// net/http refuses before any handler runs: Go's own plain-text 400, without
+// X-Request-ID or a problem document. No hook in net/http lets the service
+// answer these itself.
+func TestServer_rejectedByNetHTTP(t *testing.T) {
+	ts := newTestServer(t, nil)
+	srv := httptest.NewServer(ts.handler)
+	t.Cleanup(srv.Close)
+	for name, raw := range map[string]string{
+		"control character in a header value": "GET /health HTTP/1.1\r\nHost: x\r\nX-Note: a\x01b\r\n\r\n",
+		"malformed request line":              "GET /health\r\nHost: x\r\n\r\n",
+		"HTTP/1.1 without Host":               "GET /health HTTP/1.1\r\n\r\n",
+	} {
+		t.Run(name, func(t *testing.T) {
+			conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			if _, err := io.WriteString(conn, raw); err != nil {
+				t.Fatal(err)
+			}
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			if err != nil {
+				t.Fatalf("reading the response to %q: %v", raw, err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusBadRequest || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/plain") || resp.Header.Get("X-Request-ID") != "" {
+				t.Errorf("%q: status %d, Content-Type %q, X-Request-ID %q; the README says net/http answers 400 text/plain without a request id",
+					raw, resp.StatusCode, resp.Header.Get("Content-Type"), resp.Header.Get("X-Request-ID"))
 			}
 		})
 	}

@@ -124,7 +124,8 @@ func appendString(b []byte, s string) []byte {
 // decodeStrict decodes the JSON object in body into v, which must be a
 // pointer to a struct or to a map of raw messages. It rejects what
 // encoding/json would let through silently — invalid UTF-8, duplicate keys,
-// unknown fields, trailing data — with a *BadRequestError naming the field.
+// unknown fields, trailing data and, for a struct, null members — with a
+// *BadRequestError naming the field.
 func decodeStrict(body []byte, v any) error {
 	if !utf8.Valid(body) {
 		return &BadRequestError{Detail: "the body is not valid UTF-8"}
@@ -199,8 +200,16 @@ func checkTopLevelKeys(body []byte, known map[string]bool) error {
 			return badParam(key, "is not a known field")
 		}
 		keys = append(keys, key)
-		i = skipSpace(body, end) + 1 // past ':'
-		i = skipSpace(body, valueEnd(body, skipSpace(body, i)))
+		i = skipSpace(body, skipSpace(body, end)+1) // past ':'
+		// POST, PUT and stock bodies type every field plainly (a string, an
+		// integer): null is a wrong type there, not "the default", which is
+		// what leaving the field out means. encoding/json would read it as
+		// the zero value. Only a merge patch (known == nil) gives null a
+		// meaning.
+		if known != nil && bytes.HasPrefix(body[i:], []byte("null")) {
+			return badParam(key, "must not be null; leave the field out instead")
+		}
+		i = skipSpace(body, valueEnd(body, i))
 		if body[i] == '}' {
 			break
 		}

@@ -26,6 +26,8 @@ func TestDecodeStrict_ProductInput(t *testing.T) {
 		{name: "invalid UTF-8", body: "{\"sku\":\"A-1\",\"name\":\"p\xffn\",\"price_cents\":1}", wantErr: true},
 		{name: "array", body: `[1]`, wantErr: true},
 		{name: "empty", body: ``, wantErr: true},
+		{name: "null member", body: `{"sku":"A-1","name":"pen","price_cents":1,"stock":null}`, wantErr: true, wantField: "stock"},
+		{name: "null member with spaces", body: `{"sku":"A-1","name":"pen","price_cents":1,"currency" :  null }`, wantErr: true, wantField: "currency"},
 		{name: "NaN", body: `{"sku":"A-1","name":"pen","price_cents":NaN}`, wantErr: true},
 	}
 	for _, tt := range tests {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/base64"
 	"encoding/json"
+	"maps"
 	"net/url"
 	"strconv"
 	"strings"
@@ -29,14 +30,46 @@ const (
 // parseListQuery reads the query string of GET /products. Unknown, repeated
 // or invalid parameters are a *BadRequestError naming each of them: a typo
 // such as "categry" must not silently return the unfiltered catalog.
+//
+// A cursor carries the normalised query it was made for. Sent alone it
+// continues exactly that query; sent with other parameters, they must make
+// the same query (the same filters, sort and limit, in any order and
+// spelling that normalises alike), else the cursor is refused: a cursor
+// never silently changes the query.
 func parseListQuery(rawQuery string) (ListFilter, error) {
-	f := ListFilter{Limit: defaultLimit, Sort: "id"}
 	values, err := url.ParseQuery(rawQuery)
 	if err != nil {
-		return f, &BadRequestError{Detail: "the query string is malformed"}
+		return ListFilter{Limit: defaultLimit, Sort: "id"}, &BadRequestError{Detail: "the query string is malformed"}
 	}
 	problems := make(map[string]string)
-	var rawCursor string
+	rawCursors := values["cursor"]
+	delete(values, "cursor")
+	f := parseListValues(values, problems)
+	switch {
+	case len(rawCursors) > 1:
+		problems["cursor"] = "must be given at most once"
+	case len(rawCursors) == 1 && rawCursors[0] != "":
+		c, cf, err := decodeCursor(rawCursors[0])
+		switch {
+		case err != nil:
+			problems["cursor"] = err.Error()
+		case len(values) > 0 && len(problems) == 0 && !maps.Equal(f.params(), cf.params()):
+			problems["cursor"] = "was made for another query; send it alone, or with the same filters, sort and limit"
+		default:
+			f = cf
+			f.After = &c
+		}
+	}
+	if len(problems) > 0 {
+		return f, &BadRequestError{Detail: "invalid query parameters", Problems: problems}
+	}
+	return f, nil
+}
+
+// parseListValues reads every listing parameter but the cursor, recording
+// what is wrong with each in problems.
+func parseListValues(values url.Values, problems map[string]string) ListFilter {
+	f := ListFilter{Limit: defaultLimit, Sort: "id"}
 	for name, vals := range values {
 		if len(vals) > 1 {
 			problems[name] = "must be given at most once"
@@ -55,8 +88,6 @@ func parseListQuery(rawQuery string) (ListFilter, error) {
 				continue
 			}
 			f.Limit = n
-		case "cursor":
-			rawCursor = v
 		case "category":
 			if msg := validText(v, 0, maxCategoryLen, false); msg != "" {
 				problems[name] = msg
@@ -102,18 +133,32 @@ func parseListQuery(rawQuery string) (ListFilter, error) {
 	if f.MinPriceCents != nil && f.MaxPriceCents != nil && *f.MinPriceCents > *f.MaxPriceCents {
 		problems["min_price_cents"] = "must not exceed max_price_cents"
 	}
-	if rawCursor != "" && problems["sort"] == "" {
-		c, err := decodeCursor(rawCursor, f.sortParam())
-		if err != nil {
-			problems["cursor"] = err.Error()
-		} else {
-			f.After = &c
-		}
+	return f
+}
+
+// params is f as normalised query parameters (no cursor): what a cursor
+// carries, and what two queries are compared by. Every parameter that
+// parseListValues reads from it gives back f.
+func (f ListFilter) params() map[string]string {
+	p := map[string]string{"limit": strconv.Itoa(f.Limit), "sort": f.sortParam()}
+	if f.Category != nil {
+		p["category"] = *f.Category
 	}
-	if len(problems) > 0 {
-		return f, &BadRequestError{Detail: "invalid query parameters", Problems: problems}
+	if len(f.Terms) > 0 {
+		// The words: a cursor is client input, and its q is split into
+		// words again like any other.
+		p["q"] = strings.Join(f.Terms, " ")
 	}
-	return f, nil
+	if f.MinPriceCents != nil {
+		p["min_price_cents"] = strconv.FormatInt(*f.MinPriceCents, 10)
+	}
+	if f.MaxPriceCents != nil {
+		p["max_price_cents"] = strconv.FormatInt(*f.MaxPriceCents, 10)
+	}
+	if f.InStock != nil {
+		p["in_stock"] = strconv.FormatBool(*f.InStock)
+	}
+	return p
 }
 
 // sortParam is the sort as the client wrote it, e.g. "-price_cents".
@@ -142,22 +187,23 @@ func searchTerms(q string) ([]string, string) {
 }
 
 // cursor is a keyset position: the sort key and id of the last product of
-// the previous page. It is opaque to clients (base64url of a small JSON
-// object) and bound to the sort it was made for.
+// the previous page, with the normalised query the page answered. It is
+// opaque to clients (base64url of a small JSON object).
 type cursor struct {
-	Sort string // sort parameter, e.g. "-price_cents"
-	Key  any    // int64 or string; nil when sorting by id
-	ID   int64
+	Params map[string]string // the query, as ListFilter.params
+	Sort   string            // sort parameter, e.g. "-price_cents"
+	Key    any               // int64 or string; nil when sorting by id
+	ID     int64
 }
 
 type cursorJSON struct {
-	S string          `json:"s"`
-	K json.RawMessage `json:"k,omitempty"`
-	I int64           `json:"i"`
+	Q map[string]string `json:"q"`
+	K json.RawMessage   `json:"k,omitempty"`
+	I int64             `json:"i"`
 }
 
 func cursorAfter(f ListFilter, p Product) cursor {
-	c := cursor{Sort: f.sortParam(), ID: p.ID}
+	c := cursor{Params: f.params(), Sort: f.sortParam(), ID: p.ID}
 	switch f.Sort {
 	case "name":
 		c.Key = p.Name
@@ -169,63 +215,80 @@ func cursorAfter(f ListFilter, p Product) cursor {
 	return c
 }
 
+// encode writes c without HTML escaping ("<" stays one byte), which keeps
+// the longest cursor within maxCursorLen.
 func (c cursor) encode() string {
-	cj := cursorJSON{S: c.Sort, I: c.ID}
+	cj := cursorJSON{Q: c.Params, I: c.ID}
+	var b bytes.Buffer
+	enc := json.NewEncoder(&b)
+	enc.SetEscapeHTML(false)
 	if c.Key != nil {
-		cj.K, _ = json.Marshal(c.Key)
+		enc.Encode(c.Key)
+		cj.K = bytes.TrimSpace(b.Bytes())
+		b = bytes.Buffer{}
+		enc = json.NewEncoder(&b)
+		enc.SetEscapeHTML(false)
 	}
-	b, _ := json.Marshal(cj)
-	return base64.RawURLEncoding.EncodeToString(b)
+	enc.Encode(cj) // maps of strings, a raw value, an int: cannot fail
+	return base64.RawURLEncoding.EncodeToString(bytes.TrimSpace(b.Bytes()))
 }
 
-// maxCursorLen bounds the cursors decodeCursor reads.
-const maxCursorLen = 2048
+// maxCursorLen bounds the cursors decodeCursor reads. The longest cursor
+// the service makes carries a 200-rune name key and the longest query (a
+// 64-rune category, 200 runes of q, both prices, in_stock): about 3,300
+// bytes when every character is one JSON escapes to 6 bytes (U+2028) or a
+// 4-byte letter. TestCursor_longest builds it.
+const maxCursorLen = 4096
 
 type cursorError string
 
 func (e cursorError) Error() string { return string(e) }
 
-// decodeCursor parses s and checks it was made for sort.
-func decodeCursor(s, sort string) (cursor, error) {
+// decodeCursor parses s and returns it with the filter of the query it was
+// made for. The query is checked as strictly as one in a URL: a cursor is
+// client input.
+func decodeCursor(s string) (cursor, ListFilter, error) {
 	const bad = cursorError("is not a valid cursor")
-	// The longest cursor the service makes is after a 200-rune name of
-	// characters that JSON escapes to 6 bytes ("<", U+2028): about 1,700
-	// bytes of base64. 1024 refused the service's own cursors.
 	if len(s) > maxCursorLen {
-		return cursor{}, bad
+		return cursor{}, ListFilter{}, bad
 	}
 	raw, err := base64.RawURLEncoding.DecodeString(s)
 	if err != nil {
-		return cursor{}, bad
+		return cursor{}, ListFilter{}, bad
 	}
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
 	var cj cursorJSON
-	if err := dec.Decode(&cj); err != nil || dec.More() || cj.I < 0 {
-		return cursor{}, bad
+	if err := dec.Decode(&cj); err != nil || dec.More() || cj.I < 0 || cj.Q == nil {
+		return cursor{}, ListFilter{}, bad
 	}
-	if cj.S != sort {
-		return cursor{}, cursorError("was made for another sort; start again without a cursor")
+	values := make(url.Values, len(cj.Q))
+	for k, v := range cj.Q {
+		values[k] = []string{v}
 	}
-	c := cursor{Sort: cj.S, ID: cj.I}
-	key, _ := strings.CutPrefix(sort, "-")
-	switch key {
+	problems := make(map[string]string)
+	f := parseListValues(values, problems)
+	if len(problems) > 0 {
+		return cursor{}, ListFilter{}, bad
+	}
+	c := cursor{Params: f.params(), Sort: f.sortParam(), ID: cj.I}
+	switch f.Sort {
 	case "id":
 		if cj.K != nil {
-			return cursor{}, bad
+			return cursor{}, ListFilter{}, bad
 		}
 	case "name":
 		var v string
 		if err := json.Unmarshal(cj.K, &v); err != nil {
-			return cursor{}, bad
+			return cursor{}, ListFilter{}, bad
 		}
 		c.Key = v
 	case "price_cents", "created_at":
 		var v int64
 		if err := json.Unmarshal(cj.K, &v); err != nil {
-			return cursor{}, bad
+			return cursor{}, ListFilter{}, bad
 		}
 		c.Key = v
 	}
-	return c, nil
+	return c, f, nil
 }

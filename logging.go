@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"sync"
@@ -85,4 +86,44 @@ func (h flushHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
 
 func (h flushHandler) WithGroup(name string) slog.Handler {
 	return flushHandler{h.Handler.WithGroup(name), h.lw}
+}
+
+// limitedLogEvery is how often at most a limitedLog passes a line on.
+const limitedLogEvery = time.Minute
+
+// limitedLog passes a library's own log lines (go-redis, OpenTelemetry) on
+// to slog, at WARN, so every line the process writes is JSON. A failing
+// dependency makes such libraries log on every attempt, so at most one line
+// per limitedLogEvery is passed on, with the number suppressed since the
+// last one.
+type limitedLog struct {
+	log   *slog.Logger
+	msg   string
+	every time.Duration
+	now   func() time.Time
+
+	mu         sync.Mutex
+	last       time.Time
+	suppressed int
+}
+
+func newLimitedLog(log *slog.Logger, msg string) *limitedLog {
+	return &limitedLog{log: log, msg: msg, every: limitedLogEvery, now: time.Now}
+}
+
+// Printf logs one line, unless one was logged less than every ago. It is
+// the signature go-redis's logger interface asks for.
+func (l *limitedLog) Printf(ctx context.Context, format string, v ...any) {
+	l.mu.Lock()
+	now := l.now()
+	if !l.last.IsZero() && now.Sub(l.last) < l.every {
+		l.suppressed++
+		l.mu.Unlock()
+		return
+	}
+	suppressed := l.suppressed
+	l.last, l.suppressed = now, 0
+	l.mu.Unlock()
+	l.log.LogAttrs(ctx, slog.LevelWarn, l.msg,
+		slog.String("detail", fmt.Sprintf(format, v...)), slog.Int("suppressed", suppressed))
 }

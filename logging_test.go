@@ -1,10 +1,13 @@
 package main
 
 import (
+	"fmt"
 	"log/slog"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/google/go-cmp/cmp"
 )
 
 // TestFlushHandler_byLevel: INFO lines wait in the buffer; a WARN line is
@@ -22,5 +25,29 @@ func TestFlushHandler_byLevel(t *testing.T) {
 	got := out.String()
 	if !strings.Contains(got, `"msg":"request"`) || !strings.Contains(got, `"msg":"unavailable"`) {
 		t.Errorf("after a WARN line the output holds %q, want both lines", got)
+	}
+}
+
+func TestLimitedLog_Printf(t *testing.T) {
+	var out syncBuffer
+	l := newLimitedLog(slog.New(slog.NewJSONHandler(&out, nil)), "redis client")
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	l.now = func() time.Time { return now }
+	for i := range 5 {
+		l.Printf(t.Context(), "failed to dial %d", i)
+	}
+	now = now.Add(limitedLogEvery)
+	l.Printf(t.Context(), "failed to dial %d", 5)
+
+	var got []string
+	for _, line := range out.logLines() {
+		got = append(got, fmt.Sprintf("%v %v %v suppressed=%v", line["level"], line["msg"], line["detail"], line["suppressed"]))
+	}
+	want := []string{
+		"WARN redis client failed to dial 0 suppressed=0",
+		"WARN redis client failed to dial 5 suppressed=4",
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("limitedLog lines (-want +got):\n%s", diff)
 	}
 }

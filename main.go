@@ -78,6 +78,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		logh = traceLogHandler{logh}
 	}
 	log := slog.New(logh)
+	if tr.enabled {
+		routeOTelErrors(log)
+	}
 	log.Info("starting", append([]any{"version", buildVersion(), "tracing", tr.enabled}, cfg.logAttrs()...)...)
 	if len(cfg.APITokens) == 0 {
 		var b [24]byte
@@ -106,6 +109,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 
 	var c cache
 	if cfg.RedisURL != "" {
+		routeRedisLogs(log)
 		rc, err := newRedisCache(cfg.RedisURL, cfg.RedisTimeout, cfg.CacheTTL)
 		if err != nil {
 			return &configError{msg: "invalid REDIS_URL: " + err.Error()}
@@ -117,10 +121,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	m := newMetrics(reg)
 	switch st := store.(type) {
 	case *sqliteStore:
-		m.dbPools(st.Stats)
+		m.dbPools(sqlPoolCollector(st.read, "sqlite_read"), sqlPoolCollector(st.write, "sqlite_write"))
 		m.writeGroups(st.GroupStats)
 	case *postgresStore:
-		m.pgPool(st.Stat)
+		m.dbPools(pgPoolCollector{st.Stat})
 	}
 	localSize := cfg.LocalCacheSize
 	if cfg.CacheMemory == 0 {

@@ -2,15 +2,18 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -186,29 +189,42 @@ func TestRun(t *testing.T) {
 	}
 }
 
+// TestRun_invalidConfig checks that every setting fails alike: a
+// *configError (exit status 2), one line naming the setting, and nothing
+// opened or created.
 func TestRun_invalidConfig(t *testing.T) {
 	tests := []struct {
 		name     string
 		env      map[string]string
 		args     []string
 		wantName string // what the error must name
+		wantText string // and, when set, what else it must say
 	}{
+		{name: "ADDR not host:port", env: map[string]string{"ADDR": "nonsense"}, wantName: "ADDR"},
+		{name: "ADDR port out of range", env: map[string]string{"ADDR": "127.0.0.1:70000"}, wantName: "ADDR"},
+		{name: "ADDR port not a number", env: map[string]string{"ADDR": "localhost:http"}, wantName: "ADDR"},
+		{name: "DB_PATH empty flag", args: []string{"-db="}, wantName: "-db"},
 		{name: "DB_TIMEOUT not a duration", env: map[string]string{"DB_TIMEOUT": "abc"}, wantName: "DB_TIMEOUT"},
 		{name: "DB_TIMEOUT too small", env: map[string]string{"DB_TIMEOUT": "0s"}, wantName: "DB_TIMEOUT"},
-		{name: "DB_SYNC", env: map[string]string{"DB_SYNC": "off"}, wantName: "DB_SYNC"},
-		{name: "LOG_LEVEL", env: map[string]string{"LOG_LEVEL": "loud"}, wantName: "LOG_LEVEL"},
+		{name: "DB_SYNC", env: map[string]string{"DB_SYNC": "off"}, wantName: "DB_SYNC", wantText: "full, normal"},
+		{name: "LOG_LEVEL", env: map[string]string{"LOG_LEVEL": "verbose"}, wantName: "LOG_LEVEL", wantText: "debug, info, warn, error"},
+		{name: "LOG_LEVEL offset", env: map[string]string{"LOG_LEVEL": "INFO+2"}, wantName: "LOG_LEVEL"},
 		{name: "LOCAL_CACHE_SIZE", env: map[string]string{"LOCAL_CACHE_SIZE": "-1"}, wantName: "LOCAL_CACHE_SIZE"},
 		{name: "CACHE_MEMORY", env: map[string]string{"CACHE_MEMORY": "lots"}, wantName: "CACHE_MEMORY"},
 		{name: "CACHE_MEMORY negative", env: map[string]string{"CACHE_MEMORY": "-1MiB"}, wantName: "CACHE_MEMORY"},
-		{name: "REDIS_URL", env: map[string]string{"REDIS_URL": "http://localhost:6379"}, wantName: "REDIS_URL"},
+		{name: "REDIS_URL scheme", env: map[string]string{"REDIS_URL": "http://localhost:6379"}, wantName: "REDIS_URL"},
+		{name: "REDIS_URL database", env: map[string]string{"REDIS_URL": "redis://:secret@localhost:6379/x"}, wantName: "REDIS_URL", wantText: "xxxxx"},
 		{name: "REDIS_TIMEOUT", env: map[string]string{"REDIS_TIMEOUT": "fast"}, wantName: "REDIS_TIMEOUT"},
 		{name: "CACHE_TTL", env: map[string]string{"CACHE_TTL": "1ms"}, wantName: "CACHE_TTL"},
-		{name: "ADMIN_ADDR not loopback", env: map[string]string{"ADMIN_ADDR": "0.0.0.0:6060"}, wantName: "ADMIN_ADDR"},
-		{name: "METRICS_ADDR", env: map[string]string{"METRICS_ADDR": "nonsense"}, wantName: "METRICS_ADDR"},
 		{name: "API_TOKEN only commas", env: map[string]string{"API_TOKEN": " , ,"}, wantName: "API_TOKEN"},
-		{name: "RATE_LIMIT_RPS", env: map[string]string{"RATE_LIMIT_RPS": "-1"}, wantName: "RATE_LIMIT_RPS"},
-		{name: "MAX_IN_FLIGHT", env: map[string]string{"MAX_IN_FLIGHT": "many"}, wantName: "MAX_IN_FLIGHT"},
+		{name: "SHUTDOWN_DELAY", env: map[string]string{"SHUTDOWN_DELAY": "-1s"}, wantName: "SHUTDOWN_DELAY"},
 		{name: "SHUTDOWN_TIMEOUT", env: map[string]string{"SHUTDOWN_TIMEOUT": "48h"}, wantName: "SHUTDOWN_TIMEOUT"},
+		{name: "METRICS_ADDR", env: map[string]string{"METRICS_ADDR": "nonsense"}, wantName: "METRICS_ADDR"},
+		{name: "ADMIN_ADDR not loopback", env: map[string]string{"ADMIN_ADDR": "0.0.0.0:6060"}, wantName: "ADMIN_ADDR"},
+		{name: "ADMIN_ADDR not host:port", env: map[string]string{"ADMIN_ADDR": "6060"}, wantName: "ADMIN_ADDR"},
+		{name: "RATE_LIMIT_RPS", env: map[string]string{"RATE_LIMIT_RPS": "-1"}, wantName: "RATE_LIMIT_RPS"},
+		{name: "RATE_LIMIT_BURST", env: map[string]string{"RATE_LIMIT_BURST": "lots"}, wantName: "RATE_LIMIT_BURST"},
+		{name: "MAX_IN_FLIGHT", env: map[string]string{"MAX_IN_FLIGHT": "many"}, wantName: "MAX_IN_FLIGHT"},
 		{name: "flag wins and is named", env: map[string]string{"DB_TIMEOUT": "1s"}, args: []string{"-db-timeout=abc"}, wantName: "-db-timeout"},
 		{name: "unknown flag", args: []string{"-no-such-flag"}, wantName: "no-such-flag"},
 		{name: "stray argument", args: []string{"serve"}, wantName: "serve"},
@@ -216,9 +232,22 @@ func TestRun_invalidConfig(t *testing.T) {
 		{name: "DATABASE_URL not a URL", env: map[string]string{"DATABASE_URL": "host=localhost dbname=x"}, wantName: "DATABASE_URL"},
 		{name: "-copy-to not postgres", args: []string{"-copy-to", "sqlite:///x.db"}, wantName: "-copy-to"},
 	}
+
+	// Every setting has a case: a new one cannot be added without its test.
+	covered := make(map[string]bool)
+	for _, tt := range tests {
+		covered[strings.TrimPrefix(tt.wantName, "-")] = true
+	}
+	for _, s := range (&config{}).settings() {
+		if !covered[s.env] && !covered[s.flag] {
+			t.Errorf("setting %s has no invalid-value case", s.env)
+		}
+	}
+
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			dbPath := filepath.Join(t.TempDir(), "products.db")
+			dir := t.TempDir()
+			dbPath := filepath.Join(dir, "products.db")
 			env := map[string]string{"ADDR": "127.0.0.1:0", "DB_PATH": dbPath}
 			for k, v := range tt.env {
 				env[k] = v
@@ -238,14 +267,21 @@ func TestRun_invalidConfig(t *testing.T) {
 			if !errors.As(err, &cerr) {
 				t.Fatalf("run() error = %v (%T), want a *configError", err, err)
 			}
-			if !strings.Contains(err.Error(), tt.wantName) {
-				t.Errorf("run() error = %q, want it to name %s", err, tt.wantName)
+			msg := err.Error()
+			if !strings.Contains(msg, tt.wantName) || !strings.Contains(msg, tt.wantText) {
+				t.Errorf("run() error = %q, want it to name %s and say %q", msg, tt.wantName, tt.wantText)
+			}
+			if strings.Contains(msg, "\n") {
+				t.Errorf("run() error = %q, want one line", msg)
+			}
+			if strings.Contains(msg, "secret") {
+				t.Errorf("run() error = %q shows a password", msg)
 			}
 			if strings.Contains(stdout.String(), `"listening"`) {
 				t.Errorf("run listened despite invalid config; stdout:\n%s", stdout.String())
 			}
-			if _, err := os.Stat(dbPath); !errors.Is(err, os.ErrNotExist) {
-				t.Errorf("database file exists after invalid config (stat error %v), want it never opened", err)
+			if entries, err := os.ReadDir(dir); err != nil || len(entries) > 0 {
+				t.Errorf("after an invalid setting the directory holds %v (error %v), want nothing created", entries, err)
 			}
 		})
 	}
@@ -337,5 +373,123 @@ func TestTracing_closeHasDeadline(t *testing.T) {
 	tr.shutdown = func(ctx context.Context) error { <-ctx.Done(); return ctx.Err() }
 	if err := tr.close(10 * time.Millisecond); !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("close() = %v, want context.DeadlineExceeded", err)
+	}
+}
+
+// TestMain_redisDownLogsOnlyJSON runs the service as a process against a
+// real Redis, kills Redis and brings it back, and checks that everything
+// the process wrote to stdout and stderr is JSON (go-redis's own lines
+// included), and that Redis failing and recovering is logged once each.
+func TestMain_redisDownLogsOnlyJSON(t *testing.T) {
+	r := startRedis(t)
+	var stdout, stderr syncBuffer
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), "PRODUCTSVC_AS_MAIN=1",
+		"ADDR=127.0.0.1:0", "DB_PATH="+filepath.Join(t.TempDir(), "products.db"),
+		"REDIS_URL="+r.URL, "REDIS_TIMEOUT=50ms", "LOCAL_CACHE_SIZE=0", "API_TOKEN=json-token", "LOG_LEVEL=info")
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start the service: %v", err)
+	}
+	exited := make(chan struct{})
+	var waitErr error
+	go func() { waitErr = cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-exited
+		if t.Failed() {
+			t.Logf("stdout:\n%s\nstderr:\n%s", &stdout, &stderr)
+		}
+	})
+
+	var addr string
+	waitFor(t, 30*time.Second, `the "listening" log line`, func() bool {
+		for _, l := range stdout.logLines() {
+			if l["msg"] == "listening" {
+				addr, _ = l["addr"].(string)
+			}
+		}
+		return addr != ""
+	})
+	base := "http://" + addr
+	req, _ := http.NewRequest(http.MethodPost, base+"/products", strings.NewReader(`{"sku":"J-1","name":"pen","price_cents":1}`))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer json-token")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != http.StatusCreated {
+		t.Fatalf("POST /products: %v %v", resp, err)
+	}
+	resp.Body.Close()
+	get := func() {
+		resp, err := http.Get(base + "/products/1")
+		if err != nil {
+			t.Fatalf("GET /products/1: %v", err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("GET /products/1 status = %d, want 200 (Redis is optional)", resp.StatusCode)
+		}
+	}
+	countMsg := func(prefix string) int {
+		n := 0
+		for _, l := range stdout.logLines() {
+			if msg, _ := l["msg"].(string); strings.HasPrefix(msg, prefix) && l["breaker"] == "redis" {
+				n++
+			}
+		}
+		return n
+	}
+
+	r.Kill()
+	waitFor(t, 30*time.Second, "the redis breaker opening", func() bool {
+		get()
+		return countMsg("circuit breaker opened") > 0
+	})
+	for range 20 {
+		get() // more failures while down: no more WARN lines about it
+	}
+	r.Restart()
+	waitFor(t, 30*time.Second, "the redis breaker closing", func() bool {
+		get()
+		return countMsg("circuit breaker closed") > 0
+	})
+
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatalf("SIGTERM: %v", err)
+	}
+	select {
+	case <-exited:
+		if waitErr != nil {
+			t.Errorf("service exited with %v, want status 0", waitErr)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("service did not exit within 30s of SIGTERM")
+	}
+
+	for name, out := range map[string]string{"stdout": stdout.String(), "stderr": stderr.String()} {
+		for line := range strings.Lines(out) {
+			var m map[string]any
+			if err := json.Unmarshal([]byte(line), &m); err != nil {
+				t.Errorf("%s line is not JSON: %q", name, line)
+			}
+		}
+	}
+	var levels []string
+	for _, l := range stdout.logLines() {
+		if l["breaker"] == "redis" {
+			levels = append(levels, fmt.Sprint(l["level"], " ", l["msg"]))
+		}
+	}
+	want := []string{"WARN circuit breaker opened: Redis is failing", "INFO circuit breaker closed: Redis is back"}
+	if !slices.Equal(levels, want) {
+		t.Errorf("redis breaker log lines at INFO and above = %q, want %q", levels, want)
+	}
+	routed := false
+	for _, l := range stdout.logLines() {
+		routed = routed || l["msg"] == "redis client"
+	}
+	if !routed {
+		t.Logf("go-redis logged nothing while Redis was down (fine: nothing reached stderr either)")
 	}
 }

@@ -130,10 +130,11 @@ func (m *metrics) breakerTransition(name string, from, to gobreaker.State) {
 	m.breakerChanges.WithLabelValues(name, from.String(), to.String()).Inc()
 }
 
-// productsTotal exposes the store's maintained product count.
-func (m *metrics) productsTotal(count func() int64) {
+// productsStored exposes the store's maintained product count. It is a
+// gauge, so its name has no _total (Prometheus keeps that for counters).
+func (m *metrics) productsStored(count func() int64) {
 	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-		Name: "products_total",
+		Name: "products_stored",
 		Help: "Products in the catalog (a maintained count, not a query).",
 	}, func() float64 { return float64(count()) }))
 }
@@ -153,9 +154,17 @@ func (m *metrics) cacheBytes(local, pages func() int64) {
 	)
 }
 
-// dbPools exposes the SQLite connection pools' statistics at scrape time.
-func (m *metrics) dbPools(stats func() (read, write sql.DBStats)) {
-	m.reg.MustRegister(&dbStatsCollector{stats: stats})
+// dbPools registers the collectors of the store's connection pools: for a
+// database/sql pool, sqlPoolCollector. Any prometheus.Collector will do, so
+// an engine with its own pool type (pgxpool) brings its own.
+func (m *metrics) dbPools(cs ...prometheus.Collector) {
+	m.reg.MustRegister(cs...)
+}
+
+// sqlPoolCollector is client_golang's maintained database/sql collector:
+// the go_sql_* series, labelled db_name=name.
+func sqlPoolCollector(db *sql.DB, name string) prometheus.Collector {
+	return collectors.NewDBStatsCollector(db, name)
 }
 
 // writeGroups exposes the group commit: transactions committed and the
@@ -173,37 +182,6 @@ func (m *metrics) writeGroups(stats func() (groups, writes int64)) {
 	)
 }
 
-type dbStatsCollector struct {
-	stats func() (read, write sql.DBStats)
-}
-
-var (
-	dbOpenDesc  = prometheus.NewDesc("db_open_connections", "Open SQLite connections by pool.", []string{"pool"}, nil)
-	dbInUseDesc = prometheus.NewDesc("db_in_use_connections", "SQLite connections in use by pool.", []string{"pool"}, nil)
-	dbIdleDesc  = prometheus.NewDesc("db_idle_connections", "Idle SQLite connections by pool.", []string{"pool"}, nil)
-	dbMaxDesc   = prometheus.NewDesc("db_max_open_connections", "Maximum SQLite connections by pool.", []string{"pool"}, nil)
-	dbWaitDesc  = prometheus.NewDesc("db_wait_count", "Total times a caller waited for a SQLite connection, by pool.", []string{"pool"}, nil)
-	dbWaitDur   = prometheus.NewDesc("db_wait_duration_seconds", "Total time callers waited for a SQLite connection, by pool.", []string{"pool"}, nil)
-)
-
-func (c *dbStatsCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{dbOpenDesc, dbInUseDesc, dbIdleDesc, dbMaxDesc, dbWaitDesc, dbWaitDur} {
-		ch <- d
-	}
-}
-
-func (c *dbStatsCollector) Collect(ch chan<- prometheus.Metric) {
-	read, write := c.stats()
-	for pool, s := range map[string]sql.DBStats{"read": read, "write": write} {
-		ch <- prometheus.MustNewConstMetric(dbOpenDesc, prometheus.GaugeValue, float64(s.OpenConnections), pool)
-		ch <- prometheus.MustNewConstMetric(dbInUseDesc, prometheus.GaugeValue, float64(s.InUse), pool)
-		ch <- prometheus.MustNewConstMetric(dbIdleDesc, prometheus.GaugeValue, float64(s.Idle), pool)
-		ch <- prometheus.MustNewConstMetric(dbMaxDesc, prometheus.GaugeValue, float64(s.MaxOpenConnections), pool)
-		ch <- prometheus.MustNewConstMetric(dbWaitDesc, prometheus.CounterValue, float64(s.WaitCount), pool)
-		ch <- prometheus.MustNewConstMetric(dbWaitDur, prometheus.CounterValue, s.WaitDuration.Seconds(), pool)
-	}
-}
-
 // observe records one finished request.
 func (m *metrics) observe(method, route string, status int, elapsed time.Duration) {
 	switch method {
@@ -215,11 +193,8 @@ func (m *metrics) observe(method, route string, status int, elapsed time.Duratio
 	m.duration.WithLabelValues(method, route).Observe(elapsed.Seconds())
 }
 
-// pgPool exposes the PostgreSQL connection pool's statistics at scrape time.
-func (m *metrics) pgPool(stat func() *pgxpool.Stat) {
-	m.reg.MustRegister(pgPoolCollector{stat})
-}
-
+// pgPoolCollector exposes the PostgreSQL connection pool's statistics at
+// scrape time.
 type pgPoolCollector struct{ stat func() *pgxpool.Stat }
 
 var (

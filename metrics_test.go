@@ -10,6 +10,8 @@ import (
 	"maps"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -48,7 +50,7 @@ func mtNewServer(tb testing.TB) *mtServer {
 		}
 	})
 	m := newMetrics(prometheus.NewRegistry())
-	m.dbPools(store.Stats)
+	m.dbPools(sqlPoolCollector(store.read, "sqlite_read"), sqlPoolCollector(store.write, "sqlite_write"))
 	svc := NewProductService(store, ServiceConfig{Metrics: m, LocalCacheSize: 1000})
 	life := &lifecycle{}
 	life.started.Store(true)
@@ -203,12 +205,14 @@ func TestMetrics_Scripted(t *testing.T) {
 	mtDiff(t, "cache_requests_total", mtSeries(fams, "cache_requests_total"), map[string]float64{
 		`result="hit"`: 0, `result="miss"`: 0, `result="error"`: 0, `result="skipped"`: 0,
 	})
-	mtDiff(t, "products_total", mtSeries(fams, "products_total"), map[string]float64{"": 2})
+	mtDiff(t, "products_stored", mtSeries(fams, "products_stored"), map[string]float64{"": 2})
 	if got, ok := mtSeries(fams, "circuit_breaker_state")[`name="database_read"`]; !ok || got != 0 {
 		t.Errorf(`circuit_breaker_state{name="database_read"} = %v (present %v), want 0`, got, ok)
 	}
-	if _, ok := mtSeries(fams, "db_open_connections")[`pool="read"`]; !ok {
-		t.Errorf(`db_open_connections{pool="read"} missing; families: %v`, slices.Sorted(maps.Keys(fams)))
+	for _, pool := range []string{"sqlite_read", "sqlite_write"} {
+		if _, ok := mtSeries(fams, "go_sql_open_connections")[`db_name="`+pool+`"`]; !ok {
+			t.Errorf(`go_sql_open_connections{db_name=%q} missing; families: %v`, pool, slices.Sorted(maps.Keys(fams)))
+		}
 	}
 	for _, name := range []string{"go_goroutines", "process_resident_memory_bytes", "http_requests_in_flight"} {
 		if fams[name] == nil {
@@ -295,5 +299,50 @@ func TestMetrics_BoundedLabels(t *testing.T) {
 	if req2-req1 > 2 || dur2-dur1 > 1 {
 		t.Errorf("weird methods: http_requests_total series %d -> %d (want at most +2), duration series %d -> %d (want at most +1); series: %v",
 			req1, req2, dur1, dur2, slices.Sorted(maps.Keys(reqs)))
+	}
+}
+
+// TestMetrics_promtool runs Prometheus's own linter, `promtool check
+// metrics`, on a scrape taken after a scripted set of requests, so every
+// series family has samples. It runs when PROMTOOL names the binary (CI sets
+// it); a finding or a non-zero exit fails it.
+func TestMetrics_promtool(t *testing.T) {
+	promtool := os.Getenv("PROMTOOL")
+	if promtool == "" {
+		t.Skip("PROMTOOL is not set")
+	}
+	s := mtNewServer(t)
+	script := []struct {
+		method, target, body string
+		want                 int
+	}{
+		{"POST", "/products", `{"sku":"PT-1","name":"pen","price_cents":100,"stock":2}`, 201},
+		{"POST", "/products", `{"sku":"PT-1","name":"pen","price_cents":100}`, 409},
+		{"GET", "/products/1", "", 200},
+		{"GET", "/products/99", "", 404},
+		{"GET", "/products?limit=1&sort=-name", "", 200},
+		{"GET", "/products?limit=0", "", 400},
+		{"PATCH", "/products/1", `{"stock":5}`, 200},
+		{"POST", "/products/1/stock/adjustments", `{"delta":-1}`, 200},
+		{"PUT", "/products/1/stock", `{"stock":1}`, 200},
+		{"DELETE", "/products/1", "", 204},
+		{"GET", "/ready", "", 200},
+		{"GET", "/nowhere", "", 404},
+		{"BREW", "/products", "", 405},
+	}
+	for _, r := range script {
+		if rec := s.do(t, r.method, r.target, r.body); rec.Code != r.want {
+			t.Fatalf("%s %s status = %d, want %d; body: %s", r.method, r.target, rec.Code, r.want, rec.Body)
+		}
+	}
+	rec := s.do(t, http.MethodGet, "/metrics", "")
+	if rec.Code != http.StatusOK {
+		t.Fatalf("GET /metrics status = %d, want 200", rec.Code)
+	}
+	cmd := exec.CommandContext(t.Context(), promtool, "check", "metrics")
+	cmd.Stdin = bytes.NewReader(rec.Body.Bytes())
+	out, err := cmd.CombinedOutput()
+	if err != nil || len(bytes.TrimSpace(out)) > 0 {
+		t.Errorf("promtool check metrics: %v\n%s", err, out)
 	}
 }

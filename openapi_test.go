@@ -8,12 +8,15 @@ import (
 	"go/parser"
 	"go/token"
 	"io"
+	"log/slog"
 	"maps"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/getkin/kin-openapi/openapi3"
@@ -226,23 +229,36 @@ type oaCase struct {
 	// docMethod is the operation whose responses document this one, for a
 	// 405 to a method the path does not have.
 	docMethod string
+	// docRejects marks a request the server refuses for a rule the document
+	// states in its schemas: validating it against the document must fail
+	// too, so generated clients and testers learn the rule from the document.
+	docRejects bool
+}
+
+// oaUnexercised lists the documented responses no contract request
+// provokes, each with the reason. Anything else declared must be seen.
+var oaUnexercised = map[string]string{
+	"GET /health 500":         "liveness calls nothing that can fail; 500 is declared because the recovery middleware answers a panic on any route with it",
+	"GET /health/live 500":    "as GET /health",
+	"GET /livez 500":          "as GET /health",
+	"GET /health/startup 500": "as GET /health",
+	"GET /openapi.json 500":   "serves an embedded document; 500 only from the recovery middleware",
+	"GET /metrics 500":        "promhttp writes its own errors; 500 only from the recovery middleware",
 }
 
 // TestOpenAPI_Responses sends real requests over loopback through the real
 // handler and validates every response against the document: status,
-// headers and body. Successful requests are validated as requests too.
+// headers and body. Successful requests are validated as requests too. It
+// then provokes the statuses that need a fault (rate limits, load shedding,
+// shutdown, a panicking store), and fails unless every status the document
+// declares for every operation was seen (but for oaUnexercised). An
+// undeclared status fails the validation of its response.
 func TestOpenAPI_Responses(t *testing.T) {
 	s := mtNewServer(t)
 	srv := httptest.NewServer(s.handler)
 	t.Cleanup(srv.Close)
-
-	// Route against the test server: a copy of the document with its servers replaced.
-	doc := oaLoadDoc(t)
-	doc.Servers = openapi3.Servers{{URL: srv.URL}}
-	router, err := gorillamux.NewRouter(doc)
-	if err != nil {
-		t.Fatalf("gorillamux.NewRouter: %v", err)
-	}
+	router := oaRouter(t, srv)
+	seen := make(oaCoverage)
 
 	product := func(sku string) string {
 		return fmt.Sprintf(`{"sku":%q,"name":"pen","description":"blue ink","category":"office","price_cents":150,"currency":"EUR","stock":3}`, sku)
@@ -259,6 +275,14 @@ func TestOpenAPI_Responses(t *testing.T) {
 		{name: "metrics", method: "GET", path: "/metrics", want: 200},
 		{name: "openapi", method: "GET", path: "/openapi.json", want: 200},
 		{name: "health wrong method", method: "DELETE", path: "/health", want: 405, docMethod: "GET"},
+		{name: "health live wrong method", method: "POST", path: "/health/live", want: 405, docMethod: "GET"},
+		{name: "livez wrong method", method: "PUT", path: "/livez", want: 405, docMethod: "GET"},
+		{name: "ready wrong method", method: "POST", path: "/ready", want: 405, docMethod: "GET"},
+		{name: "health ready wrong method", method: "POST", path: "/health/ready", want: 405, docMethod: "GET"},
+		{name: "readyz wrong method", method: "POST", path: "/readyz", want: 405, docMethod: "GET"},
+		{name: "startup wrong method", method: "POST", path: "/health/startup", want: 405, docMethod: "GET"},
+		{name: "metrics wrong method", method: "POST", path: "/metrics", want: 405, docMethod: "GET"},
+		{name: "openapi wrong method", method: "PUT", path: "/openapi.json", want: 405, docMethod: "GET"},
 
 		{name: "create", method: "POST", path: "/products", body: product("OA-1"), want: 201},
 		{name: "create with idempotency key", method: "POST", path: "/products", body: product("OA-2"),
@@ -275,6 +299,8 @@ func TestOpenAPI_Responses(t *testing.T) {
 			header: map[string]string{"Content-Type": "text/plain"}, want: 415},
 		{name: "create malformed JSON", method: "POST", path: "/products", body: `{"sku":`, want: 400},
 		{name: "create unknown field", method: "POST", path: "/products", body: `{"sku":"OA-4","name":"pen","price_cents":1,"colour":"red"}`, want: 400},
+		{name: "create null stock", method: "POST", path: "/products", body: `{"sku":"OA-5","name":"pen","price_cents":1,"stock":null}`, want: 400, docRejects: true},
+		{name: "create null description", method: "POST", path: "/products", body: `{"sku":"OA-5","name":"pen","price_cents":1,"description":null}`, want: 400, docRejects: true},
 		{name: "create invalid fields", method: "POST", path: "/products", body: `{"sku":"bad sku","name":" ","price_cents":-1}`, want: 422},
 		{name: "create too large", method: "POST", path: "/products", body: big, want: 413},
 		{name: "products wrong method", method: "PUT", path: "/products", body: product("OA-4"), want: 405, docMethod: "GET"},
@@ -283,11 +309,15 @@ func TestOpenAPI_Responses(t *testing.T) {
 		{name: "list filtered", method: "GET", path: "/products?sort=-name&category=office&in_stock=true&min_price_cents=0&max_price_cents=1000&q=blue", want: 200},
 		{name: "list bad limit", method: "GET", path: "/products?limit=0", want: 400},
 		{name: "list unknown parameter", method: "GET", path: "/products?categry=x", want: 400},
+		{name: "list q without a word", method: "GET", path: "/products?q=%21%21", want: 400, docRejects: true},
+		{name: "list bad sort", method: "GET", path: "/products?sort=stock", want: 400, docRejects: true},
 
 		{name: "get", method: "GET", path: "/products/1", want: 200},
 		{name: "get not modified", method: "GET", path: "/products/1", header: map[string]string{"If-None-Match": `"1"`}, want: 304},
 		{name: "get bad id", method: "GET", path: "/products/abc", want: 400},
 		{name: "get missing", method: "GET", path: "/products/999", want: 404},
+		{name: "get id zero", method: "GET", path: "/products/0", want: 400, docRejects: true},
+		{name: "get id beyond int64", method: "GET", path: "/products/9223372036854775808", want: 400, docRejects: true},
 		{name: "product wrong method", method: "POST", path: "/products/1", body: `{}`, want: 405, docMethod: "GET"},
 
 		{name: "replace", method: "PUT", path: "/products/1", body: strings.Replace(product("OA-1"), "150", "175", 1), header: map[string]string{"If-Match": `"1"`}, want: 200},
@@ -297,29 +327,50 @@ func TestOpenAPI_Responses(t *testing.T) {
 		{name: "replace invalid", method: "PUT", path: "/products/1", body: `{"sku":"OA-1","name":"pen","price_cents":1,"currency":"eur"}`, want: 422},
 		{name: "replace without token", method: "PUT", path: "/products/1", body: product("OA-1"), noAuth: true, want: 401},
 		{name: "replace too large", method: "PUT", path: "/products/1", body: big, want: 413},
+		{name: "replace text/plain", method: "PUT", path: "/products/1", body: product("OA-1"), header: map[string]string{"Content-Type": "text/plain"}, want: 415},
+		{name: "replace bad id", method: "PUT", path: "/products/-1", body: product("OA-1"), want: 400, docRejects: true},
+		{name: "replace null category", method: "PUT", path: "/products/1", body: `{"sku":"OA-1","name":"pen","price_cents":1,"category":null}`, want: 400, docRejects: true},
 
 		{name: "patch", method: "PATCH", path: "/products/1", body: `{"description":null,"stock":7}`,
 			header: map[string]string{"Content-Type": "application/merge-patch+json"}, want: 200},
 		{name: "patch stale", method: "PATCH", path: "/products/1", body: `{"stock":8}`, header: map[string]string{"If-Match": `"2"`}, want: 412},
-		{name: "patch null name", method: "PATCH", path: "/products/1", body: `{"name":null}`, want: 422},
+		{name: "patch null name", method: "PATCH", path: "/products/1", body: `{"name":null}`, want: 422, docRejects: true},
+		{name: "patch null price", method: "PATCH", path: "/products/1", body: `{"price_cents":null}`, want: 422, docRejects: true},
 		{name: "patch wrong type", method: "PATCH", path: "/products/1", body: `{"price_cents":"1"}`, want: 400},
 		{name: "patch text/plain", method: "PATCH", path: "/products/1", body: `{"stock":1}`, header: map[string]string{"Content-Type": "text/plain"}, want: 415},
 		{name: "patch taken sku", method: "PATCH", path: "/products/1", body: `{"sku":"OA-2"}`, want: 409},
+		{name: "patch without token", method: "PATCH", path: "/products/1", body: `{"stock":1}`, noAuth: true, want: 401},
+		{name: "patch missing", method: "PATCH", path: "/products/999", body: `{"stock":1}`, want: 404},
+		{name: "patch too large", method: "PATCH", path: "/products/1", body: big, want: 413},
 
 		{name: "set stock", method: "PUT", path: "/products/1/stock", body: `{"stock":5}`, want: 200},
 		{name: "set stock negative", method: "PUT", path: "/products/1/stock", body: `{"stock":-1}`, want: 422},
 		{name: "set stock missing", method: "PUT", path: "/products/999/stock", body: `{"stock":1}`, want: 404},
 		{name: "set stock bad id", method: "PUT", path: "/products/0/stock", body: `{"stock":1}`, want: 400},
+		{name: "set stock if-match", method: "PUT", path: "/products/1/stock", body: `{"stock":6}`, header: map[string]string{"If-Match": `"4"`}, want: 200},
+		{name: "set stock stale", method: "PUT", path: "/products/1/stock", body: `{"stock":7}`, header: map[string]string{"If-Match": `"4"`}, want: 412},
+		{name: "set stock malformed if-match", method: "PUT", path: "/products/1/stock", body: `{"stock":7}`, header: map[string]string{"If-Match": `4`}, want: 400, docRejects: true},
+		{name: "set stock null", method: "PUT", path: "/products/1/stock", body: `{"stock":null}`, want: 400, docRejects: true},
 		{name: "set stock wrong content type", method: "PUT", path: "/products/1/stock", body: `{"stock":1}`, header: map[string]string{"Content-Type": "application/xml"}, want: 415},
 		{name: "stock wrong method", method: "GET", path: "/products/1/stock", want: 405, docMethod: "PUT"},
+		{name: "set stock without token", method: "PUT", path: "/products/1/stock", body: `{"stock":1}`, noAuth: true, want: 401},
+		{name: "set stock too large", method: "PUT", path: "/products/1/stock", body: `{"stock":1` + strings.Repeat(" ", maxBodyBytes) + `}`, want: 413},
 
 		{name: "adjust", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":-2}`, header: map[string]string{"Idempotency-Key": "adj-1"}, want: 200},
 		{name: "adjust replayed", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":-2}`, header: map[string]string{"Idempotency-Key": "adj-1"}, want: 200},
 		{name: "adjust below zero", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":-100}`, want: 409},
-		{name: "adjust zero", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":0}`, want: 422},
+		{name: "adjust zero", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":0}`, want: 422, docRejects: true},
+		{name: "adjust out of range", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":1000000000001}`, want: 422, docRejects: true},
+		{name: "adjust null", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":null}`, want: 400, docRejects: true},
+		{name: "adjust stale", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":1}`, header: map[string]string{"If-Match": `"1"`}, want: 412},
+		{name: "adjust malformed if-match", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":1}`, header: map[string]string{"If-Match": `"1`}, want: 400, docRejects: true},
+		{name: "adjust malformed idempotency key", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":1}`, header: map[string]string{"Idempotency-Key": strings.Repeat("k", 256)}, want: 400, docRejects: true},
 		{name: "adjust missing", method: "POST", path: "/products/999/stock/adjustments", body: `{"delta":1}`, want: 404},
 		{name: "adjust trailing data", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":1} {}`, want: 400},
 		{name: "adjust without token", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":1}`, noAuth: true, want: 401},
+		{name: "adjust too large", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":1` + strings.Repeat(" ", maxBodyBytes) + `}`, want: 413},
+		{name: "adjust text/plain", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":1}`, header: map[string]string{"Content-Type": "text/plain"}, want: 415},
+		{name: "adjust wrong method", method: "GET", path: "/products/1/stock/adjustments", want: 405, docMethod: "POST"},
 
 		{name: "delete stale", method: "DELETE", path: "/products/2", header: map[string]string{"If-Match": `"9"`}, want: 412},
 		{name: "delete", method: "DELETE", path: "/products/2", header: map[string]string{"If-Match": `"1"`}, want: 204},
@@ -328,22 +379,219 @@ func TestOpenAPI_Responses(t *testing.T) {
 		{name: "delete without token", method: "DELETE", path: "/products/1", noAuth: true, want: 401},
 	}
 
-	seen := make(map[int]bool)
 	for _, tc := range cases {
 		// Sequential and in order: later cases depend on earlier writes.
-		oaRun(t, srv, router, tc)
-		seen[tc.want] = true
+		oaRun(t, srv, router, seen, tc)
 	}
-	for _, code := range []int{200, 201, 204, 304, 400, 401, 404, 405, 409, 412, 413, 415, 422} {
-		if !seen[code] {
-			t.Errorf("no case answers %d", code)
+
+	oaFaultResponses(t, seen)
+
+	// Every declared response of every operation was seen.
+	doc := oaLoadDoc(t)
+	requests := 0
+	for _, route := range oaDocRoutes(doc) {
+		method, path, _ := strings.Cut(route, " ")
+		op := doc.Paths.Find(path).GetOperation(method)
+		for code := range op.Responses.Map() {
+			status, err := strconv.Atoi(code)
+			if err != nil {
+				t.Errorf("%s declares response %q: want numeric statuses only", route, code)
+				continue
+			}
+			key := route + " " + code
+			if why, ok := oaUnexercised[key]; ok {
+				if seen[route][status] {
+					t.Errorf("%s is listed in oaUnexercised (%s) but a contract request provokes it: remove it from the list", key, why)
+				}
+				continue
+			}
+			if !seen[route][status] {
+				t.Errorf("%s: no contract request provokes this documented response", key)
+			}
+			requests++
 		}
 	}
+	t.Logf("%d documented (operation, status) pairs seen and validated; %d declared but not provoked (oaUnexercised)", requests, len(oaUnexercised))
+}
+
+// oaFaultResponses provokes the documented responses that need a fault:
+// 429 from the rate limiter, 503 from load shedding and from a shutdown
+// or a start not finished, and 500 from a store that panics.
+func oaFaultResponses(t *testing.T, seen oaCoverage) {
+	product := `{"sku":"F-1","name":"pen","price_cents":1}`
+	// Every operation the rate limiter and load shedding guard, with a
+	// request that would otherwise succeed or fail in the handler.
+	guarded := func(want int) []oaCase {
+		return []oaCase{
+			{name: "openapi", method: "GET", path: "/openapi.json", want: want},
+			{name: "list", method: "GET", path: "/products", want: want},
+			{name: "create", method: "POST", path: "/products", body: product, want: want},
+			{name: "get", method: "GET", path: "/products/1", want: want},
+			{name: "replace", method: "PUT", path: "/products/1", body: product, want: want},
+			{name: "patch", method: "PATCH", path: "/products/1", body: `{"stock":1}`, want: want},
+			{name: "delete", method: "DELETE", path: "/products/1", want: want},
+			{name: "set stock", method: "PUT", path: "/products/1/stock", body: `{"stock":1}`, want: want},
+			{name: "adjust", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":1}`, want: want},
+		}
+	}
+	run := func(srv *httptest.Server, prefix string, cases []oaCase) {
+		router := oaRouter(t, srv)
+		for _, tc := range cases {
+			tc.name = prefix + ": " + tc.name
+			oaRun(t, srv, router, seen, tc)
+		}
+	}
+
+	// 429: a bucket of one request, refilled once in 1000 s. The first
+	// read (by address) and the first write (by token) take it.
+	srv, _ := oaNewServer(t, nil, func(d *serverDeps) { d.limiter = newRateLimiter(0.001, 1, d.tokens) })
+	run(srv, "rate limited", append([]oaCase{
+		{name: "first read", method: "GET", path: "/health/startup", want: 200}, // probes are never limited
+		{name: "first read", method: "GET", path: "/openapi.json", want: 200},
+		{name: "first write", method: "POST", path: "/products", body: `{"sku":"F-0","name":"pen","price_cents":1}`, want: 201},
+	}, guarded(429)...))
+
+	// 503: one request in flight of MAX_IN_FLIGHT=1, held inside the store.
+	var gate *oaGateStore
+	srv, _ = oaNewServer(t, func(st *sqliteStore) productStore {
+		gate = &oaGateStore{sqliteStore: st, entered: make(chan struct{}), release: make(chan struct{})}
+		return gate
+	}, func(d *serverDeps) { d.maxFlight = 1 })
+	held := make(chan error, 1)
+	go func() {
+		resp, err := srv.Client().Get(srv.URL + "/products/1")
+		if err == nil {
+			resp.Body.Close()
+		}
+		held <- err
+	}()
+	<-gate.entered
+	run(srv, "shedding", append(guarded(503),
+		oaCase{name: "ready is never shed", method: "GET", path: "/ready", want: 200}))
+	close(gate.release)
+	if err := <-held; err != nil {
+		t.Errorf("the held request: %v", err)
+	}
+
+	// 503 from the lifecycle: shutting down, and not started.
+	srv, _ = oaNewServer(t, nil, func(d *serverDeps) { d.life = &lifecycle{}; d.life.shuttingDown.Store(true) })
+	run(srv, "shutting down", []oaCase{
+		{name: "ready", method: "GET", path: "/ready", want: 503},
+		{name: "health ready", method: "GET", path: "/health/ready", want: 503},
+		{name: "readyz", method: "GET", path: "/readyz", want: 503},
+		{name: "startup", method: "GET", path: "/health/startup", want: 503},
+	})
+
+	// 500: a store that panics, as a bug would. The recovery middleware
+	// answers; validation of the bodies comes first, so they are valid.
+	srv, _ = oaNewServer(t, func(st *sqliteStore) productStore { return oaPanicStore{st} }, nil)
+	var panics []oaCase
+	for _, tc := range guarded(500)[1:] {
+		panics = append(panics, tc)
+	}
+	panics = append(panics,
+		oaCase{name: "ready", method: "GET", path: "/ready", want: 500},
+		oaCase{name: "health ready", method: "GET", path: "/health/ready", want: 500},
+		oaCase{name: "readyz", method: "GET", path: "/readyz", want: 500})
+	run(srv, "panicking store", panics)
+}
+
+// oaNewServer starts the service's handler over a new SQLite database,
+// the store wrapped by wrap when it is not nil, with deps changed by
+// configure. The in-process cache is off, so reads reach the store.
+func oaNewServer(tb testing.TB, wrap func(*sqliteStore) productStore, configure func(*serverDeps)) (*httptest.Server, *sqliteStore) {
+	tb.Helper()
+	st, err := openSQLite(tb.Context(), StoreConfig{Path: filepath.Join(tb.TempDir(), "products.db")})
+	if err != nil {
+		tb.Fatalf("OpenStore: %v", err)
+	}
+	tb.Cleanup(func() { st.Close() })
+	var ps productStore = st
+	if wrap != nil {
+		ps = wrap(st)
+	}
+	m := newMetrics(nil)
+	life := &lifecycle{}
+	life.started.Store(true)
+	d := serverDeps{
+		svc:          NewProductService(ps, ServiceConfig{Metrics: m}),
+		log:          slog.New(slog.DiscardHandler),
+		metrics:      m,
+		tokens:       newTokenSet([]string{mtToken}),
+		life:         life,
+		serveMetrics: true,
+	}
+	if configure != nil {
+		configure(&d)
+	}
+	srv := httptest.NewServer(newServer(d))
+	tb.Cleanup(srv.Close)
+	return srv, st
+}
+
+// oaGateStore holds its first Get until release is closed, so a request
+// stays in flight.
+type oaGateStore struct {
+	*sqliteStore
+	once             sync.Once
+	entered, release chan struct{}
+}
+
+func (g *oaGateStore) Get(ctx context.Context, id int64) (Product, error) {
+	g.once.Do(func() {
+		close(g.entered)
+		<-g.release
+	})
+	return g.sqliteStore.Get(ctx, id)
+}
+
+// oaPanicStore panics in every operation a request can reach.
+type oaPanicStore struct{ *sqliteStore }
+
+func (oaPanicStore) Get(context.Context, int64) (Product, error)    { panic("test: store bug") }
+func (oaPanicStore) List(context.Context, ListFilter) (Page, error) { panic("test: store bug") }
+func (oaPanicStore) Ping(context.Context) error                     { panic("test: store bug") }
+func (oaPanicStore) Create(context.Context, Product, *IdempotencyKey) (Product, error) {
+	panic("test: store bug")
+}
+func (oaPanicStore) Update(context.Context, int64, func(*Product) error) (Product, error) {
+	panic("test: store bug")
+}
+func (oaPanicStore) AdjustStock(context.Context, int64, int64, func(int64) error, *IdempotencyKey) (Product, error) {
+	panic("test: store bug")
+}
+func (oaPanicStore) Delete(context.Context, int64, func(Product) error) (Product, error) {
+	panic("test: store bug")
+}
+
+// oaCoverage records the documented responses the contract tests saw:
+// "GET /products/{id}" → status → seen.
+type oaCoverage map[string]map[int]bool
+
+func (c oaCoverage) add(route string, status int) {
+	if c[route] == nil {
+		c[route] = make(map[int]bool)
+	}
+	c[route][status] = true
+}
+
+// oaRouter routes requests to srv against a copy of the document whose
+// servers are replaced by srv.
+func oaRouter(tb testing.TB, srv *httptest.Server) routers.Router {
+	tb.Helper()
+	doc := oaLoadDoc(tb)
+	doc.Servers = openapi3.Servers{{URL: srv.URL}}
+	router, err := gorillamux.NewRouter(doc)
+	if err != nil {
+		tb.Fatalf("gorillamux.NewRouter: %v", err)
+	}
+	return router
 }
 
 // oaRun sends tc to srv and validates the response with the route router
-// finds for it.
-func oaRun(t *testing.T, srv *httptest.Server, router routers.Router, tc oaCase) {
+// finds for it, recording what it saw in seen. A 405 is validated against,
+// and recorded for, every operation of the path: each documents it.
+func oaRun(t *testing.T, srv *httptest.Server, router routers.Router, seen oaCoverage, tc oaCase) {
 	t.Helper()
 	newReq := func(method string) *http.Request {
 		var body io.Reader
@@ -385,10 +633,27 @@ func oaRun(t *testing.T, srv *httptest.Server, router routers.Router, tc oaCase)
 	if tc.docMethod != "" {
 		routeMethod = tc.docMethod
 	}
-	routeReq := newReq(routeMethod)
-	route, params, err := router.FindRoute(routeReq)
+	route, _, err := router.FindRoute(newReq(routeMethod))
 	if err != nil {
 		t.Errorf("%s: no documented route for %s %s: %v", tc.name, routeMethod, tc.path, err)
+		return
+	}
+	methods := []string{routeMethod}
+	if resp.StatusCode == http.StatusMethodNotAllowed {
+		methods = slices.Sorted(maps.Keys(route.PathItem.Operations()))
+	}
+	for _, method := range methods {
+		oaValidate(t, router, newReq(method), tc, resp, body)
+		seen.add(method+" "+route.Path, resp.StatusCode)
+	}
+}
+
+// oaValidate checks one response against the operation routeReq routes to.
+func oaValidate(t *testing.T, router routers.Router, routeReq *http.Request, tc oaCase, resp *http.Response, body []byte) {
+	t.Helper()
+	route, params, err := router.FindRoute(routeReq)
+	if err != nil {
+		t.Errorf("%s: no documented route for %s %s: %v", tc.name, routeReq.Method, tc.path, err)
 		return
 	}
 	opts := &openapi3filter.Options{
@@ -400,6 +665,12 @@ func oaRun(t *testing.T, srv *httptest.Server, router routers.Router, tc oaCase)
 	if resp.StatusCode < 300 {
 		if err := openapi3filter.ValidateRequest(context.Background(), in); err != nil {
 			t.Errorf("%s: the request %s %s does not match openapi.json: %v", tc.name, tc.method, tc.path, err)
+		}
+	}
+	if tc.docRejects {
+		if err := openapi3filter.ValidateRequest(context.Background(), in); err == nil {
+			t.Errorf("%s: the server answers %d to %s %s, but openapi.json accepts the request: the schema is looser than the server",
+				tc.name, resp.StatusCode, tc.method, tc.path)
 		}
 	}
 	out := &openapi3filter.ResponseValidationInput{
@@ -418,6 +689,75 @@ func oaRun(t *testing.T, srv *httptest.Server, router routers.Router, tc oaCase)
 		if resp.Header.Get("ETag") == "" || resp.Header.Get("X-Request-ID") == "" || len(body) != 0 {
 			t.Errorf("%s: 304 with ETag %q, X-Request-ID %q and %d body bytes; want both headers and no body",
 				tc.name, resp.Header.Get("ETag"), resp.Header.Get("X-Request-ID"), len(body))
+		}
+	}
+}
+
+// TestOpenAPI_declaredStatuses checks, from the code's own tables, that
+// every operation declares each status the shared machinery can give it:
+// the problem types and the error table of handler.go, the middleware every
+// request passes (405, 500; 429 and 503 unless isProbe exempts the path),
+// the token check (401), body reading (400, 413, 415, 422), the {id} path
+// value (400, 404) and conditional headers (If-Match: 400, 412;
+// If-None-Match: 304). 499, written when the client has gone, reaches no
+// one and is not declared.
+func TestOpenAPI_declaredStatuses(t *testing.T) {
+	doc := oaLoadDoc(t)
+	declaredAnywhere := make(map[int]bool)
+	for _, route := range oaDocRoutes(doc) {
+		method, path, _ := strings.Cut(route, " ")
+		item := doc.Paths.Find(path)
+		op := item.GetOperation(method)
+		declared := make(map[int]bool)
+		for code := range op.Responses.Map() {
+			n, _ := strconv.Atoi(code)
+			declared[n] = true
+			declaredAnywhere[n] = true
+		}
+		params := make(map[string]bool)
+		for _, p := range append(slices.Clone(item.Parameters), op.Parameters...) {
+			params[p.Value.In+" "+p.Value.Name] = true
+		}
+		want := []int{http.StatusMethodNotAllowed, http.StatusInternalServerError}
+		if !isProbe(httptest.NewRequest(method, strings.ReplaceAll(path, "{id}", "1"), nil)) {
+			want = append(want, http.StatusTooManyRequests, http.StatusServiceUnavailable)
+		}
+		if op.Security == nil || len(*op.Security) > 0 {
+			want = append(want, http.StatusUnauthorized)
+		}
+		if op.RequestBody != nil {
+			want = append(want, http.StatusBadRequest, http.StatusRequestEntityTooLarge, http.StatusUnsupportedMediaType, http.StatusUnprocessableEntity)
+		}
+		if params["path id"] {
+			want = append(want, http.StatusBadRequest, http.StatusNotFound)
+		}
+		if params["header If-Match"] {
+			want = append(want, http.StatusBadRequest, http.StatusPreconditionFailed)
+		}
+		if params["header If-None-Match"] {
+			want = append(want, http.StatusNotModified)
+		}
+		if params["header Idempotency-Key"] {
+			want = append(want, http.StatusBadRequest, http.StatusUnprocessableEntity)
+		}
+		for _, status := range want {
+			if !declared[status] {
+				t.Errorf("%s can answer %d but openapi.json does not declare it", route, status)
+			}
+		}
+		// And the other way: a header the handler honours is declared.
+		if strings.HasPrefix(path, "/products/{id}") && method != http.MethodGet && !params["header If-Match"] {
+			t.Errorf("%s honours If-Match (writeTarget) but openapi.json does not declare the header", route)
+		}
+	}
+	for status := range problemTypes {
+		if !declaredAnywhere[status] {
+			t.Errorf("problemTypes has %d, which no operation declares", status)
+		}
+	}
+	for _, e := range errorStatus {
+		if !declaredAnywhere[e.status] {
+			t.Errorf("errorStatus maps %v to %d, which no operation declares", e.err, e.status)
 		}
 	}
 }

@@ -226,7 +226,7 @@ func TestRun_copyTo(t *testing.T) {
 			if page.NextCursor == "" {
 				break
 			}
-			c, _ := decodeCursor(page.NextCursor, "id")
+			c, _, _ := decodeCursor(page.NextCursor)
 			f.After = &c
 		}
 		if diff := cmp.Diff(want, got); diff != "" {

@@ -115,7 +115,7 @@ func NewProductService(store productStore, cfg ServiceConfig) *ProductService {
 	s.redisCB = s.newBreaker("redis", redisBreakerFailures, redisTimeout, func(err error) bool {
 		return err == nil || errors.Is(err, errCacheMiss)
 	})
-	s.metrics.productsTotal(store.Count)
+	s.metrics.productsStored(store.Count)
 	s.metrics.cacheBytes(s.local.size, s.pages.size)
 	return s
 }
@@ -128,11 +128,18 @@ func (s *ProductService) newBreaker(name string, failures uint32, timeout time.D
 		Timeout:     timeout,
 		ReadyToTrip: func(c gobreaker.Counts) bool { return c.ConsecutiveFailures >= failures },
 		OnStateChange: func(name string, from, to gobreaker.State) {
-			level := slog.LevelWarn
-			if to == gobreaker.StateClosed {
-				level = slog.LevelInfo
+			// What an operator needs is the dependency failing and
+			// recovering, once each: the breaker opening (WARN) and
+			// closing (INFO). While it stays down the breaker goes
+			// open → half-open → open every timeout; those are DEBUG.
+			level, msg := slog.LevelDebug, "circuit breaker probing"
+			switch {
+			case to == gobreaker.StateClosed:
+				level, msg = slog.LevelInfo, "circuit breaker closed: "+breakerDependency(name)+" is back"
+			case from == gobreaker.StateClosed && to == gobreaker.StateOpen:
+				level, msg = slog.LevelWarn, "circuit breaker opened: "+breakerDependency(name)+" is failing"
 			}
-			s.log.Log(context.Background(), level, "circuit breaker state changed",
+			s.log.Log(context.Background(), level, msg,
 				"breaker", name, "from", from.String(), "to", to.String())
 			s.metrics.breakerTransition(name, from, to)
 		},
@@ -140,6 +147,19 @@ func (s *ProductService) newBreaker(name string, failures uint32, timeout time.D
 		// A client that went away says nothing about the dependency.
 		IsExcluded: func(err error) bool { return errors.Is(err, context.Canceled) },
 	})
+}
+
+// breakerDependency names what a breaker guards, for its log lines.
+func breakerDependency(name string) string {
+	switch name {
+	case "redis":
+		return "Redis"
+	case "database_read":
+		return "database reads"
+	case "database_write":
+		return "database writes"
+	}
+	return name
 }
 
 // isDBSuccess counts everything but a database failure as a success for the
@@ -574,15 +594,16 @@ func (s *ProductService) Ready(ctx context.Context) Readiness {
 		}
 	}
 	if s.redisEnabled {
+		// Through the Redis breaker, so readiness probes alone (no read
+		// traffic) notice Redis failing and recovering, and it is logged.
 		r.Cache = "ok"
-		if s.redisCB.State() == gobreaker.StateOpen {
-			r.Cache = "down"
-		} else {
+		err := guard(s.redisCB, func() error {
 			ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
 			defer cancel()
-			if err := s.cache.Ping(ctx); err != nil {
-				r.Cache = "down"
-			}
+			return s.cache.Ping(ctx)
+		})
+		if err != nil {
+			r.Cache = "down"
 		}
 	}
 	return r

@@ -647,8 +647,15 @@ func newTestRedisCache(tb testing.TB, r *redisServer, timeout time.Duration) *re
 	return c
 }
 
-// TestMain stops the shared PostgreSQL server, if a test started one.
+// TestMain stops the shared PostgreSQL server, if a test started one. With
+// PRODUCTSVC_AS_MAIN=1 the test binary is the service instead (main, its
+// stdout and stderr), so a test can run the real process without building
+// the binary (TestMain_redisDownLogsOnlyJSON).
 func TestMain(m *testing.M) {
+	if os.Getenv("PRODUCTSVC_AS_MAIN") == "1" {
+		main()
+		os.Exit(0)
+	}
 	code := m.Run()
 	if pgServer != nil {
 		pgServer.Stop()

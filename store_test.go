@@ -451,7 +451,7 @@ func TestStore_List_sameOrderOnBoth(t *testing.T) {
 				if page.NextCursor == "" {
 					break
 				}
-				c, err := decodeCursor(page.NextCursor, f.sortParam())
+				c, _, err := decodeCursor(page.NextCursor)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -689,7 +689,7 @@ func TestStore_List_cursorWalkEverySort(t *testing.T) {
 						if page.NextCursor == "" {
 							break
 						}
-						c, err := decodeCursor(page.NextCursor, f.sortParam())
+						c, _, err := decodeCursor(page.NextCursor)
 						if err != nil {
 							t.Fatalf("the store's own cursor %q: %v", page.NextCursor, err)
 						}

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
+	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/sdk/resource"
@@ -120,4 +121,13 @@ func (h traceLogHandler) WithAttrs(as []slog.Attr) slog.Handler {
 
 func (h traceLogHandler) WithGroup(name string) slog.Handler {
 	return traceLogHandler{h.Handler.WithGroup(name)}
+}
+
+// routeOTelErrors sends OpenTelemetry's own errors (a failed export, say) to
+// log, rate-limited, instead of its default plain-text logger on stderr.
+// Like go-redis's logger, OpenTelemetry's error handler is process-wide
+// (otel.SetErrorHandler): there is no per-provider one to set instead.
+func routeOTelErrors(log *slog.Logger) {
+	l := newLimitedLog(log, "opentelemetry")
+	otel.SetErrorHandler(otel.ErrorHandlerFunc(func(err error) { l.Printf(context.Background(), "%v", err) }))
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -12,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"go.opentelemetry.io/otel"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 )
@@ -177,3 +179,14 @@ func (c *mapCache) Forget() {
 
 func (c *mapCache) Ping(context.Context) error { return nil }
 func (c *mapCache) Close() error               { return nil }
+
+func TestRouteOTelErrors(t *testing.T) {
+	var out syncBuffer
+	routeOTelErrors(slog.New(slog.NewJSONHandler(&out, nil)))
+	otel.Handle(errors.New("traces export: connection refused"))
+	otel.Handle(errors.New("traces export: connection refused")) // within the minute: suppressed
+	lines := out.logLines()
+	if len(lines) != 1 || lines[0]["msg"] != "opentelemetry" || lines[0]["level"] != "WARN" {
+		t.Errorf("log after two OpenTelemetry errors:\n%s\nwant one WARN line with msg opentelemetry", &out)
+	}
+}

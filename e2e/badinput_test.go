@@ -269,7 +269,7 @@ func TestBadInputCorpus(t *testing.T) {
 		get("cursor random std base64", "/products?cursor="+url.QueryEscape(base64.StdEncoding.EncodeToString(randomB64)), 400),
 		get("cursor not base64", "/products?cursor=%21%21%21not-base64%21%21", 400),
 		get("cursor of price sort with sort=name", "/products?sort=name&cursor="+curPrice, 400),
-		get("cursor of price sort with default sort", "/products?cursor="+curPrice, 400),
+		get("cursor of price sort with another limit", "/products?limit=3&sort=price_cents&cursor="+curPrice, 400),
 		get("cursor of id sort with sort=-id", "/products?sort=-id&cursor="+curID, 400),
 		get("cursor truncated", "/products?cursor="+curID[:len(curID)/2], 400),
 		// Limits and other parameters.
