@@ -38,6 +38,8 @@ type config struct {
 	RateLimitRPS    float64
 	RateLimitBurst  int
 	MaxInFlight     int
+	EventsRetention time.Duration
+	FeedMaxStreams  int
 
 	Version     bool
 	HealthCheck bool
@@ -101,6 +103,8 @@ func (c *config) settings() []setting {
 		}},
 		{"RATE_LIMIT_BURST", "rate-limit-burst", "0", "burst per client (0: the rate, rounded up)", intSetting(&c.RateLimitBurst, 0, 1_000_000)},
 		{"MAX_IN_FLIGHT", "max-in-flight", strconv.Itoa(256 * runtime.GOMAXPROCS(0)), "concurrent requests served before shedding load with 503 (0: no limit)", intSetting(&c.MaxInFlight, 0, 1_000_000)},
+		{"EVENTS_RETENTION", "events-retention", "168h", "how long change-feed events are kept (older ones are trimmed; a consumer further behind gets 410)", durRange(&c.EventsRetention, time.Minute, 90*24*time.Hour)},
+		{"FEED_MAX_STREAMS", "feed-max-streams", strconv.Itoa(defaultFeedStreams), "change-feed streams (Server-Sent Events) served at once; more get 503", intSetting(&c.FeedMaxStreams, 1, 10_000)},
 	}
 }
 
@@ -115,10 +119,14 @@ func strSetting(dst *string, check func(string) error) func(string) error {
 }
 
 func durSetting(dst *time.Duration, min time.Duration) func(string) error {
+	return durRange(dst, min, 24*time.Hour)
+}
+
+func durRange(dst *time.Duration, min, max time.Duration) func(string) error {
 	return func(s string) error {
 		d, err := time.ParseDuration(s)
-		if err != nil || d < min || d > 24*time.Hour {
-			return fmt.Errorf("must be a duration such as 250ms or 5s, from %s to 24h", min)
+		if err != nil || d < min || d > max {
+			return fmt.Errorf("must be a duration such as 250ms or 5s, from %s to %s", min, strings.TrimSuffix(strings.TrimSuffix(max.String(), "0s"), "0m"))
 		}
 		*dst = d
 		return nil

@@ -52,6 +52,29 @@ type productStore interface {
 	// Delete removes the product and returns it as it was. check, if not
 	// nil, sees it first and may refuse with ErrPrecondition.
 	Delete(ctx context.Context, id int64, check func(Product) error) (Product, error)
+	// Reserve holds r.Lines (r.ID and r.Reference set by the caller) for
+	// ttl, all or nothing, and returns the held reservation and the products
+	// whose reserved units changed. It returns a *ValidationError naming a
+	// line whose product does not exist, or a *ShortageError naming every
+	// short line, and then holds nothing.
+	Reserve(ctx context.Context, r Reservation, ttl time.Duration, idem *IdempotencyKey) (Reservation, []Product, error)
+	// Transition confirms or releases reservation id (to is StateConfirmed
+	// or StateReleased). Repeating a transition changes nothing; the other
+	// one after it is ErrInvalidState; a hold whose time ran out is recorded
+	// expired and returned in that state. It returns the products that
+	// changed, or ErrReservationNotFound.
+	Transition(ctx context.Context, id, to string) (Reservation, []Product, error)
+	Reservation(ctx context.Context, id string) (Reservation, error)
+	ReservationsByReference(ctx context.Context, ref string, limit int) ([]Reservation, error)
+	// ExpireReservations records up to limit held reservations whose time
+	// ran out as expired, and returns how many and the products changed.
+	ExpireReservations(ctx context.Context, limit int) (int, []Product, error)
+	// Events returns up to limit change-feed events after seq after, in
+	// seq order, never skipping one that commits later; a *FeedGoneError
+	// when retention trimmed events after after.
+	Events(ctx context.Context, after int64, limit int) ([]Event, error)
+	// TrimEvents deletes events older than before, in small batches.
+	TrimEvents(ctx context.Context, before time.Time) (int64, error)
 	Ping(ctx context.Context) error
 	// ProbeWrite makes one small real write, to learn whether writes work
 	// again after a failure.
@@ -109,33 +132,44 @@ func redactURL(s string) string {
 	return u.Redacted()
 }
 
-// encodeSnapshot and decodeSnapshot store an idempotency record's product.
-// It is the domain value's own encoding, not an HTTP body: the handler
-// shapes a replayed response the way it shapes the first one.
-func encodeSnapshot(p Product) []byte {
-	b, _ := json.Marshal(p) // a Product always encodes
+// encodeSnapshot stores what a write made with an Idempotency-Key
+// produced (a Product or a Reservation). It is the domain value's own
+// encoding, not an HTTP body: the handler shapes a replayed response the
+// way it shapes the first one.
+func encodeSnapshot(v any) []byte {
+	b, _ := json.Marshal(v) // a Product or a Reservation always encodes
 	return b
 }
 
-func decodeSnapshot(b []byte) (Product, error) {
+// productReplay and reservationReplay read a snapshot back as the replay
+// of a product write or of a reservation.
+func productReplay(b []byte) (*Replay, error) {
 	var p Product
 	if err := json.Unmarshal(b, &p); err != nil {
-		return Product{}, fmt.Errorf("idempotency record: %w", err)
+		return nil, fmt.Errorf("idempotency record: %w", err)
 	}
-	return p, nil
+	return &Replay{Product: p}, nil
+}
+
+func reservationReplay(b []byte) (*Replay, error) {
+	var r Reservation
+	if err := json.Unmarshal(b, &r); err != nil {
+		return nil, fmt.Errorf("idempotency record: %w", err)
+	}
+	return &Replay{Reservation: &r}, nil
 }
 
 // replayOrMismatch turns a live idempotency record for k into the error a
 // retried write returns.
-func replayOrMismatch(k *IdempotencyKey, fingerprint string, snapshot []byte) error {
+func replayOrMismatch(k *IdempotencyKey, fingerprint string, snapshot []byte, decode func([]byte) (*Replay, error)) error {
 	if fingerprint != k.Fingerprint {
 		return ErrIdempotencyMismatch
 	}
-	p, err := decodeSnapshot(snapshot)
+	r, err := decode(snapshot)
 	if err != nil {
 		return err
 	}
-	return &Replay{Product: p}
+	return r
 }
 
 // expireBatch bounds the idempotency records one expiry transaction
@@ -173,7 +207,8 @@ func (e *dbFailure) Unwrap() []error { return []error{ErrUnavailable, e.err} }
 func translateKnown(err error) (error, bool) {
 	if errors.Is(err, ErrUnavailable) || errors.Is(err, ErrNotFound) || errors.Is(err, ErrInvalid) ||
 		errors.Is(err, ErrConflict) || errors.Is(err, ErrInsufficientStock) || errors.Is(err, ErrPrecondition) ||
-		errors.Is(err, ErrIdempotencyMismatch) || errors.Is(err, errUnchanged) {
+		errors.Is(err, ErrIdempotencyMismatch) || errors.Is(err, errUnchanged) || errors.Is(err, ErrReserved) ||
+		errors.Is(err, ErrReservationNotFound) || errors.Is(err, ErrInvalidState) || errors.Is(err, ErrFeedGone) {
 		return err, true
 	}
 	if _, ok := errors.AsType[*Replay](err); ok {
@@ -214,7 +249,8 @@ var errUnchanged = errors.New("unchanged")
 func backedOut(err error) bool {
 	var verr *ValidationError
 	return errors.Is(err, ErrNotFound) || errors.Is(err, ErrConflict) || errors.Is(err, ErrInsufficientStock) ||
-		errors.Is(err, ErrPrecondition) || errors.Is(err, ErrInvalid) || errors.As(err, &verr)
+		errors.Is(err, ErrPrecondition) || errors.Is(err, ErrInvalid) || errors.As(err, &verr) ||
+		errors.Is(err, ErrReserved) || errors.Is(err, ErrReservationNotFound) || errors.Is(err, ErrInvalidState)
 }
 
 // Full-text terms. The service hands the store words (runs of letters and

@@ -21,6 +21,15 @@ var (
 	ErrUnavailable       = errors.New("service unavailable")
 	// ErrIdempotencyMismatch is a reused Idempotency-Key with a different request.
 	ErrIdempotencyMismatch = errors.New("idempotency key reused with a different request")
+	// ErrReserved is a product that cannot be deleted: open holds name it.
+	ErrReserved = errors.New("product has open reservations")
+	// ErrReservationNotFound is an unknown reservation id.
+	ErrReservationNotFound = errors.New("reservation not found")
+	// ErrInvalidState is a transition the reservation's state does not
+	// allow: confirming a released reservation, or releasing a confirmed one.
+	ErrInvalidState = errors.New("reservation is not in a state that allows this")
+	// ErrReservationExpired is a transition of a hold whose time ran out.
+	ErrReservationExpired = errors.New("reservation expired")
 )
 
 // IdempotencyKey identifies a write that a client may retry. Scope keeps one
@@ -36,10 +45,11 @@ type IdempotencyKey struct {
 const idempotencyTTL = 24 * time.Hour
 
 // Replay is the outcome of an earlier request with the same Idempotency-Key:
-// the product that write produced. It is returned as an error: the write was
-// not applied again.
+// the product (or, for POST /reservations, the reservation) that write
+// produced. It is returned as an error: the write was not applied again.
 type Replay struct {
-	Product Product
+	Product     Product
+	Reservation *Reservation
 }
 
 func (r *Replay) Error() string { return "replay of an earlier request with the same idempotency key" }
@@ -65,6 +75,7 @@ type Product struct {
 	PriceCents  int64     `json:"price_cents"`
 	Currency    string    `json:"currency"`
 	Stock       int64     `json:"stock"`
+	Reserved    int64     `json:"reserved"` // units held by open reservations; available = Stock - Reserved
 	Version     int64     `json:"version"`
 	CreatedAt   time.Time `json:"created_at"`
 	UpdatedAt   time.Time `json:"updated_at"`
@@ -362,3 +373,135 @@ type Page struct {
 	Items      []Product
 	NextCursor string
 }
+
+// Reservation states. A hold starts held and ends confirmed (its units leave
+// stock), released (they return) or expired (its time ran out; they return).
+const (
+	StateHeld      = "held"
+	StateConfirmed = "confirmed"
+	StateReleased  = "released"
+	StateExpired   = "expired"
+)
+
+// Limits of a reservation.
+const (
+	maxReservationLines = 100
+	maxReferenceLen     = 128
+	defaultHoldTTL      = 900 // seconds
+	maxHoldTTL          = 86400
+)
+
+// Reservation holds units of products for an order until it is confirmed,
+// released or expires. Its id is opaque.
+type Reservation struct {
+	ID        string            `json:"id"`
+	State     string            `json:"state"`
+	Reference string            `json:"reference"`
+	Lines     []ReservationLine `json:"lines"`
+	CreatedAt time.Time         `json:"created_at"`
+	ExpiresAt time.Time         `json:"expires_at"`
+	UpdatedAt time.Time         `json:"updated_at"`
+}
+
+// ReservationLine is a quantity of one product.
+type ReservationLine struct {
+	ProductID int64 `json:"product_id"`
+	Quantity  int64 `json:"quantity"`
+}
+
+// ReservationInput is the body of POST /reservations. TTLSeconds nil means
+// defaultHoldTTL.
+type ReservationInput struct {
+	Reference  *string           `json:"reference"`
+	Lines      []ReservationLine `json:"lines"`
+	TTLSeconds *int64            `json:"ttl_seconds"`
+}
+
+// Valid reports the problems with in by field name (lines by index).
+func (in ReservationInput) Valid() map[string]string {
+	problems := make(map[string]string)
+	switch {
+	case in.Reference == nil:
+		problems["reference"] = "is required"
+	case utf8.RuneCountInString(*in.Reference) < 1 || utf8.RuneCountInString(*in.Reference) > maxReferenceLen || !utf8.ValidString(*in.Reference):
+		problems["reference"] = fmt.Sprintf("must be 1 to %d characters", maxReferenceLen)
+	case strings.IndexFunc(*in.Reference, func(r rune) bool { return !unicode.IsPrint(r) }) >= 0:
+		problems["reference"] = "must be printable characters"
+	}
+	if len(in.Lines) < 1 || len(in.Lines) > maxReservationLines {
+		problems["lines"] = fmt.Sprintf("must have 1 to %d lines", maxReservationLines)
+	}
+	seen := make(map[int64]int, len(in.Lines))
+	for i, l := range in.Lines {
+		field := fmt.Sprintf("lines[%d]", i)
+		switch {
+		case l.ProductID < 1:
+			problems[field+".product_id"] = "must be a positive integer"
+		case seen[l.ProductID] > 0:
+			problems[field+".product_id"] = fmt.Sprintf("repeats the product of lines[%d]; one line per product", seen[l.ProductID]-1)
+		default:
+			seen[l.ProductID] = i + 1
+		}
+		if l.Quantity < 1 || l.Quantity > maxStock {
+			problems[field+".quantity"] = "must be an integer from 1 to 1000000000000"
+		}
+	}
+	if in.TTLSeconds != nil && (*in.TTLSeconds < 1 || *in.TTLSeconds > maxHoldTTL) {
+		problems["ttl_seconds"] = fmt.Sprintf("must be an integer from 1 to %d", maxHoldTTL)
+	}
+	return problems
+}
+
+// Shortage is a reservation line the stock cannot cover.
+type Shortage struct {
+	Line      int // index in the request
+	ProductID int64
+	Requested int64
+	Available int64
+}
+
+// ShortageError is a reservation refused because lines are short; nothing
+// was held. It unwraps to ErrInsufficientStock.
+type ShortageError struct{ Lines []Shortage }
+
+func (e *ShortageError) Error() string {
+	return fmt.Sprintf("insufficient stock for %d of the lines", len(e.Lines))
+}
+func (e *ShortageError) Unwrap() error { return ErrInsufficientStock }
+
+// Event is one committed write in the change feed. Seq increases in commit
+// order. Product events carry the product id and version (and the product
+// as it became, except after a delete); reservation events the reservation.
+type Event struct {
+	Seq         int64
+	Type        string
+	OccurredAt  time.Time
+	ProductID   int64
+	Version     int64
+	Product     *Product
+	Reservation *Reservation
+}
+
+// Event types.
+const (
+	EventProductCreated       = "product.created"
+	EventProductUpdated       = "product.updated"
+	EventProductDeleted       = "product.deleted"
+	EventStockChanged         = "stock.changed"
+	EventReservationHeld      = "reservation.held"
+	EventReservationConfirmed = "reservation.confirmed"
+	EventReservationReleased  = "reservation.released"
+	EventReservationExpired   = "reservation.expired"
+)
+
+// FeedGoneError is a feed position older than the oldest event kept. It
+// unwraps to ErrFeedGone.
+type FeedGoneError struct{ Oldest int64 }
+
+func (e *FeedGoneError) Error() string {
+	return fmt.Sprintf("events before seq %d are no longer kept; resync and follow from there", e.Oldest)
+}
+func (e *FeedGoneError) Unwrap() error { return ErrFeedGone }
+
+// ErrFeedGone is a change-feed position that retention has trimmed.
+var ErrFeedGone = errors.New("feed position no longer kept")

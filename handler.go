@@ -7,15 +7,18 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"maps"
 	"math"
 	"mime"
 	"net/http"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -43,6 +46,32 @@ var openAPIDocument []byte
 type lifecycle struct {
 	started      atomic.Bool // the database is open and migrated, and the listeners are up
 	shuttingDown atomic.Bool // a shutdown signal arrived
+
+	streamsMu   sync.Mutex
+	streamsDone chan struct{} // closed when long-lived streams must end
+}
+
+// ending returns a channel closed when the process ends its streams.
+func (l *lifecycle) ending() <-chan struct{} {
+	l.streamsMu.Lock()
+	defer l.streamsMu.Unlock()
+	if l.streamsDone == nil {
+		l.streamsDone = make(chan struct{})
+	}
+	return l.streamsDone
+}
+
+// endStreams ends every change-feed stream, so the server can drain: a
+// stream would otherwise hold its connection open past any timeout.
+func (l *lifecycle) endStreams() {
+	l.ending() // makes the channel
+	l.streamsMu.Lock()
+	defer l.streamsMu.Unlock()
+	select {
+	case <-l.streamsDone:
+	default:
+		close(l.streamsDone)
+	}
 }
 
 // serverDeps are newServer's dependencies.
@@ -56,6 +85,7 @@ type serverDeps struct {
 	maxFlight    int
 	serveMetrics bool     // /metrics on this listener
 	tracing      *tracing // nil: no tracing
+	streams      *streamSlots // change-feed streams; nil: defaultFeedStreams
 }
 
 // newServer returns the service's HTTP handler: the routes of addRoutes
@@ -98,6 +128,12 @@ func addRoutes(mux *http.ServeMux, d serverDeps) {
 	mux.Handle("DELETE /products/{id}", auth(handleDeleteProduct(d.svc)))
 	mux.Handle("PUT /products/{id}/stock", auth(handleSetStock(d.svc)))
 	mux.Handle("POST /products/{id}/stock/adjustments", auth(handleAdjustStock(d.svc)))
+	mux.Handle("POST /reservations", auth(handleCreateReservation(d.svc)))
+	mux.Handle("GET /reservations", auth(handleListReservations(d.svc)))
+	mux.Handle("GET /reservations/{id}", auth(handleGetReservation(d.svc)))
+	mux.Handle("POST /reservations/{id}/confirm", auth(handleTransition(d.svc, StateConfirmed)))
+	mux.Handle("POST /reservations/{id}/release", auth(handleTransition(d.svc, StateReleased)))
+	mux.Handle("GET /events", auth(handleEvents(d.svc, d.life, d.streams)))
 }
 
 // handlerFunc is a handler that can fail; errorHandler writes its error.
@@ -590,6 +626,11 @@ var errorStatus = []struct {
 	// A *ValidationError is answered above with its fields; a bare ErrInvalid
 	// is a value the database refused (a CHECK constraint).
 	{ErrInvalid, http.StatusUnprocessableEntity, "validation", "the request is not valid: a value is out of range"},
+	{ErrReserved, http.StatusConflict, "product-reserved", "open reservations hold units of this product; release or confirm them first"},
+	{ErrReservationNotFound, http.StatusNotFound, "reservation-not-found", "no reservation has this id"},
+	{ErrInvalidState, http.StatusConflict, "invalid-state", "the reservation was already confirmed or released the other way; nothing was changed"},
+	{ErrReservationExpired, http.StatusConflict, "reservation-expired", "the hold expired and its units are available again; reserve again"},
+	{ErrFeedGone, http.StatusGone, "feed-gone", ""},
 	{ErrUnavailable, http.StatusServiceUnavailable, "unavailable", ""},
 }
 
@@ -610,7 +651,9 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 		bad  *BadRequestError
 		verr *ValidationError
 		uerr *UnavailableError
-		rerr *rateLimitError
+		rerr  *rateLimitError
+		short *ShortageError
+		gone  *FeedGoneError
 		rp   *Replay
 	)
 	switch {
@@ -629,6 +672,15 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	case errors.As(err, &rerr):
 		status, detail = http.StatusTooManyRequests, rerr.Error()
 		w.Header().Set("Retry-After", retryAfter(rerr.retryAfter))
+	case errors.As(err, &short):
+		status, slug, detail = http.StatusConflict, "insufficient-stock", "some lines are short; nothing was held: see errors"
+		problems = make(map[string]string, len(short.Lines))
+		for _, l := range short.Lines {
+			problems[fmt.Sprintf("lines[%d].quantity", l.Line)] = fmt.Sprintf("%d requested, %d available", l.Requested, l.Available)
+		}
+	case errors.As(err, &gone):
+		status, slug, detail = http.StatusGone, "feed-gone", gone.Error()
+		problems = map[string]string{"after": fmt.Sprintf("older than the oldest event kept, seq %d", gone.Oldest)}
 	default:
 		for _, e := range errorStatus {
 			if errors.Is(err, e.err) {
@@ -738,4 +790,129 @@ func writeProblem(w http.ResponseWriter, r *http.Request, status int, slug, deta
 	w.WriteHeader(status)
 	n, _ := w.Write(b)
 	return n
+}
+
+func handleCreateReservation(svc *ProductService) http.Handler {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		body, err := readBody(w, r, false)
+		if err != nil {
+			return err
+		}
+		idem, err := idempotencyKey(r, body)
+		if err != nil {
+			return err
+		}
+		in, err := decodeReservationInput(body)
+		if err != nil {
+			return err
+		}
+		res, err := svc.Reserve(r.Context(), in, idem)
+		if replay, ok := errors.AsType[*Replay](err); ok && replay.Reservation != nil {
+			res = *replay.Reservation
+			w.Header().Set("Idempotency-Replayed", "true")
+		} else if err != nil {
+			return err
+		}
+		w.Header().Set("Location", "/reservations/"+res.ID)
+		writeJSON(w, http.StatusCreated, appendReservation(nil, &res))
+		return nil
+	})
+}
+
+func handleGetReservation(svc *ProductService) http.Handler {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		id, err := reservationID(r)
+		if err != nil {
+			return err
+		}
+		res, err := svc.Reservation(r.Context(), id)
+		if err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusOK, appendReservation(nil, &res))
+		return nil
+	})
+}
+
+// handleListReservations answers GET /reservations?reference=…: the holds an
+// order service made under its reference, so one that crashed after
+// reserving finds them again.
+func handleListReservations(svc *ProductService) http.Handler {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		values, err := url.ParseQuery(r.URL.RawQuery)
+		if err != nil {
+			return &BadRequestError{Detail: "the query string is malformed"}
+		}
+		problems := map[string]string{}
+		for name, vals := range values {
+			if name != "reference" {
+				problems[name] = "is not a known parameter"
+			} else if len(vals) > 1 {
+				problems[name] = "must be given at most once"
+			}
+		}
+		ref := values.Get("reference")
+		if msg := (ReservationInput{Reference: &ref}).Valid()["reference"]; msg != "" && problems["reference"] == "" {
+			problems["reference"] = msg
+		}
+		if len(problems) > 0 {
+			return &BadRequestError{Detail: "invalid query parameters", Problems: problems}
+		}
+		rs, err := svc.ReservationsByReference(r.Context(), ref)
+		if err != nil {
+			return err
+		}
+		b := append(make([]byte, 0, 256*len(rs)+16), `{"items":[`...)
+		for i := range rs {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b = appendReservation(b, &rs[i])
+		}
+		writeJSON(w, http.StatusOK, append(b, "]}"...))
+		return nil
+	})
+}
+
+// handleTransition confirms or releases a reservation. The same transition
+// again answers 200 with the same body.
+func handleTransition(svc *ProductService, to string) http.Handler {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		id, err := reservationID(r)
+		if err != nil {
+			return err
+		}
+		if r.ContentLength > 0 {
+			return &BadRequestError{Detail: "this request takes no body"}
+		}
+		move := svc.Confirm
+		if to == StateReleased {
+			move = svc.Release
+		}
+		res, err := move(r.Context(), id)
+		if err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusOK, appendReservation(nil, &res))
+		return nil
+	})
+}
+
+// reservationID reads the {id} path value. Ids are opaque; one the service
+// cannot have made is simply not found.
+func reservationID(r *http.Request) (string, error) {
+	id := r.PathValue("id")
+	if !validReservationID(id) {
+		return "", ErrReservationNotFound
+	}
+	return id, nil
+}
+
+func validReservationID(id string) bool {
+	hexPart, ok := strings.CutPrefix(id, "res_")
+	if !ok || len(hexPart) != 32 {
+		return false
+	}
+	_, err := hex.DecodeString(hexPart)
+	return err == nil && strings.ToLower(hexPart) == hexPart
 }

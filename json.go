@@ -37,6 +37,10 @@ func appendProduct(b []byte, p *Product) []byte {
 	b = appendString(b, p.Currency)
 	b = append(b, `,"stock":`...)
 	b = strconv.AppendInt(b, p.Stock, 10)
+	b = append(b, `,"reserved":`...)
+	b = strconv.AppendInt(b, p.Reserved, 10)
+	b = append(b, `,"available":`...)
+	b = strconv.AppendInt(b, p.Stock-p.Reserved, 10)
 	b = append(b, `,"version":`...)
 	b = strconv.AppendInt(b, p.Version, 10)
 	b = append(b, `,"created_at":"`...)
@@ -346,4 +350,87 @@ func patchField[T any](name string, raw json.RawMessage) (optional[T], error) {
 		return o, badParam(name, "is not valid JSON")
 	}
 	return o, nil
+}
+
+// appendReservation appends r as the API's JSON.
+func appendReservation(b []byte, r *Reservation) []byte {
+	b = append(b, `{"id":`...)
+	b = appendString(b, r.ID)
+	b = append(b, `,"state":`...)
+	b = appendString(b, r.State)
+	b = append(b, `,"reference":`...)
+	b = appendString(b, r.Reference)
+	b = append(b, `,"lines":[`...)
+	for i, l := range r.Lines {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = append(b, `{"product_id":`...)
+		b = strconv.AppendInt(b, l.ProductID, 10)
+		b = append(b, `,"quantity":`...)
+		b = strconv.AppendInt(b, l.Quantity, 10)
+		b = append(b, '}')
+	}
+	b = append(b, `],"created_at":"`...)
+	b = r.CreatedAt.UTC().AppendFormat(b, timeLayout)
+	b = append(b, `","expires_at":"`...)
+	b = r.ExpiresAt.UTC().AppendFormat(b, timeLayout)
+	b = append(b, `","updated_at":"`...)
+	b = r.UpdatedAt.UTC().AppendFormat(b, timeLayout)
+	return append(b, `"}`...)
+}
+
+// reservationBody is the body of POST /reservations as read: each line is
+// decoded on its own, as strictly as a body (exact names, no null, no
+// unknown or repeated fields), and named by its index when it is wrong.
+type reservationBody struct {
+	Reference  *string           `json:"reference"`
+	Lines      []json.RawMessage `json:"lines"`
+	TTLSeconds *int64            `json:"ttl_seconds"`
+}
+
+type reservationLineBody struct {
+	ProductID *int64 `json:"product_id"`
+	Quantity  *int64 `json:"quantity"`
+}
+
+// decodeReservationInput reads a POST /reservations body. It returns a
+// *BadRequestError for a body that is not the expected JSON, and a
+// *ValidationError for a line without a product_id or quantity.
+func decodeReservationInput(body []byte) (ReservationInput, error) {
+	var rb reservationBody
+	if err := decodeStrict(body, &rb); err != nil {
+		return ReservationInput{}, err
+	}
+	in := ReservationInput{Reference: rb.Reference, TTLSeconds: rb.TTLSeconds}
+	missing := map[string]string{}
+	for i, raw := range rb.Lines {
+		name := fmt.Sprintf("lines[%d]", i)
+		var lb reservationLineBody
+		if err := decodeStrict(raw, &lb); err != nil {
+			bad, ok := errors.AsType[*BadRequestError](err)
+			if !ok {
+				return ReservationInput{}, err
+			}
+			problems := map[string]string{}
+			for k, v := range bad.Problems {
+				problems[name+"."+k] = v
+			}
+			if len(problems) == 0 {
+				problems[name] = bad.Detail
+			}
+			return ReservationInput{}, &BadRequestError{Detail: name + ": " + bad.Detail, Problems: problems}
+		}
+		if lb.ProductID == nil {
+			missing[name+".product_id"] = "is required"
+		}
+		if lb.Quantity == nil {
+			missing[name+".quantity"] = "is required"
+		}
+		in.Lines = append(in.Lines, ReservationLine{ProductID: deref(lb.ProductID, 0), Quantity: deref(lb.Quantity, 0)})
+	}
+	if len(missing) > 0 {
+		return ReservationInput{}, &ValidationError{Problems: missing}
+	}
+	return in, nil
 }

@@ -60,7 +60,7 @@ func TestAppendProduct_MatchesEncodingJSON(t *testing.T) {
 		t.Fatalf("appendProduct output is not JSON: %v", err)
 	}
 	want := map[string]any{"id": 7.0, "sku": p.SKU, "name": p.Name, "description": p.Description, "category": "",
-		"price_cents": 1e12, "currency": "EUR", "stock": 0.0, "version": 12.0,
+		"price_cents": 1e12, "currency": "EUR", "stock": 0.0, "reserved": 0.0, "available": 0.0, "version": 12.0,
 		"created_at": "2026-01-02T03:04:05.123456Z", "updated_at": "2026-01-02T03:04:05.000000Z"}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("appendProduct mismatch (-want +got):\n%s", diff)

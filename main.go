@@ -144,6 +144,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	handler := newServer(serverDeps{
 		svc: svc, log: log, metrics: m, tokens: tokens, life: life,
 		limiter: limiter, maxFlight: cfg.MaxInFlight, serveMetrics: cfg.MetricsAddr == "", tracing: tr,
+		streams: newStreamSlots(cfg.FeedMaxStreams),
 	})
 
 	errc := make(chan error, 3)
@@ -182,6 +183,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	defer bgCancel()
 	bg.Go(func() { expireIdempotencyKeys(bgCtx, store, log) })
 	bg.Go(func() { svc.Probe(bgCtx, time.Second) })
+	bg.Go(func() { svc.SweepReservations(bgCtx, time.Second) })
+	bg.Go(func() { svc.TrimEvents(bgCtx, cfg.EventsRetention, time.Minute) })
 
 	select {
 	case <-ctx.Done():
@@ -233,6 +236,7 @@ func serve(addr string, h http.Handler, log *slog.Logger, errc chan<- error) (*h
 // The caller's deferred closes then close Redis and SQLite.
 func shutdown(life *lifecycle, servers []*http.Server, cfg *config, log *slog.Logger) error {
 	life.shuttingDown.Store(true)
+	life.endStreams() // a change-feed stream never finishes by itself
 	log.Info("shutting down", "delay", cfg.ShutdownDelay.String(), "timeout", cfg.ShutdownTimeout.String())
 	time.Sleep(cfg.ShutdownDelay)
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)

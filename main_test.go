@@ -225,6 +225,8 @@ func TestRun_invalidConfig(t *testing.T) {
 		{name: "RATE_LIMIT_RPS", env: map[string]string{"RATE_LIMIT_RPS": "-1"}, wantName: "RATE_LIMIT_RPS"},
 		{name: "RATE_LIMIT_BURST", env: map[string]string{"RATE_LIMIT_BURST": "lots"}, wantName: "RATE_LIMIT_BURST"},
 		{name: "MAX_IN_FLIGHT", env: map[string]string{"MAX_IN_FLIGHT": "many"}, wantName: "MAX_IN_FLIGHT"},
+		{name: "EVENTS_RETENTION", env: map[string]string{"EVENTS_RETENTION": "forever"}, wantName: "EVENTS_RETENTION"},
+		{name: "FEED_MAX_STREAMS", env: map[string]string{"FEED_MAX_STREAMS": "0"}, wantName: "FEED_MAX_STREAMS"},
 		{name: "flag wins and is named", env: map[string]string{"DB_TIMEOUT": "1s"}, args: []string{"-db-timeout=abc"}, wantName: "-db-timeout"},
 		{name: "unknown flag", args: []string{"-no-such-flag"}, wantName: "no-such-flag"},
 		{name: "stray argument", args: []string{"serve"}, wantName: "serve"},

@@ -28,6 +28,9 @@ type metrics struct {
 	breakerChanges *prometheus.CounterVec
 	shed           prometheus.Counter
 	rateLimited    prometheus.Counter
+	reservations   *prometheus.CounterVec
+	feedStreams    prometheus.Gauge
+	feedLag        prometheus.Histogram
 }
 
 // newMetrics registers the service's series, and the Go runtime and process
@@ -79,13 +82,30 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 			Name: "http_requests_rate_limited_total",
 			Help: "Requests refused with 429 by the per-client rate limit.",
 		}),
+		reservations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "reservations_total",
+			Help: "Reservations by the state they entered: held, confirmed, released, expired (by this process).",
+		}, []string{"state"}),
+		feedStreams: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "feed_streams",
+			Help: "Change-feed consumers following GET /events as Server-Sent Events.",
+		}),
+		feedLag: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "feed_delivery_lag_seconds",
+			Help:    "Time from an event's commit to its delivery to a consumer (stream or page).",
+			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 60},
+		}),
 	}
 	reg.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.requests, m.duration, m.inFlight, m.cacheRequests, m.localRequests,
 		m.invalidations, m.breakerStates, m.breakerChanges, m.shed, m.rateLimited,
+		m.reservations, m.feedStreams, m.feedLag,
 	)
+	for _, s := range []string{StateHeld, StateConfirmed, StateReleased, StateExpired} {
+		m.reservations.WithLabelValues(s)
+	}
 	for _, r := range []string{cacheHit, cacheMiss, cacheError, cacheSkipped} {
 		m.cacheRequests.WithLabelValues(r)
 	}
@@ -225,3 +245,9 @@ func (c pgPoolCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(pgCancelDesc, prometheus.CounterValue, float64(s.CanceledAcquireCount()))
 	ch <- prometheus.MustNewConstMetric(pgNewConnDesc, prometheus.CounterValue, float64(s.NewConnsCount()))
 }
+
+// reservation counts a reservation entering state.
+func (m *metrics) reservation(state string) { m.reservations.WithLabelValues(state).Inc() }
+
+// delivered observes the lag of an event delivered now.
+func (m *metrics) delivered(occurred time.Time) { m.feedLag.Observe(time.Since(occurred).Seconds()) }

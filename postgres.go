@@ -18,10 +18,6 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// pgColumns is the column list every PostgreSQL product query selects, in
-// the order pgScanProduct reads them.
-const pgColumns = `id, sku, name, description, category, price_cents, currency, stock, version, created_at, updated_at`
-
 // pgMigrations are PostgreSQL's numbered migrations, applied in order, each
 // once, all pending ones in one transaction under an advisory lock. Append
 // only: a released migration never changes.
@@ -67,6 +63,48 @@ var pgMigrations = []string{
 	CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);`,
 	// 3: a row the write breaker's probe rewrites to see if writes work again.
 	`CREATE TABLE write_probe (id integer PRIMARY KEY CHECK (id = 1), at timestamptz NOT NULL);`,
+	// 4: reservations, and the change feed every write appends to (see
+	// sqlite.go's migration 6). Transactions here commit concurrently, so an
+	// event's seq is not taken at insert: id orders inserts, and seq is
+	// given to committed events in id order by one sequencer at a time
+	// (see sequenceEvents), so a reader never sees seq N+1 before seq N.
+	`ALTER TABLE products ADD COLUMN reserved bigint NOT NULL DEFAULT 0;
+	ALTER TABLE products ADD CONSTRAINT products_reserved_within_stock CHECK (reserved BETWEEN 0 AND stock);
+	CREATE TABLE reservations (
+		id         text PRIMARY KEY,
+		reference  text NOT NULL,
+		state      text NOT NULL,
+		created_at timestamptz NOT NULL,
+		expires_at timestamptz NOT NULL,
+		updated_at timestamptz NOT NULL
+	);
+	CREATE INDEX reservations_reference ON reservations (reference, created_at);
+	CREATE INDEX reservations_due ON reservations (expires_at) WHERE state = 'held';
+	CREATE TABLE reservation_lines (
+		reservation_id text NOT NULL REFERENCES reservations (id),
+		line           integer NOT NULL,
+		product_id     bigint NOT NULL,
+		quantity       bigint NOT NULL,
+		holding        integer NOT NULL,
+		expires_at     timestamptz NOT NULL,
+		PRIMARY KEY (reservation_id, line)
+	);
+	CREATE INDEX reservation_lines_holding ON reservation_lines (product_id, expires_at) WHERE holding = 1;
+	CREATE TABLE events (
+		id             bigserial PRIMARY KEY,
+		seq            bigint UNIQUE,
+		type           text NOT NULL,
+		occurred_at    timestamptz NOT NULL,
+		product_id     bigint,
+		version        bigint,
+		reservation_id text,
+		state          text,
+		data           jsonb
+	);
+	CREATE INDEX events_unsequenced ON events (id) WHERE seq IS NULL;
+	CREATE INDEX events_occurred ON events (occurred_at);
+	CREATE TABLE feed_state (id integer PRIMARY KEY CHECK (id = 1), trimmed_through bigint NOT NULL);
+	INSERT INTO feed_state (id, trimmed_through) VALUES (1, 0);`,
 }
 
 // pgMigrationLock is the advisory lock key under which replicas migrate,
@@ -189,7 +227,7 @@ func (s *postgresStore) Ping(ctx context.Context) error {
 func pgScanProduct(row pgx.Row) (Product, error) {
 	var p Product
 	err := row.Scan(&p.ID, &p.SKU, &p.Name, &p.Description, &p.Category, &p.PriceCents,
-		&p.Currency, &p.Stock, &p.Version, &p.CreatedAt, &p.UpdatedAt)
+		&p.Currency, &p.Stock, &p.Reserved, &p.Version, &p.CreatedAt, &p.UpdatedAt)
 	p.CreatedAt = p.CreatedAt.UTC()
 	p.UpdatedAt = p.UpdatedAt.UTC()
 	return p, err
@@ -199,7 +237,7 @@ func pgScanProduct(row pgx.Row) (Product, error) {
 func (s *postgresStore) Get(ctx context.Context, id int64) (Product, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	p, err := pgScanProduct(s.pool.QueryRow(ctx, `SELECT `+pgColumns+` FROM products WHERE id = $1`, id))
+	p, err := pgScanProduct(s.pool.QueryRow(ctx, `SELECT `+productColumns+` FROM products WHERE id = $1`, id))
 	if err != nil {
 		return Product{}, fmt.Errorf("get product %d: %w", id, pgTranslate(ctx, err))
 	}
@@ -256,9 +294,9 @@ func pgListQuery(f ListFilter) (string, []any) {
 	}
 	if f.InStock != nil {
 		if *f.InStock {
-			where = append(where, "stock > 0")
+			where = append(where, "stock > reserved") // available > 0
 		} else {
-			where = append(where, "stock = 0")
+			where = append(where, "stock <= reserved")
 		}
 	}
 	if len(f.Terms) > 0 {
@@ -281,7 +319,7 @@ func pgListQuery(f ListFilter) (string, []any) {
 		}
 	}
 	var b strings.Builder
-	b.WriteString("SELECT " + pgColumns + " FROM products")
+	b.WriteString("SELECT " + productColumns + " FROM products")
 	if len(where) > 0 {
 		b.WriteString(" WHERE " + strings.Join(where, " AND "))
 	}
@@ -292,26 +330,6 @@ func pgListQuery(f ListFilter) (string, []any) {
 	}
 	b.WriteString(" LIMIT " + arg(f.Limit+1))
 	return b.String(), args
-}
-
-// pgQuerier is what a single statement runs on: the pool (autocommit, one
-// round trip) or a transaction.
-type pgQuerier interface {
-	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
-	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
-}
-
-// write runs fn as one statement on the pool when it needs no transaction
-// (no idempotency key to claim, no check to hold a lock for), else in one.
-// A single statement is atomic by itself and costs one round trip instead
-// of three.
-func (s *postgresStore) write(ctx context.Context, needTx bool, fn func(ctx context.Context, q pgQuerier) error) error {
-	if needTx {
-		return s.inTx(ctx, func(ctx context.Context, tx pgx.Tx) error { return fn(ctx, tx) })
-	}
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	return pgTranslate(ctx, fn(ctx, s.pool))
 }
 
 // inTx runs fn in a transaction bounded by the store's timeout and commits
@@ -333,10 +351,10 @@ func (s *postgresStore) inTx(ctx context.Context, fn func(ctx context.Context, t
 
 // claimKey claims k for this transaction before its write. Two
 // transactions with one key serialise on its primary key: the second waits
-// for the first, then finds its record and replays it. An expired record is
-// taken over. claimKey returns nil when the key is claimed, else the
-// replay or mismatch error.
-func (s *postgresStore) claimKey(ctx context.Context, tx pgQuerier, k *IdempotencyKey) error {
+// for the first, then finds its record and replays it (decoded by replay).
+// An expired record is taken over. claimKey returns nil when the key is
+// claimed, else the replay or mismatch error.
+func (s *postgresStore) claimKey(ctx context.Context, tx pgx.Tx, k *IdempotencyKey, replay func([]byte) (*Replay, error)) error {
 	now := s.now()
 	tag, err := tx.Exec(ctx, `INSERT INTO idempotency_keys (scope, key, fingerprint, created_at) VALUES ($1, $2, $3, $4)
 		ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint, product = NULL, created_at = excluded.created_at
@@ -353,20 +371,20 @@ func (s *postgresStore) claimKey(ctx context.Context, tx pgQuerier, k *Idempoten
 		k.Scope, k.Key).Scan(&fp, &snapshot); err != nil {
 		return err
 	}
-	return replayOrMismatch(k, fp, snapshot)
+	return replayOrMismatch(k, fp, snapshot, replay)
 }
 
-// recordKey stores the product a write produced under its claimed key.
-func recordKey(ctx context.Context, tx pgQuerier, k *IdempotencyKey, p Product) error {
+// recordKey stores what a write produced under its claimed key.
+func recordKey(ctx context.Context, tx pgx.Tx, k *IdempotencyKey, v any) error {
 	_, err := tx.Exec(ctx, `UPDATE idempotency_keys SET product = $3 WHERE scope = $1 AND key = $2`,
-		k.Scope, k.Key, encodeSnapshot(p))
+		k.Scope, k.Key, encodeSnapshot(v))
 	return err
 }
 
 // withKey runs write between claiming and recording k (when k is set).
-func (s *postgresStore) withKey(ctx context.Context, tx pgQuerier, k *IdempotencyKey, write func() (Product, error)) (Product, error) {
+func (s *postgresStore) withKey(ctx context.Context, tx pgx.Tx, k *IdempotencyKey, write func() (Product, error)) (Product, error) {
 	if k != nil {
-		if err := s.claimKey(ctx, tx, k); err != nil {
+		if err := s.claimKey(ctx, tx, k, productReplay); err != nil {
 			return Product{}, err
 		}
 	}
@@ -377,22 +395,28 @@ func (s *postgresStore) withKey(ctx context.Context, tx pgQuerier, k *Idempotenc
 	return p, recordKey(ctx, tx, k, p)
 }
 
+// now is the store's clock, at the microsecond both engines keep.
+func (s *postgresStore) nowMicro() time.Time { return s.now().UTC().Truncate(time.Microsecond) }
+
 // Create inserts p and returns it with its id, version and timestamps.
 // It returns ErrConflict if the SKU is taken.
 func (s *postgresStore) Create(ctx context.Context, p Product, idem *IdempotencyKey) (Product, error) {
 	var out Product
-	err := s.write(ctx, idem != nil, func(ctx context.Context, tx pgQuerier) error {
+	err := s.inTx(ctx, func(ctx context.Context, tx pgx.Tx) error {
 		var err error
 		out, err = s.withKey(ctx, tx, idem, func() (Product, error) {
-			now := s.now().UTC().Truncate(time.Microsecond)
+			now := s.nowMicro()
 			q := p
-			q.Version, q.CreatedAt, q.UpdatedAt = 1, now, now
+			q.Version, q.Reserved, q.CreatedAt, q.UpdatedAt = 1, 0, now, now
 			err := tx.QueryRow(ctx, `INSERT INTO products
 				(sku, name, description, category, price_cents, currency, stock, version, created_at, updated_at, search)
 				VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $8, to_tsvector('simple', $9)) RETURNING id`,
 				q.SKU, q.Name, q.Description, q.Category, q.PriceCents, q.Currency, q.Stock, now,
 				searchText(q.Name, q.Description)).Scan(&q.ID)
-			return q, err
+			if err != nil {
+				return Product{}, err
+			}
+			return q, appendEvent(ctx, pgTx{tx}, now, EventProductCreated, &q, nil)
 		})
 		return err
 	})
@@ -407,7 +431,7 @@ func (s *postgresStore) Create(ctx context.Context, p Product, idem *Idempotency
 func (s *postgresStore) Update(ctx context.Context, id int64, change func(*Product) error) (Product, error) {
 	var out Product
 	err := s.inTx(ctx, func(ctx context.Context, tx pgx.Tx) error {
-		cur, err := pgScanProduct(tx.QueryRow(ctx, `SELECT `+pgColumns+` FROM products WHERE id = $1 FOR UPDATE`, id))
+		cur, err := pgScanProduct(tx.QueryRow(ctx, `SELECT `+productColumns+` FROM products WHERE id = $1 FOR UPDATE`, id))
 		if err != nil {
 			return err
 		}
@@ -419,14 +443,27 @@ func (s *postgresStore) Update(ctx context.Context, id int64, change func(*Produ
 			}
 			return err
 		}
-		now := s.now().UTC().Truncate(time.Microsecond)
+		now := s.nowMicro()
+		due, err := dueUnits(ctx, pgTx{tx}, now, id)
+		if err != nil {
+			return err
+		}
+		if next.Stock < cur.Reserved-due {
+			return ErrInsufficientStock // stock below what open holds keep
+		}
+		if _, err := releaseDueLines(ctx, pgTx{tx}, now, id); err != nil {
+			return err
+		}
 		out, err = pgScanProduct(tx.QueryRow(ctx, `UPDATE products SET
 			sku = $1, name = $2, description = $3, category = $4, price_cents = $5, currency = $6, stock = $7,
-			version = version + 1, updated_at = $8, search = to_tsvector('simple', $9)
-			WHERE id = $10 RETURNING `+pgColumns,
+			reserved = reserved - $11, version = version + 1, updated_at = $8, search = to_tsvector('simple', $9)
+			WHERE id = $10 RETURNING `+productColumns,
 			next.SKU, next.Name, next.Description, next.Category, next.PriceCents, next.Currency, next.Stock,
-			now, searchText(next.Name, next.Description), id))
-		return err
+			now, searchText(next.Name, next.Description), id, due))
+		if err != nil {
+			return err
+		}
+		return appendEvent(ctx, pgTx{tx}, now, updateEvent(cur, next), &out, nil)
 	})
 	if err != nil {
 		return Product{}, fmt.Errorf("update product %d: %w", id, err)
@@ -434,35 +471,42 @@ func (s *postgresStore) Update(ctx context.Context, id int64, change func(*Produ
 	return out, nil
 }
 
-// AdjustStock adds delta to the stock of the product with id in one
-// statement, so concurrent adjustments never lose an update. Errors as
+// AdjustStock adds delta to the stock of the product with id, holding its
+// row lock, so concurrent adjustments never lose an update. Errors as
 // sqliteStore.AdjustStock.
 func (s *postgresStore) AdjustStock(ctx context.Context, id, delta int64, check func(version int64) error, idem *IdempotencyKey) (Product, error) {
 	var out Product
-	err := s.write(ctx, idem != nil || check != nil, func(ctx context.Context, tx pgQuerier) error {
+	err := s.inTx(ctx, func(ctx context.Context, tx pgx.Tx) error {
 		var err error
 		out, err = s.withKey(ctx, tx, idem, func() (Product, error) {
+			var version int64
+			if err := tx.QueryRow(ctx, `SELECT version FROM products WHERE id = $1 FOR UPDATE`, id).Scan(&version); err != nil {
+				return Product{}, err
+			}
 			if check != nil {
-				var version int64
-				if err := tx.QueryRow(ctx, `SELECT version FROM products WHERE id = $1 FOR UPDATE`, id).Scan(&version); err != nil {
-					return Product{}, err
-				}
 				if err := check(version); err != nil {
 					return Product{}, err
 				}
 			}
-			p, err := pgScanProduct(tx.QueryRow(ctx, `UPDATE products SET
-				stock = stock + $1, version = version + 1, updated_at = $2
-				WHERE id = $3 AND stock + $1 BETWEEN 0 AND 1000000000000
-				RETURNING `+pgColumns, delta, s.now().UTC().Truncate(time.Microsecond), id))
-			if errors.Is(err, pgx.ErrNoRows) {
-				var exists int
-				if err := tx.QueryRow(ctx, `SELECT 1 FROM products WHERE id = $1`, id).Scan(&exists); err != nil {
-					return Product{}, err // no rows: not found
-				}
-				return Product{}, ErrInsufficientStock
+			now := s.nowMicro()
+			due, err := dueUnits(ctx, pgTx{tx}, now, id)
+			if err != nil {
+				return Product{}, err
 			}
-			return p, err
+			p, err := pgScanProduct(tx.QueryRow(ctx, `UPDATE products SET
+				stock = stock + $1, reserved = reserved - $4, version = version + 1, updated_at = $2
+				WHERE id = $3 AND stock + $1 BETWEEN reserved - $4 AND 1000000000000
+				RETURNING `+productColumns, delta, now, id, due))
+			if errors.Is(err, pgx.ErrNoRows) {
+				return Product{}, ErrInsufficientStock // the row is there: it is locked above
+			}
+			if err != nil {
+				return Product{}, err
+			}
+			if _, err := releaseDueLines(ctx, pgTx{tx}, now, id); err != nil {
+				return Product{}, err
+			}
+			return p, appendEvent(ctx, pgTx{tx}, now, EventStockChanged, &p, nil)
 		})
 		return err
 	})
@@ -477,7 +521,7 @@ func (s *postgresStore) AdjustStock(ctx context.Context, id, delta int64, check 
 func (s *postgresStore) Delete(ctx context.Context, id int64, check func(Product) error) (Product, error) {
 	var gone Product
 	err := s.inTx(ctx, func(ctx context.Context, tx pgx.Tx) error {
-		cur, err := pgScanProduct(tx.QueryRow(ctx, `SELECT `+pgColumns+` FROM products WHERE id = $1 FOR UPDATE`, id))
+		cur, err := pgScanProduct(tx.QueryRow(ctx, `SELECT `+productColumns+` FROM products WHERE id = $1 FOR UPDATE`, id))
 		if err != nil {
 			return err
 		}
@@ -486,9 +530,19 @@ func (s *postgresStore) Delete(ctx context.Context, id int64, check func(Product
 				return err
 			}
 		}
+		now := s.nowMicro()
+		due, err := releaseDueLines(ctx, pgTx{tx}, now, id)
+		if err != nil {
+			return err
+		}
+		if cur.Reserved-due > 0 {
+			return ErrReserved
+		}
 		gone = cur
-		_, err = tx.Exec(ctx, `DELETE FROM products WHERE id = $1`, id)
-		return err
+		if _, err = tx.Exec(ctx, `DELETE FROM products WHERE id = $1`, id); err != nil {
+			return err
+		}
+		return appendEvent(ctx, pgTx{tx}, now, EventProductDeleted, &gone, nil)
 	})
 	if err != nil {
 		return Product{}, fmt.Errorf("delete product %d: %w", id, err)
@@ -570,4 +624,223 @@ func pgTranslate(ctx context.Context, err error) error {
 		return &dbFailure{err}
 	}
 	return translateGeneric(ctx, err)
+}
+
+// pgTx runs the inventory code's statements (written with ? placeholders)
+// on a transaction or the pool.
+type pgTx struct{ q pgRunner }
+
+// pgRunner is what pgx.Tx and *pgxpool.Pool share.
+type pgRunner interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+}
+
+func (t pgTx) exec(ctx context.Context, query string, args ...any) (int64, error) {
+	tag, err := t.q.Exec(ctx, dollars(query), args...)
+	return tag.RowsAffected(), err
+}
+
+func (t pgTx) queryRow(ctx context.Context, query string, args ...any) rowScanner {
+	return pgNotFoundRow{t.q.QueryRow(ctx, dollars(query), args...)}
+}
+
+func (t pgTx) query(ctx context.Context, query string, args ...any) (invRows, error) {
+	return t.q.Query(ctx, dollars(query), args...)
+}
+
+func (pgTx) lock() string                            { return " FOR UPDATE" }
+func (pgTx) ts(t time.Time) any                      { return t }
+func (pgTx) product(row rowScanner) (Product, error) { return pgScanProduct(row) }
+
+// pgNotFoundRow scans "no rows" as ErrNotFound.
+type pgNotFoundRow struct{ row pgx.Row }
+
+func (r pgNotFoundRow) Scan(dest ...any) error {
+	err := r.row.Scan(dest...)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return ErrNotFound
+	}
+	return err
+}
+
+// dollarsCache holds each ? query rewritten with $n placeholders. The
+// inventory code has a few dozen fixed queries, so it stays small.
+var dollarsCache sync.Map
+
+// dollars rewrites the ? placeholders of query as $1, $2, ... The queries
+// are the service's own and have no ? inside literals.
+func dollars(query string) string {
+	if v, ok := dollarsCache.Load(query); ok {
+		return v.(string)
+	}
+	var b strings.Builder
+	n := 0
+	for _, r := range query {
+		if r == '?' {
+			n++
+			b.WriteString("$" + strconv.Itoa(n))
+			continue
+		}
+		b.WriteRune(r)
+	}
+	dollarsCache.Store(query, b.String())
+	return b.String()
+}
+
+// Reserve holds r's lines for ttl, all or nothing, and returns the held
+// reservation and the products whose reserved units changed. It returns a
+// *ValidationError for a line whose product does not exist, a
+// *ShortageError naming every short line, ErrIdempotencyMismatch or a
+// *Replay.
+func (s *postgresStore) Reserve(ctx context.Context, r Reservation, ttl time.Duration, idem *IdempotencyKey) (Reservation, []Product, error) {
+	var out Reservation
+	var changed []Product
+	err := s.inTx(ctx, func(ctx context.Context, tx pgx.Tx) error {
+		if idem != nil {
+			if err := s.claimKey(ctx, tx, idem, reservationReplay); err != nil {
+				return err
+			}
+		}
+		var err error
+		if out, changed, err = reserve(ctx, pgTx{tx}, s.nowMicro(), r, ttl); err != nil {
+			return err
+		}
+		if idem != nil {
+			return recordKey(ctx, tx, idem, out)
+		}
+		return nil
+	})
+	if err != nil {
+		return Reservation{}, nil, fmt.Errorf("reserve: %w", err)
+	}
+	return out, changed, nil
+}
+
+// Transition moves reservation id to state to (confirmed or released); see
+// transition for what it returns.
+func (s *postgresStore) Transition(ctx context.Context, id, to string) (Reservation, []Product, error) {
+	var out Reservation
+	var changed []Product
+	err := s.inTx(ctx, func(ctx context.Context, tx pgx.Tx) error {
+		var err error
+		out, changed, err = transition(ctx, pgTx{tx}, s.nowMicro(), id, to)
+		return err
+	})
+	if err != nil {
+		return Reservation{}, nil, fmt.Errorf("reservation %s: %w", id, err)
+	}
+	return out, changed, nil
+}
+
+// Reservation returns reservation id, or ErrReservationNotFound.
+func (s *postgresStore) Reservation(ctx context.Context, id string) (Reservation, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	r, err := loadReservation(ctx, pgTx{s.pool}, id, false)
+	return r, pgTranslate(ctx, err)
+}
+
+// ReservationsByReference returns the newest reservations under ref.
+func (s *postgresStore) ReservationsByReference(ctx context.Context, ref string, limit int) ([]Reservation, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	rs, err := reservationsByReference(ctx, pgTx{s.pool}, ref, limit)
+	return rs, pgTranslate(ctx, err)
+}
+
+// ExpireReservations records up to limit due holds as expired, each in a
+// transaction of its own, and returns how many it recorded and the
+// products that changed.
+func (s *postgresStore) ExpireReservations(ctx context.Context, limit int) (int, []Product, error) {
+	qctx, cancel := context.WithTimeout(ctx, s.timeout)
+	ids, err := dueReservations(qctx, pgTx{s.pool}, s.nowMicro(), limit)
+	err = pgTranslate(qctx, err)
+	cancel()
+	if err != nil {
+		return 0, nil, fmt.Errorf("expire reservations: %w", err)
+	}
+	n := 0
+	var changed []Product
+	for _, id := range ids {
+		var expired bool
+		var ps []Product
+		err := s.inTx(ctx, func(ctx context.Context, tx pgx.Tx) error {
+			var err error
+			expired, ps, err = expireOne(ctx, pgTx{tx}, s.nowMicro(), id)
+			return err
+		})
+		if err != nil {
+			return n, changed, fmt.Errorf("expire reservation %s: %w", id, err)
+		}
+		if expired {
+			n++
+		}
+		changed = append(changed, ps...)
+	}
+	return n, changed, nil
+}
+
+// pgFeedLock is the advisory lock under which one sequencer at a time
+// gives committed events their seq.
+const pgFeedLock = 0x66656564 // "feed"
+
+// sequenceEvents gives every committed event without a seq the next seqs,
+// in insert order. Transactions here commit out of insert order, so a seq
+// is given only once an event is committed and visible, by one sequencer
+// at a time: a reader that saw seq N never later finds an event at or
+// below N. It writes nothing when there is nothing to sequence.
+func (s *postgresStore) sequenceEvents(ctx context.Context) error {
+	var pending bool
+	if err := s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM events WHERE seq IS NULL)`).Scan(&pending); err != nil || !pending {
+		return err
+	}
+	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, int64(pgFeedLock)); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, `UPDATE events SET seq = t.base + t.n
+			FROM (SELECT e.id, row_number() OVER (ORDER BY e.id) AS n, b.base
+				FROM (SELECT id FROM events WHERE seq IS NULL ORDER BY id LIMIT 10000) AS e,
+					(SELECT coalesce(max(seq), 0) AS base FROM events) AS b) AS t
+			WHERE events.id = t.id`)
+		return err
+	})
+}
+
+// Events returns up to limit events after seq after, in seq order, or a
+// *FeedGoneError when retention trimmed some of them.
+func (s *postgresStore) Events(ctx context.Context, after int64, limit int) ([]Event, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	if err := s.sequenceEvents(ctx); err != nil {
+		return nil, fmt.Errorf("events: %w", pgTranslate(ctx, err))
+	}
+	es, err := readEvents(ctx, pgTx{s.pool}, after, limit)
+	if err != nil {
+		return nil, fmt.Errorf("events: %w", pgTranslate(ctx, err))
+	}
+	return es, nil
+}
+
+// TrimEvents deletes events older than before, in batches, and returns how
+// many it deleted.
+func (s *postgresStore) TrimEvents(ctx context.Context, before time.Time) (int64, error) {
+	var total int64
+	for {
+		var n int64
+		err := s.inTx(ctx, func(ctx context.Context, tx pgx.Tx) error {
+			var err error
+			n, err = trimEvents(ctx, pgTx{tx}, before, expireBatch)
+			return err
+		})
+		total += n
+		if err != nil {
+			return total, fmt.Errorf("trim events: %w", err)
+		}
+		if n < expireBatch {
+			return total, nil
+		}
+	}
 }

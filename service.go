@@ -36,6 +36,7 @@ type ProductService struct {
 	redisCB *gobreaker.CircuitBreaker[struct{}]
 
 	flight singleflight.Group
+	feed   *feedSignal // wakes change-feed streams after each write
 }
 
 // ServiceConfig configures NewProductService.
@@ -102,6 +103,7 @@ func NewProductService(store productStore, cfg ServiceConfig) *ProductService {
 		log:          cfg.Logger,
 		metrics:      cfg.Metrics,
 		trace:        cfg.Tracing,
+		feed:         newFeedSignal(),
 	}
 	if s.cache == nil {
 		s.cache = noCache{}
@@ -357,6 +359,7 @@ func (s *ProductService) written(p Product, deleted bool) cachedProduct {
 	}
 	s.local.written(p.ID, v, s.redisEnabled)
 	s.pages.written()
+	s.feed.notify()
 	return v
 }
 

@@ -226,13 +226,19 @@ func (ts *testServer) getProduct(tb testing.TB, id int64) Product {
 // decodeProduct parses a product document strictly.
 func decodeProduct(tb testing.TB, b []byte) Product {
 	tb.Helper()
-	var p Product
+	var p struct {
+		Product
+		Available int64 `json:"available"` // derived: checked, then dropped
+	}
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&p); err != nil {
 		tb.Fatalf("decoding product %s: %v", b, err)
 	}
-	return p
+	if p.Available != p.Stock-p.Reserved {
+		tb.Fatalf("product %s: available %d, want stock - reserved = %d", b, p.Available, p.Stock-p.Reserved)
+	}
+	return p.Product
 }
 
 // problemDoc is an RFC 9457 problem document as the service writes it.

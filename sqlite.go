@@ -20,11 +20,11 @@ import (
 
 // productColumns is the column list every product query selects, in the
 // order scanProduct reads them.
-const productColumns = `id, sku, name, description, category, price_cents, currency, stock, version, created_at, updated_at`
+const productColumns = `id, sku, name, description, category, price_cents, currency, stock, reserved, version, created_at, updated_at`
 
 // qualifiedColumns is productColumns for queries that join other tables.
 const qualifiedColumns = `products.id, products.sku, products.name, products.description, products.category,
-	products.price_cents, products.currency, products.stock, products.version, products.created_at, products.updated_at`
+	products.price_cents, products.currency, products.stock, products.reserved, products.version, products.created_at, products.updated_at`
 
 // migrations are applied in order, each once, in one transaction each.
 // Append only: a released migration never changes.
@@ -87,6 +87,43 @@ var migrations = []string{
 	// handler shapes the replayed response, so no status is stored.
 	`ALTER TABLE idempotency_keys DROP COLUMN status;
 	ALTER TABLE idempotency_keys RENAME COLUMN body TO product;`,
+	// 6: reservations, and the change feed every write appends to. A line
+	// repeats its hold's expiry and whether it still holds, so the units
+	// held on a product are one indexed sum. reserved can never pass stock.
+	`ALTER TABLE products ADD COLUMN reserved INTEGER NOT NULL DEFAULT 0 CHECK (reserved BETWEEN 0 AND stock);
+	CREATE TABLE reservations (
+		id         TEXT    PRIMARY KEY,
+		reference  TEXT    NOT NULL,
+		state      TEXT    NOT NULL,
+		created_at INTEGER NOT NULL,
+		expires_at INTEGER NOT NULL,
+		updated_at INTEGER NOT NULL
+	) WITHOUT ROWID;
+	CREATE INDEX reservations_reference ON reservations (reference, created_at);
+	CREATE INDEX reservations_due ON reservations (expires_at) WHERE state = 'held';
+	CREATE TABLE reservation_lines (
+		reservation_id TEXT    NOT NULL,
+		line           INTEGER NOT NULL,
+		product_id     INTEGER NOT NULL,
+		quantity       INTEGER NOT NULL,
+		holding        INTEGER NOT NULL,
+		expires_at     INTEGER NOT NULL,
+		PRIMARY KEY (reservation_id, line)
+	) WITHOUT ROWID;
+	CREATE INDEX reservation_lines_holding ON reservation_lines (product_id, expires_at) WHERE holding = 1;
+	CREATE TABLE events (
+		seq            INTEGER PRIMARY KEY AUTOINCREMENT, -- commit order: one writer commits in order
+		type           TEXT    NOT NULL,
+		occurred_at    INTEGER NOT NULL,
+		product_id     INTEGER,
+		version        INTEGER,
+		reservation_id TEXT,
+		state          TEXT,
+		data           BLOB
+	);
+	CREATE INDEX events_occurred ON events (occurred_at);
+	CREATE TABLE feed_state (id INTEGER PRIMARY KEY CHECK (id = 1), trimmed_through INTEGER NOT NULL);
+	INSERT INTO feed_state (id, trimmed_through) VALUES (1, 0);`,
 }
 
 // sqliteStore is the SQLite product store. It has one writer connection, fed by a
@@ -310,7 +347,7 @@ func scanProduct(row rowScanner) (Product, error) {
 	var p Product
 	var created, updated int64
 	err := row.Scan(&p.ID, &p.SKU, &p.Name, &p.Description, &p.Category, &p.PriceCents,
-		&p.Currency, &p.Stock, &p.Version, &created, &updated)
+		&p.Currency, &p.Stock, &p.Reserved, &p.Version, &created, &updated)
 	p.CreatedAt = time.UnixMicro(created).UTC()
 	p.UpdatedAt = time.UnixMicro(updated).UTC()
 	return p, err
@@ -385,9 +422,9 @@ func listQuery(f ListFilter) (string, []any) {
 	}
 	if f.InStock != nil {
 		if *f.InStock {
-			where = append(where, "stock > 0")
+			where = append(where, "stock > reserved") // available > 0
 		} else {
-			where = append(where, "stock = 0")
+			where = append(where, "stock <= reserved")
 		}
 	}
 	col := sortColumns[f.Sort]
@@ -501,7 +538,8 @@ type writeOp struct {
 // write twice.
 type idemWrite struct {
 	key    *IdempotencyKey
-	result func() Product
+	result func() any                     // the Product or Reservation the write produced
+	replay func([]byte) (*Replay, error) // reads a stored result back
 }
 
 // writeTx runs fn in the writer's next group transaction and returns once
@@ -703,19 +741,23 @@ func (s *sqliteStore) runOp(ctx context.Context, tx *sql.Tx, op *writeOp) error 
 		WHERE scope = ? AND key = ? AND created_at > ?`, k.Scope, k.Key, cutoff).Scan(&fp, &snapshot)
 	switch {
 	case err == nil:
-		return replayOrMismatch(k, fp, snapshot)
+		return replayOrMismatch(k, fp, snapshot, op.idem.replay)
 	case !errors.Is(err, sql.ErrNoRows):
 		return err
 	}
 	if err := op.fn(ctx, tx); err != nil {
 		return err
 	}
-	p := op.idem.result()
+	v := op.idem.result()
+	var productID, version int64 // kept for older binaries' sake; a reservation has neither
+	if p, ok := v.(Product); ok {
+		productID, version = p.ID, p.Version
+	}
 	_, err = s.exec(ctx, tx, `INSERT INTO idempotency_keys
 		(scope, key, fingerprint, product, product_id, version, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)
 		ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint, product = excluded.product,
 		product_id = excluded.product_id, version = excluded.version, created_at = excluded.created_at`,
-		k.Scope, k.Key, k.Fingerprint, encodeSnapshot(p), p.ID, p.Version, s.now().UnixMicro())
+		k.Scope, k.Key, k.Fingerprint, encodeSnapshot(v), productID, version, s.now().UnixMicro())
 	return err
 }
 
@@ -795,7 +837,7 @@ func (s *sqliteStore) ExpireIdempotencyKeys(ctx context.Context) (int64, error) 
 func (s *sqliteStore) Create(ctx context.Context, p Product, idem *IdempotencyKey) (Product, error) {
 	var out Product
 	err := s.writeTx(ctx, idemRecord(idem, &out), func(ctx context.Context, tx *sql.Tx) error {
-		now := s.now().UTC().Truncate(time.Microsecond)
+		now := s.nowMicro()
 		// Only the id is read back: every other column is what was written.
 		// A plain INSERT and last_insert_rowid cost less than RETURNING.
 		res, err := s.exec(ctx, tx, `INSERT INTO products
@@ -808,10 +850,10 @@ func (s *sqliteStore) Create(ctx context.Context, p Product, idem *IdempotencyKe
 		if p.ID, err = res.LastInsertId(); err != nil {
 			return err
 		}
-		p.Version, p.CreatedAt, p.UpdatedAt = 1, now, now
+		p.Version, p.Reserved, p.CreatedAt, p.UpdatedAt = 1, 0, now, now
 		out = p
 		s.fts.created(out.ID)
-		return nil
+		return appendEvent(ctx, sqliteTx{s, tx}, now, EventProductCreated, &out, nil)
 	}, func() { s.count.Add(1) })
 	if err != nil {
 		return Product{}, fmt.Errorf("create product: %w", err)
@@ -819,11 +861,15 @@ func (s *sqliteStore) Create(ctx context.Context, p Product, idem *IdempotencyKe
 	return out, nil
 }
 
+// nowMicro is the store's clock, at the microsecond both engines keep.
+func (s *sqliteStore) nowMicro() time.Time { return s.now().UTC().Truncate(time.Microsecond) }
+
 // Update applies change to the product with id inside the write transaction
 // and stores the result with the next version. change sees the current
 // product and returns ErrPrecondition, a validation error or errUnchanged
 // (nothing to write: the current product is returned as it is). Update
-// returns ErrNotFound, ErrConflict (SKU taken) or change's error.
+// returns ErrNotFound, ErrConflict (SKU taken), ErrInsufficientStock (stock
+// below what open holds keep) or change's error.
 func (s *sqliteStore) Update(ctx context.Context, id int64, change func(*Product) error) (Product, error) {
 	var out Product
 	err := s.writeTx(ctx, nil, func(ctx context.Context, tx *sql.Tx) error {
@@ -839,17 +885,35 @@ func (s *sqliteStore) Update(ctx context.Context, id int64, change func(*Product
 			}
 			return err
 		}
-		now := s.now().UTC().Truncate(time.Microsecond)
+		now := s.nowMicro()
+		itx := sqliteTx{s, tx}
+		due, err := dueUnits(ctx, itx, now, id)
+		if err != nil {
+			return err
+		}
+		if next.Stock < cur.Reserved-due {
+			return ErrInsufficientStock
+		}
+		// Every check is above: from here a failure is the database's, and
+		// fails the group (see commitGroup).
 		out, err = scanProduct(s.queryRow(ctx, tx, `UPDATE products SET
 			sku = ?, name = ?, description = ?, category = ?, price_cents = ?, currency = ?, stock = ?,
-			version = version + 1, updated_at = ?
+			reserved = reserved - ?, version = version + 1, updated_at = ?
 			WHERE id = ? RETURNING `+productColumns,
 			next.SKU, next.Name, next.Description, next.Category, next.PriceCents, next.Currency, next.Stock,
-			now.UnixMicro(), id))
-		if err == nil && (cur.Name != out.Name || cur.Description != out.Description) {
+			due, now.UnixMicro(), id))
+		if err != nil {
+			return err // a taken sku: the one statement is backed out
+		}
+		if cur.Name != out.Name || cur.Description != out.Description {
 			s.fts.changed(cur)
 		}
-		return err
+		if due > 0 {
+			if _, err := releaseDueLines(ctx, itx, now, id); err != nil {
+				return err
+			}
+		}
+		return appendEvent(ctx, itx, now, updateEvent(cur, next), &out, nil)
 	}, nil)
 	if err != nil {
 		return Product{}, fmt.Errorf("update product %d: %w", id, err)
@@ -861,19 +925,19 @@ func idemRecord(k *IdempotencyKey, out *Product) *idemWrite {
 	if k == nil {
 		return nil
 	}
-	return &idemWrite{key: k, result: func() Product { return *out }}
+	return &idemWrite{key: k, result: func() any { return *out }, replay: productReplay}
 }
 
 // AdjustStock adds delta to the stock of the product with id in one
 // statement, so concurrent adjustments never lose an update. check, if not
 // nil, sees the current version first (If-Match). It returns ErrNotFound,
-// check's error, or ErrInsufficientStock if the stock would go below zero
-// (or above the maximum), in which case nothing changes.
+// check's error, or ErrInsufficientStock if the stock would go below what
+// open holds keep (or above the maximum), in which case nothing changes.
 func (s *sqliteStore) AdjustStock(ctx context.Context, id, delta int64, check func(version int64) error, idem *IdempotencyKey) (Product, error) {
 	var out Product
 	err := s.writeTx(ctx, idemRecord(idem, &out), func(ctx context.Context, tx *sql.Tx) error {
-		now := s.now().UTC().Truncate(time.Microsecond)
-		var err error
+		now := s.nowMicro()
+		itx := sqliteTx{s, tx}
 		if check != nil {
 			var version int64
 			if err := s.queryRow(ctx, tx, `SELECT version FROM products WHERE id = ?`, id).Scan(&version); err != nil {
@@ -883,10 +947,14 @@ func (s *sqliteStore) AdjustStock(ctx context.Context, id, delta int64, check fu
 				return err
 			}
 		}
+		due, err := dueUnits(ctx, itx, now, id)
+		if err != nil {
+			return err
+		}
 		out, err = scanProduct(s.queryRow(ctx, tx, `UPDATE products SET
-			stock = stock + ?1, version = version + 1, updated_at = ?2
-			WHERE id = ?3 AND stock + ?1 BETWEEN 0 AND 1000000000000
-			RETURNING `+productColumns, delta, now.UnixMicro(), id))
+			stock = stock + ?1, reserved = reserved - ?4, version = version + 1, updated_at = ?2
+			WHERE id = ?3 AND stock + ?1 BETWEEN reserved - ?4 AND 1000000000000
+			RETURNING `+productColumns, delta, now.UnixMicro(), id, due))
 		if errors.Is(err, sql.ErrNoRows) {
 			var exists int
 			if err := s.queryRow(ctx, tx, `SELECT 1 FROM products WHERE id = ?`, id).Scan(&exists); err != nil {
@@ -894,7 +962,15 @@ func (s *sqliteStore) AdjustStock(ctx context.Context, id, delta int64, check fu
 			}
 			return ErrInsufficientStock
 		}
-		return err
+		if err != nil {
+			return err
+		}
+		if due > 0 {
+			if _, err := releaseDueLines(ctx, itx, now, id); err != nil {
+				return err
+			}
+		}
+		return appendEvent(ctx, itx, now, EventStockChanged, &out, nil)
 	}, nil)
 	if err != nil {
 		return Product{}, fmt.Errorf("adjust stock of product %d: %w", id, err)
@@ -904,7 +980,8 @@ func (s *sqliteStore) AdjustStock(ctx context.Context, id, delta int64, check fu
 
 // Delete removes the product with id and returns it as it was. check, if
 // not nil, sees the current product first and may refuse with
-// ErrPrecondition. Delete returns ErrNotFound if there is no such product.
+// ErrPrecondition. Delete returns ErrNotFound if there is no such product,
+// and ErrReserved while open holds name it.
 func (s *sqliteStore) Delete(ctx context.Context, id int64, check func(Product) error) (Product, error) {
 	var gone Product
 	err := s.writeTx(ctx, nil, func(ctx context.Context, tx *sql.Tx) error {
@@ -917,16 +994,147 @@ func (s *sqliteStore) Delete(ctx context.Context, id int64, check func(Product) 
 				return err
 			}
 		}
-		gone = cur
-		if _, err = s.exec(ctx, tx, `DELETE FROM products WHERE id = ?`, id); err == nil {
-			s.fts.changed(cur)
+		now := s.nowMicro()
+		itx := sqliteTx{s, tx}
+		due, err := dueUnits(ctx, itx, now, id)
+		if err != nil {
+			return err
 		}
-		return err
+		if cur.Reserved-due > 0 {
+			return ErrReserved
+		}
+		gone = cur
+		if _, err = s.exec(ctx, tx, `DELETE FROM products WHERE id = ?`, id); err != nil {
+			return err
+		}
+		s.fts.changed(cur)
+		if due > 0 {
+			if _, err := releaseDueLines(ctx, itx, now, id); err != nil {
+				return err
+			}
+		}
+		return appendEvent(ctx, itx, now, EventProductDeleted, &gone, nil)
 	}, func() { s.count.Add(-1) })
 	if err != nil {
 		return Product{}, fmt.Errorf("delete product %d: %w", id, err)
 	}
 	return gone, nil
+}
+
+// Reserve holds r's lines for ttl, all or nothing; see postgresStore.Reserve.
+func (s *sqliteStore) Reserve(ctx context.Context, r Reservation, ttl time.Duration, idem *IdempotencyKey) (Reservation, []Product, error) {
+	var out Reservation
+	var changed []Product
+	var record *idemWrite
+	if idem != nil {
+		record = &idemWrite{key: idem, result: func() any { return out }, replay: reservationReplay}
+	}
+	err := s.writeTx(ctx, record, func(ctx context.Context, tx *sql.Tx) error {
+		var err error
+		out, changed, err = reserve(ctx, sqliteTx{s, tx}, s.nowMicro(), r, ttl)
+		return err
+	}, nil)
+	if err != nil {
+		return Reservation{}, nil, fmt.Errorf("reserve: %w", err)
+	}
+	return out, changed, nil
+}
+
+// Transition moves reservation id to state to; see transition.
+func (s *sqliteStore) Transition(ctx context.Context, id, to string) (Reservation, []Product, error) {
+	var out Reservation
+	var changed []Product
+	err := s.writeTx(ctx, nil, func(ctx context.Context, tx *sql.Tx) error {
+		var err error
+		out, changed, err = transition(ctx, sqliteTx{s, tx}, s.nowMicro(), id, to)
+		return err
+	}, nil)
+	if err != nil {
+		return Reservation{}, nil, fmt.Errorf("reservation %s: %w", id, err)
+	}
+	return out, changed, nil
+}
+
+// Reservation returns reservation id, or ErrReservationNotFound.
+func (s *sqliteStore) Reservation(ctx context.Context, id string) (Reservation, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	r, err := loadReservation(ctx, sqliteRead{s.read}, id, false)
+	return r, translate(ctx, err)
+}
+
+// ReservationsByReference returns the newest reservations under ref.
+func (s *sqliteStore) ReservationsByReference(ctx context.Context, ref string, limit int) ([]Reservation, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	rs, err := reservationsByReference(ctx, sqliteRead{s.read}, ref, limit)
+	return rs, translate(ctx, err)
+}
+
+// ExpireReservations records up to limit due holds as expired, each in a
+// transaction of its own between client write groups, and returns how many
+// it recorded and the products that changed.
+func (s *sqliteStore) ExpireReservations(ctx context.Context, limit int) (int, []Product, error) {
+	qctx, cancel := context.WithTimeout(ctx, s.timeout)
+	ids, err := dueReservations(qctx, sqliteRead{s.read}, s.nowMicro(), limit)
+	err = translate(qctx, err)
+	cancel()
+	if err != nil {
+		return 0, nil, fmt.Errorf("expire reservations: %w", err)
+	}
+	n := 0
+	var changed []Product
+	for _, id := range ids {
+		var expired bool
+		var ps []Product
+		err := s.writeAlone(ctx, func(ctx context.Context, tx *sql.Tx) error {
+			var err error
+			expired, ps, err = expireOne(ctx, sqliteTx{s, tx}, s.nowMicro(), id)
+			return err
+		})
+		if err != nil {
+			return n, changed, fmt.Errorf("expire reservation %s: %w", id, err)
+		}
+		if expired {
+			n++
+		}
+		changed = append(changed, ps...)
+	}
+	return n, changed, nil
+}
+
+// Events returns up to limit events after seq after, in seq order, or a
+// *FeedGoneError when retention trimmed some of them. The one writer
+// commits in seq order, so what a reader sees has no gaps.
+func (s *sqliteStore) Events(ctx context.Context, after int64, limit int) ([]Event, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	es, err := readEvents(ctx, sqliteRead{s.read}, after, limit)
+	if err != nil {
+		return nil, fmt.Errorf("events: %w", translate(ctx, err))
+	}
+	return es, nil
+}
+
+// TrimEvents deletes events older than before, in batches each committed
+// alone, and returns how many it deleted.
+func (s *sqliteStore) TrimEvents(ctx context.Context, before time.Time) (int64, error) {
+	var total int64
+	for {
+		var n int64
+		err := s.writeAlone(ctx, func(ctx context.Context, tx *sql.Tx) error {
+			var err error
+			n, err = trimEvents(ctx, sqliteTx{s, tx}, before, expireBatch)
+			return err
+		})
+		total += n
+		if err != nil {
+			return total, fmt.Errorf("trim events: %w", err)
+		}
+		if n < expireBatch {
+			return total, nil
+		}
+	}
 }
 
 // ftsBatch collects the full-text index changes of one group commit, which
@@ -1030,3 +1238,77 @@ func translate(ctx context.Context, err error) error {
 	}
 	return translateGeneric(ctx, err)
 }
+
+// sqliteTx runs the inventory code's statements in the writer's
+// transaction, prepared once like the writer's own.
+type sqliteTx struct {
+	s  *sqliteStore
+	tx *sql.Tx
+}
+
+func (t sqliteTx) exec(ctx context.Context, query string, args ...any) (int64, error) {
+	res, err := t.s.exec(ctx, t.tx, query, args...)
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
+}
+
+func (t sqliteTx) queryRow(ctx context.Context, query string, args ...any) rowScanner {
+	return notFoundRow{t.s.queryRow(ctx, t.tx, query, args...)}
+}
+
+func (t sqliteTx) query(ctx context.Context, query string, args ...any) (invRows, error) {
+	st, err := t.s.wstmt(ctx, t.tx, query)
+	if err != nil {
+		return nil, err
+	}
+	rows, err := st.QueryContext(ctx, args...)
+	if err != nil {
+		return nil, err
+	}
+	return sqlRows{rows}, nil
+}
+
+func (sqliteTx) lock() string                            { return "" }
+func (sqliteTx) ts(t time.Time) any                      { return t.UnixMicro() }
+func (sqliteTx) product(row rowScanner) (Product, error) { return scanProduct(row) }
+
+// sqliteRead runs the inventory code's reads on the read-only pool.
+type sqliteRead struct{ db *sql.DB }
+
+func (r sqliteRead) exec(context.Context, string, ...any) (int64, error) {
+	return 0, errors.New("write on the read-only pool")
+}
+
+func (r sqliteRead) queryRow(ctx context.Context, query string, args ...any) rowScanner {
+	return notFoundRow{r.db.QueryRowContext(ctx, query, args...)}
+}
+
+func (r sqliteRead) query(ctx context.Context, query string, args ...any) (invRows, error) {
+	rows, err := r.db.QueryContext(ctx, query, args...)
+	if err != nil {
+		return nil, err
+	}
+	return sqlRows{rows}, nil
+}
+
+func (sqliteRead) lock() string                            { return "" }
+func (sqliteRead) ts(t time.Time) any                      { return t.UnixMicro() }
+func (sqliteRead) product(row rowScanner) (Product, error) { return scanProduct(row) }
+
+// notFoundRow scans "no rows" as ErrNotFound.
+type notFoundRow struct{ row rowScanner }
+
+func (r notFoundRow) Scan(dest ...any) error {
+	err := r.row.Scan(dest...)
+	if errors.Is(err, sql.ErrNoRows) {
+		return ErrNotFound
+	}
+	return err
+}
+
+// sqlRows is *sql.Rows as invRows.
+type sqlRows struct{ *sql.Rows }
+
+func (r sqlRows) Close() { r.Rows.Close() }

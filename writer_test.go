@@ -81,7 +81,7 @@ func TestStore_panicInWriteFailsOnlyItself(t *testing.T) {
 			waitQueued(t, s, queued)
 			queue("idempotent panic", func() (Product, error) {
 				idem := &idemWrite{key: &IdempotencyKey{Scope: "s", Key: "k", Fingerprint: "f"},
-					result: func() Product { panic("bug recording the response") }}
+					result: func() any { panic("bug recording the response") }, replay: productReplay}
 				return Product{}, s.writeTx(context.Background(), idem, func(ctx context.Context, tx *sql.Tx) error {
 					_, err := s.exec(ctx, tx, `INSERT INTO products (sku, name, price_cents, created_at, updated_at) VALUES ('IDEM', 'x', 1, 0, 0)`)
 					return err

@@ -1,0 +1,452 @@
+package main
+
+// Reservations and the change feed, written once for both engines. Each
+// engine runs this code inside its own write transaction through an invTx,
+// which hides what differs: placeholders, how a time is stored, row locks.
+//
+// Locks, where the engine has them (PostgreSQL), are always taken in the
+// same order: a reservation's row before its products', and products in id
+// order. So no two writes wait for each other in a cycle.
+//
+// A hold stops counting the moment it expires, before any sweeper records
+// it: every write that needs a product's units first ends the holding of
+// that product's expired lines (releaseDueLines), in the same transaction
+// as the write itself. The sweeper (ExpireReservations) later records the
+// reservation as expired and ends the lines still holding elsewhere.
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+)
+
+// invTx is what the inventory code needs of an engine's transaction (or,
+// for reads, its pool). Queries are written with ? placeholders. A row that
+// is not there scans as ErrNotFound.
+type invTx interface {
+	exec(ctx context.Context, query string, args ...any) (int64, error) // rows affected
+	queryRow(ctx context.Context, query string, args ...any) rowScanner
+	query(ctx context.Context, query string, args ...any) (invRows, error)
+	// lock is " FOR UPDATE" where the engine has row locks, or "" (SQLite,
+	// whose one writer runs one write at a time).
+	lock() string
+	// ts is t as the engine stores a time.
+	ts(t time.Time) any
+	// product reads the product columns (productColumns) of a row.
+	product(row rowScanner) (Product, error)
+}
+
+// invRows is a result set of several rows.
+type invRows interface {
+	Next() bool
+	Scan(dest ...any) error
+	Err() error
+	Close()
+}
+
+// dbTime scans a time stored as Unix microseconds (SQLite) or as a
+// timestamptz (PostgreSQL).
+type dbTime struct{ time.Time }
+
+func (t *dbTime) Scan(src any) error {
+	switch v := src.(type) {
+	case int64:
+		t.Time = time.UnixMicro(v).UTC()
+	case time.Time:
+		t.Time = v.UTC()
+	default:
+		return fmt.Errorf("scan a time from %T", src)
+	}
+	return nil
+}
+
+// newReservationID returns an opaque, unguessable reservation id.
+func newReservationID() string {
+	var b [16]byte
+	rand.Read(b[:])
+	return "res_" + hex.EncodeToString(b[:])
+}
+
+// appendEvent records a committed write in the change feed, in the write's
+// own transaction. A product event carries the product as it became; a
+// delete carries none, at the version one above the deleted product (the
+// tombstone's).
+func appendEvent(ctx context.Context, tx invTx, now time.Time, typ string, p *Product, r *Reservation) error {
+	var productID, version, reservationID, state, data any
+	switch {
+	case r != nil:
+		reservationID, state = r.ID, r.State
+		data, _ = json.Marshal(r) // a Reservation always encodes
+	case typ == EventProductDeleted:
+		productID, version = p.ID, p.Version+1
+	default:
+		productID, version = p.ID, p.Version
+		data, _ = json.Marshal(p)
+	}
+	_, err := tx.exec(ctx, `INSERT INTO events (type, occurred_at, product_id, version, reservation_id, state, data)
+		VALUES (?, ?, ?, ?, ?, ?, ?)`, typ, tx.ts(now), productID, version, reservationID, state, data)
+	return err
+}
+
+// releaseDueLines ends the holding of the lines on product id whose hold
+// expired by now, and returns how many units they held. The caller, which
+// holds the product's row (or the one writer), subtracts them from reserved
+// in its own update of the product.
+func releaseDueLines(ctx context.Context, tx invTx, now time.Time, id int64) (int64, error) {
+	var due int64
+	if err := tx.queryRow(ctx, `SELECT coalesce(sum(quantity), 0) FROM reservation_lines
+		WHERE product_id = ? AND holding = 1 AND expires_at <= ?`, id, tx.ts(now)).Scan(&due); err != nil {
+		return 0, err
+	}
+	if due == 0 {
+		return 0, nil
+	}
+	_, err := tx.exec(ctx, `UPDATE reservation_lines SET holding = 0
+		WHERE product_id = ? AND holding = 1 AND expires_at <= ?`, id, tx.ts(now))
+	return due, err
+}
+
+// reserve holds r.Lines for ttl, all or nothing. It returns a
+// *ValidationError naming lines whose product does not exist, or a
+// *ShortageError naming every short line, before writing anything; else
+// the held reservation and the products it changed.
+func reserve(ctx context.Context, tx invTx, now time.Time, r Reservation, ttl time.Duration) (Reservation, []Product, error) {
+	order := make([]int, len(r.Lines)) // line indexes in product id order, for the locks
+	for i := range order {
+		order[i] = i
+	}
+	slices.SortFunc(order, func(a, b int) int { return cmpInt64(r.Lines[a].ProductID, r.Lines[b].ProductID) })
+
+	current := make([]Product, len(r.Lines))
+	problems := map[string]string{}
+	for _, i := range order {
+		p, err := tx.product(tx.queryRow(ctx, `SELECT `+productColumns+` FROM products WHERE id = ?`+tx.lock(), r.Lines[i].ProductID))
+		if errors.Is(err, ErrNotFound) {
+			problems[fmt.Sprintf("lines[%d].product_id", i)] = "no product has this id"
+			continue
+		}
+		if err != nil {
+			return Reservation{}, nil, err
+		}
+		current[i] = p
+	}
+	if len(problems) > 0 {
+		return Reservation{}, nil, &ValidationError{Problems: problems}
+	}
+	due := make([]int64, len(r.Lines))
+	var short []Shortage
+	for _, i := range order {
+		var err error
+		if due[i], err = dueUnits(ctx, tx, now, current[i].ID); err != nil {
+			return Reservation{}, nil, err
+		}
+		available := current[i].Stock - (current[i].Reserved - due[i])
+		if r.Lines[i].Quantity > available {
+			short = append(short, Shortage{Line: i, ProductID: current[i].ID, Requested: r.Lines[i].Quantity, Available: max(available, 0)})
+		}
+	}
+	if len(short) > 0 {
+		slices.SortFunc(short, func(a, b Shortage) int { return a.Line - b.Line })
+		return Reservation{}, nil, &ShortageError{Lines: short}
+	}
+
+	r.State, r.CreatedAt, r.UpdatedAt, r.ExpiresAt = StateHeld, now, now, now.Add(ttl)
+	if _, err := tx.exec(ctx, `INSERT INTO reservations (id, reference, state, created_at, expires_at, updated_at)
+		VALUES (?, ?, ?, ?, ?, ?)`, r.ID, r.Reference, r.State, tx.ts(now), tx.ts(r.ExpiresAt), tx.ts(now)); err != nil {
+		return Reservation{}, nil, err
+	}
+	changed := make([]Product, 0, len(r.Lines))
+	for _, i := range order {
+		l := r.Lines[i]
+		if due[i] > 0 {
+			if _, err := releaseDueLines(ctx, tx, now, l.ProductID); err != nil {
+				return Reservation{}, nil, err
+			}
+		}
+		if _, err := tx.exec(ctx, `INSERT INTO reservation_lines (reservation_id, line, product_id, quantity, holding, expires_at)
+			VALUES (?, ?, ?, ?, 1, ?)`, r.ID, i, l.ProductID, l.Quantity, tx.ts(r.ExpiresAt)); err != nil {
+			return Reservation{}, nil, err
+		}
+		p, err := tx.product(tx.queryRow(ctx, `UPDATE products SET reserved = reserved - ? + ?, version = version + 1, updated_at = ?
+			WHERE id = ? RETURNING `+productColumns, due[i], l.Quantity, tx.ts(now), l.ProductID))
+		if err != nil {
+			return Reservation{}, nil, err
+		}
+		if err := appendEvent(ctx, tx, now, EventStockChanged, &p, nil); err != nil {
+			return Reservation{}, nil, err
+		}
+		changed = append(changed, p)
+	}
+	if err := appendEvent(ctx, tx, now, EventReservationHeld, nil, &r); err != nil {
+		return Reservation{}, nil, err
+	}
+	return r, changed, nil
+}
+
+// dueUnits returns the units that expired holds still count against
+// product id.
+func dueUnits(ctx context.Context, tx invTx, now time.Time, id int64) (int64, error) {
+	var due int64
+	err := tx.queryRow(ctx, `SELECT coalesce(sum(quantity), 0) FROM reservation_lines
+		WHERE product_id = ? AND holding = 1 AND expires_at <= ?`, id, tx.ts(now)).Scan(&due)
+	return due, err
+}
+
+// loadReservation reads reservation id, locking its row when lock is set.
+// It returns ErrReservationNotFound.
+func loadReservation(ctx context.Context, tx invTx, id string, lock bool) (Reservation, error) {
+	r := Reservation{ID: id}
+	var created, expires, updated dbTime
+	q := `SELECT reference, state, created_at, expires_at, updated_at FROM reservations WHERE id = ?`
+	if lock {
+		q += tx.lock()
+	}
+	if err := tx.queryRow(ctx, q, id).Scan(&r.Reference, &r.State, &created, &expires, &updated); err != nil {
+		if errors.Is(err, ErrNotFound) {
+			return Reservation{}, ErrReservationNotFound
+		}
+		return Reservation{}, err
+	}
+	r.CreatedAt, r.ExpiresAt, r.UpdatedAt = created.Time, expires.Time, updated.Time
+	rows, err := tx.query(ctx, `SELECT product_id, quantity FROM reservation_lines WHERE reservation_id = ? ORDER BY line`, id)
+	if err != nil {
+		return Reservation{}, err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var l ReservationLine
+		if err := rows.Scan(&l.ProductID, &l.Quantity); err != nil {
+			return Reservation{}, err
+		}
+		r.Lines = append(r.Lines, l)
+	}
+	return r, rows.Err()
+}
+
+// reservationsByReference returns the newest reservations made under ref,
+// at most limit of them, newest first.
+func reservationsByReference(ctx context.Context, tx invTx, ref string, limit int) ([]Reservation, error) {
+	rows, err := tx.query(ctx, `SELECT id FROM reservations WHERE reference = ? ORDER BY created_at DESC, id LIMIT ?`, ref, limit)
+	if err != nil {
+		return nil, err
+	}
+	var ids []string
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		ids = append(ids, id)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	out := make([]Reservation, 0, len(ids))
+	for _, id := range ids {
+		r, err := loadReservation(ctx, tx, id, false)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, r)
+	}
+	return out, nil
+}
+
+// transition moves reservation id to state to (confirmed or released). The
+// same transition again changes nothing and returns the reservation as it
+// is. A hold whose time ran out is recorded as expired instead, and
+// returned in that state with the products that changed: the caller
+// answers it as ErrReservationExpired. The other transition after one is
+// ErrInvalidState.
+func transition(ctx context.Context, tx invTx, now time.Time, id, to string) (Reservation, []Product, error) {
+	r, err := loadReservation(ctx, tx, id, true)
+	if err != nil {
+		return Reservation{}, nil, err
+	}
+	switch {
+	case r.State == to || r.State == StateExpired:
+		return r, nil, nil
+	case r.State != StateHeld:
+		return r, nil, ErrInvalidState
+	case !now.Before(r.ExpiresAt):
+		to = StateExpired
+	}
+	changed, err := finish(ctx, tx, now, &r, to)
+	return r, changed, err
+}
+
+// finish ends held reservation r in state to: confirmed takes its units out
+// of stock; released and expired give them back. Lines that a write already
+// released (their hold had expired) are skipped. It returns the products
+// that changed.
+func finish(ctx context.Context, tx invTx, now time.Time, r *Reservation, to string) ([]Product, error) {
+	rows, err := tx.query(ctx, `SELECT product_id, quantity FROM reservation_lines
+		WHERE reservation_id = ? AND holding = 1 ORDER BY product_id`, r.ID)
+	if err != nil {
+		return nil, err
+	}
+	var holding []ReservationLine
+	for rows.Next() {
+		var l ReservationLine
+		if err := rows.Scan(&l.ProductID, &l.Quantity); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		holding = append(holding, l)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	taken := int64(0) // units leaving stock per unit released
+	if to == StateConfirmed {
+		taken = 1
+	}
+	changed := make([]Product, 0, len(holding))
+	for _, l := range holding {
+		p, err := tx.product(tx.queryRow(ctx, `UPDATE products SET stock = stock - ? * ?, reserved = reserved - ?,
+			version = version + 1, updated_at = ? WHERE id = ? RETURNING `+productColumns,
+			taken, l.Quantity, l.Quantity, tx.ts(now), l.ProductID))
+		if err != nil {
+			return nil, err
+		}
+		if err := appendEvent(ctx, tx, now, EventStockChanged, &p, nil); err != nil {
+			return nil, err
+		}
+		changed = append(changed, p)
+	}
+	if _, err := tx.exec(ctx, `UPDATE reservation_lines SET holding = 0 WHERE reservation_id = ? AND holding = 1`, r.ID); err != nil {
+		return nil, err
+	}
+	if _, err := tx.exec(ctx, `UPDATE reservations SET state = ?, updated_at = ? WHERE id = ?`, to, tx.ts(now), r.ID); err != nil {
+		return nil, err
+	}
+	r.State, r.UpdatedAt = to, now
+	typ := map[string]string{StateConfirmed: EventReservationConfirmed, StateReleased: EventReservationReleased, StateExpired: EventReservationExpired}[to]
+	if err := appendEvent(ctx, tx, now, typ, nil, r); err != nil {
+		return nil, err
+	}
+	return changed, nil
+}
+
+// dueReservations returns up to limit held reservations whose time ran out.
+func dueReservations(ctx context.Context, tx invTx, now time.Time, limit int) ([]string, error) {
+	rows, err := tx.query(ctx, `SELECT id FROM reservations WHERE state = 'held' AND expires_at <= ?
+		ORDER BY expires_at LIMIT ?`, tx.ts(now), limit)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var ids []string
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			return nil, err
+		}
+		ids = append(ids, id)
+	}
+	return ids, rows.Err()
+}
+
+// expireOne records reservation id as expired if it still is held and due,
+// and reports whether it did.
+func expireOne(ctx context.Context, tx invTx, now time.Time, id string) (bool, []Product, error) {
+	r, err := loadReservation(ctx, tx, id, true)
+	if err != nil || r.State != StateHeld || now.Before(r.ExpiresAt) {
+		return false, nil, err // another write finished it first
+	}
+	changed, err := finish(ctx, tx, now, &r, StateExpired)
+	return err == nil, changed, err
+}
+
+// readEvents returns up to limit events after seq after, in seq order. It
+// returns a *FeedGoneError if retention trimmed events after after.
+func readEvents(ctx context.Context, tx invTx, after int64, limit int) ([]Event, error) {
+	var trimmed int64
+	if err := tx.queryRow(ctx, `SELECT trimmed_through FROM feed_state WHERE id = 1`).Scan(&trimmed); err != nil {
+		return nil, err
+	}
+	if after < trimmed {
+		return nil, &FeedGoneError{Oldest: trimmed + 1}
+	}
+	rows, err := tx.query(ctx, `SELECT seq, type, occurred_at, product_id, version, data FROM events
+		WHERE seq > ? ORDER BY seq LIMIT ?`, after, limit)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Event
+	for rows.Next() {
+		var e Event
+		var at dbTime
+		var productID, version *int64
+		var data []byte
+		if err := rows.Scan(&e.Seq, &e.Type, &at, &productID, &version, &data); err != nil {
+			return nil, err
+		}
+		e.OccurredAt = at.Time
+		if productID != nil {
+			e.ProductID, e.Version = *productID, *version
+		}
+		switch {
+		case len(data) == 0:
+		case productID != nil:
+			e.Product = new(Product)
+			err = json.Unmarshal(data, e.Product)
+		default:
+			e.Reservation = new(Reservation)
+			err = json.Unmarshal(data, e.Reservation)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("event %d: %w", e.Seq, err)
+		}
+		out = append(out, e)
+	}
+	return out, rows.Err()
+}
+
+// trimEvents deletes up to limit events older than before and moves the
+// trimmed-through mark past them. It returns how many it deleted.
+func trimEvents(ctx context.Context, tx invTx, before time.Time, limit int) (int64, error) {
+	var top *int64
+	if err := tx.queryRow(ctx, `SELECT max(seq) FROM (SELECT seq FROM events
+		WHERE seq IS NOT NULL AND occurred_at < ? ORDER BY seq LIMIT ?) AS t`, tx.ts(before), limit).Scan(&top); err != nil {
+		return 0, err
+	}
+	if top == nil {
+		return 0, nil
+	}
+	n, err := tx.exec(ctx, `DELETE FROM events WHERE seq <= ?`, *top)
+	if err != nil {
+		return 0, err
+	}
+	_, err = tx.exec(ctx, `UPDATE feed_state SET trimmed_through = ? WHERE id = 1 AND trimmed_through < ?`, *top, *top)
+	return n, err
+}
+
+func cmpInt64(a, b int64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// updateEvent is the event type of a product update from cur to next: a
+// change of stock alone is stock.changed.
+func updateEvent(cur, next Product) string {
+	cur.Stock = next.Stock
+	if cur == next {
+		return EventStockChanged
+	}
+	return EventProductUpdated
+}
