@@ -83,8 +83,8 @@ type serverDeps struct {
 	life         *lifecycle
 	limiter      *rateLimiter // nil: no limits; rps 0: failed authentication only
 	maxFlight    int
-	serveMetrics bool     // /metrics on this listener
-	tracing      *tracing // nil: no tracing
+	serveMetrics bool         // /metrics on this listener
+	tracing      *tracing     // nil: no tracing
 	streams      *streamSlots // change-feed streams; nil: defaultFeedStreams
 }
 
@@ -647,14 +647,14 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	status, slug, detail := http.StatusInternalServerError, "", ""
 	var problems map[string]string
 	var (
-		herr *httpError
-		bad  *BadRequestError
-		verr *ValidationError
-		uerr *UnavailableError
+		herr  *httpError
+		bad   *BadRequestError
+		verr  *ValidationError
+		uerr  *UnavailableError
 		rerr  *rateLimitError
 		short *ShortageError
 		gone  *FeedGoneError
-		rp   *Replay
+		rp    *Replay
 	)
 	switch {
 	case errors.As(err, &rp):

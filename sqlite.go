@@ -538,7 +538,7 @@ type writeOp struct {
 // write twice.
 type idemWrite struct {
 	key    *IdempotencyKey
-	result func() any                     // the Product or Reservation the write produced
+	result func() any                    // the Product or Reservation the write produced
 	replay func([]byte) (*Replay, error) // reads a stored result back
 }
 
