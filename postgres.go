@@ -827,6 +827,12 @@ func (s *postgresStore) Events(ctx context.Context, after int64, limit int) ([]E
 // TrimEvents deletes events older than before, in batches, and returns how
 // many it deleted.
 func (s *postgresStore) TrimEvents(ctx context.Context, before time.Time) (int64, error) {
+	sctx, cancel := context.WithTimeout(ctx, s.timeout)
+	err := s.sequenceEvents(sctx) // only sequenced events are trimmed
+	cancel()
+	if err != nil {
+		return 0, fmt.Errorf("trim events: %w", pgTranslate(ctx, err))
+	}
 	var total int64
 	for {
 		var n int64
