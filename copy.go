@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -83,9 +84,112 @@ func copyToPostgres(ctx context.Context, cfg StoreConfig, dstURL string, progres
 		after = rs[len(rs)-1].idemKeyPos
 		records += int64(len(rs))
 	}
-	fmt.Fprintf(progress, "copied %d products (%d written, %d already up to date) and %d idempotency records\n",
-		copied, written, copied-written, records)
+	var rows [3]int64
+	for i, t := range copiedTables {
+		if rows[i], err = copyTable(ctx, src, dst, t); err != nil {
+			return fmt.Errorf("copy: %s: %w", t.name, err)
+		}
+	}
+	if _, err := dst.pool.Exec(ctx, `SELECT setval(pg_get_serial_sequence('events', 'id'), greatest(
+			(SELECT coalesce(max(id), 0) FROM events), nextval(pg_get_serial_sequence('events', 'id')) - 1, 1))`); err != nil {
+		return fmt.Errorf("copy: event id sequence: %w", err)
+	}
+	var trimmed int64
+	if err := src.read.QueryRowContext(ctx, `SELECT trimmed_through FROM feed_state WHERE id = 1`).Scan(&trimmed); err != nil {
+		return fmt.Errorf("copy: feed state: %w", translate(ctx, err))
+	}
+	if _, err := dst.pool.Exec(ctx, `UPDATE feed_state SET trimmed_through = greatest(trimmed_through, $1) WHERE id = 1`, trimmed); err != nil {
+		return fmt.Errorf("copy: feed state: %w", err)
+	}
+	fmt.Fprintf(progress, "copied %d products (%d written, %d already up to date), %d idempotency records, %d reservations (%d lines) and %d events\n",
+		copied, written, copied-written, records, rows[0], rows[1], rows[2])
 	return nil
+}
+
+// copiedTable is a table -copy-to moves row by row, in key order: the
+// SQLite query reads a page after a key, the PostgreSQL statement writes
+// one row and leaves a row already there as it is, unless newer (update).
+type copiedTable struct {
+	name   string
+	read   string // SELECT … WHERE key > ? ORDER BY key LIMIT ?, key columns first
+	keys   int    // how many leading columns are the key
+	write  string // INSERT … ON CONFLICT …, one $n a column
+	micros []int  // columns SQLite stores as Unix microseconds
+}
+
+var copiedTables = []copiedTable{
+	{name: "reservations", keys: 1, micros: []int{3, 4, 5},
+		read: `SELECT id, reference, state, created_at, expires_at, updated_at FROM reservations WHERE id > ? ORDER BY id LIMIT ?`,
+		write: `INSERT INTO reservations (id, reference, state, created_at, expires_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6)
+			ON CONFLICT (id) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at
+			WHERE reservations.updated_at < excluded.updated_at`},
+	{name: "reservation lines", keys: 2, micros: []int{5},
+		read: `SELECT reservation_id, line, product_id, quantity, holding, expires_at FROM reservation_lines
+			WHERE (reservation_id, line) > (?, ?) ORDER BY reservation_id, line LIMIT ?`,
+		write: `INSERT INTO reservation_lines (reservation_id, line, product_id, quantity, holding, expires_at)
+			VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (reservation_id, line) DO UPDATE SET holding = least(reservation_lines.holding, excluded.holding)`},
+	// Events keep their seq (and take it as their id), so a consumer's
+	// position means the same after the move; PostgreSQL's sequencer goes on
+	// from the highest.
+	{name: "events", keys: 1, micros: []int{2},
+		read: `SELECT seq, type, occurred_at, product_id, version, reservation_id, state, data FROM events WHERE seq > ? ORDER BY seq LIMIT ?`,
+		write: `INSERT INTO events (id, seq, type, occurred_at, product_id, version, reservation_id, state, data)
+			VALUES ($1, $1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING`},
+}
+
+// copyTable copies t from src to dst in pages of copyBatch rows, each page
+// one transaction, and returns how many rows it read.
+func copyTable(ctx context.Context, src *sqliteStore, dst *postgresStore, t copiedTable) (int64, error) {
+	after := make([]any, t.keys)
+	for i := range after {
+		after[i] = "" // sorts before every id; a line number or seq is never below 0
+		if i > 0 || t.name == "events" {
+			after[i] = int64(-1)
+		}
+	}
+	var total int64
+	for {
+		rows, err := src.read.QueryContext(ctx, t.read, append(slices.Clone(after), copyBatch)...)
+		if err != nil {
+			return total, translate(ctx, err)
+		}
+		var page [][]any
+		for rows.Next() {
+			cols, _ := rows.Columns()
+			vals := make([]any, len(cols))
+			ptrs := make([]any, len(cols))
+			for i := range vals {
+				ptrs[i] = &vals[i]
+			}
+			if err := rows.Scan(ptrs...); err != nil {
+				rows.Close()
+				return total, err
+			}
+			for _, i := range t.micros {
+				vals[i] = time.UnixMicro(vals[i].(int64)).UTC()
+			}
+			page = append(page, vals)
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return total, err
+		}
+		if len(page) == 0 {
+			return total, nil
+		}
+		err = pgx.BeginFunc(ctx, dst.pool, func(tx pgx.Tx) error {
+			b := &pgx.Batch{}
+			for _, vals := range page {
+				b.Queue(t.write, vals...)
+			}
+			return tx.SendBatch(ctx, b).Close()
+		})
+		if err != nil {
+			return total, err
+		}
+		total += int64(len(page))
+		after = page[len(page)-1][:t.keys]
+	}
 }
 
 // productsAfter returns up to n products with ids above after, in id order.
@@ -149,15 +253,15 @@ func (s *postgresStore) upsertProducts(ctx context.Context, ps []Product) (int64
 		b := &pgx.Batch{}
 		for _, p := range ps {
 			b.Queue(`INSERT INTO products
-				(id, sku, name, description, category, price_cents, currency, stock, version, created_at, updated_at, search)
-				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, to_tsvector('simple', $12))
+				(id, sku, name, description, category, price_cents, currency, stock, reserved, version, created_at, updated_at, search)
+				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $13, $9, $10, $11, to_tsvector('simple', $12))
 				ON CONFLICT (id) DO UPDATE SET sku = excluded.sku, name = excluded.name, description = excluded.description,
 					category = excluded.category, price_cents = excluded.price_cents, currency = excluded.currency,
-					stock = excluded.stock, version = excluded.version, created_at = excluded.created_at,
+					stock = excluded.stock, reserved = excluded.reserved, version = excluded.version, created_at = excluded.created_at,
 					updated_at = excluded.updated_at, search = excluded.search
 				WHERE products.version < excluded.version`,
 				p.ID, p.SKU, p.Name, p.Description, p.Category, p.PriceCents, p.Currency, p.Stock, p.Version,
-				p.CreatedAt, p.UpdatedAt, searchText(p.Name, p.Description))
+				p.CreatedAt, p.UpdatedAt, searchText(p.Name, p.Description), p.Reserved)
 		}
 		br := tx.SendBatch(ctx, b)
 		for i := range ps {

@@ -196,6 +196,26 @@ func TestRun_copyTo(t *testing.T) {
 		t.Fatal(err)
 	}
 	want = append(want, keyed)
+	// A hold still open and one confirmed: the move keeps both, and the
+	// units they hold or took.
+	open, _, err := src.Reserve(t.Context(), hold("cp-open", ReservationLine{want[1].ID, 1}), time.Hour, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done, _, err := src.Reserve(t.Context(), hold("cp-done", ReservationLine{want[2].ID, 2}), time.Hour, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if done, _, err = src.Transition(t.Context(), done.ID, StateConfirmed); err != nil {
+		t.Fatal(err)
+	}
+	for _, i := range []int{1, 2} {
+		want[i] = mustGet(t, src, want[i].ID)
+	}
+	srcEvents, err := src.Events(t.Context(), 0, 10_000)
+	if err != nil {
+		t.Fatal(err)
+	}
 	src.Close()
 
 	url := newTestDatabase(t)
@@ -234,6 +254,18 @@ func TestRun_copyTo(t *testing.T) {
 		}
 	}
 	check()
+	for _, r := range []Reservation{open, done} {
+		if got, err := dst.Reservation(t.Context(), r.ID); err != nil || !cmp.Equal(got, r) {
+			t.Errorf("copied reservation = %+v, %v, want %+v", got, err, r)
+		}
+	}
+	dstEvents, err := dst.Events(t.Context(), 0, 10_000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(srcEvents, dstEvents); diff != "" {
+		t.Errorf("copied feed (-sqlite +postgres):\n%s", diff)
+	}
 	// Search works on copied rows; the key replays; new ids follow the old.
 	if page, err := dst.List(t.Context(), ListFilter{Limit: 5, Sort: "id", Terms: []string{"e", "2499"}}); err != nil || len(page.Items) != 1 {
 		t.Errorf("search on copied rows = %+v, %v, want one product", page.Items, err)
@@ -248,6 +280,14 @@ func TestRun_copyTo(t *testing.T) {
 	if fresh.ID <= keyed.ID {
 		t.Errorf("first PostgreSQL id = %d, want above the copied %d", fresh.ID, keyed.ID)
 	}
+	if es, err := dst.Events(t.Context(), srcEvents[len(srcEvents)-1].Seq, 10); err != nil || len(es) != 1 || es[0].Seq != srcEvents[len(srcEvents)-1].Seq+1 {
+		t.Errorf("the feed after the copied events = %+v, %v, want the new product's event next", es, err)
+	}
+	// The open hold still holds, on PostgreSQL now.
+	if _, _, err := dst.Transition(t.Context(), open.ID, StateReleased); err != nil {
+		t.Errorf("releasing the copied hold: %v", err)
+	}
+	want[1] = mustGet(t, dst, want[1].ID)
 
 	// Re-running changes nothing, and keeps a change made in PostgreSQL.
 	changed, err := dst.AdjustStock(t.Context(), want[0].ID, 7, nil, nil)
