@@ -662,11 +662,16 @@ func (s *sqliteStore) commitGroup(ops []*writeOp) {
 			errs[i] = err // the client left before its write started: skip it
 			continue
 		}
-		// A write of one statement is atomic by itself: SQLite backs out a
-		// failed statement and the transaction goes on. Only writes of more
-		// than one statement (those recording an idempotency key) need a
-		// savepoint. Savepoints are not free: releasing one makes FTS5 flush
-		// its pending index, which done per write costs more than the write.
+		// A write refused by a check (not found, a conflict, short stock) is
+		// refused before it writes, or by its first writing statement, which
+		// SQLite backs out alone: every write is built that way, so after a
+		// refusal nothing of it is left and the transaction goes on. What
+		// follows that statement (the feed event, released lines) fails
+		// only with the database, and then the whole group fails (below).
+		// Only a write recording an idempotency key needs a savepoint, as a
+		// replay is found after its record was looked up. Savepoints are not
+		// free: releasing one makes FTS5 flush its pending index, which done
+		// per write costs more than the write.
 		savepoint := op.idem != nil
 		mark := s.fts.mark()
 		if savepoint {
