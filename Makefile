@@ -45,6 +45,7 @@ test-faults:
 ## fuzz: run each fuzz target for FUZZTIME
 fuzz:
 	go test -run '^$$' -fuzz '^FuzzDecodeProductInput$$' -fuzztime $(FUZZTIME) .
+	go test -run '^$$' -fuzz '^FuzzDecodeReservationInput$$' -fuzztime $(FUZZTIME) .
 	go test -run '^$$' -fuzz '^FuzzParseListQuery$$' -fuzztime $(FUZZTIME) .
 	go test -run '^$$' -fuzz '^FuzzHandler$$' -fuzztime $(FUZZTIME) .
 

@@ -106,6 +106,48 @@ func FuzzDecodeProductInput(f *testing.F) {
 	})
 }
 
+// FuzzDecodeReservationInput checks that decoding a POST /reservations body
+// never panics, fails only with a *BadRequestError or a *ValidationError,
+// and that a body the service accepts is valid to the ReservationInput
+// schema (the reference pattern says what unicode.IsPrint allows).
+func FuzzDecodeReservationInput(f *testing.F) {
+	for _, s := range []string{
+		`{"reference":"order-123","lines":[{"product_id":1,"quantity":2}],"ttl_seconds":900}`,
+		`{"reference":"caf\u00e9 \ud83d\ude00 #1","lines":[{"product_id":1,"quantity":1},{"product_id":2,"quantity":1000000000000}]}`,
+		`{"reference":"a\u00a0b","lines":[{"product_id":1,"quantity":1}]}`,
+		`{"reference":"a\u200bb","lines":[{"product_id":1,"quantity":1}]}`,
+		`{"reference":"\ud800","lines":[{"product_id":1,"quantity":1}]}`,
+		`{"reference":" ","lines":[{"product_id":1,"quantity":1}],"ttl_seconds":86400}`,
+		`{"reference":"o","lines":[{"product_id":1,"quantity":1},{"product_id":1,"quantity":2}]}`,
+		`{"reference":"o","lines":[{"product_id":1}]}`,
+		`{"reference":"o","lines":[{"product_id":1,"quantity":1,"x":1}]}`,
+		`{"reference":"o","lines":[null]}`,
+		`{"reference":"o","lines":{}}`,
+		`{"reference":"o","lines":[],"ttl_seconds":0}`,
+		`[]`, `{`, ``,
+	} {
+		f.Add([]byte(s))
+	}
+	inputSchema := fzSchema(f, oaLoadDoc(f), "ReservationInput")
+	f.Fuzz(func(t *testing.T, body []byte) {
+		in, err := decodeReservationInput(body)
+		if err != nil {
+			_, bad := errors.AsType[*BadRequestError](err)
+			_, invalid := errors.AsType[*ValidationError](err)
+			if !bad && !invalid {
+				t.Fatalf("decodeReservationInput(%q) error = %#v, want a *BadRequestError or a *ValidationError", body, err)
+			}
+			return
+		}
+		if problems := in.Valid(); len(problems) > 0 {
+			return
+		}
+		if err := fzVisit(inputSchema, body, false); err != nil {
+			t.Errorf("body %q is valid to the service but not to the ReservationInput schema: %v", body, err)
+		}
+	})
+}
+
 // FuzzParseListQuery checks that parsing a listing query never panics,
 // that an accepted query gives a filter within the documented bounds, and
 // that the cursor after any real product decodes back to itself.

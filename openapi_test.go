@@ -1,8 +1,10 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"go/ast"
 	"go/parser"
@@ -17,7 +19,9 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/getkin/kin-openapi/openapi3"
 	"github.com/getkin/kin-openapi/openapi3filter"
@@ -229,6 +233,9 @@ type oaCase struct {
 	// docMethod is the operation whose responses document this one, for a
 	// 405 to a method the path does not have.
 	docMethod string
+	// problem, if set, is the problem type the answer must name
+	// ("insufficient-stock" for /problems/insufficient-stock).
+	problem string
 	// docRejects marks a request the server refuses for a rule the document
 	// states in its schemas: validating it against the document must fail
 	// too, so generated clients and testers learn the rule from the document.
@@ -255,6 +262,10 @@ var oaUnexercised = map[string]string{
 // undeclared status fails the validation of its response.
 func TestOpenAPI_Responses(t *testing.T) {
 	s := mtNewServer(t)
+	// The store's clock runs ahead by skew, so a hold can expire without a
+	// wait. Set before the server takes any request.
+	var skew atomic.Int64
+	s.store.now = func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }
 	srv := httptest.NewServer(s.handler)
 	t.Cleanup(srv.Close)
 	router := oaRouter(t, srv)
@@ -383,6 +394,8 @@ func TestOpenAPI_Responses(t *testing.T) {
 		// Sequential and in order: later cases depend on earlier writes.
 		oaRun(t, srv, router, seen, tc)
 	}
+	oaReservationResponses(t, srv, router, seen, &skew)
+	oaEventResponses(t, srv, router, seen, s.store, &skew)
 
 	oaFaultResponses(t, seen)
 
@@ -432,6 +445,12 @@ func oaFaultResponses(t *testing.T, seen oaCoverage) {
 			{name: "delete", method: "DELETE", path: "/products/1", want: want},
 			{name: "set stock", method: "PUT", path: "/products/1/stock", body: `{"stock":1}`, want: want},
 			{name: "adjust", method: "POST", path: "/products/1/stock/adjustments", body: `{"delta":1}`, want: want},
+			{name: "reserve", method: "POST", path: "/reservations", body: `{"reference":"f","lines":[{"product_id":1,"quantity":1}]}`, want: want},
+			{name: "find reservations", method: "GET", path: "/reservations?reference=f", want: want},
+			{name: "get reservation", method: "GET", path: "/reservations/" + oaNoSuchReservation, want: want},
+			{name: "confirm", method: "POST", path: "/reservations/" + oaNoSuchReservation + "/confirm", want: want},
+			{name: "release", method: "POST", path: "/reservations/" + oaNoSuchReservation + "/release", want: want},
+			{name: "events", method: "GET", path: "/events", want: want},
 		}
 	}
 	run := func(srv *httptest.Server, prefix string, cases []oaCase) {
@@ -563,6 +582,19 @@ func (oaPanicStore) AdjustStock(context.Context, int64, int64, func(int64) error
 func (oaPanicStore) Delete(context.Context, int64, func(Product) error) (Product, error) {
 	panic("test: store bug")
 }
+func (oaPanicStore) Reserve(context.Context, Reservation, time.Duration, *IdempotencyKey) (Reservation, []Product, error) {
+	panic("test: store bug")
+}
+func (oaPanicStore) Transition(context.Context, string, string) (Reservation, []Product, error) {
+	panic("test: store bug")
+}
+func (oaPanicStore) Reservation(context.Context, string) (Reservation, error) {
+	panic("test: store bug")
+}
+func (oaPanicStore) ReservationsByReference(context.Context, string, int) ([]Reservation, error) {
+	panic("test: store bug")
+}
+func (oaPanicStore) Events(context.Context, int64, int) ([]Event, error) { panic("test: store bug") }
 
 // oaCoverage records the documented responses the contract tests saw:
 // "GET /products/{id}" → status → seen.
@@ -589,9 +621,10 @@ func oaRouter(tb testing.TB, srv *httptest.Server) routers.Router {
 }
 
 // oaRun sends tc to srv and validates the response with the route router
-// finds for it, recording what it saw in seen. A 405 is validated against,
-// and recorded for, every operation of the path: each documents it.
-func oaRun(t *testing.T, srv *httptest.Server, router routers.Router, seen oaCoverage, tc oaCase) {
+// finds for it, recording what it saw in seen, and returns the body. A 405
+// is validated against, and recorded for, every operation of the path: each
+// documents it.
+func oaRun(t *testing.T, srv *httptest.Server, router routers.Router, seen oaCoverage, tc oaCase) []byte {
 	t.Helper()
 	newReq := func(method string) *http.Request {
 		var body io.Reader
@@ -605,7 +638,7 @@ func oaRun(t *testing.T, srv *httptest.Server, router routers.Router, seen oaCov
 		if tc.body != "" {
 			req.Header.Set("Content-Type", "application/json")
 		}
-		if !tc.noAuth && method != http.MethodGet {
+		if !tc.noAuth && (method != http.MethodGet || oaNeedsToken(router, req)) {
 			req.Header.Set("Authorization", "Bearer "+mtToken)
 		}
 		for k, v := range tc.header {
@@ -626,7 +659,13 @@ func oaRun(t *testing.T, srv *httptest.Server, router routers.Router, seen oaCov
 	}
 	if resp.StatusCode != tc.want {
 		t.Errorf("%s: %s %s status = %d, want %d; body: %s", tc.name, tc.method, tc.path, resp.StatusCode, tc.want, body)
-		return
+		return body
+	}
+	if tc.problem != "" {
+		var p struct{ Type string }
+		if json.Unmarshal(body, &p); p.Type != "/problems/"+tc.problem {
+			t.Errorf("%s: %s %s problem type = %q, want /problems/%s", tc.name, tc.method, tc.path, p.Type, tc.problem)
+		}
 	}
 
 	routeMethod := tc.method
@@ -636,7 +675,7 @@ func oaRun(t *testing.T, srv *httptest.Server, router routers.Router, seen oaCov
 	route, _, err := router.FindRoute(newReq(routeMethod))
 	if err != nil {
 		t.Errorf("%s: no documented route for %s %s: %v", tc.name, routeMethod, tc.path, err)
-		return
+		return body
 	}
 	methods := []string{routeMethod}
 	if resp.StatusCode == http.StatusMethodNotAllowed {
@@ -646,6 +685,21 @@ func oaRun(t *testing.T, srv *httptest.Server, router routers.Router, seen oaCov
 		oaValidate(t, router, newReq(method), tc, resp, body)
 		seen.add(method+" "+route.Path, resp.StatusCode)
 	}
+	return body
+}
+
+// oaNeedsToken reports whether the operation req is for requires the bearer
+// token: reads of products are public, reservations and the feed are not.
+func oaNeedsToken(router routers.Router, req *http.Request) bool {
+	route, _, err := router.FindRoute(req)
+	if err != nil {
+		return false
+	}
+	sec := route.Operation.Security
+	if sec == nil {
+		sec = &route.Spec.Security
+	}
+	return len(*sec) > 0
 }
 
 // oaValidate checks one response against the operation routeReq routes to.
@@ -660,6 +714,9 @@ func oaValidate(t *testing.T, router routers.Router, routeReq *http.Request, tc 
 		IncludeResponseStatus: true, // an undocumented status is an error
 		MultiError:            true,
 		AuthenticationFunc:    openapi3filter.NoopAuthenticationFunc,
+		// Validate the request as sent: filling in defaults would turn a
+		// null the server refuses into the default the schema accepts.
+		SkipSettingDefaults: true,
 	}
 	in := &openapi3filter.RequestValidationInput{Request: routeReq, PathParams: params, Route: route, Options: opts}
 	if resp.StatusCode < 300 {
@@ -729,7 +786,14 @@ func TestOpenAPI_declaredStatuses(t *testing.T) {
 			want = append(want, http.StatusBadRequest, http.StatusRequestEntityTooLarge, http.StatusUnsupportedMediaType, http.StatusUnprocessableEntity)
 		}
 		if params["path id"] {
-			want = append(want, http.StatusBadRequest, http.StatusNotFound)
+			want = append(want, http.StatusNotFound)
+			for _, p := range append(slices.Clone(item.Parameters), op.Parameters...) {
+				if p.Value.In == "path" && p.Value.Schema.Value.Type.Is("integer") {
+					// parseID refuses what is not a positive int64; an
+					// opaque (string) id that cannot exist is only not found.
+					want = append(want, http.StatusBadRequest)
+				}
+			}
 		}
 		if params["header If-Match"] {
 			want = append(want, http.StatusBadRequest, http.StatusPreconditionFailed)
@@ -760,4 +824,266 @@ func TestOpenAPI_declaredStatuses(t *testing.T) {
 			t.Errorf("errorStatus maps %v to %d, which no operation declares", e.err, e.status)
 		}
 	}
+}
+
+// oaNoSuchReservation is a well-formed reservation id no test creates.
+const oaNoSuchReservation = "res_00000000000000000000000000000000"
+
+// oaID reads the id of a product or reservation from a response body.
+func oaID[T int64 | string](t *testing.T, body []byte) T {
+	t.Helper()
+	var v struct{ ID T }
+	if err := json.Unmarshal(body, &v); err != nil {
+		t.Fatalf("read the id of %s: %v", body, err)
+	}
+	return v.ID
+}
+
+// oaReservationResponses provokes the responses of the reservation routes,
+// and the ones open holds give the product routes. skew moves the store's
+// clock, so a hold expires at once.
+func oaReservationResponses(t *testing.T, srv *httptest.Server, router routers.Router, seen oaCoverage, skew *atomic.Int64) {
+	run := func(tc oaCase) []byte { t.Helper(); return oaRun(t, srv, router, seen, tc) }
+	p := oaID[int64](t, run(oaCase{name: "product to reserve", method: "POST", path: "/products",
+		body: `{"sku":"OA-R","name":"pen","price_cents":150,"stock":10}`, want: 201}))
+	q := oaID[int64](t, run(oaCase{name: "scarce product", method: "POST", path: "/products",
+		body: `{"sku":"OA-S","name":"ink","price_cents":90,"stock":1}`, want: 201}))
+	hold := func(ref string, qty int64, extra string) string {
+		return fmt.Sprintf(`{"reference":%q,"lines":[{"product_id":%d,"quantity":%d}]%s}`, ref, p, qty, extra)
+	}
+	big := `{"reference":"order-x","lines":[],"pad":"` + strings.Repeat("x", maxBodyBytes) + `"}`
+
+	a := oaID[string](t, run(oaCase{name: "reserve", method: "POST", path: "/reservations", body: hold("order-1", 2, `,"ttl_seconds":600`),
+		header: map[string]string{"Idempotency-Key": "res-1"}, want: 201}))
+	for _, tc := range []oaCase{
+		{name: "reserve replayed", method: "POST", path: "/reservations", body: hold("order-1", 2, `,"ttl_seconds":600`),
+			header: map[string]string{"Idempotency-Key": "res-1"}, want: 201},
+		{name: "reserve key reused with another body", method: "POST", path: "/reservations", body: hold("order-1", 3, ""),
+			header: map[string]string{"Idempotency-Key": "res-1"}, want: 422, problem: "idempotency-key-reused"},
+		{name: "reserve malformed idempotency key", method: "POST", path: "/reservations", body: hold("order-1", 1, ""),
+			header: map[string]string{"Idempotency-Key": ""}, want: 400, docRejects: true},
+		{name: "reserve short lines", method: "POST", path: "/reservations",
+			body: fmt.Sprintf(`{"reference":"order-2","lines":[{"product_id":%d,"quantity":100},{"product_id":%d,"quantity":5}]}`, p, q), want: 409, problem: "insufficient-stock"},
+		{name: "reserve unknown product", method: "POST", path: "/reservations", body: `{"reference":"order-2","lines":[{"product_id":999999,"quantity":1}]}`, want: 422, problem: "validation"},
+		{name: "reserve blank reference", method: "POST", path: "/reservations", body: `{"reference":"","lines":[{"product_id":1,"quantity":1}]}`, want: 422, docRejects: true},
+		{name: "reserve unprintable reference", method: "POST", path: "/reservations", body: `{"reference":"a\u0007b","lines":[{"product_id":1,"quantity":1}]}`, want: 422, docRejects: true},
+		{name: "reserve no lines", method: "POST", path: "/reservations", body: `{"reference":"order-2","lines":[]}`, want: 422, docRejects: true},
+		{name: "reserve a product twice", method: "POST", path: "/reservations",
+			body: fmt.Sprintf(`{"reference":"order-2","lines":[{"product_id":%d,"quantity":1},{"product_id":%d,"quantity":1}]}`, p, p), want: 422, docRejects: true},
+		{name: "reserve zero quantity", method: "POST", path: "/reservations", body: hold("order-2", 0, ""), want: 422, docRejects: true},
+		{name: "reserve ttl too long", method: "POST", path: "/reservations", body: hold("order-2", 1, `,"ttl_seconds":86401`), want: 422, docRejects: true},
+		{name: "reserve line without quantity", method: "POST", path: "/reservations", body: `{"reference":"order-2","lines":[{"product_id":1}]}`, want: 422, docRejects: true},
+		{name: "reserve line unknown field", method: "POST", path: "/reservations", body: `{"reference":"order-2","lines":[{"product_id":1,"quantity":1,"sku":"A"}]}`, want: 400, docRejects: true},
+		{name: "reserve null ttl", method: "POST", path: "/reservations", body: hold("order-2", 1, `,"ttl_seconds":null`), want: 400, docRejects: true},
+		{name: "reserve malformed JSON", method: "POST", path: "/reservations", body: `{"reference":`, want: 400},
+		{name: "reserve text/plain", method: "POST", path: "/reservations", body: hold("order-2", 1, ""), header: map[string]string{"Content-Type": "text/plain"}, want: 415},
+		{name: "reserve too large", method: "POST", path: "/reservations", body: big, want: 413},
+		{name: "reserve without token", method: "POST", path: "/reservations", body: hold("order-2", 1, ""), noAuth: true, want: 401},
+		{name: "reservations wrong method", method: "PUT", path: "/reservations", body: hold("order-2", 1, ""), want: 405, docMethod: "GET"},
+
+		{name: "find by reference", method: "GET", path: "/reservations?reference=order-1", want: 200},
+		{name: "find by unknown reference", method: "GET", path: "/reservations?reference=nobody", want: 200},
+		{name: "find without reference", method: "GET", path: "/reservations", want: 400, docRejects: true},
+		{name: "find unknown parameter", method: "GET", path: "/reservations?reference=order-1&state=held", want: 400},
+		{name: "find without token", method: "GET", path: "/reservations?reference=order-1", noAuth: true, want: 401},
+
+		{name: "get reservation", method: "GET", path: "/reservations/" + a, want: 200},
+		{name: "get unknown reservation", method: "GET", path: "/reservations/" + oaNoSuchReservation, want: 404, problem: "reservation-not-found"},
+		{name: "get malformed reservation id", method: "GET", path: "/reservations/42", want: 404, problem: "reservation-not-found"},
+		{name: "get reservation without token", method: "GET", path: "/reservations/" + a, noAuth: true, want: 401},
+		{name: "reservation wrong method", method: "DELETE", path: "/reservations/" + a, want: 405, docMethod: "GET"},
+
+		{name: "delete a held product", method: "DELETE", path: fmt.Sprintf("/products/%d", p), want: 409, problem: "product-reserved"},
+		{name: "set stock below reserved", method: "PUT", path: fmt.Sprintf("/products/%d/stock", p), body: `{"stock":1}`, want: 409, problem: "insufficient-stock"},
+
+		{name: "confirm", method: "POST", path: "/reservations/" + a + "/confirm", want: 200},
+		{name: "confirm again", method: "POST", path: "/reservations/" + a + "/confirm", want: 200},
+		{name: "release a confirmed one", method: "POST", path: "/reservations/" + a + "/release", want: 409, problem: "invalid-state"},
+		{name: "confirm with a body", method: "POST", path: "/reservations/" + a + "/confirm", body: `{}`, want: 400},
+		{name: "confirm unknown", method: "POST", path: "/reservations/" + oaNoSuchReservation + "/confirm", want: 404, problem: "reservation-not-found"},
+		{name: "confirm without token", method: "POST", path: "/reservations/" + a + "/confirm", noAuth: true, want: 401},
+		{name: "confirm wrong method", method: "GET", path: "/reservations/" + a + "/confirm", want: 405, docMethod: "POST"},
+	} {
+		run(tc)
+	}
+
+	b := oaID[string](t, run(oaCase{name: "reserve to release", method: "POST", path: "/reservations", body: hold("order-3", 1, ""), want: 201}))
+	for _, tc := range []oaCase{
+		{name: "release", method: "POST", path: "/reservations/" + b + "/release", want: 200},
+		{name: "release again", method: "POST", path: "/reservations/" + b + "/release", want: 200},
+		{name: "confirm a released one", method: "POST", path: "/reservations/" + b + "/confirm", want: 409, problem: "invalid-state"},
+		{name: "release with a body", method: "POST", path: "/reservations/" + b + "/release", body: `{"reason":"payment failed"}`, want: 400},
+		{name: "release unknown", method: "POST", path: "/reservations/" + oaNoSuchReservation + "/release", want: 404, problem: "reservation-not-found"},
+		{name: "release without token", method: "POST", path: "/reservations/" + b + "/release", noAuth: true, want: 401},
+		{name: "release wrong method", method: "PUT", path: "/reservations/" + b + "/release", want: 405, docMethod: "POST"},
+	} {
+		run(tc)
+	}
+
+	// A hold that runs out: the store's clock jumps past expires_at.
+	c := oaID[string](t, run(oaCase{name: "reserve to expire", method: "POST", path: "/reservations", body: hold("order-4", 1, `,"ttl_seconds":60`), want: 201}))
+	skew.Add(int64(2 * time.Minute))
+	run(oaCase{name: "confirm an expired one", method: "POST", path: "/reservations/" + c + "/confirm", want: 409, problem: "reservation-expired"})
+	run(oaCase{name: "release an expired one", method: "POST", path: "/reservations/" + c + "/release", want: 409, problem: "reservation-expired"})
+	if body := run(oaCase{name: "get an expired one", method: "GET", path: "/reservations/" + c, want: 200}); !bytes.Contains(body, []byte(`"state":"expired"`)) {
+		t.Errorf("GET /reservations/%s after its expiry = %s, want state expired", c, body)
+	}
+	run(oaCase{name: "delete a product whose holds ended", method: "DELETE", path: fmt.Sprintf("/products/%d", q), want: 204})
+}
+
+// oaEventResponses provokes the responses of GET /events, as JSON and as a
+// stream, and the 410 of a position retention has trimmed.
+func oaEventResponses(t *testing.T, srv *httptest.Server, router routers.Router, seen oaCoverage, st *sqliteStore, skew *atomic.Int64) {
+	run := func(tc oaCase) []byte { t.Helper(); return oaRun(t, srv, router, seen, tc) }
+	body := run(oaCase{name: "events", method: "GET", path: "/events?limit=1000", want: 200})
+	var page struct {
+		Events []struct {
+			Seq  int64
+			Type string
+		}
+		NextAfter int64 `json:"next_after"`
+	}
+	if err := json.Unmarshal(body, &page); err != nil || len(page.Events) == 0 {
+		t.Fatalf("GET /events = %s (%v), want the events of the writes above", body, err)
+	}
+	types := make(map[string]bool)
+	for _, e := range page.Events {
+		types[e.Type] = true
+	}
+	// Each type was validated against the document above.
+	for _, typ := range []string{EventProductCreated, EventProductUpdated, EventProductDeleted, EventStockChanged,
+		EventReservationHeld, EventReservationConfirmed, EventReservationReleased, EventReservationExpired} {
+		if !types[typ] {
+			t.Errorf("GET /events has no %s event; the contract requests above should make one", typ)
+		}
+	}
+	last := page.NextAfter
+	for _, tc := range []oaCase{
+		{name: "events page", method: "GET", path: "/events?after=1&limit=2", want: 200},
+		{name: "events up to date", method: "GET", path: fmt.Sprintf("/events?after=%d", last), want: 200},
+		{name: "events negative after", method: "GET", path: "/events?after=-1", want: 400, docRejects: true},
+		{name: "events limit too big", method: "GET", path: "/events?limit=1001", want: 400, docRejects: true},
+		{name: "events unknown parameter", method: "GET", path: "/events?since=1", want: 400},
+		{name: "events malformed Last-Event-ID", method: "GET", path: "/events",
+			header: map[string]string{"Accept": "text/event-stream", "Last-Event-ID": "x"}, want: 400, docRejects: true},
+		{name: "events without token", method: "GET", path: "/events", noAuth: true, want: 401},
+		{name: "events wrong method", method: "POST", path: "/events", want: 405, docMethod: "GET"},
+	} {
+		run(tc)
+	}
+	oaStream(t, srv, router, seen, "events stream", "/events", map[string]string{"Last-Event-ID": strconv.FormatInt(last-3, 10)})
+	oaStream(t, srv, router, seen, "events stream after", "/events?after=1", nil)
+
+	// One stream open of FEED_MAX_STREAMS=1: the next is refused.
+	srv1, _ := oaNewServer(t, nil, func(d *serverDeps) { d.streams = newStreamSlots(1) })
+	router1 := oaRouter(t, srv1)
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, srv1.URL+"/events", nil)
+	req.Header.Set("Accept", "text/event-stream")
+	req.Header.Set("Authorization", "Bearer "+mtToken)
+	resp, err := srv1.Client().Do(req)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("open a stream: %v, %v", resp, err)
+	}
+	defer resp.Body.Close()
+	if _, err := bufio.NewReader(resp.Body).ReadString('\n'); err != nil { // the stream holds its slot
+		t.Fatalf("read the stream: %v", err)
+	}
+	oaRun(t, srv1, router1, seen, oaCase{name: "a stream too many", method: "GET", path: "/events",
+		header: map[string]string{"Accept": "text/event-stream"}, want: 503, problem: "unavailable"})
+	cancel()
+
+	// Retention trims every event: positions before the last are gone.
+	if _, err := st.TrimEvents(t.Context(), time.Now().Add(time.Duration(skew.Load())+time.Hour)); err != nil {
+		t.Fatalf("TrimEvents: %v", err)
+	}
+	run(oaCase{name: "events trimmed", method: "GET", path: "/events?after=1", want: 410, problem: "feed-gone"})
+	run(oaCase{name: "events stream trimmed", method: "GET", path: "/events",
+		header: map[string]string{"Accept": "text/event-stream", "Last-Event-ID": "0"}, want: 410, problem: "feed-gone"})
+	run(oaCase{name: "events after the trim", method: "GET", path: fmt.Sprintf("/events?after=%d", last), want: 200})
+}
+
+// oaStream opens GET path as a text/event-stream, validates the status and
+// headers against the document, reads the first event and validates its
+// framing (id is the seq, event the type) and its data against the Event
+// schema, then leaves.
+func oaStream(t *testing.T, srv *httptest.Server, router routers.Router, seen oaCoverage, name, path string, header map[string]string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, srv.URL+path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Accept", "text/event-stream")
+	req.Header.Set("Authorization", "Bearer "+mtToken)
+	for k, v := range header {
+		req.Header.Set(k, v)
+	}
+	resp, err := srv.Client().Do(req)
+	if err != nil {
+		t.Fatalf("%s: GET %s: %v", name, path, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "text/event-stream" {
+		b, _ := io.ReadAll(resp.Body)
+		t.Fatalf("%s: GET %s = %d %q, want 200 text/event-stream; body %s", name, path, resp.StatusCode, resp.Header.Get("Content-Type"), b)
+	}
+	route, params, err := router.FindRoute(req)
+	if err != nil {
+		t.Fatalf("%s: no documented route for GET %s: %v", name, path, err)
+	}
+	if route.Operation.Responses.Status(200).Value.Content.Get("text/event-stream") == nil {
+		t.Errorf("%s: openapi.json does not document a text/event-stream 200 for GET %s", name, route.Path)
+	}
+	opts := &openapi3filter.Options{IncludeResponseStatus: true, MultiError: true, AuthenticationFunc: openapi3filter.NoopAuthenticationFunc,
+		ExcludeResponseBody: true} // a stream does not end; its events are checked below
+	in := &openapi3filter.RequestValidationInput{Request: req, PathParams: params, Route: route, Options: opts}
+	if err := openapi3filter.ValidateRequest(context.Background(), in); err != nil {
+		t.Errorf("%s: the request does not match openapi.json: %v", name, err)
+	}
+	out := &openapi3filter.ResponseValidationInput{RequestValidationInput: in, Status: resp.StatusCode, Header: resp.Header, Options: opts}
+	if err := openapi3filter.ValidateResponse(context.Background(), out); err != nil {
+		t.Errorf("%s: the 200 stream's headers do not match openapi.json: %v", name, err)
+	}
+
+	// Comment lines first, then one event: id, event, data, blank line.
+	r := bufio.NewReader(resp.Body)
+	fields := map[string]string{}
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatalf("%s: read the stream: %v (so far %q)", name, err, fields)
+		}
+		line = strings.TrimSuffix(line, "\n")
+		if strings.HasPrefix(line, ":") {
+			continue
+		}
+		if line == "" {
+			if len(fields) > 0 {
+				break
+			}
+			continue
+		}
+		k, v, ok := strings.Cut(line, ": ")
+		if !ok {
+			t.Fatalf("%s: stream line %q is not a field", name, line)
+		}
+		fields[k] = v
+	}
+	var e struct {
+		Seq  int64
+		Type string
+	}
+	if err := json.Unmarshal([]byte(fields["data"]), &e); err != nil {
+		t.Fatalf("%s: event data %q: %v", name, fields["data"], err)
+	}
+	if fields["id"] != strconv.FormatInt(e.Seq, 10) || fields["event"] != e.Type || len(fields) != 3 {
+		t.Errorf("%s: event fields %q, want id %d, event %s and data only", name, fields, e.Seq, e.Type)
+	}
+	if err := fzVisit(fzSchema(t, route.Spec, "Event"), []byte(fields["data"]), true); err != nil {
+		t.Errorf("%s: event data %s does not match the Event schema: %v", name, fields["data"], err)
+	}
+	seen.add("GET "+route.Path, resp.StatusCode)
 }

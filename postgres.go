@@ -800,10 +800,14 @@ func (s *postgresStore) sequenceEvents(ctx context.Context) error {
 		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, int64(pgFeedLock)); err != nil {
 			return err
 		}
+		// Seqs go on from the highest ever given: the highest kept, or the
+		// trimmed-through mark when retention deleted every sequenced event
+		// (else they would start again at 1, below positions readers hold).
 		_, err := tx.Exec(ctx, `UPDATE events SET seq = t.base + t.n
 			FROM (SELECT e.id, row_number() OVER (ORDER BY e.id) AS n, b.base
 				FROM (SELECT id FROM events WHERE seq IS NULL ORDER BY id LIMIT 10000) AS e,
-					(SELECT coalesce(max(seq), 0) AS base FROM events) AS b) AS t
+					(SELECT greatest(coalesce((SELECT max(seq) FROM events), 0),
+						(SELECT trimmed_through FROM feed_state WHERE id = 1)) AS base) AS b) AS t
 			WHERE events.id = t.id`)
 		return err
 	})
