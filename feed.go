@@ -74,7 +74,6 @@ func handleEvents(svc *ProductService, life *lifecycle, streams *streamSlots) ht
 			}
 			b = appendEventJSON(b, &es[i])
 			next = es[i].Seq
-			svc.metrics.delivered(es[i].OccurredAt)
 		}
 		b = append(b, `],"next_after":`...)
 		b = strconv.AppendInt(b, next, 10)
@@ -164,6 +163,7 @@ func streamEvents(w http.ResponseWriter, r *http.Request, svc *ProductService, l
 	poll := time.NewTicker(streams.poll)
 	defer poll.Stop()
 	var buf []byte
+	live := false // the first page is a backlog: its age is not delivery lag
 	write := func(b []byte) bool {
 		// Past the server's WriteTimeout, which a stream outlives.
 		rc.SetWriteDeadline(time.Now().Add(30 * time.Second))
@@ -191,10 +191,13 @@ func streamEvents(w http.ResponseWriter, r *http.Request, svc *ProductService, l
 			if !write(buf) {
 				return nil // the consumer left; it resumes with Last-Event-ID
 			}
-			for i := range es {
-				svc.metrics.delivered(es[i].OccurredAt)
+			if live {
+				for i := range es {
+					svc.metrics.delivered(es[i].OccurredAt)
+				}
 			}
 		}
+		live = len(es) < defaultEventsLimit // caught up: what comes next is new
 		if len(es) < defaultEventsLimit {
 			wake := svc.feed.wait() // taken before the read below, so no write is missed
 			select {

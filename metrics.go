@@ -92,7 +92,7 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 		}),
 		feedLag: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "feed_delivery_lag_seconds",
-			Help:    "Time from an event's commit to its delivery to a consumer (stream or page).",
+			Help:    "Time from an event's commit to its delivery to a stream consumer following the feed live.",
 			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 60},
 		}),
 	}
