@@ -269,7 +269,7 @@ func TestDatabaseFaults(t *testing.T) {
 	if err := os.Mkdir(mnt, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := mountTmpfs(mnt, "2m"); err != nil {
+	if err := mountTmpfs(mnt, "4m"); err != nil {
 		t.Skipf("SKIP: cannot mount a tmpfs for the database (%v); the disk-full and read-only faults are not exercised", err)
 	}
 	// Registered before the service starts, so it runs after the service
@@ -300,7 +300,7 @@ func TestDatabaseFaults(t *testing.T) {
 		filler := filepath.Join(mnt, "filler")
 		size := fillDisk(t, filler, 96<<10)
 		free, _ := freeBytes(mnt)
-		t.Logf("filler %d bytes; %d bytes free on the 2 MiB tmpfs", size, free)
+		t.Logf("filler %d bytes; %d bytes free on the 4 MiB tmpfs", size, free)
 
 		okBefore, fails := 0, 0
 		for i := 0; i < 3000 && fails == 0; i++ {
@@ -316,7 +316,7 @@ func TestDatabaseFaults(t *testing.T) {
 			}
 		}
 		if fails == 0 {
-			t.Fatalf("3000 creates succeeded on a full 2 MiB tmpfs; the disk never filled")
+			t.Fatalf("3000 creates succeeded on a full 4 MiB tmpfs; the disk never filled")
 		}
 		t.Logf("disk full after %d more acknowledged creates", okBefore)
 
