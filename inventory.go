@@ -305,15 +305,15 @@ func finish(ctx context.Context, tx invTx, now time.Time, r *Reservation, to str
 	if err := rows.Err(); err != nil {
 		return nil, err
 	}
-	taken := int64(0) // units leaving stock per unit released
-	if to == StateConfirmed {
-		taken = 1
-	}
 	changed := make([]Product, 0, len(holding))
 	for _, l := range holding {
-		p, err := tx.product(tx.queryRow(ctx, `UPDATE products SET stock = stock - ? * ?, reserved = reserved - ?,
+		taken := int64(0) // units leaving stock
+		if to == StateConfirmed {
+			taken = l.Quantity
+		}
+		p, err := tx.product(tx.queryRow(ctx, `UPDATE products SET stock = stock - ?, reserved = reserved - ?,
 			version = version + 1, updated_at = ? WHERE id = ? RETURNING `+productColumns,
-			taken, l.Quantity, l.Quantity, tx.ts(now), l.ProductID))
+			taken, l.Quantity, tx.ts(now), l.ProductID))
 		if err != nil {
 			return nil, err
 		}
