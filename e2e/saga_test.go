@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -97,7 +98,6 @@ type sagaOrder struct {
 
 // sagaRun is the shared state of the simulation's workers.
 type sagaRun struct {
-	t   *testing.T
 	cur atomic.Pointer[client] // the client of the running process
 
 	unknown atomic.Int64
@@ -346,6 +346,10 @@ func (s *sagaRun) retryTransition(o *sagaOrder, path, to string) {
 	}
 }
 
+// TestSagaSimulation plays many concurrent orders against the real binary,
+// kills it with -9 in the middle (E2E_SAGA_KILLS times) and restarts it on
+// the same store, then checks stock, holds and the replayed feed against the
+// final state of every reservation.
 func TestSagaSimulation(t *testing.T) {
 	const (
 		nProducts = 20
@@ -382,8 +386,16 @@ func TestSagaSimulation(t *testing.T) {
 		orders[i] = o
 	}
 
-	run := &sagaRun{t: t}
+	run := &sagaRun{}
 	run.cur.Store(c)
+	fol := &feedFollower{run: run}
+	folCtx, stopFollower := context.WithCancel(context.Background())
+	defer stopFollower()
+	folDone := make(chan struct{})
+	go func() {
+		defer close(folDone)
+		fol.follow(folCtx)
+	}()
 	var next, done atomic.Int64
 	deadline := time.Now().Add(budget)
 	var wg sync.WaitGroup
@@ -544,11 +556,32 @@ func TestSagaSimulation(t *testing.T) {
 		}
 	}
 
-	replayed := checkSagaFeed(t, c, ids, products, initial, final)
+	events := checkSagaFeed(t, c, ids, products, initial, final)
 
-	t.Logf("RESULT backend=%s orders=%d held=%d confirmed=%d released=%d expired=%d shorts=%d kills=%d unknown_outcomes=%d (orders %d) events_replayed=%d",
+	// The consumer that followed the stream through the kills, resuming
+	// with Last-Event-ID each time, saw exactly the replayed feed.
+	head := events[len(events)-1].Seq
+	if !pollUntil(20*time.Second, 20*time.Millisecond, func() bool { return fol.last() >= head }) {
+		t.Errorf("stream consumer at seq %d, %v after the feed's last event %d", fol.last(), 20*time.Second, head)
+	}
+	stopFollower()
+	<-folDone
+	seqs, reconnects := fol.result()
+	if len(fol.errs) > 0 {
+		t.Errorf("stream consumer: %v", fol.errs)
+	}
+	want := make([]int64, len(events))
+	for i, e := range events {
+		want[i] = e.Seq
+	}
+	if !slices.Equal(seqs, want) {
+		t.Errorf("stream consumer received %d events (last %v), the feed has %d: the stream skipped, repeated or invented events",
+			len(seqs), seqs[max(0, len(seqs)-3):], len(want))
+	}
+
+	t.Logf("RESULT backend=%s orders=%d held=%d confirmed=%d released=%d expired=%d shorts=%d kills=%d unknown_outcomes=%d (orders %d) events_replayed=%d streamed=%d (reconnects %d)",
 		map[bool]string{false: "sqlite", true: "postgres"}[onPostgres()],
-		played, nHeld, nConfirmed, nReleased, nExpired, nShort, killed, run.unknown.Load(), nUnknownOrders, replayed)
+		played, nHeld, nConfirmed, nReleased, nExpired, nShort, killed, run.unknown.Load(), nUnknownOrders, len(events), len(seqs), reconnects)
 	if code := svc.Stop(30 * time.Second); code != 0 {
 		t.Errorf("final SIGTERM: exit status %d, want 0", code)
 	}
@@ -584,8 +617,8 @@ func readFeed(t *testing.T, c *client, after int64) []feedEvent {
 }
 
 // checkSagaFeed replays the whole feed and checks it against the final
-// products and reservations. It returns the number of events replayed.
-func checkSagaFeed(t *testing.T, c *client, ids []int64, products map[int64]invProduct, initial map[int64]int64, final map[string]*sagaOrder) int {
+// products and reservations. It returns the events replayed.
+func checkSagaFeed(t *testing.T, c *client, ids []int64, products map[int64]invProduct, initial map[int64]int64, final map[string]*sagaOrder) []feedEvent {
 	t.Helper()
 	events := readFeed(t, c, 0)
 	last := map[int64]invProduct{}
@@ -655,5 +688,88 @@ func checkSagaFeed(t *testing.T, c *client, ids []int64, products map[int64]invP
 			t.Errorf("the feed has events of reservation %s, which no order knows", id)
 		}
 	}
-	return len(events)
+	return events
+}
+
+// feedFollower follows GET /events as Server-Sent Events through the whole
+// simulation, reconnecting to whichever process runs with the Last-Event-ID
+// of the last event it read, and records every seq it received.
+type feedFollower struct {
+	run *sagaRun
+
+	mu         sync.Mutex
+	seqs       []int64
+	reconnects int
+	errs       []string
+}
+
+func (f *feedFollower) last() int64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if len(f.seqs) == 0 {
+		return 0
+	}
+	return f.seqs[len(f.seqs)-1]
+}
+
+func (f *feedFollower) result() ([]int64, int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.seqs), f.reconnects
+}
+
+// follow runs until ctx ends, for at most 2000 connections.
+func (f *feedFollower) follow(ctx context.Context) {
+	for attempt := 0; attempt < 2000 && ctx.Err() == nil; attempt++ {
+		if attempt > 0 {
+			f.mu.Lock()
+			f.reconnects++
+			f.mu.Unlock()
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+		f.stream(ctx)
+	}
+}
+
+// stream reads one connection's events until it ends.
+func (f *feedFollower) stream(ctx context.Context) {
+	c := f.run.cur.Load()
+	hdr := http.Header{"Accept": {"text/event-stream"}, "Last-Event-ID": {strconv.FormatInt(f.last(), 10)}}
+	req, err := c.newRequest(ctx, http.MethodGet, "/events", nil, hdr)
+	if err != nil {
+		return
+	}
+	res, err := (&http.Client{Transport: c.tr}).Do(req)
+	if err != nil {
+		return // the process is gone or not yet back
+	}
+	defer res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		return
+	}
+	sc := bufio.NewScanner(res.Body)
+	sc.Buffer(make([]byte, 64<<10), 4<<20)
+	for sc.Scan() {
+		v, ok := strings.CutPrefix(sc.Text(), "id: ")
+		if !ok {
+			continue
+		}
+		seq, err := strconv.ParseInt(v, 10, 64)
+		f.mu.Lock()
+		switch {
+		case err != nil:
+			f.errs = append(f.errs, "bad id line "+v)
+		case len(f.seqs) > 0 && seq <= f.seqs[len(f.seqs)-1]:
+			if len(f.errs) < 10 {
+				f.errs = append(f.errs, fmt.Sprintf("seq %d after %d", seq, f.seqs[len(f.seqs)-1]))
+			}
+		default:
+			f.seqs = append(f.seqs, seq)
+		}
+		f.mu.Unlock()
+	}
 }
