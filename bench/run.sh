@@ -13,7 +13,7 @@
 #   BENCH_THREADS     wrk -t (default 2)
 #   BENCH_CONNS       wrk -c (default 32)
 #   BENCH_PRODUCTS    products to seed (default 10000)
-#   BENCH_WORKLOADS   which of a..g to run (default "a b c d e f g")
+#   BENCH_WORKLOADS   which of a..i to run (default "a b c d e f g h i")
 #   BENCH_PRODUCTSVC  run this binary as productsvc instead of building it
 #                     (only to test the harness while the service does not build)
 #   BENCH_POSTGRES    0 skips the PostgreSQL runs (default 1)
@@ -33,7 +33,7 @@ WARMUP=${WARMUP%s}
 THREADS=${BENCH_THREADS:-2}
 CONNS=${BENCH_CONNS:-32}
 N=${BENCH_PRODUCTS:-10000}
-WORKLOADS=${BENCH_WORKLOADS:-a b c d e f g}
+WORKLOADS=${BENCH_WORKLOADS:-a b c d e f g h i}
 TOKEN=bench-token
 
 OUT=bench/.out
@@ -43,7 +43,7 @@ LUA=bench/wrk.lua
 RUN_ID=$$$(date +%s)
 
 # wrk.lua mode for each workload letter.
-declare -A MODE=([a]=get [b]=list [c]=category [d]=search [e]=create [f]=adjust_hot [g]=mix)
+declare -A MODE=([a]=get [b]=list [c]=category [d]=search [e]=create [f]=adjust_hot [g]=mix [h]=hold_confirm [i]=writes)
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() {
@@ -117,6 +117,7 @@ rm -rf "$OUT/raw" "$OUT/logs" "$DATA"
 mkdir -p "$OUT/raw" "$OUT/logs" "$DATA"
 : >"$DATA/results.tsv"
 : >"$DATA/startup.tsv"
+: >"$DATA/feedlag.tsv"
 : >"$DATA/notes.txt"
 
 log "building into $OUT/"
@@ -147,8 +148,53 @@ fi
 } >"$DATA/meta.tsv"
 
 # ---- workloads -------------------------------------------------------------
+# start_feedlag SERVER URL FILE follows the server's change feed with the
+# harness for a little longer than one measured run and sets LAG_PID once it
+# has reached the end of the feed (or LAG_PID="" if it could not start).
+start_feedlag() {
+	local server=$1 url=$2 f=$3 i
+	"$HARNESS" feedlag -url "$url" -token "$TOKEN" -duration "$((DUR + 1))s" -o "$f" >"$f.log" 2>&1 &
+	LAG_PID=$!
+	PIDS+=("$LAG_PID")
+	for ((i = 0; i < 6000; i++)); do
+		grep -q '^following' "$f.log" && return
+		running "$LAG_PID" || break
+		sleep 0.01
+	done
+	note "$server: the feed consumer did not start: $(tail -3 "$f.log" | tr '\n' ' ')"
+	stop_pid "$LAG_PID"
+	LAG_PID=""
+}
+
+# finish_feedlag SERVER REP FILE waits for the feed consumer to end its run
+# and records its summary.
+finish_feedlag() {
+	local server=$1 rep=$2 f=$3 i
+	for ((i = 0; i < 100 * (DUR + 30); i++)); do
+		running "$LAG_PID" || break
+		sleep 0.01
+	done
+	stop_pid "$LAG_PID"
+	if ((STOP_RC == 0)) && [[ -s $f ]]; then
+		printf '%s\t%s\t%s\n' "$server" "$rep" "$f" >>"$DATA/feedlag.tsv"
+		log "  $server feed lag run $rep: $(cat "$f")"
+	else
+		note "$server: the feed consumer failed in run $rep: $(tail -3 "$f.log" | tr '\n' ' ')"
+	fi
+}
+
+# raise_hot_stock URL gives the hot products 1..4 enough stock that workload
+# h's holds never run short.
+raise_hot_stock() {
+	local server=$1 url=$2 id
+	for id in 1 2 3 4; do
+		check "$server" 200 POST "$url/products/$id/stock/adjustments" '{"delta":100000000}' || true
+	done
+}
+
 # run_workload SERVER LETTER PID URL runs one workload: a warm-up, then
 # REPEATS measured wrk runs, each followed by a read of the server's VmHWM.
+# Workload i runs a feed consumer (harness feedlag) beside each measured run.
 run_workload() {
 	local server=$1 wl=$2 pid=$3 url=$4 rep f hwm rps
 	local args=(mode="${MODE[$wl]}" n="$N" token="$TOKEN")
@@ -156,16 +202,21 @@ run_workload() {
 		note "$server is not running; skipped workload $wl"
 		return
 	fi
+	[[ $wl != h ]] || raise_hot_stock "$server" "$url"
 	if ((WARMUP > 0)); then
 		wrk -t"$THREADS" -c"$CONNS" -d"${WARMUP}s" -s "$LUA" "$url" -- "${args[@]}" nonce="$RUN_ID.${server//+/}.${wl}w" >/dev/null 2>&1 || true
 	fi
 	for ((rep = 1; rep <= REPEATS; rep++)); do
 		f=$OUT/raw/${server//+/-}.$wl.$rep.txt
+		LAG_PID=""
+		[[ $wl != i ]] || start_feedlag "$server" "$url" "$f.lag"
 		if ! wrk -t"$THREADS" -c"$CONNS" -d"${DUR}s" --timeout 5s --latency -s "$LUA" "$url" \
 			-- "${args[@]}" nonce="$RUN_ID.${server//+/}.$wl$rep" >"$f" 2>&1; then
 			note "wrk failed for workload $wl on $server (see $f)"
+			[[ -z $LAG_PID ]] || stop_pid "$LAG_PID"
 			continue
 		fi
+		[[ -z $LAG_PID ]] || finish_feedlag "$server" "$rep" "$f.lag"
 		hwm=$(vm_kb "$pid" VmHWM)
 		printf '%s\t%s\t%s\t%s\t%s\n' "$wl" "$server" "$rep" "$f" "${hwm:-0}" >>"$DATA/results.tsv"
 		rps=$(awk '/^Requests\/sec:/ {print $2}' "$f")

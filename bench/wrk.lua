@@ -1,6 +1,6 @@
 -- wrk script for every productsvc benchmark workload. Arguments after "--"
 -- are key=value pairs:
---   mode=get|list|category|search|create|adjust_hot|mix   (required)
+--   mode=get|list|category|search|create|adjust_hot|mix|hold_confirm|writes   (required)
 --   n=10000          products seeded (ids 1..n)
 --   token=TOKEN      bearer token for writes
 --   nonce=STRING     makes skus unique across runs and repeats
@@ -23,6 +23,29 @@ local reqs, write_headers = {}, nil
 
 local function adjust(id)
   return wrk.format("POST", "/products/" .. id .. "/stock/adjustments", write_headers, '{"delta":1}')
+end
+
+local function create()
+  counter = counter + 1
+  local body = string.format(
+    '{"sku":"b-%s-%d-%d-%d","name":"bench %s widget %d","description":"created by the benchmark","category":"%s","price_cents":%d}',
+    nonce, tid or 0, counter, math.random(1, 1e6), words[math.random(#words)], counter,
+    categories[math.random(#categories)], math.random(100, 100000))
+  return wrk.format("POST", "/products", write_headers, body)
+end
+
+-- hold_confirm: holds waiting for their confirm, as the Location of each 201.
+-- The queue is the thread's, so a confirm may go out on another of its
+-- connections than the hold did; each request is one transition either way.
+local holds, hold_first, hold_last = {}, 1, 0
+
+local function hold_confirm_response(status, headers, body)
+  if status ~= 201 then return end
+  local loc = headers["Location"] or headers["location"]
+  if loc then
+    hold_last = hold_last + 1
+    holds[hold_last] = loc
+  end
 end
 
 function init(args)
@@ -52,19 +75,31 @@ function init(args)
     for i, w in ipairs(words) do reqs[i] = wrk.format("GET", "/products?q=" .. w .. "&limit=20") end
   elseif mode == "adjust_hot" then
     for i = 1, 4 do reqs[i] = adjust(i) end
-  elseif mode ~= "create" then
+  elseif mode == "hold_confirm" then
+    for i = 1, 4 do
+      reqs[i] = wrk.format("POST", "/reservations", write_headers,
+        '{"reference":"bench-' .. nonce .. '","lines":[{"product_id":' .. i .. ',"quantity":1}]}')
+    end
+    response = hold_confirm_response -- set here so other modes skip header parsing
+  elseif mode ~= "create" and mode ~= "writes" then
     error("wrk.lua: unknown mode " .. mode)
   end
 end
 
 function request()
   if mode == "create" then
-    counter = counter + 1
-    local body = string.format(
-      '{"sku":"b-%s-%d-%d-%d","name":"bench %s widget %d","description":"created by the benchmark","category":"%s","price_cents":%d}',
-      nonce, tid or 0, counter, math.random(1, 1e6), words[math.random(#words)], counter,
-      categories[math.random(#categories)], math.random(100, 100000))
-    return wrk.format("POST", "/products", write_headers, body)
+    return create()
+  elseif mode == "hold_confirm" then
+    if hold_first <= hold_last then
+      local loc = holds[hold_first]
+      holds[hold_first] = nil
+      hold_first = hold_first + 1
+      return wrk.format("POST", loc .. "/confirm", write_headers)
+    end
+    return reqs[math.random(#reqs)]
+  elseif mode == "writes" then
+    if math.random(2) == 1 then return create() end
+    return adjust(math.random(n))
   elseif mode == "mix" then
     local id = math.random(n)
     if math.random(10) == 1 then return adjust(id) end

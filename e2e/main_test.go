@@ -8,6 +8,9 @@
 //
 //	E2E_CRASH_CYCLES    number of kill -9 cycles in TestCrashDurability (default 20)
 //	E2E_SOAK_DURATION   length of TestSoak's steady load (default 60s)
+//	E2E_SAGA_ORDERS     orders TestSagaSimulation plays (default 600)
+//	E2E_SAGA_KILLS      kill -9 restarts during the saga load (default 2)
+//	E2E_SAGA_DURATION   time the saga load may take at most (default 30s)
 //	REQUIRE_REDIS=1     fail instead of skip when redis-server is absent
 //	E2E_BACKEND         sqlite (default) or postgres: the store every
 //	                    scenario runs on; postgres starts a throwaway

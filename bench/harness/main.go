@@ -9,16 +9,22 @@
 //	harness postgres                      start a throwaway PostgreSQL (durable settings)
 //	                                      on 127.0.0.1, print "listening SVC_URL REF_URL"
 //	                                      (two empty databases), stop it on SIGTERM
+//	harness feedlag -url U -token T -duration D [-o FILE]
+//	                                      follow U/events as Server-Sent Events from the
+//	                                      feed's current end for D; print the delivery lag
+//	                                      (receive time - occurred_at) of the events seen
 package main
 
 import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"os"
@@ -53,6 +59,8 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		return cmdReport(rest, stdout)
 	case "postgres":
 		return cmdPostgres(ctx, stdout)
+	case "feedlag":
+		return cmdFeedlag(ctx, rest, stdout)
 	default:
 		return fmt.Errorf("unknown command %q", cmd)
 	}
@@ -135,6 +143,109 @@ func cmdReady(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 }
 
+// cmdFeedlag finds the end of the change feed (paging GET /events), prints
+// "following after SEQ", then follows the feed as Server-Sent Events from
+// there for -duration. For each event it takes the receive time minus the
+// event's occurred_at (the service's clock: same host) and at the end prints
+// one line: events=N p50_ms= p99_ms= max_ms= out_of_order=, also to -o.
+func cmdFeedlag(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("feedlag", flag.ContinueOnError)
+	base := fs.String("url", "", "service base URL")
+	token := fs.String("token", "", "bearer token")
+	duration := fs.Duration("duration", 10*time.Second, "how long to follow the feed")
+	outPath := fs.String("o", "", "also write the summary line here")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	client := &http.Client{Timeout: 30 * time.Second}
+	get := func(ctx context.Context, path string, hdr map[string]string, c *http.Client) (*http.Response, error) {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, *base+path, nil)
+		if err != nil {
+			return nil, err
+		}
+		req.Header.Set("Authorization", "Bearer "+*token)
+		for k, v := range hdr {
+			req.Header.Set(k, v)
+		}
+		return c.Do(req)
+	}
+	var after int64
+	for page := 0; ; page++ {
+		if page == 100000 {
+			return errors.New("more than 100000 pages of events")
+		}
+		res, err := get(ctx, fmt.Sprintf("/events?after=%d&limit=1000", after), nil, client)
+		if err != nil {
+			return err
+		}
+		var body struct {
+			NextAfter int64 `json:"next_after"`
+		}
+		err = json.NewDecoder(res.Body).Decode(&body)
+		res.Body.Close()
+		if res.StatusCode != http.StatusOK || err != nil {
+			return fmt.Errorf("GET /events?after=%d: %s %v", after, res.Status, err)
+		}
+		if body.NextAfter == after {
+			break
+		}
+		after = body.NextAfter
+	}
+	fmt.Fprintf(stdout, "following after %d\n", after)
+
+	ctx, cancel := context.WithTimeout(ctx, *duration)
+	defer cancel()
+	res, err := get(ctx, "/events", map[string]string{"Accept": "text/event-stream", "Last-Event-ID": strconv.FormatInt(after, 10)}, &http.Client{})
+	if err != nil {
+		return err
+	}
+	defer res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET /events as a stream: %s", res.Status)
+	}
+	var lags []float64 // milliseconds
+	outOfOrder := 0
+	sc := bufio.NewScanner(res.Body)
+	sc.Buffer(make([]byte, 64<<10), 4<<20)
+	for sc.Scan() {
+		data, ok := strings.CutPrefix(sc.Text(), "data: ")
+		if !ok {
+			continue
+		}
+		received := time.Now()
+		var e struct {
+			Seq        int64     `json:"seq"`
+			OccurredAt time.Time `json:"occurred_at"`
+		}
+		if err := json.Unmarshal([]byte(data), &e); err != nil {
+			return fmt.Errorf("event %q: %w", data, err)
+		}
+		if e.Seq <= after {
+			outOfOrder++
+		}
+		after = e.Seq
+		lags = append(lags, float64(received.Sub(e.OccurredAt))/1e6)
+	}
+	if err := sc.Err(); err != nil && ctx.Err() == nil {
+		return fmt.Errorf("stream: %w", err)
+	}
+	slices.Sort(lags)
+	pct := func(q float64) float64 {
+		if len(lags) == 0 {
+			return 0
+		}
+		return lags[min(len(lags)-1, max(0, int(math.Ceil(q*float64(len(lags))))-1))]
+	}
+	line := fmt.Sprintf("events=%d p50_ms=%.2f p99_ms=%.2f max_ms=%.2f out_of_order=%d\n", len(lags), pct(0.50), pct(0.99), pct(1), outOfOrder)
+	if *outPath != "" {
+		if err := os.WriteFile(*outPath, []byte(line), 0o644); err != nil {
+			return err
+		}
+	}
+	_, err = io.WriteString(stdout, line)
+	return err
+}
+
 // wrkRun is what one wrk output file says.
 type wrkRun struct {
 	reqPerSec float64
@@ -196,6 +307,8 @@ var workloads = []struct {
 	{"e", "POST /products, unique sku per request", "refsqlite", "e"},
 	{"f", `POST /products/{1..4}/stock/adjustments {"delta":1} (4 hot rows)`, "refsqlite", "e"},
 	{"g", "90% GET /products/{id} + 10% POST /products/{id}/stock/adjustments, random id 1..N", "refsqlite", "a"},
+	{"h", "holds and confirms on 4 hot products: POST /reservations of 1 unit of product 1..4, then POST /reservations/{id}/confirm of the Location it answered; each request is one transition, so req/s = transitions/s (target ≥ 5,000 on SQLite)", "refsqlite", "e"},
+	{"i", "the write load under a change-feed consumer: 50% POST /products + 50% POST /products/{id}/stock/adjustments, random id 1..N, while `harness feedlag` follows GET /events as Server-Sent Events (its lag is in the next table)", "refsqlite", "e"},
 }
 
 var serverOrder = []string{"refhttp", "refsqlite", "refpgx", "productsvc", "productsvc+redis", "productsvc+postgres"}
@@ -380,6 +493,10 @@ func cmdReport(args []string, stdout io.Writer) error {
 		}
 	}
 
+	if err := feedLagTable(&b, *dir, sums); err != nil {
+		return err
+	}
+
 	fmt.Fprintf(&b, "\n## Workloads and references\n\n")
 	for _, w := range workloads {
 		fmt.Fprintf(&b, "- **%s**: %s. Ratio against %s (%s).\n", w.id, w.desc, w.refServer, w.refWorkload)
@@ -414,6 +531,62 @@ func cmdReport(args []string, stdout io.Writer) error {
 	}
 	_, err = io.WriteString(stdout, b.String())
 	return err
+}
+
+// feedLagTable writes the delivery lag the feed consumer measured during
+// workload i: feedlag.tsv lists server, repeat and the summary file of each
+// run.
+func feedLagTable(b *strings.Builder, dir string, sums map[key]summary) error {
+	rows, err := readTSV(dir + "/feedlag.tsv")
+	if err != nil || len(rows) == 0 {
+		return err
+	}
+	type acc struct {
+		events           int64
+		p50, p99, maxLag []float64
+		outOfOrder       int64
+	}
+	accs := map[string]*acc{}
+	for _, r := range rows {
+		if len(r) < 3 {
+			continue
+		}
+		out, err := os.ReadFile(r[2])
+		if err != nil {
+			return err
+		}
+		vals := map[string]float64{}
+		for _, f := range strings.Fields(string(out)) {
+			if k, v, ok := strings.Cut(f, "="); ok {
+				vals[k], _ = strconv.ParseFloat(v, 64)
+			}
+		}
+		a := accs[r[0]]
+		if a == nil {
+			a = &acc{}
+			accs[r[0]] = a
+		}
+		a.events += int64(vals["events"])
+		a.p50 = append(a.p50, vals["p50_ms"])
+		a.p99 = append(a.p99, vals["p99_ms"])
+		a.maxLag = append(a.maxLag, vals["max_ms"])
+		a.outOfOrder += int64(vals["out_of_order"])
+	}
+	fmt.Fprintf(b, "\n## Change-feed delivery lag\n\n")
+	fmt.Fprintf(b, "During workload i one consumer follows GET /events as Server-Sent Events from the end of the feed; lag is the time it read an event minus the event's occurred_at (same host, same clock; occurred_at is taken in the write's transaction, so the lag includes the commit). p50/p99 are medians of the repeats; max is the largest of any repeat; out of order counts events whose seq did not exceed the one before. Each write appends one event, so a consumer that keeps up receives about as many events as there were writes; fewer means it fell behind and the lag grows with the run.\n\n")
+	fmt.Fprintf(b, "| server | write load req/s | writes | events received | lag p50 | lag p99 | lag max | out of order |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
+	for _, srv := range serverOrder {
+		a, ok := accs[srv]
+		if !ok {
+			continue
+		}
+		load, writes := "—", "—"
+		if s, ok := sums[key{"i", srv}]; ok {
+			load, writes = fmt.Sprintf("%.0f", s.median), strconv.FormatInt(s.requests, 10)
+		}
+		fmt.Fprintf(b, "| %s | %s | %s | %d | %s | %s | %s | %d |\n", srv, load, writes, a.events, fmtMS(median(a.p50)), fmtMS(median(a.p99)), fmtMS(slices.Max(a.maxLag)), a.outOfOrder)
+	}
+	return nil
 }
 
 func fmtMS(ms float64) string {
