@@ -25,6 +25,10 @@ const (
 	// feedPoll is how often a stream looks for events when nothing woke it:
 	// writes of other replicas, on PostgreSQL, wake no one here.
 	feedPoll = time.Second
+	// streamCatchUp is how many events a stream that has fallen behind
+	// reads at once: large enough to catch up with a heavy write load,
+	// small enough that FEED_MAX_STREAMS streams stay within a few MiB each.
+	streamCatchUp = 500
 )
 
 // streamSlots bounds concurrent streams.
@@ -144,7 +148,9 @@ func streamEvents(w http.ResponseWriter, r *http.Request, svc *ProductService, l
 		return &UnavailableError{Reason: "too many change-feed streams; poll GET /events or retry", RetryAfter: 5 * time.Second}
 	}
 	// The first page comes before the stream starts, so a position that is
-	// gone is an ordinary 410 problem.
+	// gone is an ordinary 410 problem. wake is taken before each read: a
+	// write that commits after the read closes it, so none waits for a poll.
+	wake := svc.feed.wait()
 	es, err := svc.Events(r.Context(), after, defaultEventsLimit)
 	if err != nil {
 		return err
@@ -164,6 +170,7 @@ func streamEvents(w http.ResponseWriter, r *http.Request, svc *ProductService, l
 	defer poll.Stop()
 	var buf []byte
 	live := false // the first page is a backlog: its age is not delivery lag
+	batch := defaultEventsLimit
 	write := func(b []byte) bool {
 		// Past the server's WriteTimeout, which a stream outlives.
 		rc.SetWriteDeadline(time.Now().Add(30 * time.Second))
@@ -197,9 +204,12 @@ func streamEvents(w http.ResponseWriter, r *http.Request, svc *ProductService, l
 				}
 			}
 		}
-		live = len(es) < defaultEventsLimit // caught up: what comes next is new
-		if len(es) < defaultEventsLimit {
-			wake := svc.feed.wait() // taken before the read below, so no write is missed
+		behind := len(es) == batch
+		live = !behind // caught up: what comes next is new
+		batch = defaultEventsLimit
+		if behind {
+			batch = streamCatchUp
+		} else {
 			select {
 			case <-r.Context().Done():
 				return nil
@@ -214,7 +224,8 @@ func streamEvents(w http.ResponseWriter, r *http.Request, svc *ProductService, l
 			case <-poll.C:
 			}
 		}
-		es, err = svc.Events(r.Context(), after, defaultEventsLimit)
+		wake = svc.feed.wait()
+		es, err = svc.Events(r.Context(), after, batch)
 		if errors.Is(err, ErrFeedGone) {
 			write(fmt.Appendf(nil, "event: gone\ndata: {\"detail\":%q}\n\n", err.Error()))
 			return nil
