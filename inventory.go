@@ -400,9 +400,12 @@ func readEvents(ctx context.Context, tx invTx, after int64, limit int) ([]Event,
 		case productID != nil:
 			e.Product = new(Product)
 			err = json.Unmarshal(data, e.Product)
+			e.Product.CreatedAt, e.Product.UpdatedAt = e.Product.CreatedAt.UTC(), e.Product.UpdatedAt.UTC()
 		default:
 			e.Reservation = new(Reservation)
 			err = json.Unmarshal(data, e.Reservation)
+			r := e.Reservation
+			r.CreatedAt, r.ExpiresAt, r.UpdatedAt = r.CreatedAt.UTC(), r.ExpiresAt.UTC(), r.UpdatedAt.UTC()
 		}
 		if err != nil {
 			return nil, fmt.Errorf("event %d: %w", e.Seq, err)

@@ -401,6 +401,9 @@ func (s *postgresStore) nowMicro() time.Time { return s.now().UTC().Truncate(tim
 // Create inserts p and returns it with its id, version and timestamps.
 // It returns ErrConflict if the SKU is taken.
 func (s *postgresStore) Create(ctx context.Context, p Product, idem *IdempotencyKey) (Product, error) {
+	if idem == nil {
+		return s.createAlone(ctx, p)
+	}
 	var out Product
 	err := s.inTx(ctx, func(ctx context.Context, tx pgx.Tx) error {
 		var err error
@@ -424,6 +427,60 @@ func (s *postgresStore) Create(ctx context.Context, p Product, idem *Idempotency
 		return Product{}, fmt.Errorf("create product: %w", err)
 	}
 	return out, nil
+}
+
+// pgProductJSON builds a product's feed representation from its row, for
+// the writes that record their event in the same statement: the names are
+// Product's JSON names, which readEvents decodes.
+const pgProductJSON = `jsonb_build_object('id', id, 'sku', sku, 'name', name, 'description', description,
+	'category', category, 'price_cents', price_cents, 'currency', currency, 'stock', stock, 'reserved', reserved,
+	'version', version, 'created_at', created_at, 'updated_at', updated_at)`
+
+// createAlone is Create without an Idempotency-Key: the product and its
+// event in one statement, one round trip, atomic by itself.
+func (s *postgresStore) createAlone(ctx context.Context, p Product) (Product, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	now := s.nowMicro()
+	p.Version, p.Reserved, p.CreatedAt, p.UpdatedAt = 1, 0, now, now
+	err := s.pool.QueryRow(ctx, `WITH p AS (INSERT INTO products
+			(sku, name, description, category, price_cents, currency, stock, version, created_at, updated_at, search)
+			VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $8, to_tsvector('simple', $9)) RETURNING *),
+		e AS (INSERT INTO events (type, occurred_at, product_id, version, data)
+			SELECT 'product.created', $8, id, version, `+pgProductJSON+` FROM p)
+		SELECT id FROM p`,
+		p.SKU, p.Name, p.Description, p.Category, p.PriceCents, p.Currency, p.Stock, now,
+		searchText(p.Name, p.Description)).Scan(&p.ID)
+	if err != nil {
+		return Product{}, fmt.Errorf("create product: %w", pgTranslate(ctx, err))
+	}
+	return p, nil
+}
+
+// adjustAlone is AdjustStock without a check, an Idempotency-Key or due
+// lines in the way: the adjustment and its event in one statement. It
+// reports false, having changed nothing, when the one statement cannot
+// decide (no such product, short stock, or expired holds to release first),
+// and the caller takes the transaction path.
+func (s *postgresStore) adjustAlone(ctx context.Context, id, delta int64) (Product, bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	now := s.nowMicro()
+	p, err := pgScanProduct(s.pool.QueryRow(ctx, `WITH p AS (UPDATE products SET
+			stock = stock + $1, version = version + 1, updated_at = $2
+			WHERE id = $3 AND stock + $1 BETWEEN reserved AND 1000000000000
+				AND NOT EXISTS (SELECT 1 FROM reservation_lines WHERE product_id = $3 AND holding = 1 AND expires_at <= $2)
+			RETURNING *),
+		e AS (INSERT INTO events (type, occurred_at, product_id, version, data)
+			SELECT 'stock.changed', $2, id, version, `+pgProductJSON+` FROM p)
+		SELECT `+productColumns+` FROM p`, delta, now, id))
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Product{}, false, nil
+	}
+	if err != nil {
+		return Product{}, false, fmt.Errorf("adjust stock of product %d: %w", id, pgTranslate(ctx, err))
+	}
+	return p, true, nil
 }
 
 // Update applies change to the product with id, holding its row lock, and
@@ -475,6 +532,11 @@ func (s *postgresStore) Update(ctx context.Context, id int64, change func(*Produ
 // row lock, so concurrent adjustments never lose an update. Errors as
 // sqliteStore.AdjustStock.
 func (s *postgresStore) AdjustStock(ctx context.Context, id, delta int64, check func(version int64) error, idem *IdempotencyKey) (Product, error) {
+	if check == nil && idem == nil {
+		if p, done, err := s.adjustAlone(ctx, id, delta); done || err != nil {
+			return p, err
+		}
+	}
 	var out Product
 	err := s.inTx(ctx, func(ctx context.Context, tx pgx.Tx) error {
 		var err error

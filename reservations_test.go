@@ -348,8 +348,11 @@ func TestStore_Events_everyWrite(t *testing.T) {
 	forEachStore(t, func(t *testing.T, s productStore) {
 		ctx := t.Context()
 		p := stocked(t, s, "EV", 5)
+		created := p
 		p, _ = s.Update(ctx, p.ID, func(q *Product) error { q.Name = "renamed"; return nil })
+		updated := p
 		p, _ = s.AdjustStock(ctx, p.ID, 1, nil, nil)
+		adjusted := p
 		r, _, err := s.Reserve(ctx, hold("o-e", ReservationLine{p.ID, 2}), time.Minute, nil)
 		if err != nil {
 			t.Fatal(err)
@@ -380,6 +383,11 @@ func TestStore_Events_everyWrite(t *testing.T) {
 			EventStockChanged, EventReservationConfirmed, EventProductCreated, EventProductDeleted}
 		if !cmp.Equal(got, want) {
 			t.Fatalf("event types = %q, want %q", got, want)
+		}
+		for i, want := range []Product{created, updated, adjusted} {
+			if es[i].Product == nil || !cmp.Equal(*es[i].Product, want) {
+				t.Errorf("event %d (%s) data = %+v, want the product its write returned, %+v", i, es[i].Type, es[i].Product, want)
+			}
 		}
 		final := mustGet(t, s, p.ID)
 		if last := es[5]; last.Product == nil || !cmp.Equal(*last.Product, final) || last.Version != final.Version {
