@@ -853,12 +853,12 @@ const pgFeedLock = 0x66656564 // "feed"
 // is given only once an event is committed and visible, by one sequencer
 // at a time: a reader that saw seq N never later finds an event at or
 // below N. It writes nothing when there is nothing to sequence.
-func (s *postgresStore) sequenceEvents(ctx context.Context) error {
+func (s *postgresStore) sequenceEvents(ctx context.Context, conn *pgxpool.Conn) error {
 	var pending bool
-	if err := s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM events WHERE seq IS NULL)`).Scan(&pending); err != nil || !pending {
+	if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM events WHERE seq IS NULL)`).Scan(&pending); err != nil || !pending {
 		return err
 	}
-	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+	return pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, int64(pgFeedLock)); err != nil {
 			return err
 		}
@@ -880,10 +880,18 @@ func (s *postgresStore) sequenceEvents(ctx context.Context) error {
 func (s *postgresStore) Events(ctx context.Context, after int64, limit int) ([]Event, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	if err := s.sequenceEvents(ctx); err != nil {
+	// One connection for the whole read: under a write load every acquire
+	// waits behind the writers, and a reader that queued four times per
+	// page would fall behind them.
+	conn, err := s.pool.Acquire(ctx)
+	if err != nil {
 		return nil, fmt.Errorf("events: %w", pgTranslate(ctx, err))
 	}
-	es, err := readEvents(ctx, pgTx{s.pool}, after, limit)
+	defer conn.Release()
+	if err := s.sequenceEvents(ctx, conn); err != nil {
+		return nil, fmt.Errorf("events: %w", pgTranslate(ctx, err))
+	}
+	es, err := readEvents(ctx, pgTx{conn}, after, limit)
 	if err != nil {
 		return nil, fmt.Errorf("events: %w", pgTranslate(ctx, err))
 	}
@@ -894,7 +902,11 @@ func (s *postgresStore) Events(ctx context.Context, after int64, limit int) ([]E
 // many it deleted.
 func (s *postgresStore) TrimEvents(ctx context.Context, before time.Time) (int64, error) {
 	sctx, cancel := context.WithTimeout(ctx, s.timeout)
-	err := s.sequenceEvents(sctx) // only sequenced events are trimmed
+	conn, err := s.pool.Acquire(sctx)
+	if err == nil {
+		err = s.sequenceEvents(sctx, conn) // only sequenced events are trimmed
+		conn.Release()
+	}
 	cancel()
 	if err != nil {
 		return 0, fmt.Errorf("trim events: %w", pgTranslate(ctx, err))
