@@ -453,3 +453,83 @@ func updateEvent(cur, next Product) string {
 	}
 	return EventProductUpdated
 }
+
+// invStore is what the inventory code's maintenance and reads need of an
+// engine beyond invTx: its read pool, a transaction of its own, its
+// timeout, clock and error translation.
+type invStore interface {
+	invRead() invTx
+	invAlone(ctx context.Context, fn func(ctx context.Context, tx invTx) error) error
+	invTranslate(ctx context.Context, err error) error
+	opTimeout() time.Duration
+	nowMicro() time.Time
+}
+
+// getReservation reads reservation id from s's read pool.
+func getReservation(ctx context.Context, s invStore, id string) (Reservation, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.opTimeout())
+	defer cancel()
+	r, err := loadReservation(ctx, s.invRead(), id, false)
+	return r, s.invTranslate(ctx, err)
+}
+
+// listByReference reads the newest reservations under ref.
+func listByReference(ctx context.Context, s invStore, ref string, limit int) ([]Reservation, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.opTimeout())
+	defer cancel()
+	rs, err := reservationsByReference(ctx, s.invRead(), ref, limit)
+	return rs, s.invTranslate(ctx, err)
+}
+
+// expireReservations records up to limit held reservations whose time ran
+// out as expired, each in a transaction of its own, and returns how many
+// it recorded and the products that changed.
+func expireReservations(ctx context.Context, s invStore, limit int) (int, []Product, error) {
+	qctx, cancel := context.WithTimeout(ctx, s.opTimeout())
+	ids, err := dueReservations(qctx, s.invRead(), s.nowMicro(), limit)
+	err = s.invTranslate(qctx, err)
+	cancel()
+	if err != nil {
+		return 0, nil, fmt.Errorf("expire reservations: %w", err)
+	}
+	n := 0
+	var changed []Product
+	for _, id := range ids {
+		var expired bool
+		var ps []Product
+		err := s.invAlone(ctx, func(ctx context.Context, tx invTx) error {
+			var err error
+			expired, ps, err = expireOne(ctx, tx, s.nowMicro(), id)
+			return err
+		})
+		if err != nil {
+			return n, changed, fmt.Errorf("expire reservation %s: %w", id, err)
+		}
+		if expired {
+			n++
+		}
+		changed = append(changed, ps...)
+	}
+	return n, changed, nil
+}
+
+// trimAll deletes events older than before in batches of expireBatch, each
+// in a transaction of its own, and returns how many it deleted.
+func trimAll(ctx context.Context, s invStore, before time.Time) (int64, error) {
+	var total int64
+	for {
+		var n int64
+		err := s.invAlone(ctx, func(ctx context.Context, tx invTx) error {
+			var err error
+			n, err = trimEvents(ctx, tx, before, expireBatch)
+			return err
+		})
+		total += n
+		if err != nil {
+			return total, fmt.Errorf("trim events: %w", err)
+		}
+		if n < expireBatch {
+			return total, nil
+		}
+	}
+}

@@ -796,54 +796,6 @@ func (s *postgresStore) Transition(ctx context.Context, id, to string) (Reservat
 	return out, changed, nil
 }
 
-// Reservation returns reservation id, or ErrReservationNotFound.
-func (s *postgresStore) Reservation(ctx context.Context, id string) (Reservation, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	r, err := loadReservation(ctx, pgTx{s.pool}, id, false)
-	return r, pgTranslate(ctx, err)
-}
-
-// ReservationsByReference returns the newest reservations under ref.
-func (s *postgresStore) ReservationsByReference(ctx context.Context, ref string, limit int) ([]Reservation, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	rs, err := reservationsByReference(ctx, pgTx{s.pool}, ref, limit)
-	return rs, pgTranslate(ctx, err)
-}
-
-// ExpireReservations records up to limit due holds as expired, each in a
-// transaction of its own, and returns how many it recorded and the
-// products that changed.
-func (s *postgresStore) ExpireReservations(ctx context.Context, limit int) (int, []Product, error) {
-	qctx, cancel := context.WithTimeout(ctx, s.timeout)
-	ids, err := dueReservations(qctx, pgTx{s.pool}, s.nowMicro(), limit)
-	err = pgTranslate(qctx, err)
-	cancel()
-	if err != nil {
-		return 0, nil, fmt.Errorf("expire reservations: %w", err)
-	}
-	n := 0
-	var changed []Product
-	for _, id := range ids {
-		var expired bool
-		var ps []Product
-		err := s.inTx(ctx, func(ctx context.Context, tx pgx.Tx) error {
-			var err error
-			expired, ps, err = expireOne(ctx, pgTx{tx}, s.nowMicro(), id)
-			return err
-		})
-		if err != nil {
-			return n, changed, fmt.Errorf("expire reservation %s: %w", id, err)
-		}
-		if expired {
-			n++
-		}
-		changed = append(changed, ps...)
-	}
-	return n, changed, nil
-}
-
 // pgFeedLock is the advisory lock under which one sequencer at a time
 // gives committed events their seq.
 const pgFeedLock = 0x66656564 // "feed"
@@ -898,33 +850,46 @@ func (s *postgresStore) Events(ctx context.Context, after int64, limit int) ([]E
 	return es, nil
 }
 
-// TrimEvents deletes events older than before, in batches, and returns how
-// many it deleted.
+// The inventory code's view of this engine (see invStore).
+func (s *postgresStore) invRead() invTx           { return pgTx{s.pool} }
+func (s *postgresStore) opTimeout() time.Duration { return s.timeout }
+func (s *postgresStore) invTranslate(ctx context.Context, err error) error {
+	return pgTranslate(ctx, err)
+}
+
+// invAlone runs fn in a transaction of its own.
+func (s *postgresStore) invAlone(ctx context.Context, fn func(ctx context.Context, tx invTx) error) error {
+	return s.inTx(ctx, func(ctx context.Context, tx pgx.Tx) error { return fn(ctx, pgTx{tx}) })
+}
+
+// Reservation returns reservation id, or ErrReservationNotFound.
+func (s *postgresStore) Reservation(ctx context.Context, id string) (Reservation, error) {
+	return getReservation(ctx, s, id)
+}
+
+// ReservationsByReference returns the newest reservations under ref.
+func (s *postgresStore) ReservationsByReference(ctx context.Context, ref string, limit int) ([]Reservation, error) {
+	return listByReference(ctx, s, ref, limit)
+}
+
+// ExpireReservations records up to limit due holds as expired; see
+// expireReservations.
+func (s *postgresStore) ExpireReservations(ctx context.Context, limit int) (int, []Product, error) {
+	return expireReservations(ctx, s, limit)
+}
+
+// TrimEvents gives committed events their seq, then deletes those older
+// than before; see trimAll. Only sequenced events are trimmed.
 func (s *postgresStore) TrimEvents(ctx context.Context, before time.Time) (int64, error) {
 	sctx, cancel := context.WithTimeout(ctx, s.timeout)
 	conn, err := s.pool.Acquire(sctx)
 	if err == nil {
-		err = s.sequenceEvents(sctx, conn) // only sequenced events are trimmed
+		err = s.sequenceEvents(sctx, conn)
 		conn.Release()
 	}
 	cancel()
 	if err != nil {
 		return 0, fmt.Errorf("trim events: %w", pgTranslate(ctx, err))
 	}
-	var total int64
-	for {
-		var n int64
-		err := s.inTx(ctx, func(ctx context.Context, tx pgx.Tx) error {
-			var err error
-			n, err = trimEvents(ctx, pgTx{tx}, before, expireBatch)
-			return err
-		})
-		total += n
-		if err != nil {
-			return total, fmt.Errorf("trim events: %w", err)
-		}
-		if n < expireBatch {
-			return total, nil
-		}
-	}
+	return trimAll(ctx, s, before)
 }

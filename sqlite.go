@@ -1060,54 +1060,6 @@ func (s *sqliteStore) Transition(ctx context.Context, id, to string) (Reservatio
 	return out, changed, nil
 }
 
-// Reservation returns reservation id, or ErrReservationNotFound.
-func (s *sqliteStore) Reservation(ctx context.Context, id string) (Reservation, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	r, err := loadReservation(ctx, sqliteRead{s.read}, id, false)
-	return r, translate(ctx, err)
-}
-
-// ReservationsByReference returns the newest reservations under ref.
-func (s *sqliteStore) ReservationsByReference(ctx context.Context, ref string, limit int) ([]Reservation, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	rs, err := reservationsByReference(ctx, sqliteRead{s.read}, ref, limit)
-	return rs, translate(ctx, err)
-}
-
-// ExpireReservations records up to limit due holds as expired, each in a
-// transaction of its own between client write groups, and returns how many
-// it recorded and the products that changed.
-func (s *sqliteStore) ExpireReservations(ctx context.Context, limit int) (int, []Product, error) {
-	qctx, cancel := context.WithTimeout(ctx, s.timeout)
-	ids, err := dueReservations(qctx, sqliteRead{s.read}, s.nowMicro(), limit)
-	err = translate(qctx, err)
-	cancel()
-	if err != nil {
-		return 0, nil, fmt.Errorf("expire reservations: %w", err)
-	}
-	n := 0
-	var changed []Product
-	for _, id := range ids {
-		var expired bool
-		var ps []Product
-		err := s.writeAlone(ctx, func(ctx context.Context, tx *sql.Tx) error {
-			var err error
-			expired, ps, err = expireOne(ctx, sqliteTx{s, tx}, s.nowMicro(), id)
-			return err
-		})
-		if err != nil {
-			return n, changed, fmt.Errorf("expire reservation %s: %w", id, err)
-		}
-		if expired {
-			n++
-		}
-		changed = append(changed, ps...)
-	}
-	return n, changed, nil
-}
-
 // Events returns up to limit events after seq after, in seq order, or a
 // *FeedGoneError when retention trimmed some of them. The one writer
 // commits in seq order, so what a reader sees has no gaps.
@@ -1119,27 +1071,6 @@ func (s *sqliteStore) Events(ctx context.Context, after int64, limit int) ([]Eve
 		return nil, fmt.Errorf("events: %w", translate(ctx, err))
 	}
 	return es, nil
-}
-
-// TrimEvents deletes events older than before, in batches each committed
-// alone, and returns how many it deleted.
-func (s *sqliteStore) TrimEvents(ctx context.Context, before time.Time) (int64, error) {
-	var total int64
-	for {
-		var n int64
-		err := s.writeAlone(ctx, func(ctx context.Context, tx *sql.Tx) error {
-			var err error
-			n, err = trimEvents(ctx, sqliteTx{s, tx}, before, expireBatch)
-			return err
-		})
-		total += n
-		if err != nil {
-			return total, fmt.Errorf("trim events: %w", err)
-		}
-		if n < expireBatch {
-			return total, nil
-		}
-	}
 }
 
 // ftsBatch collects the full-text index changes of one group commit, which
@@ -1317,3 +1248,35 @@ func (r notFoundRow) Scan(dest ...any) error {
 type sqlRows struct{ *sql.Rows }
 
 func (r sqlRows) Close() { r.Rows.Close() }
+
+// The inventory code's view of this engine (see invStore).
+func (s *sqliteStore) invRead() invTx                                    { return sqliteRead{s.read} }
+func (s *sqliteStore) opTimeout() time.Duration                          { return s.timeout }
+func (s *sqliteStore) invTranslate(ctx context.Context, err error) error { return translate(ctx, err) }
+
+// invAlone runs fn in a transaction of its own, between client write
+// groups: maintenance never shares their fate.
+func (s *sqliteStore) invAlone(ctx context.Context, fn func(ctx context.Context, tx invTx) error) error {
+	return s.writeAlone(ctx, func(ctx context.Context, tx *sql.Tx) error { return fn(ctx, sqliteTx{s, tx}) })
+}
+
+// Reservation returns reservation id, or ErrReservationNotFound.
+func (s *sqliteStore) Reservation(ctx context.Context, id string) (Reservation, error) {
+	return getReservation(ctx, s, id)
+}
+
+// ReservationsByReference returns the newest reservations under ref.
+func (s *sqliteStore) ReservationsByReference(ctx context.Context, ref string, limit int) ([]Reservation, error) {
+	return listByReference(ctx, s, ref, limit)
+}
+
+// ExpireReservations records up to limit due holds as expired; see
+// expireReservations.
+func (s *sqliteStore) ExpireReservations(ctx context.Context, limit int) (int, []Product, error) {
+	return expireReservations(ctx, s, limit)
+}
+
+// TrimEvents deletes events older than before; see trimAll.
+func (s *sqliteStore) TrimEvents(ctx context.Context, before time.Time) (int64, error) {
+	return trimAll(ctx, s, before)
+}
