@@ -13,9 +13,11 @@ import (
 //
 // It is never stale after an acknowledged write. Every write updates it after
 // commit and before it is acknowledged, and each update bumps its shard's
-// generation. Writes may report in any order (concurrent connections):
-// an entry only ever moves to a higher version, and a delete leaves a
-// tombstone one version above the deleted product. A reader takes the
+// generation. Writes may report in any order (concurrent connections),
+// so a cached entry only ever moves to a higher version, a delete leaves a
+// tombstone one version above the deleted product, and a write never adds
+// a product that is not cached (an eviction between two out-of-order
+// reports would let the older in). A reader takes the
 // generation (token) before it reads the database and may fill only if no
 // write has touched the shard since: a slow read can never put back a value
 // that a write replaced.
@@ -132,10 +134,13 @@ func (c *localCache) written(id int64, v cachedProduct, toRedis bool) {
 	if toRedis {
 		s.pending++
 	}
-	if c.perCap == 0 {
-		return
+	// Only an entry already here is replaced (by a higher version). A write
+	// is never added when its product is not cached: writes may report out
+	// of order, and an entry evicted between two reports would let the
+	// older one in. Fills (with the generation above) add products.
+	if _, ok := s.entries[id]; ok && c.perCap > 0 {
+		c.putLocked(s, id, v)
 	}
-	c.putLocked(s, id, v)
 }
 
 // published records that a write reported to written has reached Redis (or
