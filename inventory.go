@@ -94,21 +94,13 @@ func appendEvent(ctx context.Context, tx invTx, now time.Time, typ string, p *Pr
 }
 
 // releaseDueLines ends the holding of the lines on product id whose hold
-// expired by now, and returns how many units they held. The caller, which
-// holds the product's row (or the one writer), subtracts them from reserved
-// in its own update of the product.
-func releaseDueLines(ctx context.Context, tx invTx, now time.Time, id int64) (int64, error) {
-	var due int64
-	if err := tx.queryRow(ctx, `SELECT coalesce(sum(quantity), 0) FROM reservation_lines
-		WHERE product_id = ? AND holding = 1 AND expires_at <= ?`, id, tx.ts(now)).Scan(&due); err != nil {
-		return 0, err
-	}
-	if due == 0 {
-		return 0, nil
-	}
+// expired by now: the units dueUnits counted. The caller, which holds the
+// product's row (or the one writer), subtracts them from reserved in its
+// own update of the product, and calls this only when there are some.
+func releaseDueLines(ctx context.Context, tx invTx, now time.Time, id int64) error {
 	_, err := tx.exec(ctx, `UPDATE reservation_lines SET holding = 0
 		WHERE product_id = ? AND holding = 1 AND expires_at <= ?`, id, tx.ts(now))
-	return due, err
+	return err
 }
 
 // reserve holds r.Lines for ttl, all or nothing. It returns a
@@ -164,7 +156,7 @@ func reserve(ctx context.Context, tx invTx, now time.Time, r Reservation, ttl ti
 	for _, i := range order {
 		l := r.Lines[i]
 		if due[i] > 0 {
-			if _, err := releaseDueLines(ctx, tx, now, l.ProductID); err != nil {
+			if err := releaseDueLines(ctx, tx, now, l.ProductID); err != nil {
 				return Reservation{}, nil, err
 			}
 		}

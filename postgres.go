@@ -508,8 +508,10 @@ func (s *postgresStore) Update(ctx context.Context, id int64, change func(*Produ
 		if next.Stock < cur.Reserved-due {
 			return ErrInsufficientStock // stock below what open holds keep
 		}
-		if _, err := releaseDueLines(ctx, pgTx{tx}, now, id); err != nil {
-			return err
+		if due > 0 {
+			if err := releaseDueLines(ctx, pgTx{tx}, now, id); err != nil {
+				return err
+			}
 		}
 		out, err = pgScanProduct(tx.QueryRow(ctx, `UPDATE products SET
 			sku = $1, name = $2, description = $3, category = $4, price_cents = $5, currency = $6, stock = $7,
@@ -565,8 +567,10 @@ func (s *postgresStore) AdjustStock(ctx context.Context, id, delta int64, check 
 			if err != nil {
 				return Product{}, err
 			}
-			if _, err := releaseDueLines(ctx, pgTx{tx}, now, id); err != nil {
-				return Product{}, err
+			if due > 0 {
+				if err := releaseDueLines(ctx, pgTx{tx}, now, id); err != nil {
+					return Product{}, err
+				}
 			}
 			return p, appendEvent(ctx, pgTx{tx}, now, EventStockChanged, &p, nil)
 		})
@@ -593,12 +597,17 @@ func (s *postgresStore) Delete(ctx context.Context, id int64, check func(Product
 			}
 		}
 		now := s.nowMicro()
-		due, err := releaseDueLines(ctx, pgTx{tx}, now, id)
+		due, err := dueUnits(ctx, pgTx{tx}, now, id)
 		if err != nil {
 			return err
 		}
 		if cur.Reserved-due > 0 {
 			return ErrReserved
+		}
+		if due > 0 {
+			if err := releaseDueLines(ctx, pgTx{tx}, now, id); err != nil {
+				return err
+			}
 		}
 		gone = cur
 		if _, err = tx.Exec(ctx, `DELETE FROM products WHERE id = $1`, id); err != nil {

@@ -914,7 +914,7 @@ func (s *sqliteStore) Update(ctx context.Context, id int64, change func(*Product
 			s.fts.changed(cur)
 		}
 		if due > 0 {
-			if _, err := releaseDueLines(ctx, itx, now, id); err != nil {
+			if err := releaseDueLines(ctx, itx, now, id); err != nil {
 				return err
 			}
 		}
@@ -971,7 +971,7 @@ func (s *sqliteStore) AdjustStock(ctx context.Context, id, delta int64, check fu
 			return err
 		}
 		if due > 0 {
-			if _, err := releaseDueLines(ctx, itx, now, id); err != nil {
+			if err := releaseDueLines(ctx, itx, now, id); err != nil {
 				return err
 			}
 		}
@@ -1014,7 +1014,7 @@ func (s *sqliteStore) Delete(ctx context.Context, id int64, check func(Product) 
 		}
 		s.fts.changed(cur)
 		if due > 0 {
-			if _, err := releaseDueLines(ctx, itx, now, id); err != nil {
+			if err := releaseDueLines(ctx, itx, now, id); err != nil {
 				return err
 			}
 		}
