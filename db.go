@@ -90,6 +90,23 @@ type productStore interface {
 	Close() error
 }
 
+// sharedLog is implemented by a store that other processes write to as
+// well (PostgreSQL: any number of replicas). The service then follows the
+// store's change log (Events) to learn their writes; see follower. SQLite
+// does not implement it: one process holds the file, so its own writes
+// are all the writes.
+type sharedLog interface {
+	// Head returns the change log's position: every write committed
+	// before Head was called has an event at or below it.
+	Head(ctx context.Context) (int64, error)
+	// Listen calls wake whenever Notify is called, by any process, until
+	// ctx ends. Notifications may be lost (a reconnect); they only save
+	// the follower from waiting for its next periodic look.
+	Listen(ctx context.Context, wake func()) error
+	// Notify tells every Listen that the change log has grown.
+	Notify(ctx context.Context) error
+}
+
 // StoreConfig configures openStore.
 type StoreConfig struct {
 	// DatabaseURL selects PostgreSQL when set (postgres:// or

@@ -183,6 +183,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	defer bgCancel()
 	bg.Go(func() { expireIdempotencyKeys(bgCtx, store, log) })
 	bg.Go(func() { svc.Probe(bgCtx, time.Second) })
+	bg.Go(func() { svc.Follow(bgCtx) })
 	bg.Go(func() { svc.SweepReservations(bgCtx, time.Second) })
 	bg.Go(func() { svc.TrimEvents(bgCtx, cfg.EventsRetention, time.Minute) })
 
