@@ -174,10 +174,10 @@ DB_SHOWN=$(sed -E 's#(://[^:/@]*:)[^@]*@#\1***@#' <<<"$DATABASE_URL")
 # ---- Redis -----------------------------------------------------------------
 if [[ -z ${REDIS_URL:-} ]]; then
 	# A pure cache, as in deploy/kubernetes/redis.yaml: nothing on disk,
-	# LRU eviction at maxmemory.
+	# bounded by maxmemory without eviction (entries expire by CACHE_TTL).
 	log "starting redis-server on 127.0.0.1:$REDIS_PORT"
 	start redis "$LOGS/redis.log" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 \
-		--save '' --appendonly no --maxmemory 64mb --maxmemory-policy allkeys-lru
+		--save '' --appendonly no --maxmemory 64mb --maxmemory-policy noeviction
 	for ((i = 0; i < 100; i++)); do
 		in_use "$REDIS_PORT" && break
 		running "$PID" || die "redis-server did not start: $(tail -5 "$LOGS/redis.log")"
