@@ -99,12 +99,13 @@ type sharedLog interface {
 	// Head returns the change log's position: every write committed
 	// before Head was called has an event at or below it.
 	Head(ctx context.Context) (int64, error)
-	// Listen calls wake whenever Notify is called, by any process, until
-	// ctx ends. Notifications may be lost (a reconnect); they only save
-	// the follower from waiting for its next periodic look.
-	Listen(ctx context.Context, wake func()) error
-	// Notify tells every Listen that the change log has grown.
-	Notify(ctx context.Context) error
+	// Listen calls wake with the sender's name whenever Notify is called,
+	// by any process, until ctx ends, and with "" after each (re)connect.
+	// Notifications may be lost (a reconnect); they only save the
+	// follower from waiting for its next periodic look.
+	Listen(ctx context.Context, wake func(from string)) error
+	// Notify tells every Listen that process from wrote to the change log.
+	Notify(ctx context.Context, from string) error
 }
 
 // StoreConfig configures openStore.

@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"log/slog"
 	"sync"
@@ -41,21 +42,23 @@ import (
 // fresh between reads; correctness rests on the fence alone, so a lost
 // notification costs latency, never a stale read.
 type follower struct {
-	log     sharedLog
-	store   productStore
-	local   *localCache
-	pages   *pageCache
-	cache   cache
-	redis   bool // cache is Redis
-	readCB  *gobreaker.CircuitBreaker[struct{}]
-	redisCB *gobreaker.CircuitBreaker[struct{}]
-	metrics *metrics
-	logger  *slog.Logger
+	log          sharedLog
+	store        productStore
+	local        *localCache
+	pages        *pageCache
+	cache        cache
+	redis        bool          // cache is Redis
+	redisTimeout time.Duration // bound on each Redis call (REDIS_TIMEOUT)
+	readCB       *gobreaker.CircuitBreaker[struct{}]
+	redisCB      *gobreaker.CircuitBreaker[struct{}]
+	metrics      *metrics
+	logger       *slog.Logger
 
 	mu   sync.Mutex
 	next *fenceRound // the round that reads arriving now wait for
 
 	interval time.Duration // periodic look; followInterval
+	name     string        // this process, in its notifications
 
 	wake   chan struct{} // a round is wanted
 	wrote  chan struct{} // this process committed a write
@@ -85,8 +88,9 @@ const (
 
 func newFollower(log sharedLog, s *ProductService) *follower {
 	return &follower{
-		log: log, store: s.store, local: s.local, pages: s.pages, cache: s.cache, redis: s.redisEnabled,
+		log: log, store: s.store, local: s.local, pages: s.pages, cache: s.cache, redis: s.redisEnabled, redisTimeout: s.redisTimeout,
 		readCB: s.readCB, redisCB: s.redisCB, metrics: s.metrics, logger: s.log, interval: followInterval,
+		name: rand.Text(),
 		wake: make(chan struct{}, 1), wrote: make(chan struct{}, 1), closed: make(chan struct{}),
 	}
 }
@@ -146,7 +150,13 @@ func (f *follower) position() int64 { return f.applied.Load() }
 func (f *follower) Run(ctx context.Context) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	wg.Go(func() { f.log.Listen(ctx, f.kick) })
+	wg.Go(func() {
+		f.log.Listen(ctx, func(from string) {
+			if from != f.name { // this process's own writes are in its caches already
+				f.kick()
+			}
+		})
+	})
 	wg.Go(func() {
 		for {
 			select {
@@ -154,7 +164,7 @@ func (f *follower) Run(ctx context.Context) {
 				return
 			case <-f.wrote:
 			}
-			if err := f.log.Notify(ctx); err != nil && ctx.Err() == nil {
+			if err := f.log.Notify(ctx, f.name); err != nil && ctx.Err() == nil {
 				f.logger.Debug("change log notify failed", "err", err)
 			}
 		}
@@ -175,6 +185,9 @@ func (f *follower) Run(ctx context.Context) {
 		f.mu.Unlock()
 		err := f.round(ctx)
 		f.metrics.fenceRounds.Inc()
+		if ctx.Err() != nil {
+			err = &UnavailableError{Reason: "shutting down", RetryAfter: time.Second}
+		}
 		if r != nil {
 			r.err = err
 			close(r.done)
@@ -230,7 +243,7 @@ func (f *follower) apply(ctx context.Context, es []Event) {
 	last := es[len(es)-1].Seq
 	if f.redis && f.redisEpoch != 0 && f.redisThrough >= f.applied.Load() {
 		err := guard(f.redisCB, func() error {
-			ctx, cancel := context.WithTimeout(ctx, redisPushTimeout)
+			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
 			defer cancel()
 			return f.cache.Push(ctx, f.redisEpoch, items, last)
 		})
@@ -250,9 +263,6 @@ func (f *follower) apply(ctx context.Context, es []Event) {
 	f.applied.Store(last)
 	f.metrics.changesApplied.Add(float64(len(es)))
 }
-
-// redisPushTimeout bounds one push of a batch to Redis.
-const redisPushTimeout = time.Second
 
 // resync moves the applied position to seq after events before it were
 // trimmed unseen: everything cached in memory is dropped.
@@ -274,7 +284,7 @@ func (f *follower) syncRedis(ctx context.Context) {
 		var epoch cacheEpoch
 		var through int64
 		err := guard(f.redisCB, func() error {
-			ctx, cancel := context.WithTimeout(ctx, redisPushTimeout)
+			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
 			defer cancel()
 			var err error
 			epoch, through, err = f.cache.Namespace(ctx)
@@ -327,7 +337,7 @@ func (f *follower) repush(ctx context.Context) error {
 		}
 		last := es[len(es)-1].Seq
 		err = guard(f.redisCB, func() error {
-			ctx, cancel := context.WithTimeout(ctx, redisPushTimeout)
+			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
 			defer cancel()
 			return f.cache.Push(ctx, f.redisEpoch, productItems(es), last)
 		})

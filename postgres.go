@@ -889,13 +889,13 @@ const pgChannel = "productsvc_changes"
 //
 // A failed connection is not reported: while the database is down the
 // breakers say so, and the follower's periodic look covers the gap.
-func (s *postgresStore) Listen(ctx context.Context, wake func()) error {
+func (s *postgresStore) Listen(ctx context.Context, wake func(from string)) error {
 	for {
 		s.listen(ctx, wake)
 		if ctx.Err() != nil {
 			return nil
 		}
-		wake()
+		wake("")
 		t := time.NewTimer(time.Second)
 		select {
 		case <-ctx.Done():
@@ -906,7 +906,7 @@ func (s *postgresStore) Listen(ctx context.Context, wake func()) error {
 	}
 }
 
-func (s *postgresStore) listen(ctx context.Context, wake func()) error {
+func (s *postgresStore) listen(ctx context.Context, wake func(from string)) error {
 	cctx, cancel := context.WithTimeout(ctx, s.timeout)
 	conn, err := pgx.ConnectConfig(cctx, s.pool.Config().ConnConfig)
 	if err == nil {
@@ -919,20 +919,21 @@ func (s *postgresStore) listen(ctx context.Context, wake func()) error {
 	if err != nil {
 		return err
 	}
-	wake()
+	wake("")
 	for {
-		if _, err := conn.WaitForNotification(ctx); err != nil {
+		n, err := conn.WaitForNotification(ctx)
+		if err != nil {
 			return err
 		}
-		wake()
+		wake(n.Payload)
 	}
 }
 
 // Notify wakes every replica's Listen.
-func (s *postgresStore) Notify(ctx context.Context) error {
+func (s *postgresStore) Notify(ctx context.Context, from string) error {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	if _, err := s.pool.Exec(ctx, `SELECT pg_notify($1, '')`, pgChannel); err != nil {
+	if _, err := s.pool.Exec(ctx, `SELECT pg_notify($1, $2)`, pgChannel, from); err != nil {
 		return fmt.Errorf("notify: %w", pgTranslate(ctx, err))
 	}
 	return nil
