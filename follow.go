@@ -212,6 +212,7 @@ func (f *follower) round(ctx context.Context) error {
 		f.started = true
 		f.applied.Store(head)
 	}
+	redisFailed := false
 	for f.applied.Load() < head {
 		var es []Event
 		err := guard(f.readCB, func() error {
@@ -230,17 +231,23 @@ func (f *follower) round(ctx context.Context) error {
 		if len(es) == 0 {
 			break
 		}
-		f.apply(ctx, es)
+		if !f.apply(ctx, es) {
+			redisFailed = true
+		}
 	}
-	f.syncRedis(ctx)
+	if !redisFailed { // a failing Redis costs a round one REDIS_TIMEOUT at most
+		f.syncRedis(ctx)
+	}
 	return nil
 }
 
 // apply applies es (the events after the applied position, in order):
-// pushed to Redis first, then to the in-process caches.
-func (f *follower) apply(ctx context.Context, es []Event) {
+// pushed to Redis first, then to the in-process caches. It reports false
+// when a push to Redis failed.
+func (f *follower) apply(ctx context.Context, es []Event) bool {
 	items := productItems(es)
 	last := es[len(es)-1].Seq
+	ok := true
 	if f.redis && f.redisEpoch != 0 && f.redisThrough >= f.applied.Load() {
 		err := guard(f.redisCB, func() error {
 			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
@@ -249,6 +256,8 @@ func (f *follower) apply(ctx context.Context, es []Event) {
 		})
 		if err == nil {
 			f.redisThrough = max(f.redisThrough, last)
+		} else {
+			ok = false
 		}
 	}
 	if f.redisThrough < last {
@@ -262,6 +271,7 @@ func (f *follower) apply(ctx context.Context, es []Event) {
 	}
 	f.applied.Store(last)
 	f.metrics.changesApplied.Add(float64(len(es)))
+	return ok
 }
 
 // resync moves the applied position to seq after events before it were
