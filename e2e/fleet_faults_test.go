@@ -1,0 +1,712 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"productsvc/internal/pgtest"
+)
+
+// The fleet under faults: a replica killed, replicas replaced one by one,
+// PostgreSQL and Redis stopped and restarted under load.
+
+// fleetLedger records what clients were told about their writes: keyed
+// creates of new products, and keyed +1 adjustments of counter products.
+type fleetLedger struct {
+	prefix   string // sku prefix and category of the creates
+	runID    string // makes the Idempotency-Keys unique to the run
+	seq      atomic.Int64
+	mu       sync.Mutex
+	creates  map[string]*ledgerCreate // by sku
+	counters map[int64]*ledgerCounter // by product id
+	ctrIDs   []int64
+}
+
+type ledgerCreate struct {
+	state outcome
+	ack   product // when state == outAcked
+}
+
+// ledgerCounter is what the stock of a counter can be: initial plus every
+// acknowledged +1, plus any of those whose outcome is unknown.
+type ledgerCounter struct {
+	initial, acked, unknown int64
+	version                 int64 // the highest version acknowledged
+}
+
+func newFleetLedger(prefix string, counters []product) *fleetLedger {
+	l := &fleetLedger{
+		prefix:   prefix,
+		runID:    strconv.FormatInt(time.Now().UnixNano(), 36),
+		creates:  map[string]*ledgerCreate{},
+		counters: map[int64]*ledgerCounter{},
+	}
+	for _, p := range counters {
+		l.counters[p.ID] = &ledgerCounter{initial: p.Stock, version: p.Version}
+		l.ctrIDs = append(l.ctrIDs, p.ID)
+	}
+	return l
+}
+
+// classify maps an answer to a write to what the client knows: a 2xx is
+// acknowledged; a transport error or a 5xx (the service's 503, or HAProxy's
+// 502/503/504) leaves the outcome unknown — on PostgreSQL a commit whose
+// reply was lost may have applied; any other status is a definite refusal.
+func classify(r *response, err error) outcome {
+	switch {
+	case err != nil:
+		return outUnknown
+	case r.Status >= 200 && r.Status < 300:
+		return outAcked
+	case r.Status >= 500:
+		return outUnknown
+	default:
+		return outFailed
+	}
+}
+
+// create sends one keyed create through c and records the outcome.
+func (l *fleetLedger) create(c *client) (*response, error, outcome) {
+	sku := fmt.Sprintf("%s-%06d", l.prefix, l.seq.Add(1))
+	body := createBody(sku, "fleet item", 1234, map[string]any{"category": l.prefix, "stock": 3})
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	r, err := createKeyed(ctx, c, body, l.runID+"-"+sku)
+	o := classify(r, err)
+	var p product
+	if o == outAcked {
+		var derr error
+		if p, derr = decodeProduct(r); derr != nil || p.SKU != sku {
+			o = outUnknown
+		}
+	}
+	l.mu.Lock()
+	l.creates[sku] = &ledgerCreate{state: o, ack: p}
+	l.mu.Unlock()
+	return r, err, o
+}
+
+// adjust sends one keyed +1 adjustment of a random counter through c.
+func (l *fleetLedger) adjust(c *client, rng *rand.Rand) (*response, error, outcome) {
+	id := l.ctrIDs[rng.IntN(len(l.ctrIDs))]
+	key := fmt.Sprintf("%s-adj-%06d", l.runID, l.seq.Add(1))
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	r, err := adjustStock(ctx, c, id, 1, key)
+	o := classify(r, err)
+	var p product
+	if o == outAcked {
+		var derr error
+		if p, derr = decodeProduct(r); derr != nil || p.ID != id {
+			o = outUnknown
+		}
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	ctr := l.counters[id]
+	switch o {
+	case outAcked:
+		ctr.acked++
+		ctr.version = max(ctr.version, p.Version)
+	case outUnknown:
+		ctr.unknown++
+	}
+	return r, err, o
+}
+
+// counts returns the writes by outcome.
+func (l *fleetLedger) counts() (acked, unknown, failed int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, c := range l.creates {
+		switch c.state {
+		case outAcked:
+			acked++
+		case outUnknown:
+			unknown++
+		case outFailed:
+			failed++
+		}
+	}
+	for _, c := range l.counters {
+		acked += int(c.acked)
+		unknown += int(c.unknown)
+	}
+	return acked, unknown, failed
+}
+
+// check reads every write the ledger knows of through c and returns how
+// many products it checked and what does not match: an acknowledged
+// create missing or older than acknowledged, a counter below its
+// acknowledged adjustments or above all those sent, a product nobody
+// asked for.
+func (l *fleetLedger) check(c *client) (checked int, problems []string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	for sku, w := range l.creates {
+		if w.state != outAcked {
+			continue
+		}
+		p, r, err := getProduct(ctx, c, w.ack.ID)
+		switch {
+		case err != nil:
+			problems = append(problems, fmt.Sprintf("GET /products/%d: %v", w.ack.ID, err))
+		case r.Status != http.StatusOK:
+			problems = append(problems, fmt.Sprintf("acknowledged create of %s (product %d) is gone: %s", sku, w.ack.ID, r))
+		case p.SKU != sku || p.Version < w.ack.Version:
+			problems = append(problems, fmt.Sprintf("acknowledged create of %s (product %d, version %d) reads as sku %s version %d", sku, w.ack.ID, w.ack.Version, p.SKU, p.Version))
+		}
+		checked++
+	}
+	for id, ctr := range l.counters {
+		p, r, err := getProduct(ctx, c, id)
+		switch {
+		case err != nil:
+			problems = append(problems, fmt.Sprintf("GET /products/%d: %v", id, err))
+		case r.Status != http.StatusOK:
+			problems = append(problems, fmt.Sprintf("counter %d: %s", id, r))
+		case p.Stock < ctr.initial+ctr.acked || p.Stock > ctr.initial+ctr.acked+ctr.unknown:
+			problems = append(problems, fmt.Sprintf("counter %d: stock %d, want %d to %d (initial %d + %d acknowledged + up to %d unknown)",
+				id, p.Stock, ctr.initial+ctr.acked, ctr.initial+ctr.acked+ctr.unknown, ctr.initial, ctr.acked, ctr.unknown))
+		case p.Version < ctr.version:
+			problems = append(problems, fmt.Sprintf("counter %d: version %d, below the acknowledged %d", id, p.Version, ctr.version))
+		}
+		checked++
+	}
+	all, err := listCategory(ctx, c, l.prefix)
+	if err != nil {
+		return checked, append(problems, err.Error())
+	}
+	for _, p := range all {
+		if w, ok := l.creates[p.SKU]; !ok || w.state == outFailed {
+			problems = append(problems, fmt.Sprintf("product %d sku %s exists, but no create of it was sent or it was refused", p.ID, p.SKU))
+		}
+	}
+	return checked, problems
+}
+
+// TestFleetKillReplicaUnderLoad kills one of three replicas with -9 while
+// writes flow through HAProxy: every acknowledged write must be in the
+// database afterwards, and no write applied twice.
+func TestFleetKillReplicaUnderLoad(t *testing.T) {
+	requireFleet(t)
+	const (
+		writers = 8
+		before  = 1500 * time.Millisecond // of load before the kill
+		after   = 1500 * time.Millisecond // and after it
+		victim  = 1
+	)
+	f := startFleet(t, fleetConfig{replicas: 3, haproxy: true})
+	lb := newClient(f.lb.URL, testToken)
+	t.Cleanup(lb.Close)
+	led := newFleetLedger("fleet-kill", createProducts(t, f, "kill-ctr", "fleet-kill-ctr", 8, 0))
+
+	var unexpected findings
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := 0; w < writers; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(w), 4))
+			for n := 0; n < 5000; n++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				var r *response
+				var o outcome
+				if n%2 == 0 {
+					r, _, o = led.create(lb)
+				} else {
+					r, _, o = led.adjust(lb, rng)
+				}
+				if o == outFailed {
+					unexpected.add("%s", r)
+				}
+			}
+		}(w)
+	}
+	time.Sleep(before) // a fixed window of load, not a wait for a condition
+	f.reps[victim].Kill()
+	downAfter := f.lb.WaitStatus(victim, "DOWN", 5*time.Second)
+	time.Sleep(after)
+	close(stop)
+	wg.Wait()
+	retries, redispatches := f.lb.Totals()
+
+	unexpected.report(t, "writes refused with a 4xx")
+	acked, unknown, _ := led.counts()
+	if acked == 0 {
+		t.Fatal("no write was acknowledged")
+	}
+	checked, problems := led.check(f.dbReader())
+	for i, p := range problems {
+		if i == 10 {
+			t.Errorf("... and %d more", len(problems)-10)
+			break
+		}
+		t.Errorf("lost or doubled write (database): %s", p)
+	}
+	// Through a surviving replica too: what it answers must not be older.
+	// A difference that the database does not show is a stale cache, the
+	// subject of TestFleetStaleReads; counted here, not failed.
+	survivorChecked, survivorStale := led.check(f.client(0))
+	for i, p := range survivorStale {
+		if i == 3 {
+			break
+		}
+		t.Logf("surviving replica 0 differs from the database: %s", p)
+	}
+	t.Logf("RESULT writes acknowledged=%d unknown outcome=%d (in flight at the killed replica; HAProxy retries=%d redispatches=%d) refused=%d; replica %d killed after %v, DOWN in HAProxy after %v; checked in the database=%d lost=%d; through surviving replica 0 checked=%d differing=%d",
+		acked, unknown, retries, redispatches, unexpected.count(), victim, before, downAfter.Round(time.Millisecond),
+		checked, len(problems), survivorChecked, len(survivorStale))
+}
+
+// TestFleetRollingUpdate replaces each of three replicas behind HAProxy,
+// one at a time, under a steady load of reads and writes: not one request
+// may fail.
+func TestFleetRollingUpdate(t *testing.T) {
+	requireFleet(t)
+	const (
+		readers    = 3
+		writers    = 2
+		readEvery  = 4 * time.Millisecond
+		writeEvery = 10 * time.Millisecond
+		settle     = 500 * time.Millisecond // of load between steps
+	)
+	f := startFleet(t, fleetConfig{replicas: 3, spare: 1, haproxy: true})
+	lb := newClient(f.lb.URL, testToken)
+	t.Cleanup(lb.Close)
+	seeded := createProducts(t, f, "roll", "fleet-roll-seed", 20, 0)
+	led := newFleetLedger("fleet-roll", seeded)
+
+	var reads, writes atomic.Int64
+	var failed findings
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	loop := func(every time.Duration, seed uint64, op func(rng *rand.Rand)) {
+		defer wg.Done()
+		rng := rand.New(rand.NewPCG(seed, 5))
+		tick := time.NewTicker(every)
+		defer tick.Stop()
+		for n := 0; n < int(2*time.Minute/every); n++ {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+			op(rng)
+		}
+	}
+	for g := 0; g < readers; g++ {
+		wg.Add(1)
+		go loop(readEvery, uint64(g), func(rng *rand.Rand) {
+			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+			defer cancel()
+			path := "/products/" + strconv.FormatInt(seeded[rng.IntN(len(seeded))].ID, 10)
+			if rng.IntN(5) == 0 {
+				path = "/products?limit=50&category=fleet-roll-seed"
+			}
+			r, err := lb.do(ctx, http.MethodGet, path, nil, nil)
+			reads.Add(1)
+			if err != nil || r.Status != http.StatusOK {
+				failed.add("%s GET %s: %v %v", time.Now().Format("15:04:05.000"), path, r, err)
+			}
+		})
+	}
+	for g := 0; g < writers; g++ {
+		wg.Add(1)
+		go loop(writeEvery, uint64(100+g), func(rng *rand.Rand) {
+			var r *response
+			var err error
+			var o outcome
+			if rng.IntN(2) == 0 {
+				r, err, o = led.create(lb)
+			} else {
+				r, err, o = led.adjust(lb, rng)
+			}
+			writes.Add(1)
+			if o != outAcked {
+				failed.add("%s write: %v %v", time.Now().Format("15:04:05.000"), r, err)
+			}
+		})
+	}
+	stopLoad := func() {
+		select {
+		case <-stop:
+		default:
+			close(stop)
+		}
+		wg.Wait()
+	}
+	defer stopLoad()
+
+	time.Sleep(settle) // a fixed window of load, not a wait for a condition
+	start := time.Now()
+	free := 3
+	var steps []string
+	for _, old := range []int{0, 1, 2} {
+		stepStart := time.Now()
+		f.start(free)
+		ready := time.Since(stepStart)
+		up := f.lb.WaitStatus(free, "UP", 10*time.Second)
+		termAt := time.Now()
+		if err := f.reps[old].Signal(syscall.SIGTERM); err != nil {
+			t.Fatalf("SIGTERM replica %d: %v", old, err)
+		}
+		code, ok := f.reps[old].Wait(fleetShutdownDelay + 15*time.Second)
+		if !ok {
+			t.Fatalf("replica %d (pid %d) did not exit within %v of SIGTERM", old, f.reps[old].PID(), fleetShutdownDelay+15*time.Second)
+		}
+		exited := time.Since(termAt)
+		if code != 0 {
+			t.Errorf("replica %d exited with status %d after SIGTERM, want 0", old, code)
+		}
+		f.lb.WaitStatus(old, "DOWN", 5*time.Second)
+		steps = append(steps, fmt.Sprintf("slot %d->%d ready %v UP %v exit %v", old, free,
+			ready.Round(time.Millisecond), up.Round(time.Millisecond), exited.Round(time.Millisecond)))
+		free = old
+		time.Sleep(settle) // a fixed window of load, not a wait for a condition
+	}
+	took := time.Since(start)
+	stopLoad()
+	retries, redispatches := f.lb.Totals()
+
+	failed.report(t, "failed requests during the rolling update (transport errors, 5xx or refusals)")
+	checked, problems := led.check(f.dbReader())
+	for i, p := range problems {
+		if i == 10 {
+			break
+		}
+		t.Errorf("lost write (database): %s", p)
+	}
+	acked, _, _ := led.counts()
+	t.Logf("RESULT requests=%d (reads %d, writes %d, acknowledged %d) failed=%d; 3 replicas replaced in %v (%s); HAProxy retries=%d redispatches=%d; writes checked in the database=%d lost=%d",
+		reads.Load()+writes.Load(), reads.Load(), writes.Load(), acked, failed.count(), took.Round(time.Millisecond),
+		strings.Join(steps, "; "), retries, redispatches, checked, len(problems))
+}
+
+// TestFleetPostgresRestart stops PostgreSQL under two replicas' load, once
+// with a fast shutdown and once with an immediate one (a crash): while it
+// is down every request is answered at once, a 503 with Retry-After or a
+// read from a cache; once it is back the fleet recovers by itself, and no
+// acknowledged write is lost. It runs on a server of its own, so no other
+// test sees the outage.
+func TestFleetPostgresRestart(t *testing.T) {
+	requireFleet(t)
+	const (
+		dbTimeout = time.Second
+		budget    = 2 * dbTimeout // for any answer while the database is away
+		down      = 3 * time.Second
+		recover   = 30 * time.Second
+		workers   = 3 // per replica
+		every     = 10 * time.Millisecond
+	)
+	pg, err := pgtest.Start()
+	if err != nil {
+		t.Fatalf("start a PostgreSQL server for this test: %v", err)
+	}
+	t.Cleanup(pg.Stop) // after the replicas are killed: cleanups run last-in first-out
+	_, dbURL, err := pg.CreateDatabase(context.Background())
+	if err != nil {
+		t.Fatalf("create database: %v", err)
+	}
+	store := map[string]string{"DATABASE_URL": dbURL, "DB_PATH": filepath.Join(t.TempDir(), "unused.db")}
+	f := startFleet(t, fleetConfig{replicas: 2, store: store, env: map[string]string{"DB_TIMEOUT": dbTimeout.String()}})
+	seeded := createProducts(t, f, "pg", "fleet-pg-seed", 20, 0)
+	led := newFleetLedger("fleet-pg", seeded)
+	// The test's own probes write here, outside the ledger.
+	probe := mustCreate(t, f.client(0), "pg-probe", "probe", 1, map[string]any{"category": "fleet-pg-probe"})
+	for slot := range 2 { // cached, so that some reads can be answered during the outage
+		for _, p := range seeded {
+			if _, r, err := getProduct(context.Background(), f.client(slot), p.ID); err != nil || r.Status != http.StatusOK {
+				t.Fatalf("warm-up GET /products/%d: %v %v", p.ID, r, err)
+			}
+		}
+	}
+
+	// The phase a request starts and ends in decides what it may answer:
+	// only while PostgreSQL is up (and the fleet has recovered) at both
+	// ends must it succeed.
+	var phase atomic.Int64 // even: up; odd: down or recovering
+	var (
+		mu        sync.Mutex
+		byPhase   = map[string]map[string]int{} // "up"/"down" -> answer -> count
+		maxDown   time.Duration
+		failed    findings // a failure while up
+		badOutage findings // an answer during the outage other than 2xx or a quick 503 with Retry-After
+	)
+	record := func(ph0 int64, what string, start time.Time, r *response, err error) {
+		d := time.Since(start)
+		ph1 := phase.Load()
+		upBoth := ph0 == ph1 && ph0%2 == 0
+		answer := "error"
+		if err == nil {
+			answer = strconv.Itoa(r.Status)
+		}
+		mu.Lock()
+		name := map[bool]string{true: "up", false: "down"}[upBoth]
+		if byPhase[name] == nil {
+			byPhase[name] = map[string]int{}
+		}
+		byPhase[name][answer]++
+		if !upBoth {
+			maxDown = max(maxDown, d)
+		}
+		mu.Unlock()
+		switch {
+		case upBoth:
+			if err != nil || r.Status >= 300 {
+				failed.add("%s %s (database up): %v %v", time.Now().Format("15:04:05.000"), what, r, err)
+			}
+		case err != nil:
+			badOutage.add("%s (database away): %v after %v", what, err, d.Round(time.Millisecond))
+		case r.Status < 300:
+		case r.Status == http.StatusServiceUnavailable:
+			if p := checkProblem(r, http.StatusServiceUnavailable); p != "" {
+				badOutage.add("%s (database away): %s", what, p)
+			}
+			if ra, err := strconv.Atoi(r.Header.Get("Retry-After")); err != nil || ra < 1 {
+				badOutage.add("%s (database away): 503 with Retry-After %q, want a number of seconds", what, r.Header.Get("Retry-After"))
+			}
+			if d > budget {
+				badOutage.add("%s (database away): 503 after %v, want under %v (2 x DB_TIMEOUT)", what, d.Round(time.Millisecond), budget)
+			}
+		default:
+			badOutage.add("%s (database away): %s, want 2xx or 503", what, r)
+		}
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for slot := range 2 {
+		for g := 0; g < workers; g++ {
+			wg.Add(1)
+			go func(c *client, seed uint64) {
+				defer wg.Done()
+				rng := rand.New(rand.NewPCG(seed, 6))
+				tick := time.NewTicker(every)
+				defer tick.Stop()
+				for n := 0; n < int(2*time.Minute/every); n++ {
+					select {
+					case <-stop:
+						return
+					case <-tick.C:
+					}
+					ph0, start := phase.Load(), time.Now()
+					switch k := rng.IntN(4); k {
+					case 0, 1:
+						id := seeded[rng.IntN(len(seeded))].ID
+						ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+						_, r, err := getProduct(ctx, c, id)
+						cancel()
+						record(ph0, fmt.Sprintf("GET /products/%d at %s", id, c.base), start, r, err)
+					case 2:
+						r, err, _ := led.create(c)
+						record(ph0, "create at "+c.base, start, r, err)
+					case 3:
+						r, err, _ := led.adjust(c, rng)
+						record(ph0, "adjust at "+c.base, start, r, err)
+					}
+				}
+			}(f.client(slot), uint64(slot*10+g))
+		}
+	}
+	stopLoad := func() {
+		select {
+		case <-stop:
+		default:
+			close(stop)
+		}
+		wg.Wait()
+	}
+	defer stopLoad()
+
+	type cycle struct {
+		name string
+		mode pgtest.ShutdownMode
+	}
+	var figures []string
+	for _, cy := range []cycle{{"fast shutdown", pgtest.Fast}, {"immediate shutdown", pgtest.Immediate}} {
+		time.Sleep(time.Second) // a fixed window of load with the database up
+		phase.Add(1)
+		if err := pg.Shutdown(cy.mode); err != nil {
+			t.Fatalf("%s: %v", cy.name, err)
+		}
+		stoppedAt := time.Now()
+		// Every replica must notice: a write there is refused.
+		for slot := range 2 {
+			if !pollUntil(10*time.Second, 50*time.Millisecond, func() bool {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				r, err := adjustStock(ctx, f.client(slot), probe.ID, 1, "")
+				return err == nil && r.Status == http.StatusServiceUnavailable
+			}) {
+				t.Errorf("%s: replica %d still accepts writes 10s after PostgreSQL stopped", cy.name, slot)
+			}
+		}
+		if rest := down - time.Since(stoppedAt); rest > 0 {
+			time.Sleep(rest) // a fixed outage, not a wait for a condition
+		}
+		if err := pg.Restart(); err != nil {
+			t.Fatalf("%s: restart PostgreSQL: %v", cy.name, err)
+		}
+		restartedAt := time.Now()
+		// Recovered: every replica ready with both breakers closed and
+		// taking writes, with no help from the test.
+		var last string
+		for slot := range 2 {
+			if !pollUntil(recover-time.Since(restartedAt), 50*time.Millisecond, func() bool {
+				rb, r, err := getReady(f.client(slot))
+				if err != nil || r.Status != http.StatusOK || rb.Checks.Breaker.State != "closed" {
+					last = fmt.Sprintf("/ready: %v %v", r, err)
+					return false
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				r, err = adjustStock(ctx, f.client(slot), probe.ID, 1, "")
+				last = fmt.Sprintf("write: %v %v", r, err)
+				return err == nil && r.Status == http.StatusOK
+			}) {
+				t.Fatalf("%s: replica %d not recovered %v after PostgreSQL restarted; last %s", cy.name, slot, recover, last)
+			}
+		}
+		recovered := time.Since(restartedAt)
+		phase.Add(1)
+		figures = append(figures, fmt.Sprintf("%s: down %v, recovered %v after restart", cy.name,
+			restartedAt.Sub(stoppedAt).Round(time.Millisecond), recovered.Round(time.Millisecond)))
+	}
+	time.Sleep(time.Second) // a fixed window of load after the last recovery
+	stopLoad()
+
+	failed.report(t, "failed requests while PostgreSQL was up")
+	badOutage.report(t, "wrong answers while PostgreSQL was away")
+	checked, problems := led.check(f.dbReader())
+	for i, p := range problems {
+		if i == 10 {
+			break
+		}
+		t.Errorf("lost write (database): %s", p)
+	}
+	acked, unknown, _ := led.counts()
+	mu.Lock()
+	t.Logf("RESULT %s; answers while up %v, while away %v (slowest %v, budget %v); writes acknowledged=%d unknown=%d, checked in the database=%d lost=%d",
+		strings.Join(figures, "; "), byPhase["up"], byPhase["down"], maxDown.Round(time.Millisecond), budget, acked, unknown, checked, len(problems))
+	mu.Unlock()
+}
+
+// TestFleetRedisFaults writes at one replica and reads at the others while
+// the shared Redis is paused, killed, and restarted from an old snapshot:
+// requests keep succeeding within a bound set by REDIS_TIMEOUT, and no read
+// returns a version older than one acknowledged before it.
+func TestFleetRedisFaults(t *testing.T) {
+	requireFleet(t)
+	const (
+		redisTimeout = 100 * time.Millisecond
+		// A request makes at most two Redis calls, each bounded by
+		// REDIS_TIMEOUT, besides its database work; the rest is margin for
+		// a 2-core machine running everything.
+		budget    = 2*redisTimeout + 500*time.Millisecond
+		nProducts = 10
+		rounds    = 30 // writes per phase
+	)
+	f := startFleet(t, fleetConfig{replicas: 3, spare: 1, env: map[string]string{"REDIS_TIMEOUT": redisTimeout.String()}})
+	rds := f.redis
+	ps := createProducts(t, f, "rf", "fleet-redis", nProducts, 10)
+	fr := newFreshness(f, "fleet-redis", ps)
+	fr.warm(3, "warm-up")
+	fr.failed.report(t, "failed requests during warm-up")
+
+	var figures []string
+	phase := func(name string, fn func()) {
+		fr.reads.Store(0)
+		fr.maxLat.Store(0)
+		fr.stale, fr.failed, fr.slow = findings{}, findings{}, findings{}
+		fn()
+		figures = append(figures, fmt.Sprintf("%s: reads=%d stale=%d failed=%d slowest=%v", name, fr.reads.Load(), fr.stale.count(), fr.failed.count(),
+			time.Duration(fr.maxLat.Load()).Round(time.Millisecond)))
+		fr.failed.report(t, name+": failed requests")
+		fr.slow.report(t, name+": requests over budget")
+		fr.stale.report(t, name+": stale reads (a replica answered an older version than one acknowledged before the read)")
+	}
+	writeRounds := func(what string, base int64) {
+		for w := 0; w < rounds; w++ {
+			fr.writeThenRead(w%3, w%nProducts, base+int64(w), what)
+		}
+	}
+	// cacheUp waits until every replica's /ready shows Redis usable again.
+	cacheUp := func(what string) {
+		for slot, s := range f.reps {
+			if s == nil || s.Exited() {
+				continue
+			}
+			var last string
+			if !pollUntil(15*time.Second, 50*time.Millisecond, func() bool {
+				rb, r, err := getReady(f.client(slot))
+				last = fmt.Sprintf("%v %v", r, err)
+				return err == nil && rb.Checks.Cache.Status == "ok"
+			}) {
+				t.Errorf("%s: replica %d's /ready did not show the cache ok within 15s; last %s", what, slot, last)
+			}
+		}
+	}
+
+	fr.budget = budget
+	phase("redis paused", func() {
+		rds.Pause()
+		defer rds.Resume()
+		writeRounds("redis paused", 10000)
+	})
+	cacheUp("after SIGCONT")
+	phase("after SIGCONT", func() { writeRounds("after SIGCONT", 20000) })
+
+	phase("redis killed", func() {
+		rds.Kill()
+		writeRounds("redis killed", 30000)
+	})
+	rds.start() // empty, on the same port
+	cacheUp("after restart")
+	phase("after restart", func() { writeRounds("after restart", 40000) })
+
+	fr.budget = 0
+	phase("old snapshot", func() {
+		fr.warm(2, "before SAVE") // the current versions into Redis
+		if reply, err := redisCommand(rds.Addr, "SAVE"); err != nil || reply != "+OK" {
+			t.Fatalf("redis SAVE: %q %v", reply, err)
+		}
+		saved, _ := redisDBSize(rds.Addr)
+		// Newer versions of every product, read at every replica, so that
+		// Redis holds them as the snapshot does not.
+		for i := 0; i < 2*nProducts; i++ {
+			fr.writeThenRead(i%3, i%nProducts, 50000+int64(i), "after SAVE")
+		}
+		rds.Kill()
+		rds.start() // loads the snapshot: every product at an older version
+		loaded, err := redisDBSize(rds.Addr)
+		if err != nil || loaded == 0 || saved == 0 {
+			t.Fatalf("redis restarted from the snapshot holds %d keys (%v), %d when saved: the old entries are not back, nothing to test", loaded, err, saved)
+		}
+		cacheUp("after restart from the snapshot")
+		// The replicas may answer from memory without asking Redis; a new
+		// one has nothing in memory, so what it answers comes from Redis
+		// or the database.
+		f.start(3)
+		fr.warm(3, "after restart from the snapshot")
+		figures = append(figures, fmt.Sprintf("snapshot keys=%d", loaded))
+	})
+
+	t.Logf("RESULT replicas=3 (a 4th started after the snapshot restart) products=%d REDIS_TIMEOUT=%v budget=%v; %s", nProducts, redisTimeout, budget, strings.Join(figures, "; "))
+}
