@@ -3,9 +3,11 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/http"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -22,37 +24,38 @@ import (
 
 // fleetLedger records what clients were told about their writes: keyed
 // creates of new products, and keyed +1 adjustments of counter products.
+// Every write carries an Idempotency-Key, so one whose outcome is unknown
+// can be sent again later with the same key and body (resolve): it is then
+// applied exactly once, whatever happened the first time.
 type fleetLedger struct {
 	prefix   string // sku prefix and category of the creates
 	runID    string // makes the Idempotency-Keys unique to the run
 	seq      atomic.Int64
 	mu       sync.Mutex
-	creates  map[string]*ledgerCreate // by sku
-	counters map[int64]*ledgerCounter // by product id
+	creates  map[string]*ledgerWrite // by sku
+	adjusts  []*ledgerWrite
+	counters map[int64]product // as created
 	ctrIDs   []int64
 }
 
-type ledgerCreate struct {
-	state outcome
-	ack   product // when state == outAcked
-}
-
-// ledgerCounter is what the stock of a counter can be: initial plus every
-// acknowledged +1, plus any of those whose outcome is unknown.
-type ledgerCounter struct {
-	initial, acked, unknown int64
-	version                 int64 // the highest version acknowledged
+// ledgerWrite is one write and what its client knows of it.
+type ledgerWrite struct {
+	path, key string
+	body      []byte
+	id        int64 // the product adjusted; for a create, set once acknowledged
+	state     outcome
+	ack       product // when state == outAcked
 }
 
 func newFleetLedger(prefix string, counters []product) *fleetLedger {
 	l := &fleetLedger{
 		prefix:   prefix,
 		runID:    strconv.FormatInt(time.Now().UnixNano(), 36),
-		creates:  map[string]*ledgerCreate{},
-		counters: map[int64]*ledgerCounter{},
+		creates:  map[string]*ledgerWrite{},
+		counters: map[int64]product{},
 	}
 	for _, p := range counters {
-		l.counters[p.ID] = &ledgerCounter{initial: p.Stock, version: p.Version}
+		l.counters[p.ID] = p
 		l.ctrIDs = append(l.ctrIDs, p.ID)
 	}
 	return l
@@ -75,81 +78,109 @@ func classify(r *response, err error) outcome {
 	}
 }
 
-// create sends one keyed create through c and records the outcome.
-func (l *fleetLedger) create(c *client) (*response, error, outcome) {
-	sku := fmt.Sprintf("%s-%06d", l.prefix, l.seq.Add(1))
-	body := createBody(sku, "fleet item", 1234, map[string]any{"category": l.prefix, "stock": 3})
+// send sends w through c and records the outcome.
+func (l *fleetLedger) send(c *client, w *ledgerWrite) (*response, error, outcome) {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
-	r, err := createKeyed(ctx, c, body, l.runID+"-"+sku)
+	r, err := c.do(ctx, http.MethodPost, w.path, w.body, http.Header{"Idempotency-Key": {w.key}})
 	o := classify(r, err)
 	var p product
 	if o == outAcked {
 		var derr error
-		if p, derr = decodeProduct(r); derr != nil || p.SKU != sku {
-			o = outUnknown
-		}
-	}
-	l.mu.Lock()
-	l.creates[sku] = &ledgerCreate{state: o, ack: p}
-	l.mu.Unlock()
-	return r, err, o
-}
-
-// adjust sends one keyed +1 adjustment of a random counter through c.
-func (l *fleetLedger) adjust(c *client, rng *rand.Rand) (*response, error, outcome) {
-	id := l.ctrIDs[rng.IntN(len(l.ctrIDs))]
-	key := fmt.Sprintf("%s-adj-%06d", l.runID, l.seq.Add(1))
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	r, err := adjustStock(ctx, c, id, 1, key)
-	o := classify(r, err)
-	var p product
-	if o == outAcked {
-		var derr error
-		if p, derr = decodeProduct(r); derr != nil || p.ID != id {
+		if p, derr = decodeProduct(r); derr != nil || (w.id != 0 && p.ID != w.id) {
 			o = outUnknown
 		}
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	ctr := l.counters[id]
-	switch o {
-	case outAcked:
-		ctr.acked++
-		ctr.version = max(ctr.version, p.Version)
-	case outUnknown:
-		ctr.unknown++
+	w.state = o
+	if o == outAcked {
+		w.ack, w.id = p, p.ID
 	}
 	return r, err, o
+}
+
+// create sends one keyed create through c.
+func (l *fleetLedger) create(c *client) (*response, error, outcome) {
+	sku := fmt.Sprintf("%s-%06d", l.prefix, l.seq.Add(1))
+	w := &ledgerWrite{path: "/products", key: l.runID + "-" + sku,
+		body: createBody(sku, "fleet item", 1234, map[string]any{"category": l.prefix, "stock": 3})}
+	l.mu.Lock()
+	l.creates[sku] = w
+	l.mu.Unlock()
+	return l.send(c, w)
+}
+
+// adjust sends one keyed +1 adjustment of a random counter through c.
+func (l *fleetLedger) adjust(c *client, rng *rand.Rand) (*response, error, outcome) {
+	id := l.ctrIDs[rng.IntN(len(l.ctrIDs))]
+	w := &ledgerWrite{path: "/products/" + strconv.FormatInt(id, 10) + "/stock/adjustments",
+		key: fmt.Sprintf("%s-adj-%06d", l.runID, l.seq.Add(1)), body: []byte(`{"delta":1}`), id: id}
+	l.mu.Lock()
+	l.adjusts = append(l.adjusts, w)
+	l.mu.Unlock()
+	return l.send(c, w)
+}
+
+// unknown returns the writes whose outcome is unknown.
+func (l *fleetLedger) unknown() []*ledgerWrite {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []*ledgerWrite
+	for _, w := range l.creates {
+		if w.state == outUnknown {
+			out = append(out, w)
+		}
+	}
+	for _, w := range l.adjusts {
+		if w.state == outUnknown {
+			out = append(out, w)
+		}
+	}
+	return out
+}
+
+// resolve sends every write whose outcome is unknown again through c,
+// with its key and body, as a client retrying after an error would. The
+// answer must be the write's success, first or replayed; resolve returns
+// how many it resolved and a description of each that it could not.
+func (l *fleetLedger) resolve(c *client) (resolved int, problems []string) {
+	for _, w := range l.unknown() {
+		r, err, o := l.send(c, w)
+		if o != outAcked {
+			problems = append(problems, fmt.Sprintf("retry of POST %s with Idempotency-Key %s: %v %v", w.path, w.key, r, err))
+			continue
+		}
+		resolved++
+	}
+	return resolved, problems
 }
 
 // counts returns the writes by outcome.
 func (l *fleetLedger) counts() (acked, unknown, failed int) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for _, c := range l.creates {
-		switch c.state {
-		case outAcked:
-			acked++
-		case outUnknown:
-			unknown++
-		case outFailed:
-			failed++
+	for _, ws := range [][]*ledgerWrite{l.adjusts, slices.Collect(maps.Values(l.creates))} {
+		for _, w := range ws {
+			switch w.state {
+			case outAcked:
+				acked++
+			case outUnknown:
+				unknown++
+			case outFailed:
+				failed++
+			}
 		}
-	}
-	for _, c := range l.counters {
-		acked += int(c.acked)
-		unknown += int(c.unknown)
 	}
 	return acked, unknown, failed
 }
 
 // check reads every write the ledger knows of through c and returns how
 // many products it checked and what does not match: an acknowledged
-// create missing or older than acknowledged, a counter below its
-// acknowledged adjustments or above all those sent, a product nobody
-// asked for.
+// create missing or older than acknowledged; a counter whose stock is
+// below its acknowledged adjustments, or above those plus the ones whose
+// outcome is unknown (exact once resolve has run), or whose version is
+// below an acknowledged one; a product nobody asked for.
 func (l *fleetLedger) check(c *client) (checked int, problems []string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -170,18 +201,33 @@ func (l *fleetLedger) check(c *client) (checked int, problems []string) {
 		}
 		checked++
 	}
-	for id, ctr := range l.counters {
+	type tally struct{ acked, unknown, version int64 }
+	tallies := map[int64]*tally{}
+	for id, p := range l.counters {
+		tallies[id] = &tally{version: p.Version}
+	}
+	for _, w := range l.adjusts {
+		switch tl := tallies[w.id]; w.state {
+		case outAcked:
+			tl.acked++
+			tl.version = max(tl.version, w.ack.Version)
+		case outUnknown:
+			tl.unknown++
+		}
+	}
+	for id, tl := range tallies {
+		initial := l.counters[id].Stock
 		p, r, err := getProduct(ctx, c, id)
 		switch {
 		case err != nil:
 			problems = append(problems, fmt.Sprintf("GET /products/%d: %v", id, err))
 		case r.Status != http.StatusOK:
 			problems = append(problems, fmt.Sprintf("counter %d: %s", id, r))
-		case p.Stock < ctr.initial+ctr.acked || p.Stock > ctr.initial+ctr.acked+ctr.unknown:
+		case p.Stock < initial+tl.acked || p.Stock > initial+tl.acked+tl.unknown:
 			problems = append(problems, fmt.Sprintf("counter %d: stock %d, want %d to %d (initial %d + %d acknowledged + up to %d unknown)",
-				id, p.Stock, ctr.initial+ctr.acked, ctr.initial+ctr.acked+ctr.unknown, ctr.initial, ctr.acked, ctr.unknown))
-		case p.Version < ctr.version:
-			problems = append(problems, fmt.Sprintf("counter %d: version %d, below the acknowledged %d", id, p.Version, ctr.version))
+				id, p.Stock, initial+tl.acked, initial+tl.acked+tl.unknown, initial, tl.acked, tl.unknown))
+		case p.Version < tl.version:
+			problems = append(problems, fmt.Sprintf("counter %d: version %d, below the acknowledged %d", id, p.Version, tl.version))
 		}
 		checked++
 	}
@@ -253,6 +299,12 @@ func TestFleetKillReplicaUnderLoad(t *testing.T) {
 	if acked == 0 {
 		t.Fatal("no write was acknowledged")
 	}
+	// A client retries what failed, with the same key: each such write is
+	// then applied once, so the counters' stock must come out exact.
+	resolved, rproblems := led.resolve(f.client(0))
+	for _, p := range rproblems {
+		t.Errorf("%s", p)
+	}
 	checked, problems := led.check(f.dbReader())
 	for i, p := range problems {
 		if i == 10 {
@@ -271,8 +323,8 @@ func TestFleetKillReplicaUnderLoad(t *testing.T) {
 		}
 		t.Logf("surviving replica 0 differs from the database: %s", p)
 	}
-	t.Logf("RESULT writes acknowledged=%d unknown outcome=%d (in flight at the killed replica; HAProxy retries=%d redispatches=%d) refused=%d; replica %d killed after %v, DOWN in HAProxy after %v; checked in the database=%d lost=%d; through surviving replica 0 checked=%d differing=%d",
-		acked, unknown, retries, redispatches, unexpected.count(), victim, before, downAfter.Round(time.Millisecond),
+	t.Logf("RESULT writes acknowledged=%d unknown outcome=%d (in flight at the killed replica; HAProxy retries=%d redispatches=%d; %d resolved by a keyed retry) refused=%d; replica %d killed after %v, DOWN in HAProxy after %v; checked in the database=%d lost=%d; through surviving replica 0 checked=%d differing=%d",
+		acked, unknown, retries, redispatches, resolved, unexpected.count(), victim, before, downAfter.Round(time.Millisecond),
 		checked, len(problems), survivorChecked, len(survivorStale))
 }
 
@@ -594,6 +646,16 @@ func TestFleetPostgresRestart(t *testing.T) {
 
 	failed.report(t, "failed requests while PostgreSQL was up")
 	badOutage.report(t, "wrong answers while PostgreSQL was away")
+	acked, unknown, _ := led.counts()
+	// Each write refused during the outage, sent again with its key, is
+	// applied once: the counters' stock must then come out exact.
+	resolved, rproblems := led.resolve(f.client(0))
+	for i, p := range rproblems {
+		if i == 10 {
+			break
+		}
+		t.Errorf("%s", p)
+	}
 	checked, problems := led.check(f.dbReader())
 	for i, p := range problems {
 		if i == 10 {
@@ -601,10 +663,9 @@ func TestFleetPostgresRestart(t *testing.T) {
 		}
 		t.Errorf("lost write (database): %s", p)
 	}
-	acked, unknown, _ := led.counts()
 	mu.Lock()
-	t.Logf("RESULT %s; answers while up %v, while away %v (slowest %v, budget %v); writes acknowledged=%d unknown=%d, checked in the database=%d lost=%d",
-		strings.Join(figures, "; "), byPhase["up"], byPhase["down"], maxDown.Round(time.Millisecond), budget, acked, unknown, checked, len(problems))
+	t.Logf("RESULT %s; answers while up %v, while away %v (slowest %v, budget %v); writes acknowledged=%d refused or unknown=%d (%d applied once by a keyed retry), checked in the database=%d lost=%d",
+		strings.Join(figures, "; "), byPhase["up"], byPhase["down"], maxDown.Round(time.Millisecond), budget, acked, unknown, resolved, checked, len(problems))
 	mu.Unlock()
 }
 
