@@ -500,55 +500,72 @@ func TestFleetPostgresRestart(t *testing.T) {
 		}
 	}
 
-	// The phase a request starts and ends in decides what it may answer:
-	// only while PostgreSQL is up (and the fleet has recovered) at both
-	// ends must it succeed.
-	var phase atomic.Int64 // even: up; odd: down or recovering
+	// The phase a request starts and ends in decides what it may answer.
+	// Up (the fleet recovered) at both ends: it must succeed. Down
+	// (PostgreSQL stopped, not yet restarted) at both ends: a read may be
+	// answered from a cache, anything else is a quick 503 with
+	// Retry-After, and a write can never be acknowledged. In between
+	// (stopping, recovering): either, quickly.
+	const (
+		phUp = iota
+		phStopping
+		phDown
+		phRecovering
+	)
+	var phase atomic.Int64 // phase%4 is one of the above
 	var (
 		mu        sync.Mutex
-		byPhase   = map[string]map[string]int{} // "up"/"down" -> answer -> count
-		maxDown   time.Duration
+		byPhase   = map[string]map[string]int{} // "up", "down", "between" -> answer -> count
+		maxAway   time.Duration
 		failed    findings // a failure while up
-		badOutage findings // an answer during the outage other than 2xx or a quick 503 with Retry-After
+		badOutage findings // a wrong answer while PostgreSQL was away
 	)
-	record := func(ph0 int64, what string, start time.Time, r *response, err error) {
+	record := func(ph0 int64, write bool, what string, start time.Time, r *response, err error) {
 		d := time.Since(start)
 		ph1 := phase.Load()
-		upBoth := ph0 == ph1 && ph0%2 == 0
+		name := "between"
+		switch {
+		case ph0 == ph1 && ph0%4 == phUp:
+			name = "up"
+		case ph0 == ph1 && ph0%4 == phDown:
+			name = "down"
+		}
 		answer := "error"
 		if err == nil {
 			answer = strconv.Itoa(r.Status)
 		}
 		mu.Lock()
-		name := map[bool]string{true: "up", false: "down"}[upBoth]
 		if byPhase[name] == nil {
 			byPhase[name] = map[string]int{}
 		}
 		byPhase[name][answer]++
-		if !upBoth {
-			maxDown = max(maxDown, d)
+		if name != "up" {
+			maxAway = max(maxAway, d)
 		}
 		mu.Unlock()
 		switch {
-		case upBoth:
+		case name == "up":
 			if err != nil || r.Status >= 300 {
 				failed.add("%s %s (database up): %v %v", time.Now().Format("15:04:05.000"), what, r, err)
 			}
 		case err != nil:
-			badOutage.add("%s (database away): %v after %v", what, err, d.Round(time.Millisecond))
+			badOutage.add("%s (database %s): %v after %v", what, name, err, d.Round(time.Millisecond))
 		case r.Status < 300:
+			if write && name == "down" {
+				badOutage.add("%s: acknowledged (%d) while PostgreSQL was down", what, r.Status)
+			}
 		case r.Status == http.StatusServiceUnavailable:
 			if p := checkProblem(r, http.StatusServiceUnavailable); p != "" {
-				badOutage.add("%s (database away): %s", what, p)
+				badOutage.add("%s (database %s): %s", what, name, p)
 			}
 			if ra, err := strconv.Atoi(r.Header.Get("Retry-After")); err != nil || ra < 1 {
-				badOutage.add("%s (database away): 503 with Retry-After %q, want a number of seconds", what, r.Header.Get("Retry-After"))
+				badOutage.add("%s (database %s): 503 with Retry-After %q, want a number of seconds", what, name, r.Header.Get("Retry-After"))
 			}
 			if d > budget {
-				badOutage.add("%s (database away): 503 after %v, want under %v (2 x DB_TIMEOUT)", what, d.Round(time.Millisecond), budget)
+				badOutage.add("%s (database %s): 503 after %v, want under %v (2 x DB_TIMEOUT)", what, name, d.Round(time.Millisecond), budget)
 			}
 		default:
-			badOutage.add("%s (database away): %s, want 2xx or 503", what, r)
+			badOutage.add("%s (database %s): %s, want 2xx or 503", what, name, r)
 		}
 	}
 	stop := make(chan struct{})
@@ -574,13 +591,13 @@ func TestFleetPostgresRestart(t *testing.T) {
 						ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 						_, r, err := getProduct(ctx, c, id)
 						cancel()
-						record(ph0, fmt.Sprintf("GET /products/%d at %s", id, c.base), start, r, err)
+						record(ph0, false, fmt.Sprintf("GET /products/%d at %s", id, c.base), start, r, err)
 					case 2:
 						r, err, _ := led.create(c)
-						record(ph0, "create at "+c.base, start, r, err)
+						record(ph0, true, "create at "+c.base, start, r, err)
 					case 3:
 						r, err, _ := led.adjust(c, rng)
-						record(ph0, "adjust at "+c.base, start, r, err)
+						record(ph0, true, "adjust at "+c.base, start, r, err)
 					}
 				}
 			}(f.client(slot), uint64(slot*10+g))
@@ -603,11 +620,13 @@ func TestFleetPostgresRestart(t *testing.T) {
 	var figures []string
 	for _, cy := range []cycle{{"fast shutdown", pgtest.Fast}, {"immediate shutdown", pgtest.Immediate}} {
 		time.Sleep(time.Second) // a fixed window of load with the database up
+		// The phases advance stopping, down, recovering, up.
 		phase.Add(1)
 		if err := pg.Shutdown(cy.mode); err != nil {
 			t.Fatalf("%s: %v", cy.name, err)
 		}
 		stoppedAt := time.Now()
+		phase.Add(1)
 		// Every replica must notice: a write there is refused.
 		for slot := range 2 {
 			if !pollUntil(10*time.Second, 50*time.Millisecond, func() bool {
@@ -622,6 +641,7 @@ func TestFleetPostgresRestart(t *testing.T) {
 		if rest := down - time.Since(stoppedAt); rest > 0 {
 			time.Sleep(rest) // a fixed outage, not a wait for a condition
 		}
+		phase.Add(1)
 		if err := pg.Restart(); err != nil {
 			t.Fatalf("%s: restart PostgreSQL: %v", cy.name, err)
 		}
@@ -654,7 +674,7 @@ func TestFleetPostgresRestart(t *testing.T) {
 	stopLoad()
 
 	failed.report(t, "failed requests while PostgreSQL was up")
-	badOutage.report(t, "wrong answers while PostgreSQL was away")
+	badOutage.report(t, "wrong answers while PostgreSQL was stopping, down or recovering")
 	acked, unknown, _ := led.counts()
 	// Each write refused during the outage, sent again with its key, is
 	// applied once: the counters' stock must then come out exact.
@@ -673,8 +693,8 @@ func TestFleetPostgresRestart(t *testing.T) {
 		t.Errorf("lost write (database): %s", p)
 	}
 	mu.Lock()
-	t.Logf("RESULT %s; answers while up %v, while away %v (slowest %v, budget %v); writes acknowledged=%d refused or unknown=%d (%d applied once by a keyed retry), checked in the database=%d lost=%d",
-		strings.Join(figures, "; "), byPhase["up"], byPhase["down"], maxDown.Round(time.Millisecond), budget, acked, unknown, resolved, checked, len(problems))
+	t.Logf("RESULT %s; answers while up %v, while down %v, while stopping or recovering %v (slowest away from up %v, budget %v); writes acknowledged=%d refused or unknown=%d (%d applied once by a keyed retry), checked in the database=%d lost=%d",
+		strings.Join(figures, "; "), byPhase["up"], byPhase["down"], byPhase["between"], maxAway.Round(time.Millisecond), budget, acked, unknown, resolved, checked, len(problems))
 	mu.Unlock()
 }
 
