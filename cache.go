@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -20,12 +18,19 @@ import (
 // errCacheMiss is what a cache's Get returns when it holds nothing for a key.
 var errCacheMiss = errors.New("cache miss")
 
-// cache is the out-of-process product cache in front of the store. Values carry the
-// product version, and Put keeps the newer of what it holds and what it is
-// given, so a slow read can never overwrite a newer write (the cache-aside
-// race). Deletes are written as tombstones (nil JSON) at the next version.
+// errStaleEpoch is what Push returns when the namespace it was given is no
+// longer current: the caller learns the new one from Namespace.
+var errStaleEpoch = errors.New("cache namespace changed")
+
+// cache is the out-of-process product cache in front of the store, shared
+// by every replica. Values carry the product version, and Put keeps the
+// newer of what it holds and what it is given, so a slow read can never
+// overwrite a newer write (the cache-aside race). Deletes are written as
+// tombstones (nil JSON) at the next version.
 type cache interface {
-	Get(ctx context.Context, id int64) ([]byte, error)
+	// Get returns the product under namespace epoch: a miss when epoch is
+	// no longer current, or stops being while Get runs.
+	Get(ctx context.Context, epoch cacheEpoch, id int64) ([]byte, error)
 	// Epoch names the current namespace. A reader takes it before reading
 	// the database and fills under it: if the namespace changes meanwhile,
 	// the fill lands where no read looks.
@@ -33,55 +38,138 @@ type cache interface {
 	// Put stores json at version under epoch's namespace, unless that holds
 	// the same or a newer version, or epoch is no longer current.
 	Put(ctx context.Context, epoch cacheEpoch, id, version int64, json []byte) error
-	// Forget makes every entry written so far unreachable. The service calls
-	// it when a write could not update the cache, so no stale entry survives.
-	Forget()
+	// Forget makes every entry written so far unreachable, for every
+	// replica: the service calls it when a write could not update the
+	// cache. The new, empty namespace is current as of change-log position
+	// through (0 when the service does not follow a change log).
+	Forget(through int64)
+	// Namespace returns the current namespace and the change-log position
+	// through which it is known to hold every product write (or nothing
+	// for the product); see follower.
+	Namespace(ctx context.Context) (cacheEpoch, int64, error)
+	// Push stores items under epoch's namespace, each unless it holds the
+	// same or a newer version, and records that the namespace holds every
+	// write through change-log position through. It returns errStaleEpoch
+	// when epoch is no longer current.
+	Push(ctx context.Context, epoch cacheEpoch, items []cacheItem, through int64) error
 	Ping(ctx context.Context) error
 	Close() error
 }
 
-// cacheEpoch identifies a cache namespace.
+// cacheEpoch identifies a cache namespace as this process knows it.
 type cacheEpoch uint64
+
+// cacheItem is one product (or tombstone, nil JSON) for Push.
+type cacheItem struct {
+	ID      int64
+	Version int64
+	JSON    []byte
+}
 
 // noCache is the cache used when REDIS_URL is unset: it holds nothing.
 type noCache struct{}
 
-func (noCache) Get(context.Context, int64) ([]byte, error)                  { return nil, errCacheMiss }
+func (noCache) Get(context.Context, cacheEpoch, int64) ([]byte, error)      { return nil, errCacheMiss }
 func (noCache) Epoch() cacheEpoch                                           { return 0 }
 func (noCache) Put(context.Context, cacheEpoch, int64, int64, []byte) error { return nil }
-func (noCache) Forget()                                                     {}
+func (noCache) Forget(int64)                                                {}
+func (noCache) Namespace(context.Context) (cacheEpoch, int64, error)        { return 0, 0, nil }
+func (noCache) Push(context.Context, cacheEpoch, []cacheItem, int64) error  { return nil }
 func (noCache) Ping(context.Context) error                                  { return nil }
 func (noCache) Close() error                                                { return nil }
 
 // redisCache keeps products in Redis hashes {v: version, d: json} under
-// keys "productsvc:<namespace>:product:<id>". The namespace is random per
-// process and changes whenever Forget is called or Redis restarts (its run_id
-// changes), so entries from before a restart, an outage or an old snapshot
-// are never read again; they expire by TTL.
+// keys "productsvc:g<generation>:product:<id>". The generation is shared by
+// every replica: it lives in Redis, in the hash "productsvc:ns" as g (the
+// generation) and t (the change-log position through which the generation
+// holds every product write; see follower). Every script checks the
+// generation first, atomically, so nothing is read from or written to a
+// generation that was given up.
+//
+// A generation is given up (the next one started, empty) when a write could
+// not reach Redis (Forget), and when Redis restarted (its run_id changed):
+// it may have restarted from an old snapshot. Entries of old generations
+// are never read again; they expire by TTL. Redis must not evict keys
+// (maxmemory-policy noeviction, Redis's default): an evicted newer entry
+// would let a late, older fill in.
 type redisCache struct {
 	client *redis.Client
 	ttl    time.Duration
 
-	ns atomic.Pointer[namespace]
+	ns      atomic.Pointer[namespace]
+	pending atomic.Pointer[switchRequest] // a generation change not yet made
 
 	runIDMu sync.Mutex
 	runID   string
 }
 
-// namespace is one generation of keys.
+// namespace is one generation of keys as this process adopted it.
 type namespace struct {
-	epoch cacheEpoch
-	name  string
+	epoch   cacheEpoch // this process's count of adoptions
+	gen     string     // Redis's generation; "" until learned
+	through int64      // its change-log position when adopted
 }
 
+// switchRequest asks for the next generation: from the one named (the one
+// a failed write could not update), or from whatever is current when from
+// is "" (Redis restarted).
+type switchRequest struct {
+	from    string
+	through int64
+}
+
+const redisNSKey = "productsvc:ns"
+
+// The scripts' first lines check the generation: on a mismatch they return
+// {"ns", generation, through} and change nothing.
+const checkGeneration = `
+local g = redis.call('HGET', KEYS[1], 'g') or '0'
+if g ~= ARGV[1] then return {'ns', g, redis.call('HGET', KEYS[1], 't') or '0'} end
+`
+
+// getScript returns {"hit", json} or {"miss"}.
+var getScript = redis.NewScript(checkGeneration + `
+local d = redis.call('HGET', KEYS[2], 'd')
+if not d or d == '' then return {'miss'} end
+return {'hit', d}
+`)
+
 // putScript stores a product unless the key already holds the same or a
-// newer version. Redis runs it atomically.
-var putScript = redis.NewScript(`
-local cur = redis.call('HGET', KEYS[1], 'v')
-if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
+// newer version. ARGV: generation, version, json, ttl in ms.
+var putScript = redis.NewScript(checkGeneration + `
+local cur = redis.call('HGET', KEYS[2], 'v')
+if cur and tonumber(cur) >= tonumber(ARGV[2]) then return {'ok'} end
+redis.call('HSET', KEYS[2], 'v', ARGV[2], 'd', ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return {'ok'}
+`)
+
+// pushScript is putScript for KEYS[2..] with ARGV (version, json) pairs
+// after generation, ttl and through, then raises t to through.
+var pushScript = redis.NewScript(checkGeneration + `
+for i = 2, #KEYS do
+	local v = ARGV[2 * i]
+	local cur = redis.call('HGET', KEYS[i], 'v')
+	if not cur or tonumber(cur) < tonumber(v) then
+		redis.call('HSET', KEYS[i], 'v', v, 'd', ARGV[2 * i + 1])
+		redis.call('PEXPIRE', KEYS[i], ARGV[2])
+	end
+end
+local t = redis.call('HGET', KEYS[1], 't')
+if not t or tonumber(t) < tonumber(ARGV[3]) then redis.call('HSET', KEYS[1], 't', ARGV[3]) end
+return {'ok'}
+`)
+
+// switchScript starts the next generation, current as of ARGV[2], if the
+// current one is ARGV[1] (any when ARGV[1] is ""). Several replicas
+// giving up one generation start one new one. It returns {"ns", g, t}.
+var switchScript = redis.NewScript(`
+local g = redis.call('HGET', KEYS[1], 'g') or '0'
+if ARGV[1] == '' or g == ARGV[1] then
+	g = tostring(tonumber(g) + 1)
+	redis.call('HSET', KEYS[1], 'g', g, 't', ARGV[2])
+end
+return {'ns', g, redis.call('HGET', KEYS[1], 't') or '0'}
 `)
 
 // newRedisCache connects to the Redis at rawURL. Every call is bounded by
@@ -92,7 +180,7 @@ func newRedisCache(rawURL string, timeout, ttl time.Duration) (*redisCache, erro
 		return nil, fmt.Errorf("parse REDIS_URL: %w", err)
 	}
 	c := &redisCache{ttl: ttl}
-	c.Forget()
+	c.ns.Store(&namespace{epoch: 1})
 
 	// Fail fast instead of go-redis's 5 s defaults, and send nothing that
 	// Redis 7.0 rejects (CLIENT SETINFO, CLIENT MAINT_NOTIFICATIONS).
@@ -112,11 +200,12 @@ func newRedisCache(rawURL string, timeout, ttl time.Duration) (*redisCache, erro
 }
 
 // onConnect checks Redis's run_id on every new connection. A new run_id
-// means Redis restarted, perhaps from an old snapshot: forget everything.
+// means Redis restarted, perhaps from an old snapshot: start a new
+// generation.
 func (c *redisCache) onConnect(ctx context.Context, cn *redis.Conn) error {
 	info, err := cn.Info(ctx, "server").Result()
 	if err != nil {
-		c.Forget()
+		c.pending.Store(&switchRequest{})
 		return err
 	}
 	var id string
@@ -128,51 +217,154 @@ func (c *redisCache) onConnect(ctx context.Context, cn *redis.Conn) error {
 	c.runIDMu.Lock()
 	defer c.runIDMu.Unlock()
 	if c.runID != "" && c.runID != id {
-		c.Forget()
+		c.pending.Store(&switchRequest{})
 	}
 	c.runID = id
 	return nil
 }
 
 func (n *namespace) key(id int64) string {
-	return "productsvc:" + n.name + ":product:" + strconv.FormatInt(id, 10)
+	return "productsvc:g" + n.gen + ":product:" + strconv.FormatInt(id, 10)
+}
+
+// run runs script for id's key with args after the generation, first
+// making any pending generation change. A reply naming another generation
+// is adopted and reported as errStaleEpoch.
+func (c *redisCache) run(ctx context.Context, ns *namespace, script *redis.Script, keys []string, args ...any) ([]any, error) {
+	reply, err := script.Run(ctx, c.client, keys, append([]any{ns.gen}, args...)...).Slice()
+	if err != nil {
+		return nil, err
+	}
+	if len(reply) == 3 && reply[0] == "ns" {
+		c.adopt(ns, reply)
+		return nil, errStaleEpoch
+	}
+	return reply, nil
+}
+
+// adopt makes the generation in reply ({"ns", g, t}) current, unless the
+// namespace moved on from old meanwhile.
+func (c *redisCache) adopt(old *namespace, reply []any) {
+	g, _ := reply[1].(string)
+	ts, _ := reply[2].(string)
+	t, _ := strconv.ParseInt(ts, 10, 64)
+	if g == old.gen {
+		return
+	}
+	c.ns.CompareAndSwap(old, &namespace{epoch: old.epoch + 1, gen: g, through: t})
+}
+
+// settle makes a pending generation change, or learns the generation when
+// this process does not know it yet. It returns the current namespace.
+func (c *redisCache) settle(ctx context.Context) (*namespace, error) {
+	ns := c.ns.Load()
+	p := c.pending.Load()
+	if p == nil && ns.gen != "" {
+		return ns, nil
+	}
+	from, through := "", int64(0)
+	if p != nil {
+		from, through = p.from, p.through
+	}
+	if p == nil { // learn the generation: "switch" from one that cannot exist
+		from = "-"
+	}
+	reply, err := switchScript.Run(ctx, c.client, []string{redisNSKey}, from, through).Slice()
+	if err != nil {
+		return nil, err
+	}
+	if len(reply) != 3 {
+		return nil, fmt.Errorf("redis: unexpected reply %v", reply)
+	}
+	if p != nil {
+		c.pending.CompareAndSwap(p, nil)
+	}
+	g, _ := reply[1].(string)
+	ts, _ := reply[2].(string)
+	t, _ := strconv.ParseInt(ts, 10, 64)
+	next := &namespace{epoch: ns.epoch + 1, gen: g, through: t}
+	if g == ns.gen && p == nil {
+		return ns, nil
+	}
+	if !c.ns.CompareAndSwap(ns, next) {
+		return c.ns.Load(), nil
+	}
+	return next, nil
 }
 
 // Get returns a miss when the namespace changed while it ran: the call may
 // have been the first on a new connection to a Redis that restarted from an
-// old snapshot (onConnect forgets), and what it read is not to be trusted.
-func (c *redisCache) Get(ctx context.Context, id int64) ([]byte, error) {
-	ns := c.ns.Load()
-	b, err := c.client.HGet(ctx, ns.key(id), "d").Bytes()
-	if errors.Is(err, redis.Nil) || err == nil && (len(b) == 0 || c.ns.Load() != ns) {
+// old snapshot (onConnect then asks for a new generation), and what it read
+// is not to be trusted.
+func (c *redisCache) Get(ctx context.Context, epoch cacheEpoch, id int64) ([]byte, error) {
+	ns, err := c.settle(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if ns.epoch != epoch {
 		return nil, errCacheMiss
 	}
-	return b, err
+	reply, err := c.run(ctx, ns, getScript, []string{redisNSKey, ns.key(id)})
+	if errors.Is(err, errStaleEpoch) {
+		return nil, errCacheMiss
+	}
+	if err != nil {
+		return nil, err
+	}
+	if len(reply) != 2 || c.ns.Load() != ns || c.pending.Load() != nil {
+		return nil, errCacheMiss
+	}
+	s, _ := reply[1].(string)
+	return []byte(s), nil
 }
 
 func (c *redisCache) Epoch() cacheEpoch { return c.ns.Load().epoch }
 
 func (c *redisCache) Put(ctx context.Context, epoch cacheEpoch, id, version int64, json []byte) error {
-	ns := c.ns.Load()
+	ns, err := c.settle(ctx)
+	if err != nil {
+		return err
+	}
 	if ns.epoch != epoch {
 		return nil // a newer namespace exists; this value belongs to none
 	}
-	return putScript.Run(ctx, c.client, []string{ns.key(id)}, version, json, c.ttl.Milliseconds()).Err()
+	_, err = c.run(ctx, ns, putScript, []string{redisNSKey, ns.key(id)}, version, json, c.ttl.Milliseconds())
+	if errors.Is(err, errStaleEpoch) {
+		return nil
+	}
+	return err
 }
 
-func (c *redisCache) Forget() {
-	var b [8]byte
-	rand.Read(b[:])
-	for {
-		old := c.ns.Load()
-		next := &namespace{name: hex.EncodeToString(b[:])}
-		if old != nil {
-			next.epoch = old.epoch + 1
-		}
-		if c.ns.CompareAndSwap(old, next) {
-			return
-		}
+func (c *redisCache) Forget(through int64) {
+	c.pending.Store(&switchRequest{from: c.ns.Load().gen, through: through})
+}
+
+func (c *redisCache) Namespace(ctx context.Context) (cacheEpoch, int64, error) {
+	ns, err := c.settle(ctx)
+	if err != nil {
+		return 0, 0, err
 	}
+	return ns.epoch, ns.through, nil
+}
+
+func (c *redisCache) Push(ctx context.Context, epoch cacheEpoch, items []cacheItem, through int64) error {
+	ns, err := c.settle(ctx)
+	if err != nil {
+		return err
+	}
+	if ns.epoch != epoch {
+		return errStaleEpoch
+	}
+	keys := make([]string, 0, 1+len(items))
+	args := make([]any, 0, 2+2*len(items))
+	keys = append(keys, redisNSKey)
+	args = append(args, c.ttl.Milliseconds(), through)
+	for _, it := range items {
+		keys = append(keys, ns.key(it.ID))
+		args = append(args, it.Version, it.JSON)
+	}
+	_, err = c.run(ctx, ns, pushScript, keys, args...)
+	return err
 }
 
 func (c *redisCache) Ping(ctx context.Context) error { return c.client.Ping(ctx).Err() }

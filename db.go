@@ -90,6 +90,24 @@ type productStore interface {
 	Close() error
 }
 
+// sharedLog is implemented by a store that other processes write to as
+// well (PostgreSQL: any number of replicas). The service then follows the
+// store's change log (Events) to learn their writes; see follower. SQLite
+// does not implement it: one process holds the file, so its own writes
+// are all the writes.
+type sharedLog interface {
+	// Head returns the change log's position: every write committed
+	// before Head was called has an event at or below it.
+	Head(ctx context.Context) (int64, error)
+	// Listen calls wake with the sender's name whenever Notify is called,
+	// by any process, until ctx ends, and with "" after each (re)connect.
+	// Notifications may be lost (a reconnect); they only save the
+	// follower from waiting for its next periodic look.
+	Listen(ctx context.Context, wake func(from string)) error
+	// Notify tells every Listen that process from wrote to the change log.
+	Notify(ctx context.Context, from string) error
+}
+
 // StoreConfig configures openStore.
 type StoreConfig struct {
 	// DatabaseURL selects PostgreSQL when set (postgres:// or

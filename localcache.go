@@ -185,6 +185,20 @@ func (c *localCache) deleteLocked(s *localShard, id int64) {
 	}
 }
 
+// clear drops every entry and bumps every shard's generation, so no read
+// in flight fills.
+func (c *localCache) clear() {
+	for i := range c.shards {
+		s := &c.shards[i]
+		s.mu.Lock()
+		s.gen++
+		for id := range s.entries {
+			c.deleteLocked(s, id)
+		}
+		s.mu.Unlock()
+	}
+}
+
 // size returns the bytes the cache holds (JSON plus overhead).
 func (c *localCache) size() int64 { return c.bytes.Load() }
 

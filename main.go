@@ -183,6 +183,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	defer bgCancel()
 	bg.Go(func() { expireIdempotencyKeys(bgCtx, store, log) })
 	bg.Go(func() { svc.Probe(bgCtx, time.Second) })
+	// The follower serves reads: it stops after the listeners drained, not
+	// at the signal as the other background work does.
+	followCtx, followCancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer followCancel()
+	bg.Go(func() { svc.Follow(followCtx) })
 	bg.Go(func() { svc.SweepReservations(bgCtx, time.Second) })
 	bg.Go(func() { svc.TrimEvents(bgCtx, cfg.EventsRetention, time.Minute) })
 

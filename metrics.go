@@ -31,6 +31,9 @@ type metrics struct {
 	reservations   *prometheus.CounterVec
 	feedStreams    prometheus.Gauge
 	feedLag        prometheus.Histogram
+	fenceRounds    prometheus.Counter
+	fenceWait      prometheus.Histogram
+	changesApplied prometheus.Counter
 }
 
 // newMetrics registers the service's series, and the Go runtime and process
@@ -95,13 +98,26 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 			Help:    "Time from an event's commit to its delivery to a stream consumer following the feed live.",
 			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 60},
 		}),
+		fenceRounds: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "read_fence_rounds_total",
+			Help: "Change-log head queries made to fence cached reads (shared by the reads waiting at the time), and periodic looks; PostgreSQL only.",
+		}),
+		fenceWait: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "read_fence_wait_seconds",
+			Help:    "Time a product read or listing waited for the change log to be applied up to the database's head; PostgreSQL only.",
+			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5},
+		}),
+		changesApplied: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "changelog_events_applied_total",
+			Help: "Change-log events (any replica's writes) applied to this process's caches; PostgreSQL only.",
+		}),
 	}
 	reg.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.requests, m.duration, m.inFlight, m.cacheRequests, m.localRequests,
 		m.invalidations, m.breakerStates, m.breakerChanges, m.shed, m.rateLimited,
-		m.reservations, m.feedStreams, m.feedLag,
+		m.reservations, m.feedStreams, m.feedLag, m.fenceRounds, m.fenceWait, m.changesApplied,
 	)
 	for _, s := range []string{StateHeld, StateConfirmed, StateReleased, StateExpired} {
 		m.reservations.WithLabelValues(s)

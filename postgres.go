@@ -819,21 +819,124 @@ func (s *postgresStore) sequenceEvents(ctx context.Context, conn *pgxpool.Conn) 
 	if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM events WHERE seq IS NULL)`).Scan(&pending); err != nil || !pending {
 		return err
 	}
-	return pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, int64(pgFeedLock)); err != nil {
+	return s.sequence(ctx, conn)
+}
+
+// sequenceBatch bounds the events one sequencing transaction numbers.
+const sequenceBatch = 10000
+
+// sequence numbers every event committed before it was called, in
+// transactions of up to sequenceBatch events.
+func (s *postgresStore) sequence(ctx context.Context, conn *pgxpool.Conn) error {
+	for {
+		var n int64
+		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, int64(pgFeedLock)); err != nil {
+				return err
+			}
+			// Seqs go on from the highest ever given: the highest kept, or the
+			// trimmed-through mark when retention deleted every sequenced event
+			// (else they would start again at 1, below positions readers hold).
+			tag, err := tx.Exec(ctx, `UPDATE events SET seq = t.base + t.n
+				FROM (SELECT e.id, row_number() OVER (ORDER BY e.id) AS n, b.base
+					FROM (SELECT id FROM events WHERE seq IS NULL ORDER BY id LIMIT $1) AS e,
+						(SELECT greatest(coalesce((SELECT max(seq) FROM events), 0),
+							(SELECT trimmed_through FROM feed_state WHERE id = 1)) AS base) AS b) AS t
+				WHERE events.id = t.id`, sequenceBatch)
+			n = tag.RowsAffected()
+			return err
+		})
+		if err != nil || n < sequenceBatch {
 			return err
 		}
-		// Seqs go on from the highest ever given: the highest kept, or the
-		// trimmed-through mark when retention deleted every sequenced event
-		// (else they would start again at 1, below positions readers hold).
-		_, err := tx.Exec(ctx, `UPDATE events SET seq = t.base + t.n
-			FROM (SELECT e.id, row_number() OVER (ORDER BY e.id) AS n, b.base
-				FROM (SELECT id FROM events WHERE seq IS NULL ORDER BY id LIMIT 10000) AS e,
-					(SELECT greatest(coalesce((SELECT max(seq) FROM events), 0),
-						(SELECT trimmed_through FROM feed_state WHERE id = 1)) AS base) AS b) AS t
-			WHERE events.id = t.id`)
+	}
+}
+
+// Head numbers the events of every write committed before it was called
+// and returns the highest seq (or the trimmed-through mark when retention
+// deleted every event). With nothing to number it is one indexed query.
+func (s *postgresStore) Head(ctx context.Context) (int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	conn, err := s.pool.Acquire(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("change log head: %w", pgTranslate(ctx, err))
+	}
+	defer conn.Release()
+	const q = `SELECT EXISTS (SELECT 1 FROM events WHERE seq IS NULL),
+		greatest(coalesce((SELECT max(seq) FROM events), 0), (SELECT trimmed_through FROM feed_state WHERE id = 1))`
+	var pending bool
+	var head int64
+	err = conn.QueryRow(ctx, q).Scan(&pending, &head)
+	if err == nil && pending {
+		if err = s.sequence(ctx, conn); err == nil {
+			err = conn.QueryRow(ctx, q).Scan(&pending, &head)
+		}
+	}
+	if err != nil {
+		return 0, fmt.Errorf("change log head: %w", pgTranslate(ctx, err))
+	}
+	return head, nil
+}
+
+// pgChannel is the LISTEN/NOTIFY channel on which replicas announce writes.
+const pgChannel = "productsvc_changes"
+
+// Listen holds one connection of its own (not the pool's) LISTENing on
+// pgChannel and calls wake for every notification, until ctx ends. A broken
+// connection is replaced after a second; wake is called after each
+// (re)connect, since notifications sent meanwhile are lost.
+//
+// A failed connection is not reported: while the database is down the
+// breakers say so, and the follower's periodic look covers the gap.
+func (s *postgresStore) Listen(ctx context.Context, wake func(from string)) error {
+	for {
+		s.listen(ctx, wake)
+		if ctx.Err() != nil {
+			return nil
+		}
+		wake("")
+		t := time.NewTimer(time.Second)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+func (s *postgresStore) listen(ctx context.Context, wake func(from string)) error {
+	cctx, cancel := context.WithTimeout(ctx, s.timeout)
+	conn, err := pgx.ConnectConfig(cctx, s.pool.Config().ConnConfig)
+	if err == nil {
+		_, err = conn.Exec(cctx, `LISTEN `+pgChannel)
+	}
+	cancel()
+	if conn != nil {
+		defer conn.Close(context.WithoutCancel(ctx))
+	}
+	if err != nil {
 		return err
-	})
+	}
+	wake("")
+	for {
+		n, err := conn.WaitForNotification(ctx)
+		if err != nil {
+			return err
+		}
+		wake(n.Payload)
+	}
+}
+
+// Notify wakes every replica's Listen.
+func (s *postgresStore) Notify(ctx context.Context, from string) error {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	if _, err := s.pool.Exec(ctx, `SELECT pg_notify($1, $2)`, pgChannel, from); err != nil {
+		return fmt.Errorf("notify: %w", pgTranslate(ctx, err))
+	}
+	return nil
 }
 
 // Events returns up to limit events after seq after, in seq order, or a

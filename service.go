@@ -37,6 +37,7 @@ type ProductService struct {
 
 	flight singleflight.Group
 	feed   *feedSignal // wakes change-feed streams after each write
+	follow *follower   // nil unless the store is shared by other processes
 }
 
 // ServiceConfig configures NewProductService.
@@ -117,6 +118,15 @@ func NewProductService(store productStore, cfg ServiceConfig) *ProductService {
 	s.redisCB = s.newBreaker("redis", redisBreakerFailures, redisTimeout, func(err error) bool {
 		return err == nil || errors.Is(err, errCacheMiss)
 	})
+	caching := s.local.perCap > 0 || s.pages.max > 0 || s.redisEnabled
+	if log, ok := store.(sharedLog); ok && caching {
+		s.follow = newFollower(log, s)
+	} else if s.redisEnabled {
+		// No change log to follow: what a previous process left in Redis
+		// cannot be checked (it may have died between a commit and its
+		// Redis update), so this one starts a new namespace.
+		s.cache.Forget(0)
+	}
 	s.metrics.productsStored(store.Count)
 	s.metrics.cacheBytes(s.local.size, s.pages.size)
 	return s
@@ -214,6 +224,9 @@ func guard(cb *gobreaker.CircuitBreaker[struct{}], fn func() error) error {
 // It returns ErrNotFound, or an *UnavailableError when the database is
 // failing and no cache holds the product.
 func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, string, error) {
+	if err := s.fence(ctx); err != nil {
+		return cachedProduct{}, cacheMiss, err
+	}
 	if v, ok := s.local.get(id); ok {
 		s.metrics.localCache(true)
 		return v, cacheLocal, nil
@@ -232,12 +245,16 @@ func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, stri
 	key := strconv.FormatInt(id, 10) + "/" + strconv.FormatUint(tok.gen, 10)
 	r, err, _ := s.flight.Do(key, func() (any, error) {
 		ctx := context.WithoutCancel(ctx)
-		epoch := s.cache.Epoch() // before reading anything that may be filled
-		v, source := s.cacheGet(ctx, id)
-		if source == cacheHit && tok.redisFresh {
-			s.local.fill(id, tok, v)
-			return result{v, source}, nil
+		var v cachedProduct
+		source := cacheMiss
+		if epoch := s.cache.Epoch(); tok.redisFresh && s.redisTrusted(epoch) {
+			v, source = s.cacheGet(ctx, epoch, id)
+			if source == cacheHit {
+				s.local.fill(id, tok, v)
+				return result{v, source}, nil
+			}
 		}
+		epoch := s.cache.Epoch() // before reading what will be filled
 		var p Product
 		err := guard(s.readCB, func() error {
 			ctx, span := s.dbSpan(ctx, "get product", "SELECT")
@@ -271,8 +288,33 @@ func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, stri
 	return res.v, res.source, nil
 }
 
-// cacheGet reads id from Redis. The version is read from the JSON itself.
-func (s *ProductService) cacheGet(ctx context.Context, id int64) (cachedProduct, string) {
+// fence makes sure the caches hold every write acknowledged by any
+// replica before the call; see follower. With a store no other process
+// writes, every write is this process's own and already in the caches.
+func (s *ProductService) fence(ctx context.Context) error {
+	if s.follow == nil {
+		return nil
+	}
+	return s.follow.fence(ctx)
+}
+
+// redisTrusted reports whether Redis, under namespace epoch, holds every
+// write the fence has applied; see follower.
+func (s *ProductService) redisTrusted(epoch cacheEpoch) bool {
+	return s.redisEnabled && (s.follow == nil || s.follow.redisTrusted(epoch))
+}
+
+// Follow follows the store's change log until ctx ends, when other
+// processes write to it too; see follower. It returns at once otherwise.
+func (s *ProductService) Follow(ctx context.Context) {
+	if s.follow != nil {
+		s.follow.Run(ctx)
+	}
+}
+
+// cacheGet reads id from Redis under namespace epoch. The version is read
+// from the JSON itself.
+func (s *ProductService) cacheGet(ctx context.Context, epoch cacheEpoch, id int64) (cachedProduct, string) {
 	if !s.redisEnabled {
 		return cachedProduct{}, cacheMiss
 	}
@@ -283,7 +325,7 @@ func (s *ProductService) cacheGet(ctx context.Context, id int64) (cachedProduct,
 		ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
 		defer cancel()
 		var err error
-		b, err = s.cache.Get(ctx, id)
+		b, err = s.cache.Get(ctx, epoch, id)
 		return err
 	})
 	span.SetAttributes(attribute.Bool("cache.hit", err == nil))
@@ -360,6 +402,9 @@ func (s *ProductService) written(p Product, deleted bool) cachedProduct {
 	s.local.written(p.ID, v, s.redisEnabled)
 	s.pages.written()
 	s.feed.notify()
+	if s.follow != nil {
+		s.follow.written()
+	}
 	return v
 }
 
@@ -372,9 +417,32 @@ func (s *ProductService) publish(ctx context.Context, id int64, v cachedProduct)
 	}
 	defer s.local.published(id)
 	s.metrics.cacheInvalidation()
-	if !s.cachePut(context.WithoutCancel(ctx), s.cache.Epoch(), id, v.Version, v.JSON) {
-		s.cache.Forget()
+	ctx, span := s.trace.start(context.WithoutCancel(ctx), "redis put product", attribute.String("db.system", "redis"))
+	defer span.End()
+	err := guard(s.redisCB, func() error {
+		ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
+		defer cancel()
+		// A committed write is current in any namespace: whichever is
+		// current now (after any pending change) takes it.
+		epoch, _, err := s.cache.Namespace(ctx)
+		if err == nil {
+			err = s.cache.Put(ctx, epoch, id, v.Version, v.JSON)
+		}
+		return err
+	})
+	if err != nil {
+		s.log.Debug("redis put failed", "id", id, "err", err)
+		s.cache.Forget(s.position())
 	}
+}
+
+// position returns the change-log position the caches reflect (0 when
+// there is no change log to follow).
+func (s *ProductService) position() int64 {
+	if s.follow == nil {
+		return 0
+	}
+	return s.follow.position()
 }
 
 // Create validates in and stores a new product. It returns a
@@ -515,6 +583,9 @@ const defaultCacheMemory = 32 << 20
 // happened since it was cached. It returns an *UnavailableError when the
 // database is failing.
 func (s *ProductService) ListJSON(ctx context.Context, key string, f ListFilter) ([]byte, error) {
+	if err := s.fence(ctx); err != nil {
+		return nil, err
+	}
 	b, gen, ok := s.pages.get(key)
 	if ok {
 		return b, nil

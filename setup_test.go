@@ -72,7 +72,13 @@ func newTestService(tb testing.TB, store productStore, cfg ServiceConfig) *Produ
 		cfg.Metrics = newMetrics(nil)
 	}
 	svc := NewProductService(store, cfg)
-	tb.Cleanup(func() { svc.Close() })
+	// As run does: the follower runs until the test ends (a store other
+	// processes share only; see follower).
+	stop := runFollower(svc)
+	tb.Cleanup(func() {
+		stop()
+		svc.Close()
+	})
 	return svc
 }
 

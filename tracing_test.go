@@ -146,7 +146,7 @@ type mapCache struct {
 	v  map[int64]int64
 }
 
-func (c *mapCache) Get(_ context.Context, id int64) ([]byte, error) {
+func (c *mapCache) Get(_ context.Context, _ cacheEpoch, id int64) ([]byte, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if b := c.m[id]; len(b) > 0 {
@@ -170,7 +170,11 @@ func (c *mapCache) Put(_ context.Context, _ cacheEpoch, id, version int64, json 
 	return nil
 }
 
-func (c *mapCache) Forget() {
+func (c *mapCache) Namespace(context.Context) (cacheEpoch, int64, error) { return 0, 0, nil }
+
+func (c *mapCache) Push(context.Context, cacheEpoch, []cacheItem, int64) error { return nil }
+
+func (c *mapCache) Forget(int64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	clear(c.m)

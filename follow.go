@@ -1,0 +1,367 @@
+package main
+
+// The follower: how a replica learns the writes of every other replica
+// sharing its database, and the read fence that keeps its caches from
+// answering with anything older than an acknowledged write.
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sony/gobreaker/v2"
+)
+
+// follower keeps this process's caches coherent with a shared store's
+// change log (sharedLog): every write by any replica appends an event in
+// its own transaction, and the follower applies the events in log order to
+// the in-process caches (a cached product is replaced by its newer version;
+// every cached page is dropped) and pushes them to Redis.
+//
+// Strict reads: before a read is answered from a cache, fence makes sure
+// the follower has applied the log up to its head as of a moment after the
+// read arrived. A write acknowledged anywhere before that moment has
+// committed, so its event is at or below that head. One round (one head
+// query, usually nothing more) serves every read waiting when it starts,
+// as Raft's ReadIndex serves reads with one heartbeat round.
+//
+// Redis is trusted for a read only when it holds every event the follower
+// has applied (or something newer): the follower pushes each batch of
+// events to Redis before applying it in memory, and when a push fails it
+// stops trusting Redis before applying, until it has pushed the missed
+// events again. A replica that adopts a namespace (at start, after Redis
+// restarted, after a write could not reach Redis) pushes the events after
+// the position the namespace is known to be current at (cache.Namespace),
+// or starts a new namespace when they are too many.
+//
+// Notifications (LISTEN/NOTIFY) and a periodic look only keep the caches
+// fresh between reads; correctness rests on the fence alone, so a lost
+// notification costs latency, never a stale read.
+type follower struct {
+	log          sharedLog
+	store        productStore
+	local        *localCache
+	pages        *pageCache
+	cache        cache
+	redis        bool          // cache is Redis
+	redisTimeout time.Duration // bound on each Redis call (REDIS_TIMEOUT)
+	readCB       *gobreaker.CircuitBreaker[struct{}]
+	redisCB      *gobreaker.CircuitBreaker[struct{}]
+	metrics      *metrics
+	logger       *slog.Logger
+
+	mu   sync.Mutex
+	next *fenceRound // the round that reads arriving now wait for
+
+	interval time.Duration // periodic look; followInterval
+	name     string        // this process, in its notifications
+
+	wake   chan struct{} // a round is wanted
+	wrote  chan struct{} // this process committed a write
+	closed chan struct{} // the follower stopped
+
+	// Touched by the round loop only.
+	started      bool
+	redisEpoch   cacheEpoch // the namespace the follower pushes to
+	redisThrough int64      // ... which holds every event through this seq
+
+	applied    atomic.Int64  // events applied in memory through this seq
+	redisTrust atomic.Uint64 // the epoch in which Redis holds every applied event; 0: none
+}
+
+// fenceRound is one head query and catch-up, shared by the reads that
+// arrived before it started.
+type fenceRound struct {
+	done chan struct{}
+	err  error
+}
+
+const (
+	followBatch    = 500              // events read per query
+	followInterval = time.Second      // periodic look, should a notification be lost
+	maxRepush      = 20 * followBatch // events pushed again to Redis before giving up its namespace
+)
+
+func newFollower(log sharedLog, s *ProductService) *follower {
+	return &follower{
+		log: log, store: s.store, local: s.local, pages: s.pages, cache: s.cache, redis: s.redisEnabled, redisTimeout: s.redisTimeout,
+		readCB: s.readCB, redisCB: s.redisCB, metrics: s.metrics, logger: s.log, interval: followInterval,
+		name: rand.Text(),
+		wake: make(chan struct{}, 1), wrote: make(chan struct{}, 1), closed: make(chan struct{}),
+	}
+}
+
+// fence returns once the follower has applied the change log up to its
+// head as of a moment after fence was called. It returns an
+// *UnavailableError when the database is failing.
+func (f *follower) fence(ctx context.Context) error {
+	start := time.Now()
+	f.mu.Lock()
+	if f.next == nil {
+		f.next = &fenceRound{done: make(chan struct{})}
+	}
+	r := f.next
+	f.mu.Unlock()
+	f.kick()
+	select {
+	case <-r.done:
+		f.metrics.fenceWait.Observe(time.Since(start).Seconds())
+		return r.err
+	case <-f.closed:
+		return &UnavailableError{Reason: "shutting down", RetryAfter: time.Second}
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// kick asks for a round.
+func (f *follower) kick() {
+	select {
+	case f.wake <- struct{}{}:
+	default:
+	}
+}
+
+// written tells the follower that this process committed a write, so that
+// the other replicas are notified.
+func (f *follower) written() {
+	select {
+	case f.wrote <- struct{}{}:
+	default:
+	}
+}
+
+// redisTrusted reports whether a read may answer from Redis under epoch.
+func (f *follower) redisTrusted(epoch cacheEpoch) bool {
+	return epoch != 0 && f.redisTrust.Load() == uint64(epoch)
+}
+
+// position returns the change-log seq applied in memory.
+func (f *follower) position() int64 { return f.applied.Load() }
+
+// Run follows the change log until ctx ends: it listens for other
+// replicas' notifications, notifies them of this process's writes, and
+// runs rounds when a read waits, a notification comes, or every
+// followInterval.
+func (f *follower) Run(ctx context.Context) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() {
+		f.log.Listen(ctx, func(from string) {
+			if from != f.name { // this process's own writes are in its caches already
+				f.kick()
+			}
+		})
+	})
+	wg.Go(func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-f.wrote:
+			}
+			if err := f.log.Notify(ctx, f.name); err != nil && ctx.Err() == nil {
+				f.logger.Debug("change log notify failed", "err", err)
+			}
+		}
+	})
+	defer close(f.closed)
+	t := time.NewTicker(f.interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-f.wake:
+		case <-t.C:
+		}
+		f.mu.Lock()
+		r := f.next
+		f.next = nil
+		f.mu.Unlock()
+		err := f.round(ctx)
+		f.metrics.fenceRounds.Inc()
+		if ctx.Err() != nil {
+			err = &UnavailableError{Reason: "shutting down", RetryAfter: time.Second}
+		}
+		if r != nil {
+			r.err = err
+			close(r.done)
+		}
+	}
+}
+
+// round reads the log's head and applies the events up to it.
+func (f *follower) round(ctx context.Context) error {
+	var head int64
+	err := guard(f.readCB, func() error {
+		var err error
+		head, err = f.log.Head(ctx)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	if !f.started {
+		// The caches are empty until the first round ends: every read
+		// fences first, and a write only replaces what is cached.
+		f.started = true
+		f.applied.Store(head)
+	}
+	for f.applied.Load() < head {
+		var es []Event
+		err := guard(f.readCB, func() error {
+			var err error
+			es, err = f.store.Events(ctx, f.applied.Load(), followBatch)
+			return err
+		})
+		var gone *FeedGoneError
+		if errors.As(err, &gone) {
+			f.resync(gone.Oldest - 1)
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if len(es) == 0 {
+			break
+		}
+		f.apply(ctx, es)
+	}
+	f.syncRedis(ctx)
+	return nil
+}
+
+// apply applies es (the events after the applied position, in order):
+// pushed to Redis first, then to the in-process caches.
+func (f *follower) apply(ctx context.Context, es []Event) {
+	items := productItems(es)
+	last := es[len(es)-1].Seq
+	if f.redis && f.redisEpoch != 0 && f.redisThrough >= f.applied.Load() {
+		err := guard(f.redisCB, func() error {
+			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
+			defer cancel()
+			return f.cache.Push(ctx, f.redisEpoch, items, last)
+		})
+		if err == nil {
+			f.redisThrough = max(f.redisThrough, last)
+		}
+	}
+	if f.redisThrough < last {
+		f.redisTrust.Store(0) // before any reader can see the new versions in memory
+	}
+	for _, it := range items {
+		f.local.written(it.ID, cachedProduct{JSON: it.JSON, Version: it.Version}, false)
+	}
+	if len(items) > 0 {
+		f.pages.written()
+	}
+	f.applied.Store(last)
+	f.metrics.changesApplied.Add(float64(len(es)))
+}
+
+// resync moves the applied position to seq after events before it were
+// trimmed unseen: everything cached in memory is dropped.
+func (f *follower) resync(seq int64) {
+	f.logger.Warn("change log: events were trimmed before this replica applied them; in-process caches dropped", "seq", seq)
+	f.redisTrust.Store(0)
+	f.local.clear()
+	f.pages.written()
+	f.applied.Store(seq)
+}
+
+// syncRedis brings the namespace the follower pushes to up to the applied
+// position, adopting the current one first, and trusts Redis once it is.
+func (f *follower) syncRedis(ctx context.Context) {
+	if !f.redis {
+		return
+	}
+	for range 4 { // a few namespace changes at most; the next round goes on
+		var epoch cacheEpoch
+		var through int64
+		err := guard(f.redisCB, func() error {
+			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
+			defer cancel()
+			var err error
+			epoch, through, err = f.cache.Namespace(ctx)
+			return err
+		})
+		if err != nil {
+			f.redisTrust.Store(0)
+			return
+		}
+		if epoch != f.redisEpoch {
+			f.redisTrust.Store(0)
+			f.redisEpoch, f.redisThrough = epoch, through
+		}
+		switch err := f.repush(ctx); {
+		case errors.Is(err, errStaleEpoch):
+			continue
+		case err != nil:
+			f.redisTrust.Store(0)
+			return
+		}
+		f.redisTrust.Store(uint64(epoch))
+		return
+	}
+}
+
+// repush pushes the events between the namespace's position and the
+// applied one. When they are too many, or trimmed, it asks for a new
+// namespace instead and returns errStaleEpoch.
+func (f *follower) repush(ctx context.Context) error {
+	for f.redisThrough < f.applied.Load() {
+		if f.applied.Load()-f.redisThrough > maxRepush {
+			f.cache.Forget(f.applied.Load())
+			return errStaleEpoch
+		}
+		var es []Event
+		err := guard(f.readCB, func() error {
+			var err error
+			es, err = f.store.Events(ctx, f.redisThrough, followBatch)
+			return err
+		})
+		if errors.Is(err, ErrFeedGone) {
+			f.cache.Forget(f.applied.Load())
+			return errStaleEpoch
+		}
+		if err != nil {
+			return err
+		}
+		if len(es) == 0 {
+			return nil
+		}
+		last := es[len(es)-1].Seq
+		err = guard(f.redisCB, func() error {
+			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
+			defer cancel()
+			return f.cache.Push(ctx, f.redisEpoch, productItems(es), last)
+		})
+		if err != nil {
+			return err
+		}
+		f.redisThrough = last
+	}
+	return nil
+}
+
+// productItems returns the cache entries es make: each product as it
+// became, or a tombstone one version above a deleted product.
+func productItems(es []Event) []cacheItem {
+	var out []cacheItem
+	for i := range es {
+		e := &es[i]
+		switch {
+		case e.ProductID == 0:
+		case e.Product != nil:
+			out = append(out, cacheItem{ID: e.ProductID, Version: e.Version, JSON: appendProduct(nil, e.Product)})
+		default: // deleted: the event's version is already one above
+			out = append(out, cacheItem{ID: e.ProductID, Version: e.Version})
+		}
+	}
+	return out
+}
