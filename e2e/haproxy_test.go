@@ -102,15 +102,18 @@ type haproxyProc struct {
 // Retries: a request is retried (twice, each time on another server:
 // "option redispatch 1") when the connection could not be made — the
 // server never saw the request, so this is safe for every method — and,
-// for GET and HEAD and for requests carrying an Idempotency-Key, also
-// when the server closed the connection without answering (a replica
-// killed mid-request). The server may have applied such a request before
-// it died, so a POST without a key is never retried on that ground
-// ("http-request disable-l7-retry"): it could create a product twice or
-// adjust stock twice. With a key the service answers a retry with the
-// original response and applies nothing more. Timeouts and 5xx answers are
-// never retried: the write may have committed, and retrying a failing
-// database only piles on load.
+// for GET and HEAD alone, also when the server closed the connection
+// without answering (a replica killed mid-request). A write that reached a
+// replica may have committed before it died, so it is never sent again by
+// HAProxy ("http-request disable-l7-retry"): a POST could create a product
+// or adjust stock twice. Its client gets a 502 and retries it itself, with
+// its Idempotency-Key, which the service then applies once. HAProxy cannot
+// do that for the client: it cannot tell which endpoints honour the key (a
+// DELETE or a PATCH ignores it), and it would hide from the tests exactly
+// the failures a client must handle. Timeouts and 5xx answers are never
+// retried: the write may have committed, and a 503 carries Retry-After
+// for the client. This is the policy of deploy/haproxy/haproxy.cfg, with
+// faster checks.
 //
 // Keep-alive towards clients outlasts the Go client's 30 s idle timeout,
 // so the client, not HAProxy, closes idle connections: a request never
@@ -138,7 +141,7 @@ backend replicas
 	balance roundrobin
 	option httpchk GET /ready
 	http-check expect status 200
-	http-request disable-l7-retry unless METH_GET || { req.hdr(Idempotency-Key) -m found }
+	http-request disable-l7-retry unless METH_GET
 	default-server inter 100ms fastinter 100ms downinter 100ms fall 1 rise 1
 %s
 listen stats
