@@ -504,6 +504,26 @@ func TestFleetStaleReads(t *testing.T) {
 	fr.stale.report(t, "stale reads (a replica answered an older version than one acknowledged before the read)")
 }
 
+// checkEveryReplica fails t unless every running replica answers want's
+// stock and version for it.
+func checkEveryReplica(t *testing.T, f *fleet, want product) {
+	t.Helper()
+	for slot, s := range f.reps {
+		if s == nil || s.Exited() {
+			continue
+		}
+		p, r, err := getProduct(context.Background(), f.client(slot), want.ID)
+		if err != nil || r.Status != http.StatusOK {
+			t.Errorf("GET /products/%d at replica %d: %v %v", want.ID, slot, r, err)
+			continue
+		}
+		if p.Stock != want.Stock || p.Version != want.Version {
+			t.Errorf("GET /products/%d at replica %d: stock %d version %d, the database has stock %d version %d",
+				want.ID, slot, p.Stock, p.Version, want.Stock, want.Version)
+		}
+	}
+}
+
 // TestFleetStockNoOversell drains a product's stock with concurrent
 // adjustments at every replica: exactly the stock is sold, never more; and
 // a mix of concurrent increments and decrements at two replicas loses none.
@@ -610,6 +630,7 @@ func TestFleetStockNoOversell(t *testing.T) {
 	if final.Stock != 0 || final.Version != initial+1 {
 		t.Errorf("final product %d: stock %d version %d, want stock 0 version %d", p.ID, final.Stock, final.Version, initial+1)
 	}
+	checkEveryReplica(t, f, final)
 
 	// Mixed: random deltas of both signs at two replicas; the final stock
 	// is the initial one plus every acknowledged delta.
@@ -661,6 +682,7 @@ func TestFleetStockNoOversell(t *testing.T) {
 	if want := 1 + acked.Load(); qf.Version != want {
 		t.Errorf("product %d: final version %d, want %d (1 + acknowledged adjustments)", q.ID, qf.Version, want)
 	}
+	checkEveryReplica(t, f, qf)
 	t.Logf("RESULT drain: stock=%d replicas=3 clients=%d successes=%d refusals=%d negative=%d final stock=%d version=%d in %v; mixed: replicas=2 clients=%d acknowledged=%d refused=%d sum=%+d final stock=%d (want %d) in %v",
 		initial, 3*perSlot, successes, refusals, negative, final.Stock, final.Version, drainTook.Round(time.Millisecond),
 		2*perSlot, acked.Load(), refused.Load(), sum.Load(), qf.Stock, mixStock+sum.Load(), mixTook.Round(time.Millisecond))
