@@ -615,3 +615,54 @@ func TestProductService_Get_fillAcrossRedisRestart(t *testing.T) {
 		}
 	}
 }
+
+// TestRedisCache_sharedGeneration: two processes share entries; when one
+// gives the generation up (a write it could not store), the other stops
+// reading it at its next call, learns the position the new generation is
+// current at, and a fill it started before the change lands nowhere.
+func TestRedisCache_sharedGeneration(t *testing.T) {
+	r := startRedis(t)
+	c1 := newTestRedisCache(t, r, time.Second)
+	c2 := newTestRedisCache(t, r, time.Second)
+	ctx := t.Context()
+	e1, _, err := c1.Namespace(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c1.Put(ctx, e1, 7, 1, []byte(`{"id":7,"version":1}`)); err != nil {
+		t.Fatal(err)
+	}
+	e2, _, err := c2.Namespace(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, err := c2.Get(ctx, e2, 7); err != nil || string(b) != `{"id":7,"version":1}` {
+		t.Fatalf("second process Get = %q, %v; want the first one's entry", b, err)
+	}
+
+	c1.Forget(42)
+	if _, through, err := c1.Namespace(ctx); err != nil || through != 42 {
+		t.Fatalf("after Forget(42): Namespace through = %d, %v; want 42", through, err)
+	}
+	if b, err := c2.Get(ctx, e2, 7); !errors.Is(err, errCacheMiss) {
+		t.Fatalf("second process Get after the first gave the generation up = %q, %v; want a miss", b, err)
+	}
+	if err := c2.Put(ctx, e2, 7, 1, []byte(`{"id":7,"version":1}`)); err != nil { // a fill from before
+		t.Fatal(err)
+	}
+	next, through, err := c2.Namespace(ctx)
+	if err != nil || next == e2 || through != 42 {
+		t.Fatalf("second process Namespace = epoch %d (was %d), through %d, %v; want a new epoch through 42", next, e2, through, err)
+	}
+	if b, err := c2.Get(ctx, next, 7); !errors.Is(err, errCacheMiss) {
+		t.Fatalf("Get in the new generation = %q, %v; want a miss (the old fill must not land there)", b, err)
+	}
+	// Two processes giving up the same generation start one new one.
+	c1.Forget(50)
+	c2.Forget(60)
+	_, t1, _ := c1.Namespace(ctx)
+	_, t2, _ := c2.Namespace(ctx)
+	if t1 != t2 {
+		t.Errorf("after both gave up one generation: through %d and %d, want one new generation", t1, t2)
+	}
+}
