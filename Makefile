@@ -11,7 +11,7 @@ IMAGE    ?= productsvc:$(VERSION)
 PROMTOOL ?= $(shell command -v promtool 2>/dev/null || echo /tmp/prom/usr/bin/promtool)
 REDOCLY  ?= @redocly/cli@2.77.0
 
-.PHONY: run build test lint lint-metrics lint-openapi promtool test-faults fuzz bench fleet docker-build docker-run
+.PHONY: run build test lint lint-metrics lint-openapi promtool test-faults test-fleet fuzz bench fleet docker-build docker-run
 
 ## run: build and start the service on :8080 with ./products.db (Redis when REDIS_URL is set)
 run: build
@@ -46,6 +46,10 @@ lint-openapi:
 test-faults:
 	go test -count=1 -v -timeout 40m ./e2e/
 	E2E_BACKEND=postgres go test -count=1 -v -timeout 40m ./e2e/
+
+## test-fleet: only the fleet suite (replicas on one PostgreSQL and one Redis, behind HAProxy); test-faults runs it too
+test-fleet:
+	E2E_BACKEND=postgres go test -count=1 -v -run '^TestFleet' -timeout 15m ./e2e/
 
 ## fuzz: run each fuzz target (FUZZ_FAST or FUZZ_SLOW executions, or FUZZTIME)
 fuzz:

@@ -174,7 +174,48 @@ func (s *Server) Kill() {
 	}
 }
 
-// Restart starts a killed server again on the same port.
+// ShutdownMode is how Shutdown stops a server.
+type ShutdownMode int
+
+const (
+	// Fast ends every session and writes a checkpoint before exiting
+	// (SIGINT), as an operator's restart does.
+	Fast ShutdownMode = iota
+	// Immediate makes every server process quit at once (SIGQUIT), as a
+	// crash would; the restart recovers from the write-ahead log.
+	Immediate
+)
+
+// Shutdown stops the server in mode and waits for every server process to
+// exit, keeping the data directory and the port for Restart. Unlike Kill,
+// which leaves the backends of a killed postmaster to notice by
+// themselves, nothing of the old server is left when it returns.
+func (s *Server) Shutdown(mode ShutdownMode) error {
+	if s.cmd == nil || s.cmd.Process == nil {
+		return errors.New("pgtest: the server is not running")
+	}
+	sig := syscall.SIGINT
+	if mode == Immediate {
+		sig = syscall.SIGQUIT
+	}
+	if err := s.cmd.Process.Signal(sig); err != nil {
+		return fmt.Errorf("pgtest: signal postgres: %w", err)
+	}
+	done := make(chan struct{})
+	go func() { s.cmd.Wait(); close(done) }() // an immediate shutdown exits non-zero
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		s.cmd.Process.Kill()
+		<-done
+		s.cmd = nil
+		return errors.New("pgtest: postgres did not shut down within 30s; killed it")
+	}
+	s.cmd = nil
+	return nil
+}
+
+// Restart starts a killed or shut down server again on the same port.
 func (s *Server) Restart() error {
 	// A killed postmaster leaves its pid file; PostgreSQL checks the pid
 	// inside is no longer running and starts anyway.
