@@ -96,9 +96,16 @@ type productStore interface {
 // does not implement it: one process holds the file, so its own writes
 // are all the writes.
 type sharedLog interface {
-	// Head returns the change log's position: every write committed
-	// before Head was called has an event at or below it.
-	Head(ctx context.Context) (int64, error)
+	// Changes returns the change log's head, and up to limit events: those
+	// after seq after, in seq order, then those of committed writes not
+	// given a seq yet (seq 0). Every write committed before Changes was
+	// called has an event at or below head, or among those returned. It
+	// writes nothing, and returns a *FeedGoneError when events after after
+	// were trimmed.
+	Changes(ctx context.Context, after int64, limit int) (head int64, es []Event, err error)
+	// Sequence gives the events of committed writes their seqs. Events
+	// does it too; writers call it so that Changes finds few without one.
+	Sequence(ctx context.Context) error
 	// Listen calls wake with the sender's name whenever Notify is called,
 	// by any process, until ctx ends, and with "" after each (re)connect.
 	// Notifications may be lost (a reconnect); they only save the

@@ -61,7 +61,8 @@ type follower struct {
 	name     string        // this process, in its notifications
 
 	wake   chan struct{} // a round is wanted
-	wrote  chan struct{} // this process committed a write
+	wrote  chan struct{} // events to number (this process wrote)
+	notify atomic.Bool   // ... and the other replicas to notify
 	closed chan struct{} // the follower stopped
 
 	// Touched by the round loop only.
@@ -126,14 +127,9 @@ func (f *follower) kick() {
 	}
 }
 
-// written tells the follower that this process committed a write, so that
-// the other replicas are notified.
-func (f *follower) written() {
-	select {
-	case f.wrote <- struct{}{}:
-	default:
-	}
-}
+// written tells the follower that this process committed a write: its
+// event is numbered and the other replicas are notified.
+func (f *follower) written() { f.askSequence(true) }
 
 // redisTrusted reports whether a read may answer from Redis under epoch.
 func (f *follower) redisTrusted(epoch cacheEpoch) bool {
@@ -144,9 +140,9 @@ func (f *follower) redisTrusted(epoch cacheEpoch) bool {
 func (f *follower) position() int64 { return f.applied.Load() }
 
 // Run follows the change log until ctx ends: it listens for other
-// replicas' notifications, notifies them of this process's writes, and
-// runs rounds when a read waits, a notification comes, or every
-// followInterval.
+// replicas' notifications, numbers this process's events and notifies the
+// others after its writes, and runs rounds when a read waits, a
+// notification comes, or every interval.
 func (f *follower) Run(ctx context.Context) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -157,33 +153,24 @@ func (f *follower) Run(ctx context.Context) {
 			}
 		})
 	})
-	wg.Go(func() {
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-f.wrote:
-			}
-			if err := f.log.Notify(ctx, f.name); err != nil && ctx.Err() == nil {
-				f.logger.Debug("change log notify failed", "err", err)
-			}
-		}
-	})
+	wg.Go(func() { f.sequence(ctx) })
 	defer close(f.closed)
 	t := time.NewTicker(f.interval)
 	defer t.Stop()
 	for {
+		periodic := false
 		select {
 		case <-ctx.Done():
 			return
 		case <-f.wake:
 		case <-t.C:
+			periodic = true
 		}
 		f.mu.Lock()
 		r := f.next
 		f.next = nil
 		f.mu.Unlock()
-		err := f.round(ctx)
+		unnumbered, err := f.round(ctx)
 		f.metrics.fenceRounds.Inc()
 		if ctx.Err() != nil {
 			err = &UnavailableError{Reason: "shutting down", RetryAfter: time.Second}
@@ -192,75 +179,134 @@ func (f *follower) Run(ctx context.Context) {
 			r.err = err
 			close(r.done)
 		}
+		if periodic && unnumbered {
+			f.askSequence(false) // a writer died before numbering its events
+		}
 	}
 }
 
-// round reads the log's head and applies the events up to it.
-func (f *follower) round(ctx context.Context) error {
-	var head int64
-	err := guard(f.readCB, func() error {
-		var err error
-		head, err = f.log.Head(ctx)
-		return err
-	})
-	if err != nil {
-		return err
+// sequence numbers events and notifies the other replicas, when asked to
+// (askSequence), until ctx ends. Numbering is a write (a commit), so it is
+// done here rather than in a round, where reads wait.
+func (f *follower) sequence(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-f.wrote:
+		}
+		if err := f.log.Sequence(ctx); err != nil && ctx.Err() == nil {
+			f.logger.Debug("change log: sequencing failed", "err", err)
+		}
+		if f.notify.Swap(false) {
+			if err := f.log.Notify(ctx, f.name); err != nil && ctx.Err() == nil {
+				f.logger.Debug("change log: notify failed", "err", err)
+			}
+		}
 	}
-	if !f.started {
-		// The caches are empty until the first round ends: every read
-		// fences first, and a write only replaces what is cached.
-		f.started = true
-		f.applied.Store(head)
+}
+
+// askSequence asks for the events to be numbered, and the other replicas
+// notified when notify is set.
+func (f *follower) askSequence(notify bool) {
+	if notify {
+		f.notify.Store(true)
 	}
+	select {
+	case f.wrote <- struct{}{}:
+	default:
+	}
+}
+
+// round applies the change log up to its head as of the round's start. It
+// reports whether it met events not numbered yet.
+func (f *follower) round(ctx context.Context) (unnumbered bool, err error) {
 	redisFailed := false
-	for f.applied.Load() < head {
-		var es []Event
-		err := guard(f.readCB, func() error {
-			var err error
-			es, err = f.store.Events(ctx, f.applied.Load(), followBatch)
-			return err
-		})
+	for range 1000 { // bounded: each pass applies up to followBatch events
+		after := f.applied.Load()
+		head, es, err := f.changes(ctx, after)
 		var gone *FeedGoneError
 		if errors.As(err, &gone) {
 			f.resync(gone.Oldest - 1)
 			continue
 		}
 		if err != nil {
-			return err
+			return unnumbered, err
 		}
-		if len(es) == 0 {
+		if !f.started {
+			// The caches are empty until the first round ends: every read
+			// fences first, and a write only replaces what is cached.
+			f.started = true
+			f.applied.Store(head)
 			break
 		}
-		if !f.apply(ctx, es) {
+		through, done := position(after, head, es)
+		unnumbered = unnumbered || (len(es) > 0 && es[len(es)-1].Seq == 0)
+		if len(es) > 0 && !f.apply(ctx, es, through) {
 			redisFailed = true
+		}
+		f.applied.Store(through)
+		if done {
+			break
+		}
+		if through == after { // a full batch of events not numbered yet
+			if err := f.log.Sequence(ctx); err != nil {
+				return unnumbered, err
+			}
 		}
 	}
 	if !redisFailed { // a failing Redis costs a round one REDIS_TIMEOUT at most
 		f.syncRedis(ctx)
 	}
-	return nil
+	return unnumbered, nil
 }
 
-// apply applies es (the events after the applied position, in order):
+// changes reads the change log after seq after through the read breaker.
+func (f *follower) changes(ctx context.Context, after int64) (int64, []Event, error) {
+	var head int64
+	var es []Event
+	err := guard(f.readCB, func() error {
+		var err error
+		head, es, err = f.log.Changes(ctx, after, followBatch)
+		return err
+	})
+	return head, es, err
+}
+
+// position returns the seq through which es (as Changes returned them
+// for after and head) leave nothing unapplied, and whether that is all
+// there was: a batch shorter than followBatch holds every event through
+// head.
+func position(after, head int64, es []Event) (through int64, done bool) {
+	if len(es) < followBatch {
+		return max(after, head), true
+	}
+	through = after
+	for i := range es {
+		through = max(through, es[i].Seq)
+	}
+	return through, false
+}
+
+// apply applies es, which leave nothing unapplied through seq through:
 // pushed to Redis first, then to the in-process caches. It reports false
 // when a push to Redis failed.
-func (f *follower) apply(ctx context.Context, es []Event) bool {
+func (f *follower) apply(ctx context.Context, es []Event, through int64) bool {
 	items := productItems(es)
-	last := es[len(es)-1].Seq
 	ok := true
 	if f.redis && f.redisEpoch != 0 && f.redisThrough >= f.applied.Load() {
 		err := guard(f.redisCB, func() error {
 			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
 			defer cancel()
-			return f.cache.Push(ctx, f.redisEpoch, items, last)
+			return f.cache.Push(ctx, f.redisEpoch, items, through)
 		})
 		if err == nil {
-			f.redisThrough = max(f.redisThrough, last)
+			f.redisThrough = max(f.redisThrough, through)
 		} else {
 			ok = false
 		}
 	}
-	if f.redisThrough < last {
+	if f.redisThrough < through {
 		f.redisTrust.Store(0) // before any reader can see the new versions in memory
 	}
 	for _, it := range items {
@@ -269,7 +315,6 @@ func (f *follower) apply(ctx context.Context, es []Event) bool {
 	if len(items) > 0 {
 		f.pages.written()
 	}
-	f.applied.Store(last)
 	f.metrics.changesApplied.Add(float64(len(es)))
 	return ok
 }
@@ -324,37 +369,34 @@ func (f *follower) syncRedis(ctx context.Context) {
 // applied one. When they are too many, or trimmed, it asks for a new
 // namespace instead and returns errStaleEpoch.
 func (f *follower) repush(ctx context.Context) error {
-	for f.redisThrough < f.applied.Load() {
-		if f.applied.Load()-f.redisThrough > maxRepush {
-			f.cache.Forget(f.applied.Load())
+	for range 1000 {
+		applied := f.applied.Load()
+		if f.redisThrough >= applied {
+			return nil
+		}
+		if applied-f.redisThrough > maxRepush {
+			f.cache.Forget(applied)
 			return errStaleEpoch
 		}
-		var es []Event
-		err := guard(f.readCB, func() error {
-			var err error
-			es, err = f.store.Events(ctx, f.redisThrough, followBatch)
-			return err
-		})
+		head, es, err := f.changes(ctx, f.redisThrough)
 		if errors.Is(err, ErrFeedGone) {
-			f.cache.Forget(f.applied.Load())
+			f.cache.Forget(applied)
 			return errStaleEpoch
 		}
 		if err != nil {
 			return err
 		}
-		if len(es) == 0 {
-			return nil
-		}
-		last := es[len(es)-1].Seq
+		// Not beyond what is applied in memory: the round applies the rest.
+		through, _ := position(f.redisThrough, min(head, applied), es)
 		err = guard(f.redisCB, func() error {
 			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
 			defer cancel()
-			return f.cache.Push(ctx, f.redisEpoch, productItems(es), last)
+			return f.cache.Push(ctx, f.redisEpoch, productItems(es), through)
 		})
 		if err != nil {
 			return err
 		}
-		f.redisThrough = last
+		f.redisThrough = max(f.redisThrough, through)
 	}
 	return nil
 }

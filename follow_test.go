@@ -231,9 +231,13 @@ func TestFollower_notified(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	head, err := b.store.(sharedLog).Head(t.Context())
-	if err != nil {
+	log := b.store.(sharedLog)
+	if err := log.Sequence(t.Context()); err != nil {
 		t.Fatal(err)
+	}
+	head, _, err := log.Changes(t.Context(), 0, 1)
+	if err != nil || head < 3 {
+		t.Fatalf("Changes head = %d, %v; want at least 3", head, err)
 	}
 	waitFor(t, 30*time.Second, "B's follower to apply A's writes on notification", func() bool {
 		return b.follow.position() >= head

@@ -368,11 +368,20 @@ func readEvents(ctx context.Context, tx invTx, after int64, limit int) ([]Event,
 	if after < trimmed {
 		return nil, &FeedGoneError{Oldest: trimmed + 1}
 	}
-	rows, err := tx.query(ctx, `SELECT seq, type, occurred_at, product_id, version, data FROM events
+	rows, err := tx.query(ctx, `SELECT `+eventColumns+` FROM events
 		WHERE seq > ? ORDER BY seq LIMIT ?`, after, limit)
 	if err != nil {
 		return nil, err
 	}
+	return scanEvents(rows)
+}
+
+// eventColumns are the columns scanEvents reads; an event without a seq
+// yet (PostgreSQL, between commit and sequencing) reads as seq 0.
+const eventColumns = `coalesce(seq, 0), type, occurred_at, product_id, version, data`
+
+// scanEvents reads rows of eventColumns and closes them.
+func scanEvents(rows invRows) ([]Event, error) {
 	defer rows.Close()
 	var out []Event
 	for rows.Next() {
@@ -387,6 +396,7 @@ func readEvents(ctx context.Context, tx invTx, after int64, limit int) ([]Event,
 		if productID != nil {
 			e.ProductID, e.Version = *productID, *version
 		}
+		var err error
 		switch {
 		case len(data) == 0:
 		case productID != nil:

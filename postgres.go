@@ -852,31 +852,62 @@ func (s *postgresStore) sequence(ctx context.Context, conn *pgxpool.Conn) error 
 	}
 }
 
-// Head numbers the events of every write committed before it was called
-// and returns the highest seq (or the trimmed-through mark when retention
-// deleted every event). With nothing to number it is one indexed query.
-func (s *postgresStore) Head(ctx context.Context) (int64, error) {
+// Changes returns the change log's head (the highest seq given, or the
+// trimmed-through mark when retention deleted every event), then up to
+// limit events: those after seq after in seq order, followed by the events
+// of committed writes that have no seq yet. Together they hold every write
+// committed before Changes was called that is not at or below after. It
+// only reads: with nothing new it is one indexed query. It returns a
+// *FeedGoneError when events after after were trimmed.
+func (s *postgresStore) Changes(ctx context.Context, after int64, limit int) (int64, []Event, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
-		return 0, fmt.Errorf("change log head: %w", pgTranslate(ctx, err))
+		return 0, nil, fmt.Errorf("change log: %w", pgTranslate(ctx, err))
 	}
 	defer conn.Release()
-	const q = `SELECT EXISTS (SELECT 1 FROM events WHERE seq IS NULL),
-		greatest(coalesce((SELECT max(seq) FROM events), 0), (SELECT trimmed_through FROM feed_state WHERE id = 1))`
 	var pending bool
-	var head int64
-	err = conn.QueryRow(ctx, q).Scan(&pending, &head)
-	if err == nil && pending {
-		if err = s.sequence(ctx, conn); err == nil {
-			err = conn.QueryRow(ctx, q).Scan(&pending, &head)
-		}
+	var head, trimmed int64
+	err = conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM events WHERE seq IS NULL), f.trimmed_through,
+		greatest(coalesce((SELECT max(seq) FROM events), 0), f.trimmed_through)
+		FROM feed_state f WHERE f.id = 1`).Scan(&pending, &trimmed, &head)
+	if err != nil {
+		return 0, nil, fmt.Errorf("change log: %w", pgTranslate(ctx, err))
+	}
+	if after < trimmed {
+		return 0, nil, &FeedGoneError{Oldest: trimmed + 1}
+	}
+	if !pending && head <= after {
+		return head, nil, nil
+	}
+	// Run after the head was read: an event sequenced meanwhile has a seq
+	// above head, so it is still here, by its seq.
+	rows, err := pgTx{conn}.query(ctx, `SELECT `+eventColumns+` FROM events
+		WHERE seq > ? OR seq IS NULL ORDER BY seq NULLS LAST, id LIMIT ?`, after, limit)
+	if err != nil {
+		return 0, nil, fmt.Errorf("change log: %w", pgTranslate(ctx, err))
+	}
+	es, err := scanEvents(rows)
+	if err != nil {
+		return 0, nil, fmt.Errorf("change log: %w", pgTranslate(ctx, err))
+	}
+	return head, es, nil
+}
+
+// Sequence gives every committed event its seq (see sequenceEvents).
+func (s *postgresStore) Sequence(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	conn, err := s.pool.Acquire(ctx)
+	if err == nil {
+		err = s.sequenceEvents(ctx, conn)
+		conn.Release()
 	}
 	if err != nil {
-		return 0, fmt.Errorf("change log head: %w", pgTranslate(ctx, err))
+		return fmt.Errorf("sequence events: %w", pgTranslate(ctx, err))
 	}
-	return head, nil
+	return nil
 }
 
 // pgChannel is the LISTEN/NOTIFY channel on which replicas announce writes.

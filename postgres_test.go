@@ -310,3 +310,31 @@ func decodeJSON(tb testing.TB, resp *http.Response, v any) {
 		tb.Fatalf("decode %s: %v", resp.Request.URL, err)
 	}
 }
+
+// TestPostgres_changesUnnumbered: Changes finds a committed write before
+// its event has a seq, so the read fence never needs to write; once
+// numbered, the event is found by its seq, and nothing after the head.
+func TestPostgres_changesUnnumbered(t *testing.T) {
+	s := newTestPostgres(t)
+	p, err := s.Create(t.Context(), newProduct("CH-1"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	head, es, err := s.Changes(t.Context(), 0, 10)
+	if err != nil || head != 0 || len(es) != 1 || es[0].Seq != 0 || es[0].ProductID != p.ID || es[0].Version != 1 {
+		t.Fatalf("Changes(0) before numbering = head %d, %+v, %v; want head 0 and the create without a seq", head, es, err)
+	}
+	if es[0].Product == nil || es[0].Product.SKU != "CH-1" {
+		t.Errorf("the unnumbered event carries %+v, want the product", es[0].Product)
+	}
+	if err := s.Sequence(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	head, es, err = s.Changes(t.Context(), 0, 10)
+	if err != nil || head != 1 || len(es) != 1 || es[0].Seq != 1 {
+		t.Fatalf("Changes(0) after numbering = head %d, %+v, %v; want head 1 and the event at seq 1", head, es, err)
+	}
+	if head, es, err = s.Changes(t.Context(), 1, 10); err != nil || head != 1 || len(es) != 0 {
+		t.Fatalf("Changes(1) = head %d, %d events, %v; want head 1 and none", head, len(es), err)
+	}
+}
