@@ -69,6 +69,7 @@ type follower struct {
 	started      bool
 	redisEpoch   cacheEpoch // the namespace the follower pushes to
 	redisThrough int64      // ... which holds every event through this seq
+	redisBehind  bool       // ... but may lack events applied without a seq
 
 	applied    atomic.Int64  // events applied in memory through this seq
 	redisTrust atomic.Uint64 // the epoch in which Redis holds every applied event; 0: none
@@ -306,8 +307,12 @@ func (f *follower) apply(ctx context.Context, es []Event, through int64) bool {
 			ok = false
 		}
 	}
-	if f.redisThrough < through {
-		f.redisTrust.Store(0) // before any reader can see the new versions in memory
+	if f.redisThrough < through || !ok || !f.redis || f.redisEpoch == 0 {
+		// Before any reader can see the new versions in memory. Events
+		// without a seq are not counted by redisThrough: a push of them
+		// that did not happen is remembered apart.
+		f.redisBehind = true
+		f.redisTrust.Store(0)
 	}
 	for _, it := range items {
 		f.local.written(it.ID, cachedProduct{JSON: it.JSON, Version: it.Version}, false)
@@ -351,7 +356,7 @@ func (f *follower) syncRedis(ctx context.Context) {
 		}
 		if epoch != f.redisEpoch {
 			f.redisTrust.Store(0)
-			f.redisEpoch, f.redisThrough = epoch, through
+			f.redisEpoch, f.redisThrough, f.redisBehind = epoch, through, true
 		}
 		switch err := f.repush(ctx); {
 		case errors.Is(err, errStaleEpoch):
@@ -371,7 +376,7 @@ func (f *follower) syncRedis(ctx context.Context) {
 func (f *follower) repush(ctx context.Context) error {
 	for range 1000 {
 		applied := f.applied.Load()
-		if f.redisThrough >= applied {
+		if f.redisThrough >= applied && !f.redisBehind {
 			return nil
 		}
 		if applied-f.redisThrough > maxRepush {
@@ -387,7 +392,7 @@ func (f *follower) repush(ctx context.Context) error {
 			return err
 		}
 		// Not beyond what is applied in memory: the round applies the rest.
-		through, _ := position(f.redisThrough, min(head, applied), es)
+		through, done := position(f.redisThrough, min(head, applied), es)
 		err = guard(f.redisCB, func() error {
 			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
 			defer cancel()
@@ -397,6 +402,9 @@ func (f *follower) repush(ctx context.Context) error {
 			return err
 		}
 		f.redisThrough = max(f.redisThrough, through)
+		if done { // with every event without a seq there was
+			f.redisBehind = false
+		}
 	}
 	return nil
 }
