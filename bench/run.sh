@@ -4,7 +4,9 @@
 # bench/refpgx: net/http + a pgx pool on PostgreSQL) and writes
 # bench/results.md (also printed). productsvc runs on SQLite, on SQLite with
 # Redis, and on a throwaway PostgreSQL server (Debian's postgresql package,
-# durable settings). `make bench` runs it from the repo root.
+# durable settings); then, on that server and one Redis, as a fleet: one
+# replica directly and behind HAProxy, and two replicas behind HAProxy
+# (the reads, workloads a and b). `make bench` runs it from the repo root.
 #
 # Environment (all optional):
 #   BENCH_DURATION    seconds per measured wrk run (default 5)
@@ -16,7 +18,14 @@
 #   BENCH_WORKLOADS   which of a..i to run (default "a b c d e f g h i")
 #   BENCH_PRODUCTSVC  run this binary as productsvc instead of building it
 #                     (only to test the harness while the service does not build)
-#   BENCH_POSTGRES    0 skips the PostgreSQL runs (default 1)
+#   BENCH_POSTGRES    0 skips the PostgreSQL runs, the fleet's too (default 1)
+#   BENCH_FLEET       0 skips the fleet runs (default 1); they need haproxy
+#                     (/usr/sbin/haproxy or on PATH) for all but fleet-1-direct
+#   BENCH_HAPROXY     the haproxy binary (default /usr/sbin/haproxy, else
+#                     haproxy on PATH)
+#   BENCH_HAPROXY_THREADS  HAProxy's nbthread (default 1: the one thread
+#                     used well under a core in these runs, and a second
+#                     one measured no faster)
 #
 # Only 127.0.0.1 is used, every load is bounded by -d, and everything this
 # script starts is stopped on exit.
@@ -70,6 +79,15 @@ if ((${#missing[@]} > 0)); then
 	fi
 fi
 command -v go >/dev/null || die "go is not on PATH"
+HAPROXY=""
+if [[ -n ${BENCH_HAPROXY:-} ]]; then
+	[[ ! -x $BENCH_HAPROXY ]] || HAPROXY=$BENCH_HAPROXY
+elif [[ -x /usr/sbin/haproxy ]]; then
+	HAPROXY=/usr/sbin/haproxy
+elif command -v haproxy >/dev/null; then
+	HAPROXY=$(command -v haproxy)
+fi
+HAP_THREADS=${BENCH_HAPROXY_THREADS:-1}
 
 # ---- processes: everything started is tracked and stopped on exit ---------
 PIDS=()
@@ -118,6 +136,8 @@ mkdir -p "$OUT/raw" "$OUT/logs" "$DATA"
 : >"$DATA/results.tsv"
 : >"$DATA/startup.tsv"
 : >"$DATA/feedlag.tsv"
+: >"$DATA/fence.tsv"
+: >"$DATA/cpu.tsv"
 : >"$DATA/notes.txt"
 
 log "building into $OUT/"
@@ -192,13 +212,79 @@ raise_hot_stock() {
 	done
 }
 
-# run_workload SERVER LETTER PID URL runs one workload: a warm-up, then
-# REPEATS measured wrk runs, each followed by a read of the server's VmHWM.
+# alive PIDS reports whether every process of the comma-separated PIDS runs.
+alive() {
+	local p
+	for p in ${1//,/ }; do running "$p" || return 1; done
+}
+
+# peak_kb PIDS prints the largest VmHWM of the comma-separated PIDS.
+peak_kb() {
+	local p v top=0
+	for p in ${1//,/ }; do
+		v=$(vm_kb "$p" VmHWM)
+		((${v:-0} > top)) && top=$v
+	done
+	echo "$top"
+}
+
+# PROBE_URLS (replicas' base URLs) and PROBE_PROCS (NAME=PID) are scraped
+# (/metrics) and sampled (harness cpu) before and after each measured run
+# of run_workload while they are set; fence.tsv and cpu.tsv list the files.
+PROBE_URLS=()
+PROBE_PROCS=()
+
+# probe STAGE F writes the scrapes to F.rN.STAGE and the CPU sample to
+# F.cpu.STAGE; then the CPU time of this shell's children (wrk's, in the
+# difference) is added to it: see children_cpu.
+probe() {
+	local stage=$1 f=$2 i
+	for i in "${!PROBE_URLS[@]}"; do
+		curl -s --max-time 5 -o "$f.r$((i + 1)).$stage" "${PROBE_URLS[$i]}/metrics" || true
+	done
+	if ((${#PROBE_PROCS[@]} > 0)); then
+		"$HARNESS" cpu "${PROBE_PROCS[@]}" >"$f.cpu.$stage" 2>>"$OUT/logs/cpu.log" || true
+	fi
+}
+
+# probe_wrk STAGE F adds WRK_CPU to F.cpu.STAGE.
+probe_wrk() {
+	[[ ! -s $2.cpu.$1 ]] || printf 'wrk %s\n' "$WRK_CPU" >>"$2.cpu.$1"
+}
+
+# children_cpu sets WRK_CPU to the CPU seconds (user + system) of the
+# children this shell has waited for: sampled just before and just after a
+# measured run, the difference is wrk's. (times must run in this shell,
+# not in a $(...) subshell, whose children are its own.)
+WRK_CPU=0
+children_cpu() {
+	times >"$WORK/times"
+	WRK_CPU=$(awk 'NR == 2 { for (i = 1; i <= 2; i++) { split($i, p, /[ms]/); t += p[1] * 60 + p[2] } printf "%.2f", t }' "$WORK/times")
+}
+
+# probed SERVER LETTER REP F records the probe files of a measured run.
+probed() {
+	local server=$1 wl=$2 rep=$3 f=$4 i
+	for i in "${!PROBE_URLS[@]}"; do
+		if [[ -s $f.r$((i + 1)).before && -s $f.r$((i + 1)).after ]]; then
+			printf '%s\t%s\t%s\tr%s\t%s\t%s\n' "$wl" "$server" "$rep" "$((i + 1))" "$f.r$((i + 1)).before" "$f.r$((i + 1)).after" >>"$DATA/fence.tsv"
+		else
+			note "$server: /metrics of replica r$((i + 1)) could not be scraped around run $rep of workload $wl"
+		fi
+	done
+	if [[ -s $f.cpu.before && -s $f.cpu.after ]]; then
+		printf '%s\t%s\t%s\t%s\t%s\n' "$wl" "$server" "$rep" "$f.cpu.before" "$f.cpu.after" >>"$DATA/cpu.tsv"
+	fi
+}
+
+# run_workload SERVER LETTER PIDS URL runs one workload: a warm-up, then
+# REPEATS measured wrk runs, each followed by a read of the server's VmHWM
+# (the largest of PIDS, comma-separated: the processes serving URL).
 # Workload i runs a feed consumer (harness feedlag) beside each measured run.
 run_workload() {
 	local server=$1 wl=$2 pid=$3 url=$4 rep f hwm rps
 	local args=(mode="${MODE[$wl]}" n="$N" token="$TOKEN")
-	if ! running "$pid"; then
+	if ! alive "$pid"; then
 		note "$server is not running; skipped workload $wl"
 		return
 	fi
@@ -210,18 +296,25 @@ run_workload() {
 		f=$OUT/raw/${server//+/-}.$wl.$rep.txt
 		LAG_PID=""
 		[[ $wl != i ]] || start_feedlag "$server" "$url" "$f.lag"
+		probe before "$f"
+		children_cpu
+		probe_wrk before "$f"
 		if ! wrk -t"$THREADS" -c"$CONNS" -d"${DUR}s" --timeout 5s --latency -s "$LUA" "$url" \
 			-- "${args[@]}" nonce="$RUN_ID.${server//+/}.$wl$rep" >"$f" 2>&1; then
 			note "wrk failed for workload $wl on $server (see $f)"
 			[[ -z $LAG_PID ]] || stop_pid "$LAG_PID"
 			continue
 		fi
+		children_cpu
+		probe after "$f"
+		probe_wrk after "$f"
 		[[ -z $LAG_PID ]] || finish_feedlag "$server" "$rep" "$f.lag"
-		hwm=$(vm_kb "$pid" VmHWM)
+		hwm=$(peak_kb "$pid")
 		printf '%s\t%s\t%s\t%s\t%s\n' "$wl" "$server" "$rep" "$f" "${hwm:-0}" >>"$DATA/results.tsv"
+		probed "$server" "$wl" "$rep" "$f"
 		rps=$(awk '/^Requests\/sec:/ {print $2}' "$f")
 		log "  $server $wl (${MODE[$wl]}) run $rep/$REPEATS: ${rps:-?} req/s$(grep -o 'Non-2xx or 3xx responses: [0-9]*' "$f" | sed 's/^/, /' || true)"
-		if ! running "$pid"; then
+		if ! alive "$pid"; then
 			note "$server exited during workload $wl"
 			return
 		fi
@@ -244,9 +337,10 @@ check() {
 }
 
 # start_ref NAME ARGS... starts a reference server on 127.0.0.1:0, reads its
-# "listening ADDR" line, and sets REF_PID, REF_URL and READY_MS.
+# "listening ADDR" line, and sets REF_PID, REF_URL and READY_MS. Its log is
+# NAME.log, or REF_LOG.log when REF_LOG is set (a second copy of NAME).
 start_ref() {
-	local name=$1 logf=$OUT/logs/$1.log start i addr=""
+	local name=$1 logf=$OUT/logs/${REF_LOG:-$1}.log start i addr=""
 	shift
 	: >"$logf" # exists before the poll below, whoever runs first
 	start=$(now_ns)
@@ -288,6 +382,107 @@ stop_svc() {
 	stop_pid "$SVC_PID"
 	((STOP_RC == 0)) || note "$1 exited with status $STOP_RC after SIGTERM"
 	[[ ! -s $2-wal ]] || note "$1 left a non-empty $(basename "$2")-wal after shutdown"
+}
+
+# start_redis LABEL starts a throwaway redis-server (no persistence) on a
+# free port and sets REDIS_PID and REDIS_URL.
+start_redis() {
+	local logf=$OUT/logs/$1.log rport i
+	rport=$("$HARNESS" port)
+	redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --daemonize no >"$logf" 2>&1 &
+	REDIS_PID=$!
+	PIDS+=("$REDIS_PID")
+	for ((i = 0; i < 100; i++)); do
+		[[ $(redis-cli -h 127.0.0.1 -p "$rport" ping 2>/dev/null) == PONG ]] && break
+		running "$REDIS_PID" || die "redis-server exited: $(tail -5 "$logf")"
+		sleep 0.1
+	done
+	REDIS_URL=redis://127.0.0.1:$rport/0
+}
+
+# haproxy_cfg FILE PORT STATS_PORT URL... writes the HAProxy configuration
+# of the fleet runs, balancing PORT over the servers at URL...: the
+# timeouts, retries, checks on /ready and round robin of
+# deploy/haproxy/haproxy.cfg, with these changes for a benchmark: no
+# request log (a log line per request would cost HAProxy more than the
+# proxying), nbthread HAP_THREADS, and http-reuse always, so that idle
+# connections to a replica serve any client connection's next request
+# (every request here is an idempotent GET).
+haproxy_cfg() {
+	local f=$1 port=$2 stats=$3 i=0 u
+	shift 3
+	{
+		cat <<EOF
+global
+    maxconn 1024
+    nbthread $HAP_THREADS
+
+defaults
+    mode http
+    timeout connect 1s
+    timeout http-request 5s
+    timeout client 35s
+    timeout server 35s
+    timeout http-keep-alive 10s
+    timeout check 1s
+    retries 2
+    retry-on conn-failure empty-response
+    option redispatch 1
+
+frontend productsvc
+    bind 127.0.0.1:$port
+    http-request disable-l7-retry unless METH_GET || METH_HEAD
+    default_backend replicas
+
+backend replicas
+    balance roundrobin
+    http-reuse always
+    option httpchk GET /ready
+    http-check expect status 200
+    default-server check inter 500ms fastinter 200ms downinter 1s rise 2 fall 2
+EOF
+		for u in "$@"; do
+			i=$((i + 1))
+			printf '    server r%d %s\n' "$i" "${u#http://}"
+		done
+		cat <<EOF
+
+listen stats
+    bind 127.0.0.1:$stats
+    stats enable
+    stats uri /
+EOF
+	} >"$f"
+}
+
+# start_haproxy LABEL URL... starts HAProxy in front of the servers at
+# URL... and waits until its stats page shows every one UP. It sets HAP_PID
+# and HAP_URL, or notes the problem and returns 1.
+start_haproxy() {
+	local label=$1 cfg=$OUT/logs/$1.haproxy.cfg logf=$OUT/logs/$1.haproxy.log port stats i up=0
+	shift
+	port=$("$HARNESS" port)
+	stats=$("$HARNESS" port)
+	haproxy_cfg "$cfg" "$port" "$stats" "$@"
+	if ! "$HAPROXY" -c -q -f "$cfg" >"$logf" 2>&1; then
+		note "$label: haproxy -c rejected the configuration: $(tail -3 "$logf" | tr '\n' ' ')"
+		return 1
+	fi
+	"$HAPROXY" -db -f "$cfg" >>"$logf" 2>&1 &
+	HAP_PID=$!
+	PIDS+=("$HAP_PID")
+	HAP_URL=http://127.0.0.1:$port
+	for ((i = 0; i < 500; i++)); do
+		# CSV: proxy name, server name, ..., field 18 the status.
+		up=$(curl -s --max-time 1 "http://127.0.0.1:$stats/;csv" |
+			awk -F, '$1 == "replicas" && $2 ~ /^r[0-9]+$/ && $18 == "UP"' | wc -l)
+		((up == $#)) && return 0
+		running "$HAP_PID" || break
+		sleep 0.02
+	done
+	note "$label: HAProxy showed $up of $# servers UP after 10 s: $(tail -3 "$logf" | tr '\n' ' ')"
+	stop_pid "$HAP_PID"
+	return 1
 }
 
 # seed_products URL posts N products through the API, 16 in parallel.
@@ -361,17 +556,8 @@ for cfg in productsvc productsvc+redis; do
 	[[ ! -f $WORK/seed/products.db-wal ]] || cp "$WORK/seed/products.db-wal" "$dir/"
 	redis_url=""
 	if [[ $cfg == *redis ]]; then
-		rport=$("$HARNESS" port)
-		redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
-			>"$OUT/logs/redis.log" 2>&1 &
-		REDIS_PID=$!
-		PIDS+=("$REDIS_PID")
-		for ((i = 0; i < 100; i++)); do
-			[[ $(redis-cli -h 127.0.0.1 -p "$rport" ping 2>/dev/null) == PONG ]] && break
-			running "$REDIS_PID" || die "redis-server exited: $(tail -5 "$OUT/logs/redis.log")"
-			sleep 0.1
-		done
-		redis_url=redis://127.0.0.1:$rport/0
+		start_redis redis
+		redis_url=$REDIS_URL
 	fi
 
 	log "$cfg: start on the $N-product DB"
@@ -401,6 +587,111 @@ for cfg in productsvc productsvc+redis; do
 	fi
 done
 
+# ---- fleet: replicas on one PostgreSQL database and one Redis -----------------
+# The reads only: GET by id (a) and listings (b), as far as BENCH_WORKLOADS
+# has them. Writes land on PostgreSQL whatever serves them.
+FLEET_WL=""
+for wl in a b; do ! has "$wl" || FLEET_WL+="$wl "; done
+
+# start_replica LABEL starts one fleet replica (DATABASE_URL=PG_FLEET,
+# REDIS_URL=FLEET_REDIS) and sets R_PID and R_URL.
+start_replica() {
+	start_svc "$1" "$WORK/$1.db" "$FLEET_REDIS" "$PG_FLEET"
+	R_PID=$SVC_PID
+	R_URL=$SVC_URL
+	check "$1" 200 GET "$R_URL/products/2" || true
+	check "$1" 200 GET "$R_URL/products?limit=20" || true
+}
+
+# run_fleet measures fleet-1-direct (one replica, no proxy), fleet-1 (it
+# behind HAProxy) and fleet-2 (it and a second replica behind HAProxy),
+# each on FLEET_WL, scraping every replica's /metrics around each run. Then
+# the same HAProxy in front of one and two refhttp servers (GET by id
+# only): what the step from one to two servers costs on this machine
+# without any of productsvc's coordination.
+run_fleet() {
+	local cfg wl r1_pid r1_url r2_pid r2_url ref1_pid ref1_url ref2_pid ref2_url
+	log "fleet: -copy-to the $N-product catalog into a third database, then one replica with Redis"
+	DB_PATH=$WORK/seed/products.db "$SVC_BIN" -copy-to "$PG_FLEET" >>"$OUT/logs/copy-fleet.log" 2>&1 ||
+		die "-copy-to (fleet) failed: $(tail -5 "$OUT/logs/copy-fleet.log")"
+	start_redis fleet-redis
+	FLEET_REDIS=$REDIS_URL
+
+	start_replica fleet-r1
+	r1_pid=$R_PID r1_url=$R_URL
+	sleep 1
+	printf '%s\t%s\t%s\t%s\t%s\n' "fleet replica" "$(stat -c %s "$SVC_BIN")" "$READY_MS" "$(vm_kb "$r1_pid" VmRSS)" \
+		"restart on the $N-product PostgreSQL database, with Redis" >>"$DATA/startup.tsv"
+
+	cfg=fleet-1-direct
+	PROBE_URLS=("$r1_url")
+	PROBE_PROCS=(r1="$r1_pid" postgres="$PG_PID" redis="$REDIS_PID")
+	for wl in $FLEET_WL; do
+		run_workload "$cfg" "$wl" "$r1_pid" "$r1_url"
+	done
+
+	if [[ -z $HAPROXY ]]; then
+		note "fleet: haproxy is not installed (${BENCH_HAPROXY:-/usr/sbin/haproxy, or on PATH}; apt-get install haproxy): only fleet-1-direct was measured, not fleet-1, fleet-2 or the refhttp-fleet rows"
+	else
+		printf 'haproxy\t%s, nbthread %s, balance roundrobin, option httpchk GET /ready, http-reuse always, no request log; the rest as deploy/haproxy/haproxy.cfg\n' \
+			"$("$HAPROXY" -v | awk 'NR == 1 {print $1, $3}')" "$HAP_THREADS" >>"$DATA/meta.tsv"
+		cfg=fleet-1
+		if start_haproxy "$cfg" "$r1_url"; then
+			PROBE_PROCS+=(haproxy="$HAP_PID")
+			for wl in $FLEET_WL; do
+				run_workload "$cfg" "$wl" "$r1_pid" "$HAP_URL"
+			done
+			running "$HAP_PID" || note "$cfg: HAProxy exited during the runs: $(tail -3 "$OUT/logs/$cfg.haproxy.log" | tr '\n' ' ')"
+			stop_pid "$HAP_PID"
+		fi
+
+		log "fleet: a second replica on the same database and Redis"
+		start_replica fleet-r2
+		r2_pid=$R_PID r2_url=$R_URL
+		sleep 1
+		cfg=fleet-2
+		if start_haproxy "$cfg" "$r1_url" "$r2_url"; then
+			PROBE_URLS=("$r1_url" "$r2_url")
+			PROBE_PROCS=(r1="$r1_pid" r2="$r2_pid" haproxy="$HAP_PID" postgres="$PG_PID" redis="$REDIS_PID")
+			for wl in $FLEET_WL; do
+				run_workload "$cfg" "$wl" "$r1_pid,$r2_pid" "$HAP_URL"
+			done
+			running "$HAP_PID" || note "$cfg: HAProxy exited during the runs: $(tail -3 "$OUT/logs/$cfg.haproxy.log" | tr '\n' ' ')"
+			stop_pid "$HAP_PID"
+		fi
+		SVC_PID=$r2_pid
+		stop_svc fleet-r2 "$WORK/fleet-r2.db"
+
+		if [[ " $FLEET_WL " == *" a "* ]]; then
+			log "fleet: the same HAProxy in front of one, then two refhttp servers"
+			PROBE_URLS=()
+			REF_LOG=refhttp-fleet-r1 start_ref refhttp
+			ref1_pid=$REF_PID ref1_url=$REF_URL
+			REF_LOG=refhttp-fleet-r2 start_ref refhttp
+			ref2_pid=$REF_PID ref2_url=$REF_URL
+			cfg=refhttp-fleet-1
+			if start_haproxy "$cfg" "$ref1_url"; then
+				PROBE_PROCS=(r1="$ref1_pid" haproxy="$HAP_PID")
+				run_workload "$cfg" a "$ref1_pid" "$HAP_URL"
+				stop_pid "$HAP_PID"
+			fi
+			cfg=refhttp-fleet-2
+			if start_haproxy "$cfg" "$ref1_url" "$ref2_url"; then
+				PROBE_PROCS=(r1="$ref1_pid" r2="$ref2_pid" haproxy="$HAP_PID")
+				run_workload "$cfg" a "$ref1_pid,$ref2_pid" "$HAP_URL"
+				stop_pid "$HAP_PID"
+			fi
+			stop_pid "$ref1_pid"
+			stop_pid "$ref2_pid"
+		fi
+	fi
+	PROBE_URLS=()
+	PROBE_PROCS=()
+	SVC_PID=$r1_pid
+	stop_svc fleet-r1 "$WORK/fleet-r1.db"
+	stop_pid "$REDIS_PID"
+}
+
 # ---- PostgreSQL: the pgx reference, then productsvc on a copy of the seed ---
 if [[ ${BENCH_POSTGRES:-1} != 0 ]]; then
 	log "postgres: starting a throwaway server"
@@ -417,7 +708,7 @@ if [[ ${BENCH_POSTGRES:-1} != 0 ]]; then
 		sleep 0.01
 	done
 	[[ -n $pgline ]] || die "PostgreSQL printed no listening line in 60s"
-	read -r _ PG_SVC PG_REF <<<"$pgline"
+	read -r _ PG_SVC PG_REF PG_FLEET <<<"$pgline"
 
 	log "refpgx (seeding $N products with COPY)"
 	start_ref refpgx -seed "$N" -url "$PG_REF"
@@ -439,11 +730,25 @@ if [[ ${BENCH_POSTGRES:-1} != 0 ]]; then
 	check "$cfg" 200 GET "$SVC_URL/products/2" || true
 	check "$cfg" 200 GET "$SVC_URL/products?q=steel&limit=20" || true
 	check "$cfg" 201 POST "$SVC_URL/products" "{\"sku\":\"check-$RUN_ID-pg\",\"name\":\"check\",\"price_cents\":1}" || true
+	PROBE_URLS=("$SVC_URL")
+	PROBE_PROCS=(productsvc="$SVC_PID" postgres="$PG_PID")
 	for wl in $WORKLOADS; do
 		run_workload "$cfg" "$wl" "$SVC_PID" "$SVC_URL"
 	done
+	PROBE_URLS=()
+	PROBE_PROCS=()
 	stop_svc "$cfg" "$WORK/unused.db"
+
+	if [[ ${BENCH_FLEET:-1} == 0 ]]; then
+		log "fleet: skipped (BENCH_FLEET=0)"
+	elif [[ -z $FLEET_WL ]]; then
+		log "fleet: skipped (it runs workloads a and b; BENCH_WORKLOADS has neither)"
+	else
+		run_fleet
+	fi
 	stop_pid "$PG_PID"
+elif [[ ${BENCH_FLEET:-1} != 0 ]]; then
+	log "fleet: skipped (it runs on PostgreSQL, and BENCH_POSTGRES=0)"
 fi
 
 # ---- report ------------------------------------------------------------------

@@ -7,8 +7,11 @@
 //	harness report -dir D [-o FILE]       parse wrk outputs listed in D/results.tsv,
 //	                                      write the Markdown report to FILE and stdout
 //	harness postgres                      start a throwaway PostgreSQL (durable settings)
-//	                                      on 127.0.0.1, print "listening SVC_URL REF_URL"
-//	                                      (two empty databases), stop it on SIGTERM
+//	                                      on 127.0.0.1, print "listening SVC_URL REF_URL FLEET_URL"
+//	                                      (three empty databases), stop it on SIGTERM
+//	harness cpu NAME=PID...               print "NAME SECONDS" per process: the CPU time of
+//	                                      it and its descendants; then "machine SECONDS"
+//	                                      (busy time of all CPUs) and "wall SECONDS"
 //	harness feedlag -url U -token T -duration D [-o FILE]
 //	                                      follow U/events as Server-Sent Events from the
 //	                                      feed's current end for D; print the delivery lag
@@ -61,6 +64,8 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		return cmdPostgres(ctx, stdout)
 	case "feedlag":
 		return cmdFeedlag(ctx, rest, stdout)
+	case "cpu":
+		return cmdCPU(rest, stdout)
 	default:
 		return fmt.Errorf("unknown command %q", cmd)
 	}
@@ -82,7 +87,11 @@ func cmdPostgres(ctx context.Context, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "listening %s %s\n", svc, ref)
+	_, fleet, err := srv.CreateDatabase(ctx)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "listening %s %s %s\n", svc, ref, fleet)
 	<-ctx.Done()
 	return nil
 }
@@ -248,15 +257,16 @@ func cmdFeedlag(ctx context.Context, args []string, stdout io.Writer) error {
 
 // wrkRun is what one wrk output file says.
 type wrkRun struct {
-	reqPerSec float64
-	p50, p99  float64 // milliseconds
-	requests  int64
-	errors    int64 // non-2xx/3xx responses plus socket errors
+	reqPerSec     float64
+	avg, p50, p99 float64 // milliseconds
+	requests      int64
+	errors        int64 // non-2xx/3xx responses plus socket errors
 }
 
 var (
 	reRPS      = regexp.MustCompile(`(?m)^Requests/sec:\s+([0-9.]+)`)
 	rePct      = regexp.MustCompile(`(?m)^\s+(50|99)%\s+([0-9.]+)(us|ms|s|m|h)\s*$`)
+	reAvg      = regexp.MustCompile(`(?m)^\s+Latency\s+([0-9.]+)(us|ms|s|m|h)\s`)
 	reRequests = regexp.MustCompile(`(?m)^\s+(\d+) requests in`)
 	reSocket   = regexp.MustCompile(`Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)`)
 	reNon2xx   = regexp.MustCompile(`Non-2xx or 3xx responses: (\d+)`)
@@ -269,9 +279,11 @@ func parseWrk(out []byte) (wrkRun, error) {
 		return r, errors.New("no Requests/sec line")
 	}
 	r.reqPerSec, _ = strconv.ParseFloat(string(m[1]), 64)
+	if m := reAvg.FindSubmatch(out); m != nil {
+		r.avg = toMS(m[1], m[2])
+	}
 	for _, m := range rePct.FindAllSubmatch(out, -1) {
-		v, _ := strconv.ParseFloat(string(m[2]), 64)
-		v *= map[string]float64{"us": 1e-3, "ms": 1, "s": 1e3, "m": 60e3, "h": 3600e3}[string(m[3])]
+		v := toMS(m[2], m[3])
 		if string(m[1]) == "50" {
 			r.p50 = v
 		} else {
@@ -294,6 +306,12 @@ func parseWrk(out []byte) (wrkRun, error) {
 	return r, nil
 }
 
+// toMS converts one of wrk's durations (number, unit) to milliseconds.
+func toMS(num, unit []byte) float64 {
+	v, _ := strconv.ParseFloat(string(num), 64)
+	return v * map[string]float64{"us": 1e-3, "ms": 1, "s": 1e3, "m": 60e3, "h": 3600e3}[string(unit)]
+}
+
 // workloads lists the workloads in report order with what each sends and
 // the reference its ratio is taken against.
 var workloads = []struct {
@@ -311,16 +329,17 @@ var workloads = []struct {
 	{"i", "the write load under a change-feed consumer: 50% POST /products + 50% POST /products/{id}/stock/adjustments, random id 1..N, while `harness feedlag` follows GET /events as Server-Sent Events (its lag is in the next table)", "refsqlite", "e"},
 }
 
-var serverOrder = []string{"refhttp", "refsqlite", "refpgx", "productsvc", "productsvc+redis", "productsvc+postgres"}
+var serverOrder = append([]string{"refhttp", "refsqlite", "refpgx", "productsvc", "productsvc+redis", "productsvc+postgres"}, fleetServers...)
 
 // reference returns the server and workload that srv's figure for w is
 // compared with: on PostgreSQL the pgx reference stands where SQLite's
 // does, and each storage reference's reads are compared with bare net/http.
 func reference(srv, w, refServer, refWorkload string) (string, string) {
+	onPostgres := srv == "productsvc+postgres" || srv == "refpgx" || slices.Contains(fleetServers, srv)
 	switch {
 	case (srv == "refsqlite" || srv == "refpgx") && w == "a":
 		return "refhttp", "a"
-	case (srv == "productsvc+postgres" || srv == "refpgx") && refServer == "refsqlite":
+	case onPostgres && refServer == "refsqlite":
 		return "refpgx", refWorkload
 	}
 	return refServer, refWorkload
@@ -438,7 +457,7 @@ func cmdReport(args []string, stdout io.Writer) error {
 	fmt.Fprintf(&b, "# productsvc benchmark\n\n")
 	for _, f := range []struct{ label, key string }{
 		{"Date", "date"}, {"Host", "uname"}, {"CPU", "cpu"}, {"Go", "go"}, {"Load generator", "wrk"},
-		{"Settings", "settings"}, {"Data", "data"},
+		{"Settings", "settings"}, {"Data", "data"}, {"HAProxy", "haproxy"},
 	} {
 		if v := meta[f.key]; v != "" {
 			fmt.Fprintf(&b, "- %s: %s\n", f.label, v)
@@ -496,6 +515,9 @@ func cmdReport(args []string, stdout io.Writer) error {
 	if err := feedLagTable(&b, *dir, sums); err != nil {
 		return err
 	}
+	if err := fleetReport(&b, *dir, rows, sums); err != nil {
+		return err
+	}
 
 	fmt.Fprintf(&b, "\n## Workloads and references\n\n")
 	for _, w := range workloads {
@@ -505,6 +527,9 @@ func cmdReport(args []string, stdout io.Writer) error {
 	fmt.Fprintf(&b, "- refhttp: net/http answering one fixed ~300-byte product body (ceiling of HTTP). refsqlite: net/http + modernc SQLite, prepared point query on WAL read connections, one writer connection with synchronous=FULL and one row per transaction (ceiling of HTTP + SQLite).\n")
 	fmt.Fprintf(&b, "- refpgx: net/http + a pgx pool (the pool size productsvc uses by default) on the same PostgreSQL server, one pooled SELECT per read and one INSERT (its own transaction) per create. PostgreSQL runs with its durable defaults (fsync, synchronous_commit on) from Debian's package, on the same 2 cores.\n")
 	fmt.Fprintf(&b, "- productsvc+postgres: productsvc with DATABASE_URL on that server, its catalog moved there with -copy-to from the same seeded SQLite file.\n")
+	if meta["haproxy"] != "" || hasAny(sums, fleetServers) {
+		fmt.Fprintf(&b, "- fleet-1-direct, fleet-1, fleet-2: productsvc replicas with DATABASE_URL on a third database of the same PostgreSQL server (the catalog moved there with -copy-to, no write workload before) and REDIS_URL on one shared redis-server, default caches and access log; fleet-1-direct is one replica without a proxy, fleet-1 the same replica behind HAProxy, fleet-2 it and a second replica behind HAProxy (round robin); refhttp-fleet-1 and refhttp-fleet-2 are the same HAProxy in front of one and two refhttp servers. Peak RSS is the largest replica's. Their reads are compared with refhttp, their listings with refpgx, as productsvc+postgres's.\n")
+	}
 	fmt.Fprintf(&b, "- productsvc: SQLite only (REDIS_URL unset). productsvc+redis: with a local redis-server as cache. Both run the default configuration (access log at INFO, DB_SYNC=full, in-process cache of 10000 products) and start from a copy of the same seeded database.\n")
 
 	notes, err := os.ReadFile(*dir + "/notes.txt")
@@ -587,6 +612,16 @@ func feedLagTable(b *strings.Builder, dir string, sums map[key]summary) error {
 		fmt.Fprintf(b, "| %s | %s | %s | %d | %s | %s | %s | %d |\n", srv, load, writes, a.events, fmtMS(median(a.p50)), fmtMS(median(a.p99)), fmtMS(slices.Max(a.maxLag)), a.outOfOrder)
 	}
 	return nil
+}
+
+// hasAny reports whether sums holds a figure of any of servers.
+func hasAny(sums map[key]summary, servers []string) bool {
+	for k := range sums {
+		if slices.Contains(servers, k.server) {
+			return true
+		}
+	}
+	return false
 }
 
 func fmtMS(ms float64) string {
