@@ -209,27 +209,7 @@ func createKeyed(ctx context.Context, c *client, body []byte, key string) (*resp
 
 // listCategory returns every product of category, walking the pages.
 func listCategory(ctx context.Context, c *client, category string) ([]product, error) {
-	var all []product
-	path := "/products?limit=100&category=" + url.QueryEscape(category)
-	for page := 0; page < 100; page++ {
-		r, err := c.do(ctx, http.MethodGet, path, nil, nil)
-		if err != nil {
-			return nil, fmt.Errorf("GET %s: %w", path, err)
-		}
-		if r.Status != http.StatusOK {
-			return nil, fmt.Errorf("GET %s: %s", path, r)
-		}
-		var lp listPage
-		if err := json.Unmarshal(r.Body, &lp); err != nil {
-			return nil, fmt.Errorf("GET %s: decode: %w", path, err)
-		}
-		all = append(all, lp.Items...)
-		if lp.NextCursor == nil || *lp.NextCursor == "" {
-			return all, nil
-		}
-		path = "/products?cursor=" + url.QueryEscape(*lp.NextCursor)
-	}
-	return nil, fmt.Errorf("listing category %s: more than 100 pages", category)
+	return listQuery(ctx, c, "limit=100&category="+url.QueryEscape(category), 100)
 }
 
 // localCacheHits scrapes local_cache_requests_total{result="hit"}.

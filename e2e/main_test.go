@@ -617,9 +617,15 @@ type listPage struct {
 
 // listAll pages through GET /products?limit=100 and returns every product.
 func listAll(ctx context.Context, c *client) ([]product, error) {
+	return listQuery(ctx, c, "limit=100", 2000)
+}
+
+// listQuery pages through GET /products?query, at most maxPages pages,
+// and returns every product.
+func listQuery(ctx context.Context, c *client, query string, maxPages int) ([]product, error) {
 	var all []product
-	path := "/products?limit=100"
-	for page := 0; page < 2000; page++ {
+	path := "/products?" + query
+	for page := 0; page < maxPages; page++ {
 		r, err := c.do(ctx, http.MethodGet, path, nil, nil)
 		if err != nil {
 			return nil, fmt.Errorf("GET %s: %w", path, err)
@@ -635,9 +641,9 @@ func listAll(ctx context.Context, c *client) ([]product, error) {
 		if lp.NextCursor == nil || *lp.NextCursor == "" {
 			return all, nil
 		}
-		path = "/products?limit=100&cursor=" + url.QueryEscape(*lp.NextCursor)
+		path = "/products?cursor=" + url.QueryEscape(*lp.NextCursor) // the cursor carries the query
 	}
-	return nil, errors.New("listAll: more than 2000 pages")
+	return nil, fmt.Errorf("GET /products?%s: more than %d pages", query, maxPages)
 }
 
 // mustListAll is listAll failing the test on error.
