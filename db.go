@@ -96,6 +96,11 @@ type productStore interface {
 // does not implement it: one process holds the file, so its own writes
 // are all the writes.
 type sharedLog interface {
+	// Head returns the change log's head and whether committed writes
+	// without a seq exist: when not, and head is at or below a position,
+	// every write committed before Head was called is at or below it. One
+	// read-only query.
+	Head(ctx context.Context) (head int64, pending bool, err error)
 	// Changes returns the change log's head, and up to limit events: those
 	// after seq after, in seq order, then those of committed writes not
 	// given a seq yet (seq 0). Every write committed before Changes was

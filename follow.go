@@ -54,8 +54,10 @@ type follower struct {
 	metrics      *metrics
 	logger       *slog.Logger
 
-	mu   sync.Mutex
-	next *fenceRound // the round that reads arriving now wait for
+	mu       sync.Mutex
+	next     *fenceRound // the round that reads arriving now wait for
+	open     *headCheck  // the head check reads arriving now wait for
+	checking int         // head checks in flight
 
 	interval time.Duration // periodic look; followInterval
 	name     string        // this process, in its notifications
@@ -75,12 +77,25 @@ type follower struct {
 	redisTrust atomic.Uint64 // the epoch in which Redis holds every applied event; 0: none
 }
 
-// fenceRound is one head query and catch-up, shared by the reads that
-// arrived before it started.
+// fenceRound is one round of the loop (head query and catch-up), shared
+// by the reads that arrived before it started.
 type fenceRound struct {
 	done chan struct{}
 	err  error
 }
+
+// headCheck is one head query, shared by the reads that arrived before it
+// was sent: when nothing was written since the follower's position, they
+// need no round.
+type headCheck struct {
+	done  chan struct{}
+	fresh bool
+	err   error
+}
+
+// maxHeadChecks bounds the head queries in flight at once: a read that
+// finds them all busy joins the next, sent as soon as one returns.
+const maxHeadChecks = 4
 
 const (
 	followBatch    = 500              // events read per query
@@ -100,8 +115,34 @@ func newFollower(log sharedLog, s *ProductService) *follower {
 // fence returns once the follower has applied the change log up to its
 // head as of a moment after fence was called. It returns an
 // *UnavailableError when the database is failing.
+//
+// First a head check: one read-only query, shared with the reads waiting
+// for it, several in flight at once. When it finds nothing written beyond
+// what the follower applied, the read goes on; else the read waits for a
+// round of the loop, which applies what is new.
 func (f *follower) fence(ctx context.Context) error {
 	start := time.Now()
+	defer func() { f.metrics.fenceWait.Observe(time.Since(start).Seconds()) }()
+	f.mu.Lock()
+	if f.open == nil {
+		f.open = &headCheck{done: make(chan struct{})}
+	}
+	c := f.open
+	send := f.checking < maxHeadChecks
+	if send {
+		f.open = nil
+		f.checking++
+	}
+	f.mu.Unlock()
+	if send {
+		go f.check(c)
+	}
+	if err := f.await(ctx, c.done); err != nil {
+		return err
+	}
+	if c.err != nil || c.fresh {
+		return c.err
+	}
 	f.mu.Lock()
 	if f.next == nil {
 		f.next = &fenceRound{done: make(chan struct{})}
@@ -109,14 +150,46 @@ func (f *follower) fence(ctx context.Context) error {
 	r := f.next
 	f.mu.Unlock()
 	f.kick()
+	if err := f.await(ctx, r.done); err != nil {
+		return err
+	}
+	return r.err
+}
+
+// await waits for done, the follower's end, or ctx's.
+func (f *follower) await(ctx context.Context, done <-chan struct{}) error {
 	select {
-	case <-r.done:
-		f.metrics.fenceWait.Observe(time.Since(start).Seconds())
-		return r.err
+	case <-done:
+		return nil
 	case <-f.closed:
 		return &UnavailableError{Reason: "shutting down", RetryAfter: time.Second}
 	case <-ctx.Done():
 		return ctx.Err()
+	}
+}
+
+// check runs head check c, then the checks that reads opened meanwhile,
+// until none is waiting.
+func (f *follower) check(c *headCheck) {
+	for c != nil {
+		var head int64
+		var pending bool
+		c.err = guard(f.readCB, func() error {
+			var err error
+			head, pending, err = f.log.Head(context.Background())
+			return err
+		})
+		f.metrics.fenceRounds.Inc()
+		c.fresh = c.err == nil && !pending && head <= f.applied.Load()
+		close(c.done)
+		f.mu.Lock()
+		c = f.open
+		if c != nil {
+			f.open = nil
+		} else {
+			f.checking--
+		}
+		f.mu.Unlock()
 	}
 }
 

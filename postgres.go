@@ -852,6 +852,26 @@ func (s *postgresStore) sequence(ctx context.Context, conn *pgxpool.Conn) error 
 	}
 }
 
+// headQuery reads whether events without a seq exist, the trimmed-through
+// mark, and the head: the highest seq given, or the mark when retention
+// deleted every event.
+const headQuery = `SELECT EXISTS (SELECT 1 FROM events WHERE seq IS NULL), f.trimmed_through,
+	greatest(coalesce((SELECT max(seq) FROM events), 0), f.trimmed_through)
+	FROM feed_state f WHERE f.id = 1`
+
+// Head returns the change log's head and whether committed events without
+// a seq exist, in one read-only query.
+func (s *postgresStore) Head(ctx context.Context) (int64, bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	var pending bool
+	var head, trimmed int64
+	if err := s.pool.QueryRow(ctx, headQuery).Scan(&pending, &trimmed, &head); err != nil {
+		return 0, false, fmt.Errorf("change log head: %w", pgTranslate(ctx, err))
+	}
+	return head, pending, nil
+}
+
 // Changes returns the change log's head (the highest seq given, or the
 // trimmed-through mark when retention deleted every event), then up to
 // limit events: those after seq after in seq order, followed by the events
@@ -869,9 +889,7 @@ func (s *postgresStore) Changes(ctx context.Context, after int64, limit int) (in
 	defer conn.Release()
 	var pending bool
 	var head, trimmed int64
-	err = conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM events WHERE seq IS NULL), f.trimmed_through,
-		greatest(coalesce((SELECT max(seq) FROM events), 0), f.trimmed_through)
-		FROM feed_state f WHERE f.id = 1`).Scan(&pending, &trimmed, &head)
+	err = conn.QueryRow(ctx, headQuery).Scan(&pending, &trimmed, &head)
 	if err != nil {
 		return 0, nil, fmt.Errorf("change log: %w", pgTranslate(ctx, err))
 	}
