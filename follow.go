@@ -18,16 +18,18 @@ import (
 
 // follower keeps this process's caches coherent with a shared store's
 // change log (sharedLog): every write by any replica appends an event in
-// its own transaction, and the follower applies the events in log order to
-// the in-process caches (a cached product is replaced by its newer version;
-// every cached page is dropped) and pushes them to Redis.
+// its own transaction, and the follower applies the events to the
+// in-process caches (a cached product is replaced by its newer version;
+// every cached page is dropped) and pushes them to Redis. Versions decide,
+// so events committed but not numbered yet are applied as they are.
 //
 // Strict reads: before a read is answered from a cache, fence makes sure
-// the follower has applied the log up to its head as of a moment after the
-// read arrived. A write acknowledged anywhere before that moment has
-// committed, so its event is at or below that head. One round (one head
-// query, usually nothing more) serves every read waiting when it starts,
-// as Raft's ReadIndex serves reads with one heartbeat round.
+// the follower has applied every write committed before a moment after the
+// read arrived: a write acknowledged anywhere before that has committed.
+// One head check (one read-only query) serves every read waiting when it
+// is sent, as Raft's ReadIndex serves reads with one heartbeat round; only
+// when it finds something new do the reads wait for a round that applies
+// it.
 //
 // Redis is trusted for a read only when it holds every event the follower
 // has applied (or something newer): the follower pushes each batch of
