@@ -227,31 +227,32 @@ func (n *namespace) key(id int64) string {
 	return "productsvc:g" + n.gen + ":product:" + strconv.FormatInt(id, 10)
 }
 
-// run runs script for id's key with args after the generation, first
-// making any pending generation change. A reply naming another generation
-// is adopted and reported as errStaleEpoch.
+// run runs script with keys and, after the namespace's generation, args.
+// A reply naming another generation is adopted and reported as
+// errStaleEpoch.
 func (c *redisCache) run(ctx context.Context, ns *namespace, script *redis.Script, keys []string, args ...any) ([]any, error) {
 	reply, err := script.Run(ctx, c.client, keys, append([]any{ns.gen}, args...)...).Slice()
 	if err != nil {
 		return nil, err
 	}
-	if len(reply) == 3 && reply[0] == "ns" {
-		c.adopt(ns, reply)
+	if g, t, ok := nsReply(reply); ok {
+		if g != ns.gen {
+			c.ns.CompareAndSwap(ns, &namespace{epoch: ns.epoch + 1, gen: g, through: t})
+		}
 		return nil, errStaleEpoch
 	}
 	return reply, nil
 }
 
-// adopt makes the generation in reply ({"ns", g, t}) current, unless the
-// namespace moved on from old meanwhile.
-func (c *redisCache) adopt(old *namespace, reply []any) {
-	g, _ := reply[1].(string)
-	ts, _ := reply[2].(string)
-	t, _ := strconv.ParseInt(ts, 10, 64)
-	if g == old.gen {
-		return
+// nsReply reads a script's {"ns", generation, through} reply.
+func nsReply(reply []any) (gen string, through int64, ok bool) {
+	if len(reply) != 3 || reply[0] != "ns" {
+		return "", 0, false
 	}
-	c.ns.CompareAndSwap(old, &namespace{epoch: old.epoch + 1, gen: g, through: t})
+	gen, _ = reply[1].(string)
+	ts, _ := reply[2].(string)
+	through, _ = strconv.ParseInt(ts, 10, 64)
+	return gen, through, gen != ""
 }
 
 // settle makes a pending generation change, or learns the generation when
@@ -262,30 +263,22 @@ func (c *redisCache) settle(ctx context.Context) (*namespace, error) {
 	if p == nil && ns.gen != "" {
 		return ns, nil
 	}
-	from, through := "", int64(0)
+	req := switchRequest{from: "-"} // learning: switch from a generation that cannot exist
 	if p != nil {
-		from, through = p.from, p.through
+		req = *p
 	}
-	if p == nil { // learn the generation: "switch" from one that cannot exist
-		from = "-"
-	}
-	reply, err := switchScript.Run(ctx, c.client, []string{redisNSKey}, from, through).Slice()
+	reply, err := switchScript.Run(ctx, c.client, []string{redisNSKey}, req.from, req.through).Slice()
 	if err != nil {
 		return nil, err
 	}
-	if len(reply) != 3 {
+	g, t, ok := nsReply(reply)
+	if !ok {
 		return nil, fmt.Errorf("redis: unexpected reply %v", reply)
 	}
 	if p != nil {
 		c.pending.CompareAndSwap(p, nil)
 	}
-	g, _ := reply[1].(string)
-	ts, _ := reply[2].(string)
-	t, _ := strconv.ParseInt(ts, 10, 64)
 	next := &namespace{epoch: ns.epoch + 1, gen: g, through: t}
-	if g == ns.gen && p == nil {
-		return ns, nil
-	}
 	if !c.ns.CompareAndSwap(ns, next) {
 		return c.ns.Load(), nil
 	}
