@@ -75,7 +75,7 @@ func TestProductService_Get_redisHitMiss(t *testing.T) {
 	misses := svc.metrics.cacheRequests.WithLabelValues(cacheMiss)
 
 	// Written straight to SQLite: no cache layer has heard of it.
-	p, err := store.Create(t.Context(), newProduct("HIT-1"), nil)
+	p, _, err := store.Create(t.Context(), newProduct("HIT-1"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -109,7 +109,7 @@ func TestProductService_Get_redisHitMiss(t *testing.T) {
 	}
 
 	// A product created through the service is in Redis at once.
-	q, err := svc.Create(t.Context(), ProductInput{SKU: new("HIT-2"), Name: new("pen"), PriceCents: new(int64(5))}, nil)
+	q, _, err := svc.Create(t.Context(), ProductInput{SKU: new("HIT-2"), Name: new("pen"), PriceCents: new(int64(5))}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,7 +146,7 @@ var serviceWrites = []struct {
 		return p.Version, err
 	}},
 	{"stock adjustment", func(ctx context.Context, svc *ProductService, id int64) (int64, error) {
-		p, err := svc.AdjustStock(ctx, id, 3, nil, nil)
+		p, _, err := svc.AdjustStock(ctx, id, 3, nil, nil)
 		return p.Version, err
 	}},
 }
@@ -158,7 +158,7 @@ func TestProductService_invalidation(t *testing.T) {
 			t.Run(fmt.Sprintf("%s/local=%d", w.name, local), func(t *testing.T) {
 				store := newTestStore(t)
 				svc := newCachedService(t, r, store, ServiceConfig{LocalCacheSize: local})
-				p, err := store.Create(t.Context(), newProduct(fmt.Sprintf("INV-%d", local)), nil)
+				p, _, err := store.Create(t.Context(), newProduct(fmt.Sprintf("INV-%d", local)), nil)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -225,7 +225,7 @@ func TestProductService_Get_staleFillLoses(t *testing.T) {
 			t.Run(fmt.Sprintf("%s/local=%d", w.name, local), func(t *testing.T) {
 				gs := newGatedStore(newTestStore(t))
 				svc := newCachedService(t, r, gs, ServiceConfig{LocalCacheSize: local})
-				p, err := gs.productStore.Create(t.Context(), newProduct("RACE-1"), nil)
+				p, _, err := gs.productStore.Create(t.Context(), newProduct("RACE-1"), nil)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -303,7 +303,7 @@ func TestProductService_Get_staleFillAfterFailedPublish(t *testing.T) {
 	r := startRedis(t)
 	gs := newGatedStore(newTestStore(t))
 	svc := newCachedService(t, r, gs, ServiceConfig{RedisTimeout: 200 * time.Millisecond})
-	p, err := gs.productStore.Create(t.Context(), newProduct("FORGET-1"), nil)
+	p, _, err := gs.productStore.Create(t.Context(), newProduct("FORGET-1"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -463,7 +463,7 @@ func TestProductService_localCache(t *testing.T) {
 	}
 
 	// Unknown to the caches: one database read fills both layers.
-	p, err := store.Create(t.Context(), newProduct("LOCAL-1"), nil)
+	p, _, err := store.Create(t.Context(), newProduct("LOCAL-1"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -514,7 +514,7 @@ func TestProductService_localCacheWithoutRedis(t *testing.T) {
 	const products = 3 * localShards
 	var ids []int64
 	for i := range products {
-		p, err := svc.Create(t.Context(), ProductInput{SKU: new(fmt.Sprintf("L-%d", i)), Name: new("x"), PriceCents: new(int64(i))}, nil)
+		p, _, err := svc.Create(t.Context(), ProductInput{SKU: new(fmt.Sprintf("L-%d", i)), Name: new("x"), PriceCents: new(int64(i))}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -545,7 +545,7 @@ func TestRedisCache_restartFromOldSnapshot(t *testing.T) {
 	r := startRedis(t)
 	rc := newTestRedisCache(t, r, time.Second)
 	svc := newTestService(t, nil, ServiceConfig{Cache: rc, RedisTimeout: time.Second, LocalCacheSize: 0})
-	p, err := svc.Create(t.Context(), ProductInput{SKU: new("SNAP-1"), Name: new("pen"), PriceCents: new(int64(100))}, nil)
+	p, _, err := svc.Create(t.Context(), ProductInput{SKU: new("SNAP-1"), Name: new("pen"), PriceCents: new(int64(100))}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -582,7 +582,7 @@ func TestProductService_Get_fillAcrossRedisRestart(t *testing.T) {
 	rc := newTestRedisCache(t, r, time.Second)
 	store := &holdFirstGet{productStore: newTestStore(t), read: make(chan struct{}), release: make(chan struct{})}
 	svc := newTestService(t, store, ServiceConfig{Cache: rc, RedisTimeout: time.Second, LocalCacheSize: 0})
-	p, err := store.productStore.Create(t.Context(), Product{SKU: "RS-1", Name: "old", Currency: "USD"}, nil)
+	p, _, err := store.productStore.Create(t.Context(), Product{SKU: "RS-1", Name: "old", Currency: "USD"}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -95,7 +95,7 @@ func copyToPostgres(ctx context.Context, cfg StoreConfig, dstURL string, progres
 		return fmt.Errorf("copy: event id sequence: %w", err)
 	}
 	var trimmed int64
-	if err := src.read.QueryRowContext(ctx, `SELECT trimmed_through FROM feed_state WHERE id = 1`).Scan(&trimmed); err != nil {
+	if err := src.rdb.QueryRowContext(ctx, `SELECT trimmed_through FROM feed_state WHERE id = 1`).Scan(&trimmed); err != nil {
 		return fmt.Errorf("copy: feed state: %w", translate(ctx, err))
 	}
 	if _, err := dst.pool.Exec(ctx, `UPDATE feed_state SET trimmed_through = greatest(trimmed_through, $1) WHERE id = 1`, trimmed); err != nil {
@@ -149,7 +149,7 @@ func copyTable(ctx context.Context, src *sqliteStore, dst *postgresStore, t copi
 	}
 	var total int64
 	for {
-		rows, err := src.read.QueryContext(ctx, t.read, append(slices.Clone(after), copyBatch)...)
+		rows, err := src.rdb.QueryContext(ctx, t.read, append(slices.Clone(after), copyBatch)...)
 		if err != nil {
 			return total, translate(ctx, err)
 		}
@@ -194,7 +194,7 @@ func copyTable(ctx context.Context, src *sqliteStore, dst *postgresStore, t copi
 
 // productsAfter returns up to n products with ids above after, in id order.
 func (s *sqliteStore) productsAfter(ctx context.Context, after int64, n int) ([]Product, error) {
-	rows, err := s.read.QueryContext(ctx, `SELECT `+productColumns+` FROM products WHERE id > ? ORDER BY id LIMIT ?`, after, n)
+	rows, err := s.rdb.QueryContext(ctx, `SELECT `+productColumns+` FROM products WHERE id > ? ORDER BY id LIMIT ?`, after, n)
 	if err != nil {
 		return nil, translate(ctx, err)
 	}
@@ -225,7 +225,7 @@ type idemRow struct {
 // key order.
 func (s *sqliteStore) idempotencyAfter(ctx context.Context, pos idemKeyPos, n int) ([]idemRow, error) {
 	cutoff := s.now().Add(-idempotencyTTL).UnixMicro()
-	rows, err := s.read.QueryContext(ctx, `SELECT scope, key, fingerprint, product, created_at FROM idempotency_keys
+	rows, err := s.rdb.QueryContext(ctx, `SELECT scope, key, fingerprint, product, created_at FROM idempotency_keys
 		WHERE (scope, key) > (?, ?) AND created_at > ? ORDER BY scope, key LIMIT ?`, pos.scope, pos.key, cutoff, n)
 	if err != nil {
 		return nil, translate(ctx, err)

@@ -9,7 +9,7 @@ import (
 	"context"
 	"database/sql"
 	"database/sql/driver"
-	"encoding/json"
+	"embed"
 	"errors"
 	"fmt"
 	"net/url"
@@ -26,46 +26,52 @@ import (
 // productStore is what the service needs of a database. Every method takes
 // the request's context and domain values, and returns the committed domain
 // value or a domain error (ErrNotFound, ErrConflict, ErrInsufficientStock,
-// ErrPrecondition, ErrInvalid, ErrIdempotencyMismatch, a *Replay, or an
-// error that unwraps to ErrUnavailable when the database itself fails).
+// ErrPrecondition, ErrInvalid, ErrIdempotencyMismatch, ..., or an error that
+// unwraps to ErrUnavailable when the database itself fails). Writes take
+// data — a product, a patch, a delta, a precondition — never a function:
+// the store applies the domain's rules in the write's own transaction.
 //
 // A store knows nothing of HTTP or of caches. Writes are atomic under any
 // number of connections and processes: every returned product carries the
 // version it was committed at, and the service keeps its caches coherent by
-// that version alone.
+// that version alone. A write with an Idempotency-Key that was used before
+// is not applied again: it returns what the first request produced and
+// reports it as a replay.
 type productStore interface {
 	// Backend names the engine: "sqlite" or "postgres".
 	Backend() string
 	Get(ctx context.Context, id int64) (Product, error)
 	List(ctx context.Context, f ListFilter) (Page, error)
-	// Create inserts p and returns it with its id, version 1 and timestamps.
-	Create(ctx context.Context, p Product, idem *IdempotencyKey) (Product, error)
-	// Update applies change to the current product inside the write's
-	// transaction and stores the result at the next version. change may
-	// return ErrPrecondition, a validation error, or errUnchanged (nothing
-	// to write: the current product is returned as it is).
-	Update(ctx context.Context, id int64, change func(*Product) error) (Product, error)
-	// AdjustStock adds delta to the stock in one atomic step; check, if not
-	// nil, sees the current version first (If-Match). It returns
-	// ErrInsufficientStock, changing nothing, if stock would leave its range.
-	AdjustStock(ctx context.Context, id, delta int64, check func(version int64) error, idem *IdempotencyKey) (Product, error)
-	// Delete removes the product and returns it as it was. check, if not
-	// nil, sees it first and may refuse with ErrPrecondition.
-	Delete(ctx context.Context, id int64, check func(Product) error) (Product, error)
+	// Create inserts p and returns it with its id, version 1 and
+	// timestamps, and whether it is a replay of key.
+	Create(ctx context.Context, p Product, key *IdempotencyKey) (Product, bool, error)
+	// Update applies u and returns the product as it is after the call,
+	// and whether the call changed it (a patch that changes nothing
+	// writes nothing).
+	Update(ctx context.Context, id int64, u ProductUpdate) (Product, bool, error)
+	// AdjustStock adds delta to the stock in one atomic step, if cond
+	// holds, and reports whether the result is a replay of key. It
+	// returns ErrInsufficientStock, changing nothing, if stock would leave
+	// its range.
+	AdjustStock(ctx context.Context, id, delta int64, cond *IfMatch, key *IdempotencyKey) (Product, bool, error)
+	// Delete removes the product, if cond holds, and returns it as it was.
+	Delete(ctx context.Context, id int64, cond *IfMatch) (Product, error)
 	// Reserve holds r.Lines (r.ID and r.Reference set by the caller) for
-	// ttl, all or nothing, and returns the held reservation and the products
-	// whose reserved units changed. It returns a *ValidationError naming a
-	// line whose product does not exist, or a *ShortageError naming every
+	// ttl, all or nothing. It returns a *ValidationError naming a line
+	// whose product does not exist, or a *ShortageError naming every
 	// short line, and then holds nothing.
-	Reserve(ctx context.Context, r Reservation, ttl time.Duration, idem *IdempotencyKey) (Reservation, []Product, error)
+	Reserve(ctx context.Context, r Reservation, ttl time.Duration, key *IdempotencyKey) (Reserved, error)
 	// Transition confirms or releases reservation id (to is StateConfirmed
 	// or StateReleased). Repeating a transition changes nothing; the other
-	// one after it is ErrInvalidState; a hold whose time ran out is recorded
-	// expired and returned in that state. It returns the products that
-	// changed, or ErrReservationNotFound.
-	Transition(ctx context.Context, id, to string) (Reservation, []Product, error)
+	// one after it is ErrInvalidState; a hold whose time ran out is
+	// recorded expired and returned in that state. It returns
+	// ErrReservationNotFound.
+	Transition(ctx context.Context, id, to string) (Reserved, error)
 	Reservation(ctx context.Context, id string) (Reservation, error)
 	ReservationsByReference(ctx context.Context, ref string, limit int) ([]Reservation, error)
+	// NextHoldExpiry returns when the earliest open hold expires (the zero
+	// time when none is open).
+	NextHoldExpiry(ctx context.Context) (time.Time, error)
 	// ExpireReservations records up to limit held reservations whose time
 	// ran out as expired, and returns how many and the products changed.
 	ExpireReservations(ctx context.Context, limit int) (int, []Product, error)
@@ -73,6 +79,9 @@ type productStore interface {
 	// seq order, never skipping one that commits later; a *FeedGoneError
 	// when retention trimmed events after after.
 	Events(ctx context.Context, after int64, limit int) ([]Event, error)
+	// FeedHead returns the change feed's head: the highest seq given, or
+	// the trimmed-through mark when retention deleted every event.
+	FeedHead(ctx context.Context) (int64, error)
 	// TrimEvents deletes events older than before, in small batches.
 	TrimEvents(ctx context.Context, before time.Time) (int64, error)
 	Ping(ctx context.Context) error
@@ -88,6 +97,16 @@ type productStore interface {
 	// few seconds on engines that cannot maintain it exactly).
 	Count() int64
 	Close() error
+}
+
+// Reserved is what a reservation write committed: the reservation, the
+// products whose reserved units or stock changed, and whether it is the
+// replay of an earlier request with the same Idempotency-Key (then nothing
+// changed now).
+type Reserved struct {
+	Reservation Reservation
+	Changed     []Product
+	Replayed    bool
 }
 
 // sharedLog is implemented by a store that other processes write to as
@@ -162,44 +181,34 @@ func redactURL(s string) string {
 	return u.Redacted()
 }
 
-// encodeSnapshot stores what a write made with an Idempotency-Key
-// produced (a Product or a Reservation). It is the domain value's own
-// encoding, not an HTTP body: the handler shapes a replayed response the
-// way it shapes the first one.
-func encodeSnapshot(v any) []byte {
-	b, _ := json.Marshal(v) // a Product or a Reservation always encodes
-	return b
-}
+// migrationFiles holds each engine's numbered migrations,
+// migrations/<engine>/NNNN_name.sql. Append only: a released migration
+// never changes (TestMigrations_unchanged holds their digests).
+//
+//go:embed migrations
+var migrationFiles embed.FS
 
-// productReplay and reservationReplay read a snapshot back as the replay
-// of a product write or of a reservation.
-func productReplay(b []byte) (*Replay, error) {
-	var p Product
-	if err := json.Unmarshal(b, &p); err != nil {
-		return nil, fmt.Errorf("idempotency record: %w", err)
-	}
-	return &Replay{Product: p}, nil
-}
-
-func reservationReplay(b []byte) (*Replay, error) {
-	var r Reservation
-	if err := json.Unmarshal(b, &r); err != nil {
-		return nil, fmt.Errorf("idempotency record: %w", err)
-	}
-	return &Replay{Reservation: &r}, nil
-}
-
-// replayOrMismatch turns a live idempotency record for k into the error a
-// retried write returns.
-func replayOrMismatch(k *IdempotencyKey, fingerprint string, snapshot []byte, decode func([]byte) (*Replay, error)) error {
-	if fingerprint != k.Fingerprint {
-		return ErrIdempotencyMismatch
-	}
-	r, err := decode(snapshot)
+// migrationsOf returns engine's migrations in order. Their names must be
+// numbered 0001, 0002, ... without a gap: a mistake there is the binary's,
+// and it panics at start (and in every test).
+func migrationsOf(engine string) []string {
+	dir := "migrations/" + engine
+	entries, err := migrationFiles.ReadDir(dir) // sorted by name
 	if err != nil {
-		return err
+		panic(err)
 	}
-	return r
+	var out []string
+	for i, e := range entries {
+		if !strings.HasPrefix(e.Name(), fmt.Sprintf("%04d_", i+1)) || !strings.HasSuffix(e.Name(), ".sql") {
+			panic(fmt.Sprintf("migration %s/%s: want %04d_<name>.sql", dir, e.Name(), i+1))
+		}
+		b, err := migrationFiles.ReadFile(dir + "/" + e.Name())
+		if err != nil {
+			panic(err)
+		}
+		out = append(out, string(b))
+	}
+	return out
 }
 
 // expireBatch bounds the idempotency records one expiry transaction
@@ -237,11 +246,8 @@ func (e *dbFailure) Unwrap() []error { return []error{ErrUnavailable, e.err} }
 func translateKnown(err error) (error, bool) {
 	if errors.Is(err, ErrUnavailable) || errors.Is(err, ErrNotFound) || errors.Is(err, ErrInvalid) ||
 		errors.Is(err, ErrConflict) || errors.Is(err, ErrInsufficientStock) || errors.Is(err, ErrPrecondition) ||
-		errors.Is(err, ErrIdempotencyMismatch) || errors.Is(err, errUnchanged) || errors.Is(err, ErrReserved) ||
+		errors.Is(err, ErrIdempotencyMismatch) || errors.Is(err, ErrReserved) ||
 		errors.Is(err, ErrReservationNotFound) || errors.Is(err, ErrInvalidState) || errors.Is(err, ErrFeedGone) {
-		return err, true
-	}
-	if _, ok := errors.AsType[*Replay](err); ok {
 		return err, true
 	}
 	if errors.Is(err, sql.ErrNoRows) {
@@ -269,18 +275,6 @@ func translateGeneric(ctx context.Context, err error) error {
 		return &dbFailure{err}
 	}
 	return err
-}
-
-// errUnchanged tells Update that a change left the product as it was.
-var errUnchanged = errors.New("unchanged")
-
-// backedOut reports whether a write that failed with err changed nothing:
-// it failed before writing, or its one statement failed and was backed out.
-func backedOut(err error) bool {
-	var verr *ValidationError
-	return errors.Is(err, ErrNotFound) || errors.Is(err, ErrConflict) || errors.Is(err, ErrInsufficientStock) ||
-		errors.Is(err, ErrPrecondition) || errors.Is(err, ErrInvalid) || errors.As(err, &verr) ||
-		errors.Is(err, ErrReserved) || errors.Is(err, ErrReservationNotFound) || errors.Is(err, ErrInvalidState)
 }
 
 // Full-text terms. The service hands the store words (runs of letters and

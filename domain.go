@@ -44,16 +44,6 @@ type IdempotencyKey struct {
 // idempotencyTTL is how long a key's response is kept for replay.
 const idempotencyTTL = 24 * time.Hour
 
-// Replay is the outcome of an earlier request with the same Idempotency-Key:
-// the product (or, for POST /reservations, the reservation) that write
-// produced. It is returned as an error: the write was not applied again.
-type Replay struct {
-	Product     Product
-	Reservation *Reservation
-}
-
-func (r *Replay) Error() string { return "replay of an earlier request with the same idempotency key" }
-
 // Limits of the product fields.
 const (
 	maxSKULen         = 64
@@ -152,6 +142,30 @@ func (in ProductInput) apply(p *Product, keepStock bool) {
 	}
 }
 
+// patch returns the full replacement of a product's writable fields (PUT)
+// as a merge patch: every field in is set; an optional one that in omits
+// resets to its default, except stock, which is kept (see apply).
+func (in ProductInput) patch() ProductPatch {
+	orDefault := func(v *string) optional[string] {
+		if v == nil {
+			return optional[string]{Set: true, Null: true}
+		}
+		return optional[string]{Set: true, Value: *v}
+	}
+	pt := ProductPatch{
+		SKU:         optional[string]{Set: true, Value: *in.SKU},
+		Name:        optional[string]{Set: true, Value: *in.Name},
+		PriceCents:  optional[int64]{Set: true, Value: *in.PriceCents},
+		Description: orDefault(in.Description),
+		Category:    orDefault(in.Category),
+		Currency:    orDefault(in.Currency),
+	}
+	if in.Stock != nil {
+		pt.Stock = optional[int64]{Set: true, Value: *in.Stock}
+	}
+	return pt
+}
+
 func deref[T any](p *T, def T) T {
 	if p == nil {
 		return def
@@ -235,6 +249,14 @@ func (pt ProductPatch) apply(p *Product) bool {
 	mergeField(&p.Currency, pt.Currency, defaultCurrency)
 	mergeField(&p.Stock, pt.Stock, 0)
 	return *p != before
+}
+
+// ProductUpdate is a write to one product, as data: a merge patch, applied
+// to the product as it is when the write runs, if its version satisfies
+// IfMatch (nil: any version).
+type ProductUpdate struct {
+	Patch   ProductPatch
+	IfMatch *IfMatch
 }
 
 func mergeField[T any](dst *T, o optional[T], def T) {
@@ -502,6 +524,17 @@ func (e *FeedGoneError) Error() string {
 	return fmt.Sprintf("events before seq %d are no longer kept; resync and follow from there", e.Oldest)
 }
 func (e *FeedGoneError) Unwrap() error { return ErrFeedGone }
+
+// FeedResetError is a feed position beyond the head of the change log: one
+// taken from another log (another database, or this one before a restore)
+// or made up. Following from it would skip every event up to it, silently;
+// the consumer must resync. It unwraps to ErrFeedGone.
+type FeedResetError struct{ Head int64 }
+
+func (e *FeedResetError) Error() string {
+	return fmt.Sprintf("the position is beyond the head of this change feed (seq %d): it is not from this feed; resync and follow from the head", e.Head)
+}
+func (e *FeedResetError) Unwrap() error { return ErrFeedGone }
 
 // ErrFeedGone is a change-feed position that retention has trimmed.
 var ErrFeedGone = errors.New("feed position no longer kept")

@@ -69,7 +69,7 @@ func TestFollower_readsAcrossReplicas(t *testing.T) {
 				r = startRedis(t)
 			}
 			a, b := replicaPair(t, r)
-			p, err := a.Create(t.Context(), ProductInput{SKU: new("FOL-1"), Name: new("v1"), PriceCents: new(int64(100)), Category: new("fol")}, nil)
+			p, _, err := a.Create(t.Context(), ProductInput{SKU: new("FOL-1"), Name: new("v1"), PriceCents: new(int64(100)), Category: new("fol")}, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -143,7 +143,7 @@ func TestFollower_redisBehind(t *testing.T) {
 	cb := &flakyPush{redisCache: newTestRedisCache(t, r, time.Second)}
 	a := newTestService(t, openTestPostgres(t, url), ServiceConfig{Cache: ca, RedisTimeout: time.Second, LocalCacheSize: 0})
 	b := newTestService(t, openTestPostgres(t, url), ServiceConfig{Cache: cb, RedisTimeout: time.Second, LocalCacheSize: 0})
-	p, err := a.Create(t.Context(), ProductInput{SKU: new("FOL-R"), Name: new("v1"), PriceCents: new(int64(100))}, nil)
+	p, _, err := a.Create(t.Context(), ProductInput{SKU: new("FOL-R"), Name: new("v1"), PriceCents: new(int64(100))}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -183,7 +183,7 @@ func TestFollower_adoptsAfterCrash(t *testing.T) {
 	r := startRedis(t)
 	url := newTestDatabase(t)
 	a, stopA := followingService(t, openTestPostgres(t, url), ServiceConfig{Cache: newTestRedisCache(t, r, time.Second), RedisTimeout: time.Second})
-	p, err := a.Create(t.Context(), ProductInput{SKU: new("FOL-C"), Name: new("v1"), PriceCents: new(int64(100))}, nil)
+	p, _, err := a.Create(t.Context(), ProductInput{SKU: new("FOL-C"), Name: new("v1"), PriceCents: new(int64(100))}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -195,7 +195,7 @@ func TestFollower_adoptsAfterCrash(t *testing.T) {
 	// so no running follower pushes the event.
 	stopA()
 	crashed := openTestPostgres(t, url)
-	w, err := crashed.Update(t.Context(), p.ID, func(p *Product) error { p.Name = "v2"; return nil })
+	w, _, err := crashed.Update(t.Context(), p.ID, ProductUpdate{Patch: ProductPatch{Name: optional[string]{Set: true, Value: "v2"}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -227,7 +227,7 @@ func TestFollower_notified(t *testing.T) {
 	}
 	a := newTestService(t, openTestPostgres(t, url), ServiceConfig{LocalCacheSize: 100})
 	for i := range 3 {
-		if _, err := a.Create(t.Context(), ProductInput{SKU: new(fmt.Sprintf("FOL-N%d", i)), Name: new("n"), PriceCents: new(int64(1))}, nil); err != nil {
+		if _, _, err := a.Create(t.Context(), ProductInput{SKU: new(fmt.Sprintf("FOL-N%d", i)), Name: new("n"), PriceCents: new(int64(1))}, nil); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -247,7 +247,7 @@ func TestFollower_notified(t *testing.T) {
 // TestFollower_fenceShared: concurrent reads share head queries.
 func TestFollower_fenceShared(t *testing.T) {
 	a, _ := replicaPair(t, nil)
-	p, err := a.Create(t.Context(), ProductInput{SKU: new("FOL-F"), Name: new("f"), PriceCents: new(int64(1))}, nil)
+	p, _, err := a.Create(t.Context(), ProductInput{SKU: new("FOL-F"), Name: new("f"), PriceCents: new(int64(1))}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -35,7 +35,7 @@ func testFullTextIndexFollowsWrites(t *testing.T, s productStore) {
 	}
 	rename := func(id int64, name string) {
 		t.Helper()
-		if _, err := s.Update(ctx, id, func(p *Product) error { p.Name = name; return nil }); err != nil {
+		if _, _, err := s.Update(ctx, id, ProductUpdate{Patch: ProductPatch{Name: optional[string]{Set: true, Value: name}}}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -45,7 +45,7 @@ func testFullTextIndexFollowsWrites(t *testing.T, s productStore) {
 	ids := make([]int64, 40)
 	for i := range ids {
 		wg.Go(func() {
-			p, err := s.Create(ctx, Product{SKU: "F-" + string(rune('A'+i%26)) + string(rune('a'+i/26)), Name: "alpha widget",
+			p, _, err := s.Create(ctx, Product{SKU: "F-" + string(rune('A'+i%26)) + string(rune('a'+i/26)), Name: "alpha widget",
 				Description: "gamma", Currency: "USD"}, nil)
 			if err != nil {
 				t.Error(err)
@@ -89,7 +89,7 @@ func testFullTextIndexFollowsWrites(t *testing.T, s productStore) {
 		t.Errorf("search widget = %v, want %v", got, want)
 	}
 	if s, ok := s.(*sqliteStore); ok {
-		if _, err := s.write.ExecContext(ctx, `INSERT INTO products_fts (products_fts) VALUES ('integrity-check')`); err != nil {
+		if _, err := s.wdb.ExecContext(ctx, `INSERT INTO products_fts (products_fts) VALUES ('integrity-check')`); err != nil {
 			t.Errorf("full-text index integrity-check: %v", err)
 		}
 	}

@@ -278,12 +278,12 @@ func handleCreateProduct(svc *ProductService) http.Handler {
 		if err := decodeStrict(body, &in); err != nil {
 			return err
 		}
-		p, err := svc.Create(r.Context(), in, idem)
-		if replay, ok := errors.AsType[*Replay](err); ok {
-			p = replay.Product
-			w.Header().Set("Idempotency-Replayed", "true")
-		} else if err != nil {
+		p, replayed, err := svc.Create(r.Context(), in, idem)
+		if err != nil {
 			return err
+		}
+		if replayed {
+			w.Header().Set("Idempotency-Replayed", "true")
 		}
 		w.Header().Set("Location", "/products/"+strconv.FormatInt(p.ID, 10))
 		writeProduct(w, http.StatusCreated, p)
@@ -394,12 +394,12 @@ func handleAdjustStock(svc *ProductService) http.Handler {
 		if in.Delta == nil {
 			return &ValidationError{Problems: map[string]string{"delta": "is required"}}
 		}
-		p, err := svc.AdjustStock(r.Context(), id, *in.Delta, cond, idem)
-		if replay, ok := errors.AsType[*Replay](err); ok {
-			p = replay.Product
-			w.Header().Set("Idempotency-Replayed", "true")
-		} else if err != nil {
+		p, replayed, err := svc.AdjustStock(r.Context(), id, *in.Delta, cond, idem)
+		if err != nil {
 			return err
+		}
+		if replayed {
+			w.Header().Set("Idempotency-Replayed", "true")
 		}
 		writeProduct(w, http.StatusOK, p)
 		return nil
@@ -654,15 +654,9 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 		rerr  *rateLimitError
 		short *ShortageError
 		gone  *FeedGoneError
-		rp    *Replay
+		reset *FeedResetError
 	)
 	switch {
-	case errors.As(err, &rp):
-		// The handlers of idempotent writes answer replays themselves, with
-		// their own status; any other replay is still the product it made.
-		w.Header().Set("Idempotency-Replayed", "true")
-		writeProduct(w, http.StatusOK, rp.Product)
-		return
 	case errors.As(err, &herr):
 		status, detail = herr.status, herr.detail
 	case errors.As(err, &bad):
@@ -678,6 +672,9 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 		for _, l := range short.Lines {
 			problems[fmt.Sprintf("lines[%d].quantity", l.Line)] = fmt.Sprintf("%d requested, %d available", l.Requested, l.Available)
 		}
+	case errors.As(err, &reset):
+		status, slug, detail = http.StatusGone, "feed-reset", reset.Error()
+		problems = map[string]string{"after": fmt.Sprintf("beyond the head of this feed, seq %d", reset.Head)}
 	case errors.As(err, &gone):
 		status, slug, detail = http.StatusGone, "feed-gone", gone.Error()
 		problems = map[string]string{"after": fmt.Sprintf("older than the oldest event kept, seq %d", gone.Oldest)}
@@ -702,13 +699,21 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	}
 	if status == http.StatusInternalServerError {
 		attrs := []any{"err", err.Error(), "method", r.Method, "path", r.URL.Path}
-		if wp, ok := errors.AsType[*writePanic](err); ok {
-			attrs = append(attrs, "stack", string(wp.stack))
+		if st, ok := errors.AsType[stackError](err); ok { // a panic recovered off the request's goroutine
+			attrs = append(attrs, "stack", string(st.Stack()))
 		}
 		loggerFrom(r.Context(), nil).ErrorContext(r.Context(), "internal error", attrs...)
 		detail = ""
 	}
 	writeProblem(w, r, status, slug, detail, problems)
+}
+
+// stackError is an error that carries the stack where it arose: a panic
+// recovered on another goroutine (such as SQLite's writer) on the request's
+// behalf.
+type stackError interface {
+	error
+	Stack() []byte
 }
 
 func retryAfter(d time.Duration) string {
@@ -806,12 +811,12 @@ func handleCreateReservation(svc *ProductService) http.Handler {
 		if err != nil {
 			return err
 		}
-		res, err := svc.Reserve(r.Context(), in, idem)
-		if replay, ok := errors.AsType[*Replay](err); ok && replay.Reservation != nil {
-			res = *replay.Reservation
-			w.Header().Set("Idempotency-Replayed", "true")
-		} else if err != nil {
+		res, replayed, err := svc.Reserve(r.Context(), in, idem)
+		if err != nil {
 			return err
+		}
+		if replayed {
+			w.Header().Set("Idempotency-Replayed", "true")
 		}
 		w.Header().Set("Location", "/reservations/"+res.ID)
 		writeJSON(w, http.StatusCreated, appendReservation(nil, &res))

@@ -1335,7 +1335,7 @@ func testWalkWhileInserting(t *testing.T, ts *testServer) {
 					name := fmt.Sprintf("n%03d", rng.IntN(1000))
 					price := rng.Int64N(1000)
 					in := ProductInput{SKU: &sku, Name: &name, PriceCents: &price}
-					if _, err := ts.svc.Create(t.Context(), in, nil); err != nil {
+					if _, _, err := ts.svc.Create(t.Context(), in, nil); err != nil {
 						insertErr.Store(err)
 						return
 					}
@@ -2038,7 +2038,7 @@ func TestWriteError_everySentinel(t *testing.T) {
 		}
 	}
 	// A constraint the database enforces comes back as ErrInvalid.
-	_, constraintErr := newTestStore(t).Create(t.Context(), Product{SKU: "C-1", Name: "x", PriceCents: -1, Currency: "USD"}, nil)
+	_, _, constraintErr := newTestStore(t).Create(t.Context(), Product{SKU: "C-1", Name: "x", PriceCents: -1, Currency: "USD"}, nil)
 	if !errors.Is(constraintErr, ErrInvalid) {
 		t.Fatalf("Create with a negative price error = %v, want ErrInvalid", constraintErr)
 	}
@@ -2049,7 +2049,6 @@ func TestWriteError_everySentinel(t *testing.T) {
 		"UnavailableError":  &UnavailableError{Reason: "down", RetryAfter: time.Second},
 		"rateLimitError":    &rateLimitError{retryAfter: time.Second},
 		"httpError":         &httpError{status: http.StatusNotFound, detail: "gone"},
-		"Replay":            &Replay{Product: Product{ID: 1, Version: 1}},
 		"wrapped not found": fmt.Errorf("get product 1: %w", ErrNotFound),
 	}
 	for name, err := range sentinels {
@@ -2059,7 +2058,7 @@ func TestWriteError_everySentinel(t *testing.T) {
 		r := httptest.NewRequest("GET", "/products/1", nil)
 		w := httptest.NewRecorder()
 		writeError(w, r, err)
-		if w.Code == http.StatusInternalServerError || w.Code < 400 && name != "Replay" {
+		if w.Code == http.StatusInternalServerError || w.Code < 400 {
 			t.Errorf("writeError(%s: %v) status = %d, want a status from the table", name, err, w.Code)
 		}
 	}

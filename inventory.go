@@ -1,8 +1,9 @@
 package main
 
-// Reservations and the change feed, written once for both engines. Each
-// engine runs this code inside its own write transaction through an invTx,
-// which hides what differs: placeholders, how a time is stored, row locks.
+// Reservations and the change feed, written once for both engines (see
+// sqlStore): each engine runs this code in its own write transaction, over
+// a tx that hides what differs: placeholders, how a time is stored, row
+// locks.
 //
 // Locks, where the engine has them (PostgreSQL), are always taken in the
 // same order: a reservation's row before its products', and products in id
@@ -25,30 +26,6 @@ import (
 	"time"
 )
 
-// invTx is what the inventory code needs of an engine's transaction (or,
-// for reads, its pool). Queries are written with ? placeholders. A row that
-// is not there scans as ErrNotFound.
-type invTx interface {
-	exec(ctx context.Context, query string, args ...any) (int64, error) // rows affected
-	queryRow(ctx context.Context, query string, args ...any) rowScanner
-	query(ctx context.Context, query string, args ...any) (invRows, error)
-	// lock is " FOR UPDATE" where the engine has row locks, or "" (SQLite,
-	// whose one writer runs one write at a time).
-	lock() string
-	// ts is t as the engine stores a time.
-	ts(t time.Time) any
-	// product reads the product columns (productColumns) of a row.
-	product(row rowScanner) (Product, error)
-}
-
-// invRows is a result set of several rows.
-type invRows interface {
-	Next() bool
-	Scan(dest ...any) error
-	Err() error
-	Close()
-}
-
 // dbTime scans a time stored as Unix microseconds (SQLite) or as a
 // timestamptz (PostgreSQL).
 type dbTime struct{ time.Time }
@@ -59,6 +36,8 @@ func (t *dbTime) Scan(src any) error {
 		t.Time = time.UnixMicro(v).UTC()
 	case time.Time:
 		t.Time = v.UTC()
+	case nil:
+		t.Time = time.Time{} // NULL
 	default:
 		return fmt.Errorf("scan a time from %T", src)
 	}
@@ -76,7 +55,7 @@ func newReservationID() string {
 // own transaction. A product event carries the product as it became; a
 // delete carries none, at the version one above the deleted product (the
 // tombstone's).
-func appendEvent(ctx context.Context, tx invTx, now time.Time, typ string, p *Product, r *Reservation) error {
+func appendEvent(ctx context.Context, t tx, now time.Time, typ string, p *Product, r *Reservation) error {
 	var productID, version, reservationID, state, data any
 	switch {
 	case r != nil:
@@ -88,8 +67,8 @@ func appendEvent(ctx context.Context, tx invTx, now time.Time, typ string, p *Pr
 		productID, version = p.ID, p.Version
 		data, _ = json.Marshal(p)
 	}
-	_, err := tx.exec(ctx, `INSERT INTO events (type, occurred_at, product_id, version, reservation_id, state, data)
-		VALUES (?, ?, ?, ?, ?, ?, ?)`, typ, tx.ts(now), productID, version, reservationID, state, data)
+	_, err := t.exec(ctx, `INSERT INTO events (type, occurred_at, product_id, version, reservation_id, state, data)
+		VALUES (?, ?, ?, ?, ?, ?, ?)`, typ, t.ts(now), productID, version, reservationID, state, data)
 	return err
 }
 
@@ -97,9 +76,9 @@ func appendEvent(ctx context.Context, tx invTx, now time.Time, typ string, p *Pr
 // expired by now: the units dueUnits counted. The caller, which holds the
 // product's row (or the one writer), subtracts them from reserved in its
 // own update of the product, and calls this only when there are some.
-func releaseDueLines(ctx context.Context, tx invTx, now time.Time, id int64) error {
-	_, err := tx.exec(ctx, `UPDATE reservation_lines SET holding = 0
-		WHERE product_id = ? AND holding = 1 AND expires_at <= ?`, id, tx.ts(now))
+func releaseDueLines(ctx context.Context, t tx, now time.Time, id int64) error {
+	_, err := t.exec(ctx, `UPDATE reservation_lines SET holding = 0
+		WHERE product_id = ? AND holding = 1 AND expires_at <= ?`, id, t.ts(now))
 	return err
 }
 
@@ -107,7 +86,7 @@ func releaseDueLines(ctx context.Context, tx invTx, now time.Time, id int64) err
 // *ValidationError naming lines whose product does not exist, or a
 // *ShortageError naming every short line, before writing anything; else
 // the held reservation and the products it changed.
-func reserve(ctx context.Context, tx invTx, now time.Time, r Reservation, ttl time.Duration) (Reservation, []Product, error) {
+func reserve(ctx context.Context, t tx, now time.Time, r Reservation, ttl time.Duration) (Reservation, []Product, error) {
 	order := make([]int, len(r.Lines)) // line indexes in product id order, for the locks
 	for i := range order {
 		order[i] = i
@@ -117,7 +96,7 @@ func reserve(ctx context.Context, tx invTx, now time.Time, r Reservation, ttl ti
 	current := make([]Product, len(r.Lines))
 	problems := map[string]string{}
 	for _, i := range order {
-		p, err := tx.product(tx.queryRow(ctx, `SELECT `+productColumns+` FROM products WHERE id = ?`+tx.lock(), r.Lines[i].ProductID))
+		p, err := getProduct(ctx, t, r.Lines[i].ProductID, true)
 		if errors.Is(err, ErrNotFound) {
 			problems[fmt.Sprintf("lines[%d].product_id", i)] = "no product has this id"
 			continue
@@ -134,7 +113,7 @@ func reserve(ctx context.Context, tx invTx, now time.Time, r Reservation, ttl ti
 	var short []Shortage
 	for _, i := range order {
 		var err error
-		if due[i], err = dueUnits(ctx, tx, now, current[i].ID); err != nil {
+		if due[i], err = dueUnits(ctx, t, now, current[i].ID); err != nil {
 			return Reservation{}, nil, err
 		}
 		available := current[i].Stock - (current[i].Reserved - due[i])
@@ -148,33 +127,33 @@ func reserve(ctx context.Context, tx invTx, now time.Time, r Reservation, ttl ti
 	}
 
 	r.State, r.CreatedAt, r.UpdatedAt, r.ExpiresAt = StateHeld, now, now, now.Add(ttl)
-	if _, err := tx.exec(ctx, `INSERT INTO reservations (id, reference, state, created_at, expires_at, updated_at)
-		VALUES (?, ?, ?, ?, ?, ?)`, r.ID, r.Reference, r.State, tx.ts(now), tx.ts(r.ExpiresAt), tx.ts(now)); err != nil {
+	if _, err := t.exec(ctx, `INSERT INTO reservations (id, reference, state, created_at, expires_at, updated_at)
+		VALUES (?, ?, ?, ?, ?, ?)`, r.ID, r.Reference, r.State, t.ts(now), t.ts(r.ExpiresAt), t.ts(now)); err != nil {
 		return Reservation{}, nil, err
 	}
 	changed := make([]Product, 0, len(r.Lines))
 	for _, i := range order {
 		l := r.Lines[i]
 		if due[i] > 0 {
-			if err := releaseDueLines(ctx, tx, now, l.ProductID); err != nil {
+			if err := releaseDueLines(ctx, t, now, l.ProductID); err != nil {
 				return Reservation{}, nil, err
 			}
 		}
-		if _, err := tx.exec(ctx, `INSERT INTO reservation_lines (reservation_id, line, product_id, quantity, holding, expires_at)
-			VALUES (?, ?, ?, ?, 1, ?)`, r.ID, i, l.ProductID, l.Quantity, tx.ts(r.ExpiresAt)); err != nil {
+		if _, err := t.exec(ctx, `INSERT INTO reservation_lines (reservation_id, line, product_id, quantity, holding, expires_at)
+			VALUES (?, ?, ?, ?, 1, ?)`, r.ID, i, l.ProductID, l.Quantity, t.ts(r.ExpiresAt)); err != nil {
 			return Reservation{}, nil, err
 		}
-		p, err := tx.product(tx.queryRow(ctx, `UPDATE products SET reserved = reserved - ? + ?, version = version + 1, updated_at = ?
-			WHERE id = ? RETURNING `+productColumns, due[i], l.Quantity, tx.ts(now), l.ProductID))
+		p, err := scanProduct(t.queryRow(ctx, `UPDATE products SET reserved = reserved - ? + ?, version = version + 1, updated_at = ?
+			WHERE id = ? RETURNING `+productColumns, due[i], l.Quantity, t.ts(now), l.ProductID))
 		if err != nil {
 			return Reservation{}, nil, err
 		}
-		if err := appendEvent(ctx, tx, now, EventStockChanged, &p, nil); err != nil {
+		if err := appendEvent(ctx, t, now, EventStockChanged, &p, nil); err != nil {
 			return Reservation{}, nil, err
 		}
 		changed = append(changed, p)
 	}
-	if err := appendEvent(ctx, tx, now, EventReservationHeld, nil, &r); err != nil {
+	if err := appendEvent(ctx, t, now, EventReservationHeld, nil, &r); err != nil {
 		return Reservation{}, nil, err
 	}
 	return r, changed, nil
@@ -182,30 +161,30 @@ func reserve(ctx context.Context, tx invTx, now time.Time, r Reservation, ttl ti
 
 // dueUnits returns the units that expired holds still count against
 // product id.
-func dueUnits(ctx context.Context, tx invTx, now time.Time, id int64) (int64, error) {
+func dueUnits(ctx context.Context, t tx, now time.Time, id int64) (int64, error) {
 	var due int64
-	err := tx.queryRow(ctx, `SELECT coalesce(sum(quantity), 0) FROM reservation_lines
-		WHERE product_id = ? AND holding = 1 AND expires_at <= ?`, id, tx.ts(now)).Scan(&due)
+	err := t.queryRow(ctx, `SELECT coalesce(sum(quantity), 0) FROM reservation_lines
+		WHERE product_id = ? AND holding = 1 AND expires_at <= ?`, id, t.ts(now)).Scan(&due)
 	return due, err
 }
 
 // loadReservation reads reservation id, locking its row when lock is set.
 // It returns ErrReservationNotFound.
-func loadReservation(ctx context.Context, tx invTx, id string, lock bool) (Reservation, error) {
+func loadReservation(ctx context.Context, t tx, id string, lock bool) (Reservation, error) {
 	r := Reservation{ID: id}
 	var created, expires, updated dbTime
 	q := `SELECT reference, state, created_at, expires_at, updated_at FROM reservations WHERE id = ?`
 	if lock {
-		q += tx.lock()
+		q += t.forUpdate
 	}
-	if err := tx.queryRow(ctx, q, id).Scan(&r.Reference, &r.State, &created, &expires, &updated); err != nil {
+	if err := t.queryRow(ctx, q, id).Scan(&r.Reference, &r.State, &created, &expires, &updated); err != nil {
 		if errors.Is(err, ErrNotFound) {
 			return Reservation{}, ErrReservationNotFound
 		}
 		return Reservation{}, err
 	}
 	r.CreatedAt, r.ExpiresAt, r.UpdatedAt = created.Time, expires.Time, updated.Time
-	rows, err := tx.query(ctx, `SELECT product_id, quantity FROM reservation_lines WHERE reservation_id = ? ORDER BY line`, id)
+	rows, err := t.query(ctx, `SELECT product_id, quantity FROM reservation_lines WHERE reservation_id = ? ORDER BY line`, id)
 	if err != nil {
 		return Reservation{}, err
 	}
@@ -222,8 +201,8 @@ func loadReservation(ctx context.Context, tx invTx, id string, lock bool) (Reser
 
 // reservationsByReference returns the newest reservations made under ref,
 // at most limit of them, newest first.
-func reservationsByReference(ctx context.Context, tx invTx, ref string, limit int) ([]Reservation, error) {
-	rows, err := tx.query(ctx, `SELECT id FROM reservations WHERE reference = ? ORDER BY created_at DESC, id LIMIT ?`, ref, limit)
+func reservationsByReference(ctx context.Context, t tx, ref string, limit int) ([]Reservation, error) {
+	rows, err := t.query(ctx, `SELECT id FROM reservations WHERE reference = ? ORDER BY created_at DESC, id LIMIT ?`, ref, limit)
 	if err != nil {
 		return nil, err
 	}
@@ -242,7 +221,7 @@ func reservationsByReference(ctx context.Context, tx invTx, ref string, limit in
 	}
 	out := make([]Reservation, 0, len(ids))
 	for _, id := range ids {
-		r, err := loadReservation(ctx, tx, id, false)
+		r, err := loadReservation(ctx, t, id, false)
 		if err != nil {
 			return nil, err
 		}
@@ -257,8 +236,8 @@ func reservationsByReference(ctx context.Context, tx invTx, ref string, limit in
 // returned in that state with the products that changed: the caller
 // answers it as ErrReservationExpired. The other transition after one is
 // ErrInvalidState.
-func transition(ctx context.Context, tx invTx, now time.Time, id, to string) (Reservation, []Product, error) {
-	r, err := loadReservation(ctx, tx, id, true)
+func transition(ctx context.Context, t tx, now time.Time, id, to string) (Reservation, []Product, error) {
+	r, err := loadReservation(ctx, t, id, true)
 	if err != nil {
 		return Reservation{}, nil, err
 	}
@@ -270,7 +249,7 @@ func transition(ctx context.Context, tx invTx, now time.Time, id, to string) (Re
 	case !now.Before(r.ExpiresAt):
 		to = StateExpired
 	}
-	changed, err := finish(ctx, tx, now, &r, to)
+	changed, err := finish(ctx, t, now, &r, to)
 	return r, changed, err
 }
 
@@ -278,8 +257,8 @@ func transition(ctx context.Context, tx invTx, now time.Time, id, to string) (Re
 // of stock; released and expired give them back. Lines that a write already
 // released (their hold had expired) are skipped. It returns the products
 // that changed.
-func finish(ctx context.Context, tx invTx, now time.Time, r *Reservation, to string) ([]Product, error) {
-	rows, err := tx.query(ctx, `SELECT product_id, quantity FROM reservation_lines
+func finish(ctx context.Context, t tx, now time.Time, r *Reservation, to string) ([]Product, error) {
+	rows, err := t.query(ctx, `SELECT product_id, quantity FROM reservation_lines
 		WHERE reservation_id = ? AND holding = 1 ORDER BY product_id`, r.ID)
 	if err != nil {
 		return nil, err
@@ -303,35 +282,35 @@ func finish(ctx context.Context, tx invTx, now time.Time, r *Reservation, to str
 		if to == StateConfirmed {
 			taken = l.Quantity
 		}
-		p, err := tx.product(tx.queryRow(ctx, `UPDATE products SET stock = stock - ?, reserved = reserved - ?,
+		p, err := scanProduct(t.queryRow(ctx, `UPDATE products SET stock = stock - ?, reserved = reserved - ?,
 			version = version + 1, updated_at = ? WHERE id = ? RETURNING `+productColumns,
-			taken, l.Quantity, tx.ts(now), l.ProductID))
+			taken, l.Quantity, t.ts(now), l.ProductID))
 		if err != nil {
 			return nil, err
 		}
-		if err := appendEvent(ctx, tx, now, EventStockChanged, &p, nil); err != nil {
+		if err := appendEvent(ctx, t, now, EventStockChanged, &p, nil); err != nil {
 			return nil, err
 		}
 		changed = append(changed, p)
 	}
-	if _, err := tx.exec(ctx, `UPDATE reservation_lines SET holding = 0 WHERE reservation_id = ? AND holding = 1`, r.ID); err != nil {
+	if _, err := t.exec(ctx, `UPDATE reservation_lines SET holding = 0 WHERE reservation_id = ? AND holding = 1`, r.ID); err != nil {
 		return nil, err
 	}
-	if _, err := tx.exec(ctx, `UPDATE reservations SET state = ?, updated_at = ? WHERE id = ?`, to, tx.ts(now), r.ID); err != nil {
+	if _, err := t.exec(ctx, `UPDATE reservations SET state = ?, updated_at = ? WHERE id = ?`, to, t.ts(now), r.ID); err != nil {
 		return nil, err
 	}
 	r.State, r.UpdatedAt = to, now
 	typ := map[string]string{StateConfirmed: EventReservationConfirmed, StateReleased: EventReservationReleased, StateExpired: EventReservationExpired}[to]
-	if err := appendEvent(ctx, tx, now, typ, nil, r); err != nil {
+	if err := appendEvent(ctx, t, now, typ, nil, r); err != nil {
 		return nil, err
 	}
 	return changed, nil
 }
 
 // dueReservations returns up to limit held reservations whose time ran out.
-func dueReservations(ctx context.Context, tx invTx, now time.Time, limit int) ([]string, error) {
-	rows, err := tx.query(ctx, `SELECT id FROM reservations WHERE state = 'held' AND expires_at <= ?
-		ORDER BY expires_at LIMIT ?`, tx.ts(now), limit)
+func dueReservations(ctx context.Context, t tx, now time.Time, limit int) ([]string, error) {
+	rows, err := t.query(ctx, `SELECT id FROM reservations WHERE state = 'held' AND expires_at <= ?
+		ORDER BY expires_at LIMIT ?`, t.ts(now), limit)
 	if err != nil {
 		return nil, err
 	}
@@ -349,26 +328,26 @@ func dueReservations(ctx context.Context, tx invTx, now time.Time, limit int) ([
 
 // expireOne records reservation id as expired if it still is held and due,
 // and reports whether it did.
-func expireOne(ctx context.Context, tx invTx, now time.Time, id string) (bool, []Product, error) {
-	r, err := loadReservation(ctx, tx, id, true)
+func expireOne(ctx context.Context, t tx, now time.Time, id string) (bool, []Product, error) {
+	r, err := loadReservation(ctx, t, id, true)
 	if err != nil || r.State != StateHeld || now.Before(r.ExpiresAt) {
 		return false, nil, err // another write finished it first
 	}
-	changed, err := finish(ctx, tx, now, &r, StateExpired)
+	changed, err := finish(ctx, t, now, &r, StateExpired)
 	return err == nil, changed, err
 }
 
 // readEvents returns up to limit events after seq after, in seq order. It
 // returns a *FeedGoneError if retention trimmed events after after.
-func readEvents(ctx context.Context, tx invTx, after int64, limit int) ([]Event, error) {
+func readEvents(ctx context.Context, t tx, after int64, limit int) ([]Event, error) {
 	var trimmed int64
-	if err := tx.queryRow(ctx, `SELECT trimmed_through FROM feed_state WHERE id = 1`).Scan(&trimmed); err != nil {
+	if err := t.queryRow(ctx, `SELECT trimmed_through FROM feed_state WHERE id = 1`).Scan(&trimmed); err != nil {
 		return nil, err
 	}
 	if after < trimmed {
 		return nil, &FeedGoneError{Oldest: trimmed + 1}
 	}
-	rows, err := tx.query(ctx, `SELECT `+eventColumns+` FROM events
+	rows, err := t.query(ctx, `SELECT `+eventColumns+` FROM events
 		WHERE seq > ? ORDER BY seq LIMIT ?`, after, limit)
 	if err != nil {
 		return nil, err
@@ -381,7 +360,7 @@ func readEvents(ctx context.Context, tx invTx, after int64, limit int) ([]Event,
 const eventColumns = `coalesce(seq, 0), type, occurred_at, product_id, version, data`
 
 // scanEvents reads rows of eventColumns and closes them.
-func scanEvents(rows invRows) ([]Event, error) {
+func scanEvents(rows sqlRows) ([]Event, error) {
 	defer rows.Close()
 	var out []Event
 	for rows.Next() {
@@ -419,20 +398,20 @@ func scanEvents(rows invRows) ([]Event, error) {
 
 // trimEvents deletes up to limit events older than before and moves the
 // trimmed-through mark past them. It returns how many it deleted.
-func trimEvents(ctx context.Context, tx invTx, before time.Time, limit int) (int64, error) {
+func trimEvents(ctx context.Context, t tx, before time.Time, limit int) (int64, error) {
 	var top *int64
-	if err := tx.queryRow(ctx, `SELECT max(seq) FROM (SELECT seq FROM events
-		WHERE seq IS NOT NULL AND occurred_at < ? ORDER BY seq LIMIT ?) AS t`, tx.ts(before), limit).Scan(&top); err != nil {
+	if err := t.queryRow(ctx, `SELECT max(seq) FROM (SELECT seq FROM events
+		WHERE seq IS NOT NULL AND occurred_at < ? ORDER BY seq LIMIT ?) AS t`, t.ts(before), limit).Scan(&top); err != nil {
 		return 0, err
 	}
 	if top == nil {
 		return 0, nil
 	}
-	n, err := tx.exec(ctx, `DELETE FROM events WHERE seq <= ?`, *top)
+	n, err := t.exec(ctx, `DELETE FROM events WHERE seq <= ?`, *top)
 	if err != nil {
 		return 0, err
 	}
-	_, err = tx.exec(ctx, `UPDATE feed_state SET trimmed_through = ? WHERE id = 1 AND trimmed_through < ?`, *top, *top)
+	_, err = t.exec(ctx, `UPDATE feed_state SET trimmed_through = ? WHERE id = 1 AND trimmed_through < ?`, *top, *top)
 	return n, err
 }
 
@@ -446,92 +425,19 @@ func cmpInt64(a, b int64) int {
 	return 0
 }
 
-// updateEvent is the event type of a product update from cur to next: a
-// change of stock alone is stock.changed.
-func updateEvent(cur, next Product) string {
-	cur.Stock = next.Stock
-	if cur == next {
-		return EventStockChanged
-	}
-	return EventProductUpdated
+// nextHoldExpiry returns when the earliest held reservation expires, or the
+// zero time when none is held.
+func nextHoldExpiry(ctx context.Context, t tx) (time.Time, error) {
+	var at dbTime // NULL (none held) scans as the zero time
+	err := t.queryRow(ctx, `SELECT min(expires_at) FROM reservations WHERE state = 'held'`).Scan(&at)
+	return at.Time, err
 }
 
-// invStore is what the inventory code's maintenance and reads need of an
-// engine beyond invTx: its read pool, a transaction of its own, its
-// timeout, clock and error translation.
-type invStore interface {
-	invRead() invTx
-	invAlone(ctx context.Context, fn func(ctx context.Context, tx invTx) error) error
-	invTranslate(ctx context.Context, err error) error
-	opTimeout() time.Duration
-	nowMicro() time.Time
-}
-
-// getReservation reads reservation id from s's read pool.
-func getReservation(ctx context.Context, s invStore, id string) (Reservation, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.opTimeout())
-	defer cancel()
-	r, err := loadReservation(ctx, s.invRead(), id, false)
-	return r, s.invTranslate(ctx, err)
-}
-
-// listByReference reads the newest reservations under ref.
-func listByReference(ctx context.Context, s invStore, ref string, limit int) ([]Reservation, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.opTimeout())
-	defer cancel()
-	rs, err := reservationsByReference(ctx, s.invRead(), ref, limit)
-	return rs, s.invTranslate(ctx, err)
-}
-
-// expireReservations records up to limit held reservations whose time ran
-// out as expired, each in a transaction of its own, and returns how many
-// it recorded and the products that changed.
-func expireReservations(ctx context.Context, s invStore, limit int) (int, []Product, error) {
-	qctx, cancel := context.WithTimeout(ctx, s.opTimeout())
-	ids, err := dueReservations(qctx, s.invRead(), s.nowMicro(), limit)
-	err = s.invTranslate(qctx, err)
-	cancel()
-	if err != nil {
-		return 0, nil, fmt.Errorf("expire reservations: %w", err)
-	}
-	n := 0
-	var changed []Product
-	for _, id := range ids {
-		var expired bool
-		var ps []Product
-		err := s.invAlone(ctx, func(ctx context.Context, tx invTx) error {
-			var err error
-			expired, ps, err = expireOne(ctx, tx, s.nowMicro(), id)
-			return err
-		})
-		if err != nil {
-			return n, changed, fmt.Errorf("expire reservation %s: %w", id, err)
-		}
-		if expired {
-			n++
-		}
-		changed = append(changed, ps...)
-	}
-	return n, changed, nil
-}
-
-// trimAll deletes events older than before in batches of expireBatch, each
-// in a transaction of its own, and returns how many it deleted.
-func trimAll(ctx context.Context, s invStore, before time.Time) (int64, error) {
-	var total int64
-	for {
-		var n int64
-		err := s.invAlone(ctx, func(ctx context.Context, tx invTx) error {
-			var err error
-			n, err = trimEvents(ctx, tx, before, expireBatch)
-			return err
-		})
-		total += n
-		if err != nil {
-			return total, fmt.Errorf("trim events: %w", err)
-		}
-		if n < expireBatch {
-			return total, nil
-		}
-	}
+// feedHead returns the change feed's head: the highest seq given, or the
+// trimmed-through mark when retention deleted every event.
+func feedHead(ctx context.Context, t tx) (int64, error) {
+	var head int64
+	err := t.queryRow(ctx, `SELECT CASE WHEN h.m > h.t THEN h.m ELSE h.t END FROM
+		(SELECT coalesce((SELECT max(seq) FROM events), 0) AS m, trimmed_through AS t FROM feed_state WHERE id = 1) AS h`).Scan(&head)
+	return head, err
 }

@@ -102,7 +102,7 @@ func TestProductService_pageFloodBounded(t *testing.T) {
 	svc := newTestService(t, nil, ServiceConfig{LocalCacheSize: 1000, CacheMemory: budget})
 	desc := strings.Repeat("\u00e9", maxDescriptionLen)
 	for i := range 20 {
-		if _, err := svc.Create(t.Context(), ProductInput{SKU: new(fmt.Sprintf("F-%d", i)), Name: new("flood"),
+		if _, _, err := svc.Create(t.Context(), ProductInput{SKU: new(fmt.Sprintf("F-%d", i)), Name: new("flood"),
 			Description: new(desc), PriceCents: new(int64(i))}, nil); err != nil {
 			t.Fatal(err)
 		}

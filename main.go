@@ -121,7 +121,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	m := newMetrics(reg)
 	switch st := store.(type) {
 	case *sqliteStore:
-		m.dbPools(sqlPoolCollector(st.read, "sqlite_read"), sqlPoolCollector(st.write, "sqlite_write"))
+		m.dbPools(sqlPoolCollector(st.rdb, "sqlite_read"), sqlPoolCollector(st.wdb, "sqlite_write"))
 		m.writeGroups(st.GroupStats)
 	case *postgresStore:
 		m.dbPools(pgPoolCollector{st.Stat})

@@ -50,7 +50,7 @@ func mtNewServer(tb testing.TB) *mtServer {
 		}
 	})
 	m := newMetrics(prometheus.NewRegistry())
-	m.dbPools(sqlPoolCollector(store.read, "sqlite_read"), sqlPoolCollector(store.write, "sqlite_write"))
+	m.dbPools(sqlPoolCollector(store.rdb, "sqlite_read"), sqlPoolCollector(store.wdb, "sqlite_write"))
 	svc := NewProductService(store, ServiceConfig{Metrics: m, LocalCacheSize: 1000})
 	life := &lifecycle{}
 	life.started.Store(true)

@@ -570,22 +570,22 @@ type oaPanicStore struct{ *sqliteStore }
 func (oaPanicStore) Get(context.Context, int64) (Product, error)    { panic("test: store bug") }
 func (oaPanicStore) List(context.Context, ListFilter) (Page, error) { panic("test: store bug") }
 func (oaPanicStore) Ping(context.Context) error                     { panic("test: store bug") }
-func (oaPanicStore) Create(context.Context, Product, *IdempotencyKey) (Product, error) {
+func (oaPanicStore) Create(context.Context, Product, *IdempotencyKey) (Product, bool, error) {
 	panic("test: store bug")
 }
-func (oaPanicStore) Update(context.Context, int64, func(*Product) error) (Product, error) {
+func (oaPanicStore) Update(context.Context, int64, ProductUpdate) (Product, bool, error) {
 	panic("test: store bug")
 }
-func (oaPanicStore) AdjustStock(context.Context, int64, int64, func(int64) error, *IdempotencyKey) (Product, error) {
+func (oaPanicStore) AdjustStock(context.Context, int64, int64, *IfMatch, *IdempotencyKey) (Product, bool, error) {
 	panic("test: store bug")
 }
-func (oaPanicStore) Delete(context.Context, int64, func(Product) error) (Product, error) {
+func (oaPanicStore) Delete(context.Context, int64, *IfMatch) (Product, error) {
 	panic("test: store bug")
 }
-func (oaPanicStore) Reserve(context.Context, Reservation, time.Duration, *IdempotencyKey) (Reservation, []Product, error) {
+func (oaPanicStore) Reserve(context.Context, Reservation, time.Duration, *IdempotencyKey) (Reserved, error) {
 	panic("test: store bug")
 }
-func (oaPanicStore) Transition(context.Context, string, string) (Reservation, []Product, error) {
+func (oaPanicStore) Transition(context.Context, string, string) (Reserved, error) {
 	panic("test: store bug")
 }
 func (oaPanicStore) Reservation(context.Context, string) (Reservation, error) {
@@ -1002,6 +1002,9 @@ func oaEventResponses(t *testing.T, srv *httptest.Server, router routers.Router,
 	run(oaCase{name: "events stream trimmed", method: "GET", path: "/events",
 		header: map[string]string{"Accept": "text/event-stream", "Last-Event-ID": "0"}, want: 410, problem: "feed-gone"})
 	run(oaCase{name: "events after the trim", method: "GET", path: fmt.Sprintf("/events?after=%d", last), want: 200})
+	run(oaCase{name: "events beyond the head", method: "GET", path: fmt.Sprintf("/events?after=%d", last+1000), want: 410, problem: "feed-reset"})
+	run(oaCase{name: "events stream beyond the head", method: "GET", path: "/events",
+		header: map[string]string{"Accept": "text/event-stream", "Last-Event-ID": strconv.FormatInt(last+1000, 10)}, want: 410, problem: "feed-reset"})
 }
 
 // oaStream opens GET path as a text/event-stream, validates the status and

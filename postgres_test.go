@@ -174,14 +174,14 @@ func TestRun_copyTo(t *testing.T) {
 		p := newProduct(fmt.Sprintf("CP-%04d", i))
 		p.Description = "é " + fmt.Sprint(i)
 		p.Stock = int64(i)
-		p, err := src.Create(t.Context(), p, nil)
+		p, _, err := src.Create(t.Context(), p, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
 		want = append(want, p)
 	}
 	// Versions above 1, a gap in the ids, an idempotency record.
-	if p, err := src.AdjustStock(t.Context(), want[10].ID, 5, nil, nil); err != nil {
+	if p, _, err := src.AdjustStock(t.Context(), want[10].ID, 5, nil, nil); err != nil {
 		t.Fatal(err)
 	} else {
 		want[10] = p
@@ -191,22 +191,22 @@ func TestRun_copyTo(t *testing.T) {
 	}
 	want = append(want[:20], want[21:]...)
 	key := &IdempotencyKey{Scope: "scope", Key: "order-1", Fingerprint: "fp"}
-	keyed, err := src.Create(t.Context(), newProduct("CP-KEYED"), key)
+	keyed, _, err := src.Create(t.Context(), newProduct("CP-KEYED"), key)
 	if err != nil {
 		t.Fatal(err)
 	}
 	want = append(want, keyed)
 	// A hold still open and one confirmed: the move keeps both, and the
 	// units they hold or took.
-	open, _, err := src.Reserve(t.Context(), hold("cp-open", ReservationLine{want[1].ID, 1}), time.Hour, nil)
+	open, _, err := storeReserve(src, t.Context(), hold("cp-open", ReservationLine{want[1].ID, 1}), time.Hour, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	done, _, err := src.Reserve(t.Context(), hold("cp-done", ReservationLine{want[2].ID, 2}), time.Hour, nil)
+	done, _, err := storeReserve(src, t.Context(), hold("cp-done", ReservationLine{want[2].ID, 2}), time.Hour, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if done, _, err = src.Transition(t.Context(), done.ID, StateConfirmed); err != nil {
+	if done, _, err = storeTransition(src, t.Context(), done.ID, StateConfirmed); err != nil {
 		t.Fatal(err)
 	}
 	for _, i := range []int{1, 2} {
@@ -270,10 +270,10 @@ func TestRun_copyTo(t *testing.T) {
 	if page, err := dst.List(t.Context(), ListFilter{Limit: 5, Sort: "id", Terms: []string{"e", "2499"}}); err != nil || len(page.Items) != 1 {
 		t.Errorf("search on copied rows = %+v, %v, want one product", page.Items, err)
 	}
-	if _, err := dst.Create(t.Context(), newProduct("CP-KEYED"), key); !errors.As(err, new(*Replay)) {
-		t.Errorf("Create with a copied key error = %v, want a replay", err)
+	if _, replayed, err := dst.Create(t.Context(), newProduct("CP-KEYED"), key); err != nil || !replayed {
+		t.Errorf("Create with a copied key = replayed %v, %v, want a replay", replayed, err)
 	}
-	fresh, err := dst.Create(t.Context(), newProduct("CP-NEW"), nil)
+	fresh, _, err := dst.Create(t.Context(), newProduct("CP-NEW"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -284,13 +284,13 @@ func TestRun_copyTo(t *testing.T) {
 		t.Errorf("the feed after the copied events = %+v, %v, want the new product's event next", es, err)
 	}
 	// The open hold still holds, on PostgreSQL now.
-	if _, _, err := dst.Transition(t.Context(), open.ID, StateReleased); err != nil {
+	if _, _, err := storeTransition(dst, t.Context(), open.ID, StateReleased); err != nil {
 		t.Errorf("releasing the copied hold: %v", err)
 	}
 	want[1] = mustGet(t, dst, want[1].ID)
 
 	// Re-running changes nothing, and keeps a change made in PostgreSQL.
-	changed, err := dst.AdjustStock(t.Context(), want[0].ID, 7, nil, nil)
+	changed, _, err := dst.AdjustStock(t.Context(), want[0].ID, 7, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -316,7 +316,7 @@ func decodeJSON(tb testing.TB, resp *http.Response, v any) {
 // numbered, the event is found by its seq, and nothing after the head.
 func TestPostgres_changesUnnumbered(t *testing.T) {
 	s := newTestPostgres(t)
-	p, err := s.Create(t.Context(), newProduct("CH-1"), nil)
+	p, _, err := s.Create(t.Context(), newProduct("CH-1"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

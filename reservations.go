@@ -15,31 +15,35 @@ import (
 // reservations, never thousands.
 const maxByReference = 100
 
-// Reserve validates in and holds its lines, all or nothing. It returns a
-// *ValidationError (also for a line whose product does not exist), a
-// *ShortageError, ErrIdempotencyMismatch, a *Replay when idem was used
-// before, or an *UnavailableError.
-func (s *ProductService) Reserve(ctx context.Context, in ReservationInput, idem *IdempotencyKey) (Reservation, error) {
+// Reserve validates in and holds its lines, all or nothing, and reports
+// whether the reservation is the replay of an earlier request with the same
+// idem. It returns a *ValidationError (also for a line whose product does
+// not exist), a *ShortageError, ErrIdempotencyMismatch, or an
+// *UnavailableError.
+func (s *ProductService) Reserve(ctx context.Context, in ReservationInput, idem *IdempotencyKey) (Reservation, bool, error) {
 	if problems := in.Valid(); len(problems) > 0 {
-		return Reservation{}, &ValidationError{Problems: problems}
+		return Reservation{}, false, &ValidationError{Problems: problems}
 	}
 	ttl := time.Duration(defaultHoldTTL) * time.Second
 	if in.TTLSeconds != nil {
 		ttl = time.Duration(*in.TTLSeconds) * time.Second
 	}
 	r := Reservation{ID: newReservationID(), Reference: *in.Reference, Lines: in.Lines}
-	var changed []Product
+	var held Reserved
 	err := s.write(ctx, "reserve", func(ctx context.Context) error {
 		var err error
-		r, changed, err = s.store.Reserve(ctx, r, ttl, idem)
+		held, err = s.store.Reserve(ctx, r, ttl, idem)
 		return err
 	})
 	if err != nil {
-		return Reservation{}, err
+		return Reservation{}, false, err
 	}
-	s.publishAll(ctx, changed)
+	if held.Replayed {
+		return held.Reservation, true, nil
+	}
+	s.publishAll(ctx, held.Changed)
 	s.metrics.reservation(StateHeld)
-	return r, nil
+	return held.Reservation, false, nil
 }
 
 // Confirm confirms reservation id: its units leave stock. Confirming again
@@ -57,16 +61,16 @@ func (s *ProductService) Release(ctx context.Context, id string) (Reservation, e
 }
 
 func (s *ProductService) transition(ctx context.Context, id, to string) (Reservation, error) {
-	var r Reservation
-	var changed []Product
+	var out Reserved
 	err := s.write(ctx, "reservation "+to, func(ctx context.Context) error {
 		var err error
-		r, changed, err = s.store.Transition(ctx, id, to)
+		out, err = s.store.Transition(ctx, id, to)
 		return err
 	})
 	if err != nil {
 		return Reservation{}, err
 	}
+	r, changed := out.Reservation, out.Changed
 	s.publishAll(ctx, changed)
 	if len(changed) > 0 {
 		s.metrics.reservation(r.State) // this call moved it
@@ -140,12 +144,22 @@ func (s *ProductService) SweepReservations(ctx context.Context, interval time.Du
 }
 
 // Events returns up to limit change-feed events after seq after. It
-// returns a *FeedGoneError or an *UnavailableError.
+// returns a *FeedGoneError, a *FeedResetError when after is beyond the
+// feed's head, or an *UnavailableError.
 func (s *ProductService) Events(ctx context.Context, after int64, limit int) ([]Event, error) {
 	var es []Event
 	err := guard(s.readCB, func() error {
 		var err error
 		es, err = s.store.Events(ctx, after, limit)
+		if err != nil || len(es) > 0 || after == 0 {
+			return err
+		}
+		// Nothing after after: it is the head, or beyond it. Only the
+		// empty answer pays for the look.
+		head, err := s.store.FeedHead(ctx)
+		if err == nil && after > head {
+			err = &FeedResetError{Head: head}
+		}
 		return err
 	})
 	return es, err

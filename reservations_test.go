@@ -41,7 +41,7 @@ func stocked(tb testing.TB, s productStore, sku string, stock int64) Product {
 	tb.Helper()
 	p := newProduct(sku)
 	p.Stock = stock
-	p, err := s.Create(context.Background(), p, nil)
+	p, _, err := s.Create(context.Background(), p, nil)
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -65,7 +65,7 @@ func TestStore_Reserve_allOrNothing(t *testing.T) {
 	forEachStore(t, func(t *testing.T, s productStore) {
 		a, b := stocked(t, s, "RA", 5), stocked(t, s, "RB", 2)
 		// One short line: nothing is held, and every short line is named.
-		_, _, err := s.Reserve(t.Context(), hold("o-1", ReservationLine{a.ID, 6}, ReservationLine{b.ID, 1}), time.Minute, nil)
+		_, _, err := storeReserve(s, t.Context(), hold("o-1", ReservationLine{a.ID, 6}, ReservationLine{b.ID, 1}), time.Minute, nil)
 		var short *ShortageError
 		if !errors.As(err, &short) || !errors.Is(err, ErrInsufficientStock) {
 			t.Fatalf("Reserve beyond stock error = %v, want a *ShortageError", err)
@@ -73,7 +73,7 @@ func TestStore_Reserve_allOrNothing(t *testing.T) {
 		if want := []Shortage{{Line: 0, ProductID: a.ID, Requested: 6, Available: 5}}; !cmp.Equal(short.Lines, want) {
 			t.Errorf("shortages = %+v, want %+v", short.Lines, want)
 		}
-		_, _, err = s.Reserve(t.Context(), hold("o-1", ReservationLine{a.ID, 9}, ReservationLine{b.ID, 3}), time.Minute, nil)
+		_, _, err = storeReserve(s, t.Context(), hold("o-1", ReservationLine{a.ID, 9}, ReservationLine{b.ID, 3}), time.Minute, nil)
 		if !errors.As(err, &short) || len(short.Lines) != 2 {
 			t.Errorf("two short lines: error = %v, want both named", err)
 		}
@@ -81,13 +81,13 @@ func TestStore_Reserve_allOrNothing(t *testing.T) {
 			t.Errorf("after refused reservations product = %+v, want nothing held and its version unchanged", got)
 		}
 		// An unknown product is named by its line.
-		_, _, err = s.Reserve(t.Context(), hold("o-1", ReservationLine{a.ID, 1}, ReservationLine{a.ID + 1000, 1}), time.Minute, nil)
+		_, _, err = storeReserve(s, t.Context(), hold("o-1", ReservationLine{a.ID, 1}, ReservationLine{a.ID + 1000, 1}), time.Minute, nil)
 		var verr *ValidationError
 		if !errors.As(err, &verr) || verr.Problems["lines[1].product_id"] == "" {
 			t.Errorf("unknown product error = %v, want a *ValidationError naming lines[1].product_id", err)
 		}
 
-		r, changed, err := s.Reserve(t.Context(), hold("o-1", ReservationLine{b.ID, 2}, ReservationLine{a.ID, 3}), time.Minute, nil)
+		r, changed, err := storeReserve(s, t.Context(), hold("o-1", ReservationLine{b.ID, 2}, ReservationLine{a.ID, 3}), time.Minute, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -120,38 +120,38 @@ func TestStore_Reservation_transitions(t *testing.T) {
 		p := stocked(t, s, "TR", 10)
 		reserveOne := func(q int64) Reservation {
 			t.Helper()
-			r, _, err := s.Reserve(t.Context(), hold("o-t", ReservationLine{p.ID, q}), time.Minute, nil)
+			r, _, err := storeReserve(s, t.Context(), hold("o-t", ReservationLine{p.ID, q}), time.Minute, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
 			return r
 		}
 		a, b := reserveOne(3), reserveOne(2)
-		ca, changed, err := s.Transition(t.Context(), a.ID, StateConfirmed)
+		ca, changed, err := storeTransition(s, t.Context(), a.ID, StateConfirmed)
 		if err != nil || ca.State != StateConfirmed || len(changed) != 1 {
 			t.Fatalf("confirm = %+v, %d changed, %v", ca, len(changed), err)
 		}
 		if got := mustGet(t, s, p.ID); got.Stock != 7 || got.Reserved != 2 {
 			t.Errorf("after confirming 3 of 10 with 2 more held: stock %d reserved %d, want 7 and 2", got.Stock, got.Reserved)
 		}
-		again, changed, err := s.Transition(t.Context(), a.ID, StateConfirmed)
+		again, changed, err := storeTransition(s, t.Context(), a.ID, StateConfirmed)
 		if err != nil || len(changed) != 0 || !cmp.Equal(again, ca) {
 			t.Errorf("confirm again = %+v, %d changed, %v, want the same reservation, nothing changed", again, len(changed), err)
 		}
-		if _, _, err := s.Transition(t.Context(), a.ID, StateReleased); !errors.Is(err, ErrInvalidState) {
+		if _, _, err := storeTransition(s, t.Context(), a.ID, StateReleased); !errors.Is(err, ErrInvalidState) {
 			t.Errorf("release after confirm error = %v, want ErrInvalidState", err)
 		}
-		rb, _, err := s.Transition(t.Context(), b.ID, StateReleased)
+		rb, _, err := storeTransition(s, t.Context(), b.ID, StateReleased)
 		if err != nil || rb.State != StateReleased {
 			t.Fatalf("release = %+v, %v", rb, err)
 		}
 		if got := mustGet(t, s, p.ID); got.Stock != 7 || got.Reserved != 0 {
 			t.Errorf("after releasing 2: stock %d reserved %d, want 7 and 0", got.Stock, got.Reserved)
 		}
-		if _, _, err := s.Transition(t.Context(), b.ID, StateConfirmed); !errors.Is(err, ErrInvalidState) {
+		if _, _, err := storeTransition(s, t.Context(), b.ID, StateConfirmed); !errors.Is(err, ErrInvalidState) {
 			t.Errorf("confirm after release error = %v, want ErrInvalidState", err)
 		}
-		if _, _, err := s.Transition(t.Context(), newReservationID(), StateConfirmed); !errors.Is(err, ErrReservationNotFound) {
+		if _, _, err := storeTransition(s, t.Context(), newReservationID(), StateConfirmed); !errors.Is(err, ErrReservationNotFound) {
 			t.Errorf("confirm unknown error = %v, want ErrReservationNotFound", err)
 		}
 	})
@@ -161,16 +161,16 @@ func TestStore_Reservation_expiry(t *testing.T) {
 	forEachStore(t, func(t *testing.T, s productStore) {
 		clock := newTestClock(s)
 		p := stocked(t, s, "EX", 10)
-		r, _, err := s.Reserve(t.Context(), hold("o-x", ReservationLine{p.ID, 8}), time.Minute, nil)
+		r, _, err := storeReserve(s, t.Context(), hold("o-x", ReservationLine{p.ID, 8}), time.Minute, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, _, err := s.Reserve(t.Context(), hold("o-y", ReservationLine{p.ID, 5}), time.Minute, nil); !errors.Is(err, ErrInsufficientStock) {
+		if _, _, err := storeReserve(s, t.Context(), hold("o-y", ReservationLine{p.ID, 5}), time.Minute, nil); !errors.Is(err, ErrInsufficientStock) {
 			t.Fatalf("reserve 5 beside a hold of 8 of 10 error = %v, want insufficient stock", err)
 		}
 		clock.advance(time.Minute)
 		// The moment it expires its units count again, before any sweep.
-		r2, _, err := s.Reserve(t.Context(), hold("o-y", ReservationLine{p.ID, 5}), time.Minute, nil)
+		r2, _, err := storeReserve(s, t.Context(), hold("o-y", ReservationLine{p.ID, 5}), time.Minute, nil)
 		if err != nil {
 			t.Fatalf("reserve after the hold expired error = %v, want nil", err)
 		}
@@ -179,11 +179,11 @@ func TestStore_Reservation_expiry(t *testing.T) {
 		}
 		// An adjustment, too, may take what the expired hold had.
 		clock.advance(time.Minute) // r2 expires as well
-		if q, err := s.AdjustStock(t.Context(), p.ID, -10, nil, nil); err != nil || q.Stock != 0 || q.Reserved != 0 {
+		if q, _, err := s.AdjustStock(t.Context(), p.ID, -10, nil, nil); err != nil || q.Stock != 0 || q.Reserved != 0 {
 			t.Errorf("adjust -10 after both holds expired = %+v, %v, want stock 0, reserved 0", q, err)
 		}
 		// Confirming an expired hold is refused, and records it expired.
-		got, changed, err := s.Transition(t.Context(), r.ID, StateConfirmed)
+		got, changed, err := storeTransition(s, t.Context(), r.ID, StateConfirmed)
 		if err != nil || got.State != StateExpired {
 			t.Errorf("confirm expired = %+v, %v, want it returned expired", got, err)
 		}
@@ -208,7 +208,7 @@ func TestStore_Reservation_sweeperReleases(t *testing.T) {
 	forEachStore(t, func(t *testing.T, s productStore) {
 		clock := newTestClock(s)
 		a, b := stocked(t, s, "SA", 4), stocked(t, s, "SB", 4)
-		r, _, err := s.Reserve(t.Context(), hold("o-s", ReservationLine{a.ID, 4}, ReservationLine{b.ID, 1}), time.Second, nil)
+		r, _, err := storeReserve(s, t.Context(), hold("o-s", ReservationLine{a.ID, 4}, ReservationLine{b.ID, 1}), time.Second, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -223,7 +223,7 @@ func TestStore_Reservation_sweeperReleases(t *testing.T) {
 		if got, _ := s.Reservation(t.Context(), r.ID); got.State != StateExpired {
 			t.Errorf("state = %s, want expired", got.State)
 		}
-		if _, _, err := s.Transition(t.Context(), r.ID, StateReleased); err != nil {
+		if _, _, err := storeTransition(s, t.Context(), r.ID, StateReleased); err != nil {
 			t.Errorf("release of an expired reservation error = %v, want it returned as it is", err)
 		}
 	})
@@ -232,16 +232,16 @@ func TestStore_Reservation_sweeperReleases(t *testing.T) {
 func TestStore_Reservation_stockKeepsHolds(t *testing.T) {
 	forEachStore(t, func(t *testing.T, s productStore) {
 		p := stocked(t, s, "KH", 10)
-		if _, _, err := s.Reserve(t.Context(), hold("o-k", ReservationLine{p.ID, 6}), time.Minute, nil); err != nil {
+		if _, _, err := storeReserve(s, t.Context(), hold("o-k", ReservationLine{p.ID, 6}), time.Minute, nil); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := s.AdjustStock(t.Context(), p.ID, -5, nil, nil); !errors.Is(err, ErrInsufficientStock) {
+		if _, _, err := s.AdjustStock(t.Context(), p.ID, -5, nil, nil); !errors.Is(err, ErrInsufficientStock) {
 			t.Errorf("adjust below the held units error = %v, want ErrInsufficientStock", err)
 		}
-		if q, err := s.AdjustStock(t.Context(), p.ID, -4, nil, nil); err != nil || q.Stock != 6 {
+		if q, _, err := s.AdjustStock(t.Context(), p.ID, -4, nil, nil); err != nil || q.Stock != 6 {
 			t.Errorf("adjust down to the held units = %+v, %v, want stock 6", q, err)
 		}
-		if _, err := s.Update(t.Context(), p.ID, func(q *Product) error { q.Stock = 5; return nil }); !errors.Is(err, ErrInsufficientStock) {
+		if _, _, err := s.Update(t.Context(), p.ID, ProductUpdate{Patch: ProductPatch{Stock: optional[int64]{Set: true, Value: 5}}}); !errors.Is(err, ErrInsufficientStock) {
 			t.Errorf("set stock below the held units error = %v, want ErrInsufficientStock", err)
 		}
 		if _, err := s.Delete(t.Context(), p.ID, nil); !errors.Is(err, ErrReserved) {
@@ -257,14 +257,13 @@ func TestStore_Reserve_idempotent(t *testing.T) {
 	forEachStore(t, func(t *testing.T, s productStore) {
 		p := stocked(t, s, "IR", 10)
 		key := &IdempotencyKey{Scope: "s", Key: "order-9-reserve", Fingerprint: "f"}
-		first, _, err := s.Reserve(t.Context(), hold("o-9", ReservationLine{p.ID, 4}), time.Minute, key)
+		first, _, err := storeReserve(s, t.Context(), hold("o-9", ReservationLine{p.ID, 4}), time.Minute, key)
 		if err != nil {
 			t.Fatal(err)
 		}
-		_, _, err = s.Reserve(t.Context(), hold("o-9", ReservationLine{p.ID, 4}), time.Minute, key)
-		replay, ok := errors.AsType[*Replay](err)
-		if !ok || replay.Reservation == nil || !cmp.Equal(*replay.Reservation, first) {
-			t.Fatalf("retried Reserve error = %v, want a replay of %+v", err, first)
+		again, err := s.Reserve(t.Context(), hold("o-9", ReservationLine{p.ID, 4}), time.Minute, key)
+		if err != nil || !again.Replayed || !cmp.Equal(again.Reservation, first) || len(again.Changed) != 0 {
+			t.Fatalf("retried Reserve = %+v, %v, want a replay of %+v changing nothing", again, err, first)
 		}
 		if got := mustGet(t, s, p.ID); got.Reserved != 4 {
 			t.Errorf("reserved = %d after a retried reservation, want 4 (held once)", got.Reserved)
@@ -281,7 +280,7 @@ func TestStore_Reserve_concurrentNoOversell(t *testing.T) {
 		for i := range 40 {
 			wg.Go(func() {
 				lines := []ReservationLine{{hot[i%2].ID, 2}, {hot[(i+1)%2].ID, 1}}
-				r, _, err := s.Reserve(context.Background(), hold(fmt.Sprintf("c-%d", i), lines...), time.Minute, nil)
+				r, _, err := storeReserve(s, context.Background(), hold(fmt.Sprintf("c-%d", i), lines...), time.Minute, nil)
 				switch {
 				case err == nil:
 					mu.Lock()
@@ -302,7 +301,7 @@ func TestStore_Reserve_concurrentNoOversell(t *testing.T) {
 			}
 			for range 2 {
 				wg.Go(func() {
-					if _, _, err := s.Transition(context.Background(), r.ID, to); err != nil {
+					if _, _, err := storeTransition(s, context.Background(), r.ID, to); err != nil {
 						t.Errorf("%s %s: %v", to, r.ID, err)
 					}
 				})
@@ -349,19 +348,19 @@ func TestStore_Events_everyWrite(t *testing.T) {
 		ctx := t.Context()
 		p := stocked(t, s, "EV", 5)
 		created := p
-		p, _ = s.Update(ctx, p.ID, func(q *Product) error { q.Name = "renamed"; return nil })
+		p, _, _ = s.Update(ctx, p.ID, ProductUpdate{Patch: ProductPatch{Name: optional[string]{Set: true, Value: "renamed"}}})
 		updated := p
-		p, _ = s.AdjustStock(ctx, p.ID, 1, nil, nil)
+		p, _, _ = s.AdjustStock(ctx, p.ID, 1, nil, nil)
 		adjusted := p
-		r, _, err := s.Reserve(ctx, hold("o-e", ReservationLine{p.ID, 2}), time.Minute, nil)
+		r, _, err := storeReserve(s, ctx, hold("o-e", ReservationLine{p.ID, 2}), time.Minute, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, _, err := s.Transition(ctx, r.ID, StateConfirmed); err != nil {
+		if _, _, err := storeTransition(s, ctx, r.ID, StateConfirmed); err != nil {
 			t.Fatal(err)
 		}
 		// A refused write leaves no event.
-		if _, err := s.AdjustStock(ctx, p.ID, -100, nil, nil); !errors.Is(err, ErrInsufficientStock) {
+		if _, _, err := s.AdjustStock(ctx, p.ID, -100, nil, nil); !errors.Is(err, ErrInsufficientStock) {
 			t.Fatal(err)
 		}
 		q := stocked(t, s, "EV2", 0)

@@ -445,25 +445,29 @@ func (s *ProductService) position() int64 {
 	return s.follow.position()
 }
 
-// Create validates in and stores a new product. It returns a
-// *ValidationError, ErrConflict if the SKU is taken, ErrIdempotencyMismatch,
-// a *Replay when idem was used before, or an *UnavailableError.
-func (s *ProductService) Create(ctx context.Context, in ProductInput, idem *IdempotencyKey) (Product, error) {
+// Create validates in and stores a new product. It reports whether the
+// product is the replay of an earlier request with the same idem (then
+// nothing was written now). It returns a *ValidationError, ErrConflict if
+// the SKU is taken, ErrIdempotencyMismatch, or an *UnavailableError.
+func (s *ProductService) Create(ctx context.Context, in ProductInput, idem *IdempotencyKey) (Product, bool, error) {
 	if problems := in.Valid(); len(problems) > 0 {
-		return Product{}, &ValidationError{Problems: problems}
+		return Product{}, false, &ValidationError{Problems: problems}
 	}
 	var p Product
 	in.apply(&p, false)
+	var replayed bool
 	err := s.write(ctx, "create product", func(ctx context.Context) error {
 		var err error
-		p, err = s.store.Create(ctx, p, idem)
+		p, replayed, err = s.store.Create(ctx, p, idem)
 		return err
 	})
 	if err != nil {
-		return Product{}, err
+		return Product{}, false, err
 	}
-	s.publish(ctx, p.ID, s.written(p, false))
-	return p, nil
+	if !replayed {
+		s.publish(ctx, p.ID, s.written(p, false))
+	}
+	return p, replayed, nil
 }
 
 // Replace replaces the writable fields of the product with id (PUT). Stock
@@ -473,14 +477,7 @@ func (s *ProductService) Replace(ctx context.Context, id int64, in ProductInput,
 	if problems := in.Valid(); len(problems) > 0 {
 		return Product{}, &ValidationError{Problems: problems}
 	}
-	return s.update(ctx, id, cond, func(p *Product) error {
-		before := *p
-		in.apply(p, true)
-		if *p == before {
-			return errUnchanged
-		}
-		return nil
-	})
+	return s.update(ctx, id, ProductUpdate{Patch: in.patch(), IfMatch: cond})
 }
 
 // Patch applies a JSON merge patch to the product with id. Errors as Replace.
@@ -488,12 +485,7 @@ func (s *ProductService) Patch(ctx context.Context, id int64, patch ProductPatch
 	if problems := patch.Valid(); len(problems) > 0 {
 		return Product{}, &ValidationError{Problems: problems}
 	}
-	return s.update(ctx, id, cond, func(p *Product) error {
-		if !patch.apply(p) {
-			return errUnchanged
-		}
-		return nil
-	})
+	return s.update(ctx, id, ProductUpdate{Patch: patch, IfMatch: cond})
 }
 
 // SetStock sets the stock of the product with id. Errors as Replace.
@@ -501,66 +493,58 @@ func (s *ProductService) SetStock(ctx context.Context, id, stock int64, cond *If
 	if msg := validStock(stock); msg != "" {
 		return Product{}, &ValidationError{Problems: map[string]string{"stock": msg}}
 	}
-	return s.update(ctx, id, cond, func(p *Product) error {
-		if p.Stock == stock {
-			return errUnchanged
-		}
-		p.Stock = stock
-		return nil
-	})
+	return s.update(ctx, id, ProductUpdate{Patch: ProductPatch{Stock: optional[int64]{Set: true, Value: stock}}, IfMatch: cond})
 }
 
-func (s *ProductService) update(ctx context.Context, id int64, cond *IfMatch, change func(*Product) error) (Product, error) {
+func (s *ProductService) update(ctx context.Context, id int64, u ProductUpdate) (Product, error) {
 	var out Product
-	wrote := false
+	var changed bool
 	err := s.write(ctx, "update product", func(ctx context.Context) error {
 		var err error
-		out, err = s.store.Update(ctx, id, func(p *Product) error {
-			err := cond.check(p.Version)
-			if err == nil {
-				err = change(p)
-			}
-			wrote = err == nil // the last run is the one that committed
-			return err
-		})
+		out, changed, err = s.store.Update(ctx, id, u)
 		return err
 	})
 	if err != nil {
 		return Product{}, err
 	}
-	if wrote {
+	if changed {
 		s.publish(ctx, id, s.written(out, false))
 	}
 	return out, nil
 }
 
-// AdjustStock adds delta to the stock of the product with id, atomically.
-// It returns ErrNotFound, ErrInsufficientStock (nothing changes), a
-// *ValidationError for a zero or out-of-range delta, or an *UnavailableError.
-func (s *ProductService) AdjustStock(ctx context.Context, id, delta int64, cond *IfMatch, idem *IdempotencyKey) (Product, error) {
+// AdjustStock adds delta to the stock of the product with id, atomically,
+// and reports whether the result is the replay of an earlier request with
+// the same idem. It returns ErrNotFound, ErrInsufficientStock (nothing
+// changes), a *ValidationError for a zero or out-of-range delta, or an
+// *UnavailableError.
+func (s *ProductService) AdjustStock(ctx context.Context, id, delta int64, cond *IfMatch, idem *IdempotencyKey) (Product, bool, error) {
 	if delta == 0 || delta < -maxStock || delta > maxStock {
-		return Product{}, &ValidationError{Problems: map[string]string{"delta": "must be a non-zero integer from -1000000000000 to 1000000000000"}}
+		return Product{}, false, &ValidationError{Problems: map[string]string{"delta": "must be a non-zero integer from -1000000000000 to 1000000000000"}}
 	}
 	var p Product
+	var replayed bool
 	err := s.write(ctx, "adjust stock", func(ctx context.Context) error {
 		var err error
-		p, err = s.store.AdjustStock(ctx, id, delta, cond.check, idem)
+		p, replayed, err = s.store.AdjustStock(ctx, id, delta, cond, idem)
 		return err
 	})
 	if err != nil {
-		return Product{}, err
+		return Product{}, false, err
 	}
-	s.publish(ctx, id, s.written(p, false))
-	return p, nil
+	if !replayed {
+		s.publish(ctx, id, s.written(p, false))
+	}
+	return p, replayed, nil
 }
 
 // Delete removes the product with id. It returns ErrNotFound,
-// ErrPrecondition or an *UnavailableError.
+// ErrPrecondition, ErrReserved or an *UnavailableError.
 func (s *ProductService) Delete(ctx context.Context, id int64, cond *IfMatch) error {
 	var gone Product
 	err := s.write(ctx, "delete product", func(ctx context.Context) error {
 		var err error
-		gone, err = s.store.Delete(ctx, id, func(p Product) error { return cond.check(p.Version) })
+		gone, err = s.store.Delete(ctx, id, cond)
 		return err
 	})
 	if err != nil {

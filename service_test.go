@@ -34,10 +34,10 @@ func TestProductService_Create(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			forEachStore(t, func(t *testing.T, s productStore) {
 				svc := newTestService(t, s, ServiceConfig{})
-				if _, err := svc.Create(t.Context(), ProductInput{SKU: new("TAKEN"), Name: new("x"), PriceCents: new(int64(1))}, nil); err != nil {
+				if _, _, err := svc.Create(t.Context(), ProductInput{SKU: new("TAKEN"), Name: new("x"), PriceCents: new(int64(1))}, nil); err != nil {
 					t.Fatal(err)
 				}
-				got, err := svc.Create(t.Context(), tt.in, nil)
+				got, _, err := svc.Create(t.Context(), tt.in, nil)
 				if !errors.Is(err, tt.wantErr) || (tt.wantErr == nil) != (err == nil) {
 					t.Fatalf("Create(%+v) error = %v, want %v", tt.in, err, tt.wantErr)
 				}
@@ -186,7 +186,7 @@ func TestProductService_writeBreaker(t *testing.T) {
 func TestProductService_breakerRecovers(t *testing.T) {
 	fs := &failingStore{productStore: newTestStore(t)}
 	svc := newTestService(t, fs, ServiceConfig{BreakerTimeout: 50 * time.Millisecond})
-	p, err := svc.Create(t.Context(), ProductInput{SKU: new("REC-1"), Name: new("pen"), PriceCents: new(int64(1))}, nil)
+	p, _, err := svc.Create(t.Context(), ProductInput{SKU: new("REC-1"), Name: new("pen"), PriceCents: new(int64(1))}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -259,7 +259,7 @@ func TestProductService_breakerIgnoresClientErrors(t *testing.T) {
 	fs := &failingStore{productStore: newTestStore(t)}
 	svc := newTestService(t, fs, ServiceConfig{})
 	ctx := t.Context()
-	p, err := svc.Create(ctx, ProductInput{SKU: new("IGN-1"), Name: new("pen"), PriceCents: new(int64(1)), Stock: new(int64(1))}, nil)
+	p, _, err := svc.Create(ctx, ProductInput{SKU: new("IGN-1"), Name: new("pen"), PriceCents: new(int64(1)), Stock: new(int64(1))}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -301,19 +301,19 @@ func TestProductService_breakerIgnoresClientErrors(t *testing.T) {
 		wantErr error
 	}{
 		{name: "create with canceled context", wantErr: context.Canceled, op: func(i int) error {
-			_, err := svc.Create(canceled, ProductInput{SKU: new(fmt.Sprintf("C-%d", i)), Name: new("x"), PriceCents: new(int64(1))}, nil)
+			_, _, err := svc.Create(canceled, ProductInput{SKU: new(fmt.Sprintf("C-%d", i)), Name: new("x"), PriceCents: new(int64(1))}, nil)
 			return err
 		}},
 		{name: "duplicate sku", wantErr: ErrConflict, op: func(int) error {
-			_, err := svc.Create(ctx, ProductInput{SKU: new("IGN-1"), Name: new("x"), PriceCents: new(int64(1))}, nil)
+			_, _, err := svc.Create(ctx, ProductInput{SKU: new("IGN-1"), Name: new("x"), PriceCents: new(int64(1))}, nil)
 			return err
 		}},
 		{name: "invalid input", wantErr: ErrInvalid, op: func(int) error {
-			_, err := svc.Create(ctx, ProductInput{SKU: new("IGN-2")}, nil)
+			_, _, err := svc.Create(ctx, ProductInput{SKU: new("IGN-2")}, nil)
 			return err
 		}},
 		{name: "insufficient stock", wantErr: ErrInsufficientStock, op: func(int) error {
-			_, err := svc.AdjustStock(ctx, p.ID, -5, nil, nil)
+			_, _, err := svc.AdjustStock(ctx, p.ID, -5, nil, nil)
 			return err
 		}},
 		{name: "stale If-Match", wantErr: ErrPrecondition, op: func(int) error {
@@ -349,7 +349,7 @@ func TestProductService_breakerIgnoresClientErrors(t *testing.T) {
 func TestProductService_AdjustStock_concurrent(t *testing.T) {
 	forEachStore(t, func(t *testing.T, s productStore) {
 		svc := newTestService(t, s, ServiceConfig{LocalCacheSize: 100})
-		p, err := svc.Create(t.Context(), ProductInput{SKU: new("CONC-1"), Name: new("pen"), PriceCents: new(int64(1)), Stock: new(int64(1000))}, nil)
+		p, _, err := svc.Create(t.Context(), ProductInput{SKU: new("CONC-1"), Name: new("pen"), PriceCents: new(int64(1)), Stock: new(int64(1000))}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -370,7 +370,7 @@ func TestProductService_AdjustStock_concurrent(t *testing.T) {
 					if (g+j)%3 == 0 {
 						delta = -1
 					}
-					if _, err := svc.AdjustStock(context.Background(), p.ID, delta, nil, nil); err != nil {
+					if _, _, err := svc.AdjustStock(context.Background(), p.ID, delta, nil, nil); err != nil {
 						t.Errorf("goroutine %d: AdjustStock(%d) error = %v", g, delta, err)
 						return
 					}
@@ -431,7 +431,7 @@ func TestProductService_Get_noSharedReadAcrossWrite(t *testing.T) {
 	forEachStore(t, func(t *testing.T, s productStore) {
 		store := &holdFirstGet{productStore: s, read: make(chan struct{}), release: make(chan struct{})}
 		svc := newTestService(t, store, ServiceConfig{LocalCacheSize: 0})
-		p, err := svc.Create(t.Context(), ProductInput{SKU: new("SF-1"), Name: new("pen"), PriceCents: new(int64(100))}, nil)
+		p, _, err := svc.Create(t.Context(), ProductInput{SKU: new("SF-1"), Name: new("pen"), PriceCents: new(int64(100))}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}

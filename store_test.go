@@ -34,7 +34,7 @@ func TestStore_migrationsIdempotent(t *testing.T) {
 			s := open(t)
 			if i == 0 {
 				var err error
-				if created, err = s.Create(t.Context(), newProduct("MIG-1"), nil); err != nil {
+				if created, _, err = s.Create(t.Context(), newProduct("MIG-1"), nil); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -60,7 +60,7 @@ func TestSQLite_migrationsRecorded(t *testing.T) {
 	for i := range 2 {
 		s := openTestStore(t, path)
 		var applied int
-		if err := s.read.QueryRowContext(t.Context(), `SELECT count(*) FROM schema_migrations`).Scan(&applied); err != nil {
+		if err := s.rdb.QueryRowContext(t.Context(), `SELECT count(*) FROM schema_migrations`).Scan(&applied); err != nil {
 			t.Fatal(err)
 		}
 		if applied != len(migrations) {
@@ -70,7 +70,7 @@ func TestSQLite_migrationsRecorded(t *testing.T) {
 	}
 	// A schema newer than this binary knows is refused.
 	s := openTestStore(t, path)
-	if _, err := s.write.ExecContext(t.Context(), `INSERT INTO schema_migrations (version, applied_at) VALUES (?, 0)`, len(migrations)+1); err != nil {
+	if _, err := s.wdb.ExecContext(t.Context(), `INSERT INTO schema_migrations (version, applied_at) VALUES (?, 0)`, len(migrations)+1); err != nil {
 		t.Fatal(err)
 	}
 	s.Close()
@@ -88,7 +88,7 @@ func TestSQLite_Close(t *testing.T) {
 				t.Fatal(err)
 			}
 			for i := range 20 {
-				if _, err := s.Create(t.Context(), newProduct(fmt.Sprintf("WAL-%d", i)), nil); err != nil {
+				if _, _, err := s.Create(t.Context(), newProduct(fmt.Sprintf("WAL-%d", i)), nil); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -122,7 +122,7 @@ func TestStore_writeAfterClose(t *testing.T) {
 }
 
 func testWriteAfterClose(t *testing.T, s productStore) {
-	p, err := s.Create(t.Context(), newProduct("CL-1"), nil)
+	p, _, err := s.Create(t.Context(), newProduct("CL-1"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -131,12 +131,12 @@ func testWriteAfterClose(t *testing.T, s productStore) {
 	}
 	// Every write after Close fails with ErrUnavailable; none may block.
 	writes := map[string]func(ctx context.Context) error{
-		"Create": func(ctx context.Context) error { _, err := s.Create(ctx, newProduct("CL-2"), nil); return err },
+		"Create": func(ctx context.Context) error { _, _, err := s.Create(ctx, newProduct("CL-2"), nil); return err },
 		"Update": func(ctx context.Context) error {
-			_, err := s.Update(ctx, p.ID, func(p *Product) error { p.Name = "x"; return nil })
+			_, _, err := s.Update(ctx, p.ID, ProductUpdate{Patch: ProductPatch{Name: optional[string]{Set: true, Value: "x"}}})
 			return err
 		},
-		"AdjustStock": func(ctx context.Context) error { _, err := s.AdjustStock(ctx, p.ID, 1, nil, nil); return err },
+		"AdjustStock": func(ctx context.Context) error { _, _, err := s.AdjustStock(ctx, p.ID, 1, nil, nil); return err },
 		"Delete":      func(ctx context.Context) error { _, err := s.Delete(ctx, p.ID, nil); return err },
 	}
 	for name, write := range writes {
@@ -168,7 +168,7 @@ func testCloseWithWritesInFlight(t *testing.T, s productStore) {
 	errs := make(chan error, 200)
 	for i := range 200 {
 		wg.Go(func() {
-			_, err := s.Create(context.Background(), newProduct(fmt.Sprintf("RACE-%d", i)), nil)
+			_, _, err := s.Create(context.Background(), newProduct(fmt.Sprintf("RACE-%d", i)), nil)
 			errs <- err
 		})
 	}
@@ -195,10 +195,10 @@ func TestStore_Create_duplicateSKU(t *testing.T) {
 }
 
 func testCreateDuplicateSKU(t *testing.T, s productStore) {
-	if _, err := s.Create(t.Context(), newProduct("UNIQ-1"), nil); err != nil {
+	if _, _, err := s.Create(t.Context(), newProduct("UNIQ-1"), nil); err != nil {
 		t.Fatal(err)
 	}
-	_, err := s.Create(t.Context(), newProduct("UNIQ-1"), nil)
+	_, _, err := s.Create(t.Context(), newProduct("UNIQ-1"), nil)
 	if !errors.Is(err, ErrConflict) {
 		t.Errorf("Create(duplicate sku) error = %v, want ErrConflict", err)
 	}
@@ -209,11 +209,11 @@ func testCreateDuplicateSKU(t *testing.T, s productStore) {
 		t.Errorf("Count() = %d, want 1", n)
 	}
 	// Update onto a taken sku is a conflict too.
-	q, err := s.Create(t.Context(), newProduct("UNIQ-2"), nil)
+	q, _, err := s.Create(t.Context(), newProduct("UNIQ-2"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = s.Update(t.Context(), q.ID, func(p *Product) error { p.SKU = "UNIQ-1"; return nil })
+	_, _, err = s.Update(t.Context(), q.ID, ProductUpdate{Patch: ProductPatch{SKU: optional[string]{Set: true, Value: "UNIQ-1"}}})
 	if !errors.Is(err, ErrConflict) {
 		t.Errorf("Update(sku taken) error = %v, want ErrConflict", err)
 	}
@@ -222,13 +222,13 @@ func testCreateDuplicateSKU(t *testing.T, s productStore) {
 func TestSQLite_translate(t *testing.T) {
 	s := newTestStore(t)
 	// Real driver errors, from the database itself.
-	if _, err := s.write.ExecContext(t.Context(), `INSERT INTO products (sku, name, price_cents, created_at, updated_at) VALUES ('T-1', 'n', 1, 0, 0)`); err != nil {
+	if _, err := s.wdb.ExecContext(t.Context(), `INSERT INTO products (sku, name, price_cents, created_at, updated_at) VALUES ('T-1', 'n', 1, 0, 0)`); err != nil {
 		t.Fatal(err)
 	}
-	_, uniqueErr := s.write.ExecContext(t.Context(), `INSERT INTO products (sku, name, price_cents, created_at, updated_at) VALUES ('T-1', 'n', 1, 0, 0)`)
-	_, checkErr := s.write.ExecContext(t.Context(), `INSERT INTO products (sku, name, price_cents, created_at, updated_at) VALUES ('T-2', 'n', -1, 0, 0)`)
-	_, syntaxErr := s.write.ExecContext(t.Context(), `SELEKT 1`)
-	noRowsErr := s.read.QueryRowContext(t.Context(), `SELECT id FROM products WHERE id = -1`).Scan(new(int64))
+	_, uniqueErr := s.wdb.ExecContext(t.Context(), `INSERT INTO products (sku, name, price_cents, created_at, updated_at) VALUES ('T-1', 'n', 1, 0, 0)`)
+	_, checkErr := s.wdb.ExecContext(t.Context(), `INSERT INTO products (sku, name, price_cents, created_at, updated_at) VALUES ('T-2', 'n', -1, 0, 0)`)
+	_, syntaxErr := s.wdb.ExecContext(t.Context(), `SELEKT 1`)
+	noRowsErr := s.rdb.QueryRowContext(t.Context(), `SELECT id FROM products WHERE id = -1`).Scan(new(int64))
 
 	canceled, cancel := context.WithCancel(context.Background())
 	cancel()
@@ -295,14 +295,14 @@ func TestStore_AdjustStock(t *testing.T) {
 func testAdjustStock(t *testing.T, s productStore) {
 	p := newProduct("ADJ")
 	p.Stock = 5
-	p, err := s.Create(t.Context(), p, nil)
+	p, _, err := s.Create(t.Context(), p, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	tests := []struct {
 		name      string
 		id, delta int64
-		check     func(int64) error
+		cond      *IfMatch
 		wantErr   error
 		wantStock int64
 	}{
@@ -310,13 +310,13 @@ func testAdjustStock(t *testing.T, s productStore) {
 		{name: "to zero", id: p.ID, delta: -8, wantStock: 0},
 		{name: "below zero", id: p.ID, delta: -1, wantErr: ErrInsufficientStock, wantStock: 0},
 		{name: "above max", id: p.ID, delta: maxStock + 1, wantErr: ErrInsufficientStock, wantStock: 0},
-		{name: "check refuses", id: p.ID, delta: 1, check: func(int64) error { return ErrPrecondition }, wantErr: ErrPrecondition, wantStock: 0},
+		{name: "check refuses", id: p.ID, delta: 1, cond: &IfMatch{Versions: []int64{99}}, wantErr: ErrPrecondition, wantStock: 0},
 		{name: "unknown id", id: p.ID + 100, delta: 1, wantErr: ErrNotFound, wantStock: 0},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			before, _ := s.Get(t.Context(), p.ID)
-			out, err := s.AdjustStock(t.Context(), tt.id, tt.delta, tt.check, nil)
+			out, _, err := s.AdjustStock(t.Context(), tt.id, tt.delta, tt.cond, nil)
 			if !errors.Is(err, tt.wantErr) || (tt.wantErr == nil && err != nil) {
 				t.Fatalf("AdjustStock(%d, %d) error = %v, want %v", tt.id, tt.delta, err, tt.wantErr)
 			}
@@ -352,7 +352,7 @@ func testGetNotFound(t *testing.T, s productStore) {
 	if _, err := s.Delete(t.Context(), 1, nil); !errors.Is(err, ErrNotFound) {
 		t.Errorf("Delete(1) on an empty store error = %v, want ErrNotFound", err)
 	}
-	if _, err := s.Update(t.Context(), 1, func(*Product) error { return nil }); !errors.Is(err, ErrNotFound) {
+	if _, _, err := s.Update(t.Context(), 1, ProductUpdate{}); !errors.Is(err, ErrNotFound) {
 		t.Errorf("Update(1) on an empty store error = %v, want ErrNotFound", err)
 	}
 }
@@ -369,22 +369,22 @@ func testExpireIdempotencyKeys(t *testing.T, s productStore) {
 	clock.Store(&now)
 	setStoreClock(s, func() time.Time { return *clock.Load() })
 	key := &IdempotencyKey{Scope: "s", Key: "k", Fingerprint: "f"}
-	first, err := s.Create(t.Context(), newProduct("EXP-1"), key)
+	first, _, err := s.Create(t.Context(), newProduct("EXP-1"), key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = s.Create(t.Context(), newProduct("EXP-1"), key)
-	if replay, ok := errors.AsType[*Replay](err); !ok || !cmp.Equal(replay.Product, first) {
-		t.Fatalf("Create with a used key error = %v, want a *Replay of %+v", err, first)
+	again, replayed, err := s.Create(t.Context(), newProduct("EXP-1"), key)
+	if err != nil || !replayed || !cmp.Equal(again, first) {
+		t.Fatalf("Create with a used key = %+v, replayed %v, %v, want a replay of %+v", again, replayed, err, first)
 	}
-	if _, err := s.Create(t.Context(), newProduct("EXP-X"), &IdempotencyKey{Scope: "s", Key: "k", Fingerprint: "other"}); !errors.Is(err, ErrIdempotencyMismatch) {
+	if _, _, err := s.Create(t.Context(), newProduct("EXP-X"), &IdempotencyKey{Scope: "s", Key: "k", Fingerprint: "other"}); !errors.Is(err, ErrIdempotencyMismatch) {
 		t.Errorf("Create with a used key and another request error = %v, want ErrIdempotencyMismatch", err)
 	}
 	if _, err := s.ExpireIdempotencyKeys(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Create(t.Context(), newProduct("EXP-1"), key); !errors.As(err, new(*Replay)) {
-		t.Errorf("after expiring none, Create with the key error = %v, want a replay", err)
+	if _, replayed, err := s.Create(t.Context(), newProduct("EXP-1"), key); err != nil || !replayed {
+		t.Errorf("after expiring none, Create with the key = replayed %v, %v, want a replay", replayed, err)
 	}
 
 	later := now.Add(idempotencyTTL + time.Minute)
@@ -393,7 +393,7 @@ func testExpireIdempotencyKeys(t *testing.T, s productStore) {
 		t.Fatal(err)
 	}
 	// An expired key is a new request.
-	second, err := s.Create(t.Context(), newProduct("EXP-2"), key)
+	second, _, err := s.Create(t.Context(), newProduct("EXP-2"), key)
 	if err != nil || second.ID == first.ID {
 		t.Errorf("Create with an expired key = %+v, %v, want a new product", second, err)
 	}
@@ -403,12 +403,12 @@ func TestSQLite_ExpireIdempotencyKeys_deletes(t *testing.T) {
 	s := newTestStore(t)
 	now := time.Now()
 	s.now = func() time.Time { return now }
-	if _, err := s.Create(t.Context(), newProduct("DEL-1"), &IdempotencyKey{Scope: "s", Key: "k", Fingerprint: "f"}); err != nil {
+	if _, _, err := s.Create(t.Context(), newProduct("DEL-1"), &IdempotencyKey{Scope: "s", Key: "k", Fingerprint: "f"}); err != nil {
 		t.Fatal(err)
 	}
 	count := func() (n int) {
 		t.Helper()
-		if err := s.read.QueryRowContext(t.Context(), `SELECT count(*) FROM idempotency_keys`).Scan(&n); err != nil {
+		if err := s.rdb.QueryRowContext(t.Context(), `SELECT count(*) FROM idempotency_keys`).Scan(&n); err != nil {
 			t.Fatal(err)
 		}
 		return n
@@ -433,7 +433,7 @@ func TestStore_List_sameOrderOnBoth(t *testing.T) {
 		for i, n := range names {
 			p := newProduct(fmt.Sprintf("ORD-%d", i))
 			p.Name = n
-			if _, err := s.Create(t.Context(), p, nil); err != nil {
+			if _, _, err := s.Create(t.Context(), p, nil); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -482,7 +482,7 @@ func TestStore_List_search(t *testing.T) {
 		} {
 			p := newProduct(fmt.Sprintf("FTS-%d", i))
 			p.Name, p.Description = pr[0], pr[1]
-			if _, err := s.Create(t.Context(), p, nil); err != nil {
+			if _, _, err := s.Create(t.Context(), p, nil); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -525,18 +525,21 @@ func TestStore_concurrentWrites(t *testing.T) {
 	forEachStore(t, func(t *testing.T, s productStore) {
 		p := newProduct("CONC-1")
 		p.Stock = 100
-		p, err := s.Create(t.Context(), p, nil)
+		p, _, err := s.Create(t.Context(), p, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
 		// 60 decrements of 2 race for 100 units: exactly 50 succeed.
-		// 20 renames race with them: none is lost, every version is unique.
+		// 20 updates race with them: every version is unique, and the
+		// last update's description is the one kept.
 		var wg sync.WaitGroup
 		var okAdjust, short atomic.Int64
 		versions := make(chan int64, 100)
+		var lastMu sync.Mutex
+		var last Product // the update committed at the highest version
 		for range 60 {
 			wg.Go(func() {
-				q, err := s.AdjustStock(context.Background(), p.ID, -2, nil, nil)
+				q, _, err := s.AdjustStock(context.Background(), p.ID, -2, nil, nil)
 				switch {
 				case err == nil:
 					okAdjust.Add(1)
@@ -550,14 +553,17 @@ func TestStore_concurrentWrites(t *testing.T) {
 		}
 		for i := range 20 {
 			wg.Go(func() {
-				q, err := s.Update(context.Background(), p.ID, func(p *Product) error {
-					p.Description += fmt.Sprintf("[%d]", i)
-					return nil
-				})
+				q, _, err := s.Update(context.Background(), p.ID, ProductUpdate{Patch: ProductPatch{
+					Description: optional[string]{Set: true, Value: fmt.Sprintf("[%d]", i)}}})
 				if err != nil {
 					t.Errorf("Update: %v", err)
 					return
 				}
+				lastMu.Lock()
+				if q.Version > last.Version {
+					last = q
+				}
+				lastMu.Unlock()
 				versions <- q.Version
 			})
 		}
@@ -580,10 +586,8 @@ func TestStore_concurrentWrites(t *testing.T) {
 		if got.Stock != 0 || got.Version != 1+50+20 {
 			t.Errorf("after the race stock %d version %d, want 0 and %d", got.Stock, got.Version, 1+50+20)
 		}
-		for i := range 20 {
-			if !strings.Contains(got.Description, fmt.Sprintf("[%d]", i)) {
-				t.Errorf("description %q lost rename %d", got.Description, i)
-			}
+		if got.Description != last.Description {
+			t.Errorf("description %q, want %q: the update at version %d was lost", got.Description, last.Description, last.Version)
 		}
 	})
 }
@@ -592,7 +596,7 @@ func TestStore_idempotencyKeyRace(t *testing.T) {
 	forEachStore(t, func(t *testing.T, s productStore) {
 		p := newProduct("IDEM-R")
 		p.Stock = 10
-		p, err := s.Create(t.Context(), p, nil)
+		p, _, err := s.Create(t.Context(), p, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -603,10 +607,7 @@ func TestStore_idempotencyKeyRace(t *testing.T) {
 		var wg sync.WaitGroup
 		for range 20 {
 			wg.Go(func() {
-				q, err := s.AdjustStock(context.Background(), p.ID, -3, nil, key)
-				if r, ok := errors.AsType[*Replay](err); ok {
-					q, err = r.Product, nil
-				}
+				q, _, err := s.AdjustStock(context.Background(), p.ID, -3, nil, key)
 				if err != nil {
 					t.Errorf("AdjustStock: %v", err)
 					return
@@ -630,12 +631,12 @@ func TestStore_idempotencyKeyRace(t *testing.T) {
 
 func TestStore_Delete_returnsProduct(t *testing.T) {
 	forEachStore(t, func(t *testing.T, s productStore) {
-		p, err := s.Create(t.Context(), newProduct("DEL-R"), nil)
+		p, _, err := s.Create(t.Context(), newProduct("DEL-R"), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := s.Delete(t.Context(), p.ID, func(Product) error { return ErrPrecondition }); !errors.Is(err, ErrPrecondition) {
-			t.Errorf("Delete with a refusing check error = %v, want ErrPrecondition", err)
+		if _, err := s.Delete(t.Context(), p.ID, &IfMatch{Versions: []int64{p.Version + 1}}); !errors.Is(err, ErrPrecondition) {
+			t.Errorf("Delete with a failing If-Match error = %v, want ErrPrecondition", err)
 		}
 		gone, err := s.Delete(t.Context(), p.ID, nil)
 		if err != nil {
@@ -648,7 +649,7 @@ func TestStore_Delete_returnsProduct(t *testing.T) {
 			t.Errorf("Get after Delete error = %v, want ErrNotFound", err)
 		}
 		// Ids are never reused.
-		q, err := s.Create(t.Context(), newProduct("DEL-R2"), nil)
+		q, _, err := s.Create(t.Context(), newProduct("DEL-R2"), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -667,7 +668,7 @@ func TestStore_List_cursorWalkEverySort(t *testing.T) {
 			p.Name = []string{"b", "a", "c"}[i%3]
 			p.PriceCents = int64(i % 4 * 100)
 			p.Stock = int64(i % 2)
-			q, err := s.Create(t.Context(), p, nil)
+			q, _, err := s.Create(t.Context(), p, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -752,7 +753,7 @@ func TestStore_ExpireIdempotencyKeys_backlog(t *testing.T) {
 		backlog = 100_000
 	}
 	s := newTestStore(t)
-	if _, err := s.write.ExecContext(t.Context(), `WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
+	if _, err := s.wdb.ExecContext(t.Context(), `WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
 		INSERT INTO idempotency_keys (scope, key, fingerprint, product, product_id, version, created_at)
 		SELECT 'old', 'key-' || i, 'f', x'7b7d', 1, 1, 0 FROM n`, backlog); err != nil {
 		t.Fatal(err)
@@ -775,7 +776,7 @@ func TestStore_ExpireIdempotencyKeys_backlog(t *testing.T) {
 			t.Fatal("expiry did not finish")
 		}
 		key := &IdempotencyKey{Scope: "new", Key: fmt.Sprintf("w-%d", writes), Fingerprint: "f"}
-		if _, err := svc.Create(t.Context(), ProductInput{SKU: new(fmt.Sprintf("BL-%d", writes)), Name: new("x"), PriceCents: new(int64(1))}, key); err != nil {
+		if _, _, err := svc.Create(t.Context(), ProductInput{SKU: new(fmt.Sprintf("BL-%d", writes)), Name: new("x"), PriceCents: new(int64(1))}, key); err != nil {
 			t.Fatalf("client write %d during expiry error = %v, want nil", writes, err)
 		}
 		writes++
@@ -798,7 +799,7 @@ func TestStore_ExpireIdempotencyKeys_backlog(t *testing.T) {
 		t.Errorf("write breaker %s after the expiry, want closed", st)
 	}
 	var left int
-	if err := s.read.QueryRowContext(t.Context(), `SELECT count(*) FROM idempotency_keys`).Scan(&left); err != nil || left != writes {
+	if err := s.rdb.QueryRowContext(t.Context(), `SELECT count(*) FROM idempotency_keys`).Scan(&left); err != nil || left != writes {
 		t.Errorf("keys left = %d, %v, want the %d of the client writes", left, err, writes)
 	}
 	t.Logf("%d keys expired; %d client writes served during the expiry, all succeeded", res.deleted, during)

@@ -42,7 +42,7 @@ func tracedServer(tb testing.TB) (http.Handler, *ProductService, *tracetest.InMe
 
 func TestTracing_RequestSpanTree(t *testing.T) {
 	h, svc, exp, logs := tracedServer(t)
-	p, err := svc.Create(t.Context(), ProductInput{SKU: new("T-1"), Name: new("traced"), PriceCents: new(int64(5))}, nil)
+	p, _, err := svc.Create(t.Context(), ProductInput{SKU: new("T-1"), Name: new("traced"), PriceCents: new(int64(5))}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -113,7 +113,7 @@ func TestTracing_RedisSpanHasCacheHit(t *testing.T) {
 	_, svc, exp, _ := tracedServer(t)
 	svc.redisEnabled = true
 	svc.cache = &mapCache{m: map[int64][]byte{}}
-	p, err := svc.Create(t.Context(), ProductInput{SKU: new("T-2"), Name: new("traced"), PriceCents: new(int64(5))}, nil)
+	p, _, err := svc.Create(t.Context(), ProductInput{SKU: new("T-2"), Name: new("traced"), PriceCents: new(int64(5))}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"database/sql"
 	"errors"
 	"fmt"
 	"sync"
@@ -17,11 +16,12 @@ func holdWriter(tb testing.TB, s *sqliteStore) (release func()) {
 	entered, gate := make(chan struct{}), make(chan struct{})
 	done := make(chan error, 1)
 	go func() {
-		done <- s.writeTx(context.Background(), nil, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := s.write(context.Background(), nil, func(context.Context, querier) ([]byte, error) {
 			close(entered)
 			<-gate
-			return nil
-		}, nil)
+			return nil, nil
+		})
+		done <- err
 	}()
 	<-entered
 	return func() {
@@ -38,13 +38,29 @@ func waitQueued(tb testing.TB, s *sqliteStore, n int) {
 	waitFor(tb, 10*time.Second, fmt.Sprintf("%d queued writes", n), func() bool { return len(s.writes) >= n })
 }
 
-// TestStore_panicInWriteFailsOnlyItself queues, in one group, plain creates,
-// a write that inserts a row and then panics (no savepoint: the group must be
-// run again without it), a write with an idempotency key that panics after
-// its insert (its savepoint takes it back), and a callback after commit that
-// panics. Each panicking write fails alone with a *writePanic carrying the
-// stack; every other write commits; nothing of the panicking ones is left.
-func TestStore_panicInWriteFailsOnlyItself(t *testing.T) {
+// insertRow is a write that inserts a product row with sku, then fails with
+// err or panics with p, on the writer goroutine.
+func insertRow(s *sqliteStore, sku string, err error, p any) func() (Product, error) {
+	return func() (Product, error) {
+		_, werr := s.write(context.Background(), nil, func(ctx context.Context, q querier) ([]byte, error) {
+			if _, err := q.exec(ctx, `INSERT INTO products (sku, name, price_cents, created_at, updated_at) VALUES (?, 'x', 1, 0, 0)`, sku); err != nil {
+				return nil, err
+			}
+			if p != nil {
+				panic(p)
+			}
+			return nil, err
+		})
+		return Product{}, werr
+	}
+}
+
+// TestStore_failingWriteFailsOnlyItself queues, in one group, plain creates
+// and writes that insert a row and then fail: with an error of a kind the
+// store has never seen, with a panic, and with a panic under an idempotency
+// key. Each failing write fails alone (a panic as a *writePanic carrying the
+// stack); every other write commits; nothing of the failing ones is left.
+func TestStore_failingWriteFailsOnlyItself(t *testing.T) {
 	s := newTestStore(t)
 	release := holdWriter(t, s)
 
@@ -55,48 +71,34 @@ func TestStore_panicInWriteFailsOnlyItself(t *testing.T) {
 	}
 	results := make(chan result, 16)
 	var wg sync.WaitGroup
+	queued := 0
 	queue := func(name string, fn func() (Product, error)) {
 		wg.Go(func() {
 			p, err := fn()
 			results <- result{name, p, err}
 		})
+		queued++
+		waitQueued(t, s, queued) // in a known order, so that creates come on both sides of the failures
 	}
-	queued := 0
+	errNew := errors.New("a refusal no list names")
 	for i := range 3 {
 		queue(fmt.Sprintf("create %d", i), func() (Product, error) {
-			return s.Create(context.Background(), newProduct(fmt.Sprintf("OK-%d", i)), nil)
+			p, _, err := s.Create(context.Background(), newProduct(fmt.Sprintf("OK-%d", i)), nil)
+			return p, err
 		})
-		queued++
-		waitQueued(t, s, queued) // in a known order, so that creates come on both sides of the panics
 		if i == 0 {
-			queue("half-written panic", func() (Product, error) {
-				return Product{}, s.writeTx(context.Background(), nil, func(ctx context.Context, tx *sql.Tx) error {
-					if _, err := s.exec(ctx, tx, `INSERT INTO products (sku, name, price_cents, created_at, updated_at) VALUES ('HALF', 'x', 1, 0, 0)`); err != nil {
-						return err
-					}
-					panic("bug after the first statement")
-				}, nil)
-			})
-			queued++
-			waitQueued(t, s, queued)
+			queue("new refusal", insertRow(s, "REFUSED", errNew, nil))
+			queue("panic", insertRow(s, "HALF", nil, "bug after the first statement"))
 			queue("idempotent panic", func() (Product, error) {
-				idem := &idemWrite{key: &IdempotencyKey{Scope: "s", Key: "k", Fingerprint: "f"},
-					result: func() any { panic("bug recording the response") }, replay: productReplay}
-				return Product{}, s.writeTx(context.Background(), idem, func(ctx context.Context, tx *sql.Tx) error {
-					_, err := s.exec(ctx, tx, `INSERT INTO products (sku, name, price_cents, created_at, updated_at) VALUES ('IDEM', 'x', 1, 0, 0)`)
-					return err
-				}, nil)
+				_, err := s.write(context.Background(), &IdempotencyKey{Scope: "s", Key: "k", Fingerprint: "f"},
+					func(ctx context.Context, q querier) ([]byte, error) {
+						if _, err := q.exec(ctx, `INSERT INTO products (sku, name, price_cents, created_at, updated_at) VALUES ('IDEM', 'x', 1, 0, 0)`); err != nil {
+							return nil, err
+						}
+						panic("bug making the snapshot")
+					})
+				return Product{}, err
 			})
-			queued++
-			waitQueued(t, s, queued)
-			queue("onCommit panic", func() (Product, error) {
-				return Product{}, s.writeTx(context.Background(), nil, func(ctx context.Context, tx *sql.Tx) error {
-					_, err := s.exec(ctx, tx, `INSERT INTO products (sku, name, price_cents, created_at, updated_at) VALUES ('AFTER', 'x', 1, 0, 0)`)
-					return err
-				}, func() { panic("bug in a commit callback") })
-			})
-			queued++
-			waitQueued(t, s, queued)
 		}
 	}
 	release()
@@ -107,13 +109,17 @@ func TestStore_panicInWriteFailsOnlyItself(t *testing.T) {
 		var wp *writePanic
 		isPanic := errors.As(r.err, &wp)
 		switch r.name {
-		case "half-written panic", "idempotent panic", "onCommit panic":
-			if !isPanic || len(wp.stack) == 0 {
+		case "new refusal":
+			if !errors.Is(r.err, errNew) {
+				t.Errorf("%s: error = %v, want its own error", r.name, r.err)
+			}
+		case "panic", "idempotent panic":
+			if !isPanic || len(wp.Stack()) == 0 {
 				t.Errorf("%s: error = %v, want a *writePanic with a stack", r.name, r.err)
 			}
 		default:
 			if r.err != nil {
-				t.Errorf("%s: error = %v, want nil: a panic in another write must not fail it", r.name, r.err)
+				t.Errorf("%s: error = %v, want nil: a failure of another write in its group must not fail it", r.name, r.err)
 				continue
 			}
 			if got, err := s.Get(t.Context(), r.p.ID); err != nil || got.SKU != r.p.SKU {
@@ -121,25 +127,28 @@ func TestStore_panicInWriteFailsOnlyItself(t *testing.T) {
 			}
 		}
 	}
-	for _, sku := range []string{"HALF", "IDEM"} {
+	for _, sku := range []string{"REFUSED", "HALF", "IDEM"} {
 		var n int
-		if err := s.read.QueryRowContext(t.Context(), `SELECT count(*) FROM products WHERE sku = ?`, sku).Scan(&n); err != nil || n != 0 {
-			t.Errorf("rows with sku %s = %d, %v, want 0: a panicking write left half of itself", sku, n, err)
+		if err := s.rdb.QueryRowContext(t.Context(), `SELECT count(*) FROM products WHERE sku = ?`, sku).Scan(&n); err != nil || n != 0 {
+			t.Errorf("rows with sku %s = %d, %v, want 0: a failed write left part of itself", sku, n, err)
 		}
 	}
+	var keys int
+	if err := s.rdb.QueryRowContext(t.Context(), `SELECT count(*) FROM idempotency_keys`).Scan(&keys); err != nil || keys != 0 {
+		t.Errorf("idempotency records = %d, %v, want 0", keys, err)
+	}
 	// The writer is alive and the count maintained.
-	if _, err := s.Create(t.Context(), newProduct("LATER"), nil); err != nil {
-		t.Errorf("Create after the panics error = %v, want nil", err)
+	if _, _, err := s.Create(t.Context(), newProduct("LATER"), nil); err != nil {
+		t.Errorf("Create after the failures error = %v, want nil", err)
 	}
 	var rows int64
-	// AFTER committed (only its callback panicked) but was not counted.
-	if err := s.read.QueryRowContext(t.Context(), `SELECT count(*) FROM products WHERE sku != 'AFTER'`).Scan(&rows); err != nil || rows != s.Count() {
+	if err := s.rdb.QueryRowContext(t.Context(), `SELECT count(*) FROM products`).Scan(&rows); err != nil || rows != s.Count() {
 		t.Errorf("products table holds %d rows, Count() = %d", rows, s.Count())
 	}
 }
 
-// TestServer_panicOnWriterAnswers500 makes the change function of a PATCH
-// panic on the store's writer goroutine: the client gets a 500 problem, the
+// TestServer_panicOnWriterAnswers500 makes the write of a PATCH panic on
+// the store's writer goroutine: the client gets a 500 problem, the
 // log the stack, and the next request is served.
 func TestServer_panicOnWriterAnswers500(t *testing.T) {
 	ps := &panickyStore{sqliteStore: newTestStore(t)}
@@ -163,15 +172,16 @@ func TestServer_panicOnWriterAnswers500(t *testing.T) {
 	}
 }
 
-// panickyStore makes Update's change function panic, on the writer goroutine.
+// panickyStore makes Update panic on the writer goroutine.
 type panickyStore struct {
 	*sqliteStore
 	panicUpdates bool
 }
 
-func (s *panickyStore) Update(ctx context.Context, id int64, change func(*Product) error) (Product, error) {
+func (s *panickyStore) Update(ctx context.Context, id int64, u ProductUpdate) (Product, bool, error) {
 	if s.panicUpdates {
-		change = func(*Product) error { panic("bug in a change function") }
+		_, err := s.write(ctx, nil, func(context.Context, querier) ([]byte, error) { panic("bug in a write") })
+		return Product{}, false, err
 	}
-	return s.sqliteStore.Update(ctx, id, change)
+	return s.sqliteStore.Update(ctx, id, u)
 }
