@@ -192,13 +192,17 @@ func (w *writer) commitGroup(ops []*writeOp) {
 		return
 	}
 	defer tx.Rollback()
+	// Savepoints run without a deadline: they touch no page and wait for
+	// nothing (the transaction holds the write lock), and the driver runs a
+	// goroutine for every statement whose context can end.
+	quick := context.Background()
 	for i, op := range ops {
 		if err := op.ctx.Err(); err != nil {
 			errs[i] = err // the client left before its write started: skip it
 			continue
 		}
 		mark := w.fts.mark()
-		if _, err := w.exec(ctx, tx, `SAVEPOINT w`); err != nil {
+		if _, err := tx.ExecContext(quick, `SAVEPOINT w`); err != nil {
 			failAll(err)
 			return
 		}
@@ -208,12 +212,12 @@ func (w *writer) commitGroup(ops []*writeOp) {
 				return
 			}
 			w.fts.undo(mark)
-			if _, err := w.exec(ctx, tx, `ROLLBACK TO w`); err != nil {
+			if _, err := tx.ExecContext(quick, `ROLLBACK TO w`); err != nil {
 				failAll(err)
 				return
 			}
 		}
-		if _, err := w.exec(ctx, tx, `RELEASE w`); err != nil {
+		if _, err := tx.ExecContext(quick, `RELEASE w`); err != nil {
 			failAll(err)
 			return
 		}
