@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -389,4 +390,126 @@ func TestObserve_rejectsSampled(t *testing.T) {
 	if got := counterValue(t, m.rateLimited); got != flood {
 		t.Errorf("http_requests_rate_limited_total = %v, want %d", got, flood)
 	}
+}
+
+// manyLinesBody is a POST /reservations body just under maxBodyBytes whose
+// lines are all empty objects: about 350,000 lines, each missing both its
+// fields.
+func manyLinesBody() string {
+	var b strings.Builder
+	b.WriteString(`{"reference":"a","lines":[{}`)
+	for b.Len() < maxBodyBytes-8 {
+		b.WriteString(",{}")
+	}
+	b.WriteString("]}")
+	return b.String()
+}
+
+// TestReservation_manyLinesRefusedCheaply sends a body of hundreds of
+// thousands of empty lines: it is refused for its line count, without
+// validating each line, in an answer that lists a bounded number of
+// problems.
+func TestReservation_manyLinesRefusedCheaply(t *testing.T) {
+	ts := newTestServer(t, nil)
+	body := manyLinesBody()
+	start := time.Now()
+	r := ts.write(t, "POST", "/reservations", body)
+	elapsed := time.Since(start)
+	t.Logf("%d-byte body: %d answered in %v with %d bytes", len(body), r.status, elapsed, len(r.body))
+	p := checkProblem(t, r, http.StatusUnprocessableEntity, "validation", []string{"lines"})
+	if want := fmt.Sprintf("must have 1 to %d lines", maxReservationLines); p.Errors["lines"] != want {
+		t.Errorf("errors.lines = %q, want %q", p.Errors["lines"], want)
+	}
+	if len(r.body) > 1024 {
+		t.Errorf("answer is %d bytes, want under 1 KiB", len(r.body))
+	}
+}
+
+// TestReservation_tooManyLinesIgnoresLineProblems sends one line more than
+// the limit, each wrong: the count is the only problem named.
+func TestReservation_tooManyLinesIgnoresLineProblems(t *testing.T) {
+	ts := newTestServer(t, nil)
+	lines := strings.Repeat(`{"product_id":0,"quantity":0},`, maxReservationLines+1)
+	r := ts.write(t, "POST", "/reservations", `{"reference":"a","lines":[`+strings.TrimSuffix(lines, ",")+`]}`)
+	checkProblem(t, r, http.StatusUnprocessableEntity, "validation", []string{"lines"})
+
+	in := ReservationInput{Reference: new("a"), Lines: make([]ReservationLine, maxReservationLines+1)}
+	if got := in.Valid(); len(got) != 1 || got["lines"] == "" {
+		t.Errorf("Valid() of %d zero lines = %v, want only the lines count", len(in.Lines), got)
+	}
+}
+
+// TestWriteProblem_capsErrors answers an error with many problems: the
+// first maxProblemsListed by name are listed, and the rest are counted in
+// errors_omitted and in the detail.
+func TestWriteProblem_capsErrors(t *testing.T) {
+	problems := make(map[string]string)
+	for i := range 1000 {
+		problems[fmt.Sprintf("f%04d", i)] = "is wrong"
+	}
+	w := httptest.NewRecorder()
+	writeError(w, httptest.NewRequest("GET", "/products", nil), &ValidationError{Problems: problems})
+	var p struct {
+		Detail  string            `json:"detail"`
+		Errors  map[string]string `json:"errors"`
+		Omitted int               `json:"errors_omitted"`
+	}
+	if err := json.Unmarshal(w.Body.Bytes(), &p); err != nil {
+		t.Fatalf("decoding %s: %v", w.Body.Bytes(), err)
+	}
+	if len(p.Errors) != maxProblemsListed || p.Omitted != 1000-maxProblemsListed {
+		t.Errorf("errors lists %d, errors_omitted = %d; want %d and %d", len(p.Errors), p.Omitted, maxProblemsListed, 1000-maxProblemsListed)
+	}
+	for i := range maxProblemsListed {
+		if k := fmt.Sprintf("f%04d", i); p.Errors[k] == "" {
+			t.Errorf("errors has no %q; want the first %d names", k, maxProblemsListed)
+		}
+	}
+	if !strings.Contains(p.Detail, strconv.Itoa(1000-maxProblemsListed)) {
+		t.Errorf("detail %q does not say how many problems are left out", p.Detail)
+	}
+	// Byte for byte what encoding/json makes of the same document.
+	var want bytes.Buffer
+	enc := json.NewEncoder(&want)
+	enc.SetEscapeHTML(false)
+	enc.Encode(problem{Type: "/problems/validation", Title: http.StatusText(422), Status: 422, Detail: p.Detail,
+		Instance: "/products", Errors: p.Errors, ErrorsOmitted: p.Omitted})
+	if w.Body.String() != want.String() {
+		t.Errorf("capped problem = %s, want %s", w.Body.Bytes(), want.Bytes())
+	}
+
+	// Within the cap, nothing is omitted and errors_omitted is absent.
+	w = httptest.NewRecorder()
+	writeError(w, httptest.NewRequest("GET", "/products", nil), badParam("limit", "is wrong"))
+	if strings.Contains(w.Body.String(), "errors_omitted") {
+		t.Errorf("one problem: body %s has errors_omitted", w.Body.Bytes())
+	}
+}
+
+// The benchmarks below give the cost of each refusal: run them with
+// -benchmem -benchtime=1x for the figures of one request.
+
+func BenchmarkReservation_manyLines(b *testing.B) {
+	ts := newTestServer(b, nil)
+	benchRefusal(b, ts.handler, "POST", "/reservations", manyLinesBody())
+}
+
+// benchRefusal serves one request per iteration and reports the size of
+// the answer.
+func benchRefusal(b *testing.B, h http.Handler, method, target, body string) {
+	b.Helper()
+	var n int
+	b.ReportAllocs()
+	for b.Loop() {
+		req := httptest.NewRequest(method, target, strings.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+testToken)
+		req.Header.Set("Content-Type", "application/json")
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, req)
+		if w.Code < 400 {
+			b.Fatalf("%s %s = %d, want a refusal", method, target, w.Code)
+		}
+		n = w.Body.Len()
+	}
+	b.ReportMetric(float64(n), "resp-bytes")
 }

@@ -279,6 +279,9 @@ func jsonError(err error) error {
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
 		return &BadRequestError{Detail: "the body is not valid JSON (unexpected end)"}
 	}
+	if verr, ok := errors.AsType[*ValidationError](err); ok {
+		return verr // from a type's own UnmarshalJSON, such as reservationLines
+	}
 	if name, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
 		name, _ = strconv.Unquote(name)
 		return badParam(name, "is not a known field")
@@ -384,9 +387,42 @@ func appendReservation(b []byte, r *Reservation) []byte {
 // decoded on its own, as strictly as a body (exact names, no null, no
 // unknown or repeated fields), and named by its index when it is wrong.
 type reservationBody struct {
-	Reference  *string           `json:"reference"`
-	Lines      []json.RawMessage `json:"lines"`
-	TTLSeconds *int64            `json:"ttl_seconds"`
+	Reference  *string          `json:"reference"`
+	Lines      reservationLines `json:"lines"`
+	TTLSeconds *int64           `json:"ttl_seconds"`
+}
+
+// reservationLines is the lines array, each line kept raw. It is counted
+// before anything is made of it: an array of more than maxReservationLines
+// is refused from its first maxReservationLines+1 elements, whatever
+// follows, so a body of hundreds of thousands of lines costs a scan, not a
+// value and a problem per line.
+type reservationLines []json.RawMessage
+
+// UnmarshalJSON splits a JSON array into its elements. It returns a
+// *ValidationError naming lines for more than maxReservationLines of them,
+// as ReservationInput.Valid would. b is valid
+// JSON (checkTopLevelKeys checked the body), so the scan need not check it.
+func (l *reservationLines) UnmarshalJSON(b []byte) error {
+	if len(b) == 0 || b[0] != '[' {
+		if string(b) == "null" {
+			return nil // refused as a null member before this is called
+		}
+		return &json.UnmarshalTypeError{Value: "non-array", Type: reflect.TypeFor[[]reservationLineBody](), Field: "lines"}
+	}
+	var lines reservationLines
+	for i := skipSpace(b, 1); b[i] != ']'; {
+		if len(lines) == maxReservationLines {
+			return &ValidationError{Problems: map[string]string{"lines": fmt.Sprintf("must have 1 to %d lines", maxReservationLines)}}
+		}
+		end := valueEnd(b, i)
+		lines = append(lines, bytes.Clone(b[i:end]))
+		if i = skipSpace(b, end); b[i] == ',' {
+			i = skipSpace(b, i+1)
+		}
+	}
+	*l = lines
+	return nil
 }
 
 type reservationLineBody struct {
