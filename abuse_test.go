@@ -486,12 +486,69 @@ func TestWriteProblem_capsErrors(t *testing.T) {
 	}
 }
 
+// manyKeysPatch is a merge patch just under maxBodyBytes of distinct,
+// unknown keys (0, 1, … in base 36): about 130,000 of them.
+func manyKeysPatch() string {
+	var b strings.Builder
+	b.WriteString("{")
+	for i := 0; b.Len() < maxBodyBytes-16; i++ {
+		if i > 0 {
+			b.WriteString(",")
+		}
+		fmt.Fprintf(&b, `"%s":1`, strconv.FormatInt(int64(i), 36))
+	}
+	b.WriteString("}")
+	return b.String()
+}
+
+// TestPatch_manyKeysRefusedAtOnce sends a merge patch of some hundred
+// thousand distinct keys: the first unknown one is refused, at once.
+func TestPatch_manyKeysRefusedAtOnce(t *testing.T) {
+	ts := newTestServer(t, nil)
+	p := ts.createProduct(t, "K-1", 100)
+	body := manyKeysPatch()
+	done := make(chan response, 1)
+	start := time.Now()
+	go func() {
+		r, err := ts.try("PATCH", "/products/"+strconv.FormatInt(p.ID, 10), strings.NewReader(body), writeHeaders()...)
+		if err != nil {
+			t.Error(err)
+		}
+		done <- r
+	}()
+	var r response
+	select {
+	case r = <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatalf("a %d-byte merge patch of distinct keys was not answered within 5s", len(body))
+	}
+	t.Logf("%d-byte patch: %d answered in %v with %d bytes", len(body), r.status, time.Since(start), len(r.body))
+	checkProblem(t, r, http.StatusBadRequest, "bad-request", []string{"0"})
+
+	// A map target (no known names) keeps its keys in a set: the same
+	// body, every key distinct and allowed, is read in linear time.
+	var m map[string]json.RawMessage
+	start = time.Now()
+	if err := decodeStrict([]byte(body), &m); err != nil || len(m) < 100_000 {
+		t.Fatalf("decodeStrict of %d distinct keys = %v with %d keys", strings.Count(body, ":"), err, len(m))
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("decodeStrict of %d distinct keys took %v, want well under 5s", len(m), d)
+	}
+}
+
 // The benchmarks below give the cost of each refusal: run them with
 // -benchmem -benchtime=1x for the figures of one request.
 
 func BenchmarkReservation_manyLines(b *testing.B) {
 	ts := newTestServer(b, nil)
 	benchRefusal(b, ts.handler, "POST", "/reservations", manyLinesBody())
+}
+
+func BenchmarkPatch_manyKeys(b *testing.B) {
+	ts := newTestServer(b, nil)
+	p := ts.createProduct(b, "K-1", 100)
+	benchRefusal(b, ts.handler, "PATCH", "/products/"+strconv.FormatInt(p.ID, 10), manyKeysPatch())
 }
 
 // benchRefusal serves one request per iteration and reports the size of
