@@ -537,6 +537,34 @@ func TestPatch_manyKeysRefusedAtOnce(t *testing.T) {
 	}
 }
 
+// manyParams is a query string of n unknown parameters.
+func manyParams(n int) string {
+	var b strings.Builder
+	for i := range n {
+		if i > 0 {
+			b.WriteString("&")
+		}
+		fmt.Fprintf(&b, "p%04d=1", i)
+	}
+	return b.String()
+}
+
+// TestQuery_manyParamsRefusedSmall sends 9,999 unknown query parameters
+// (url.ParseQuery reads up to 10,000) to each endpoint that reads a query:
+// each answers 400 with a small body.
+func TestQuery_manyParamsRefusedSmall(t *testing.T) {
+	ts := newTestServer(t, nil)
+	q := manyParams(9999)
+	for _, path := range []string{"/products", "/events", "/reservations"} {
+		r := ts.get(t, path+"?"+q, "Authorization", "Bearer "+testToken)
+		t.Logf("GET %s with 9,999 parameters: %d, %d bytes", path, r.status, len(r.body))
+		checkProblem(t, r, http.StatusBadRequest, "bad-request", nil)
+		if len(r.body) > 2048 {
+			t.Errorf("GET %s with 9,999 unknown parameters: %d-byte answer, want under 2 KiB", path, len(r.body))
+		}
+	}
+}
+
 // The benchmarks below give the cost of each refusal: run them with
 // -benchmem -benchtime=1x for the figures of one request.
 
@@ -549,6 +577,11 @@ func BenchmarkPatch_manyKeys(b *testing.B) {
 	ts := newTestServer(b, nil)
 	p := ts.createProduct(b, "K-1", 100)
 	benchRefusal(b, ts.handler, "PATCH", "/products/"+strconv.FormatInt(p.ID, 10), manyKeysPatch())
+}
+
+func BenchmarkQuery_manyParams(b *testing.B) {
+	ts := newTestServer(b, nil)
+	benchRefusal(b, ts.handler, "GET", "/products?"+manyParams(9999), "")
 }
 
 // benchRefusal serves one request per iteration and reports the size of

@@ -14,7 +14,6 @@ import (
 	"math"
 	"mime"
 	"net/http"
-	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -874,9 +873,9 @@ func handleGetReservation(svc *ProductService) http.Handler {
 // reserving finds them again.
 func handleListReservations(svc *ProductService) http.Handler {
 	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
-		values, err := url.ParseQuery(r.URL.RawQuery)
+		values, err := parseQuery(r.URL.RawQuery)
 		if err != nil {
-			return &BadRequestError{Detail: "the query string is malformed"}
+			return err
 		}
 		problems := map[string]string{}
 		for name, vals := range values {
