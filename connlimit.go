@@ -67,6 +67,10 @@ type connLimiter struct {
 // newConnLimiter returns a limiter of max connections in all and perAddr
 // from one client address; 0 means no bound.
 func newConnLimiter(max, perAddr int, m *metrics, log *slog.Logger) *connLimiter {
+	if files := openFileLimit(); max > files {
+		log.Warn("MAX_CONNS is above the open-file limit: the process may run out of descriptors before refusing a connection",
+			"max_conns", max, "open_file_limit", files)
+	}
 	return &connLimiter{
 		max: max, perAddr: perAddr, metrics: m, log: log,
 		refusals: rejectLog{interval: time.Second},
