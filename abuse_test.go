@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -389,4 +390,216 @@ func TestObserve_rejectsSampled(t *testing.T) {
 	if got := counterValue(t, m.rateLimited); got != flood {
 		t.Errorf("http_requests_rate_limited_total = %v, want %d", got, flood)
 	}
+}
+
+// manyLinesBody is a POST /reservations body just under maxBodyBytes whose
+// lines are all empty objects: about 350,000 lines, each missing both its
+// fields.
+func manyLinesBody() string {
+	var b strings.Builder
+	b.WriteString(`{"reference":"a","lines":[{}`)
+	for b.Len() < maxBodyBytes-8 {
+		b.WriteString(",{}")
+	}
+	b.WriteString("]}")
+	return b.String()
+}
+
+// TestReservation_manyLinesRefusedCheaply sends a body of hundreds of
+// thousands of empty lines: it is refused for its line count, without
+// validating each line, in an answer that lists a bounded number of
+// problems.
+func TestReservation_manyLinesRefusedCheaply(t *testing.T) {
+	ts := newTestServer(t, nil)
+	body := manyLinesBody()
+	start := time.Now()
+	r := ts.write(t, "POST", "/reservations", body)
+	elapsed := time.Since(start)
+	t.Logf("%d-byte body: %d answered in %v with %d bytes", len(body), r.status, elapsed, len(r.body))
+	p := checkProblem(t, r, http.StatusUnprocessableEntity, "validation", []string{"lines"})
+	if want := fmt.Sprintf("must have 1 to %d lines", maxReservationLines); p.Errors["lines"] != want {
+		t.Errorf("errors.lines = %q, want %q", p.Errors["lines"], want)
+	}
+	if len(r.body) > 1024 {
+		t.Errorf("answer is %d bytes, want under 1 KiB", len(r.body))
+	}
+}
+
+// TestReservation_tooManyLinesIgnoresLineProblems sends one line more than
+// the limit, each wrong: the count is the only problem named.
+func TestReservation_tooManyLinesIgnoresLineProblems(t *testing.T) {
+	ts := newTestServer(t, nil)
+	lines := strings.Repeat(`{"product_id":0,"quantity":0},`, maxReservationLines+1)
+	r := ts.write(t, "POST", "/reservations", `{"reference":"a","lines":[`+strings.TrimSuffix(lines, ",")+`]}`)
+	checkProblem(t, r, http.StatusUnprocessableEntity, "validation", []string{"lines"})
+
+	in := ReservationInput{Reference: new("a"), Lines: make([]ReservationLine, maxReservationLines+1)}
+	if got := in.Valid(); len(got) != 1 || got["lines"] == "" {
+		t.Errorf("Valid() of %d zero lines = %v, want only the lines count", len(in.Lines), got)
+	}
+}
+
+// TestWriteProblem_capsErrors answers an error with many problems: the
+// first maxProblemsListed by name are listed, and the rest are counted in
+// errors_omitted and in the detail.
+func TestWriteProblem_capsErrors(t *testing.T) {
+	problems := make(map[string]string)
+	for i := range 1000 {
+		problems[fmt.Sprintf("f%04d", i)] = "is wrong"
+	}
+	w := httptest.NewRecorder()
+	writeError(w, httptest.NewRequest("GET", "/products", nil), &ValidationError{Problems: problems})
+	var p struct {
+		Detail  string            `json:"detail"`
+		Errors  map[string]string `json:"errors"`
+		Omitted int               `json:"errors_omitted"`
+	}
+	if err := json.Unmarshal(w.Body.Bytes(), &p); err != nil {
+		t.Fatalf("decoding %s: %v", w.Body.Bytes(), err)
+	}
+	if len(p.Errors) != maxProblemsListed || p.Omitted != 1000-maxProblemsListed {
+		t.Errorf("errors lists %d, errors_omitted = %d; want %d and %d", len(p.Errors), p.Omitted, maxProblemsListed, 1000-maxProblemsListed)
+	}
+	for i := range maxProblemsListed {
+		if k := fmt.Sprintf("f%04d", i); p.Errors[k] == "" {
+			t.Errorf("errors has no %q; want the first %d names", k, maxProblemsListed)
+		}
+	}
+	if !strings.Contains(p.Detail, strconv.Itoa(1000-maxProblemsListed)) {
+		t.Errorf("detail %q does not say how many problems are left out", p.Detail)
+	}
+	// Byte for byte what encoding/json makes of the same document.
+	var want bytes.Buffer
+	enc := json.NewEncoder(&want)
+	enc.SetEscapeHTML(false)
+	enc.Encode(problem{Type: "/problems/validation", Title: http.StatusText(422), Status: 422, Detail: p.Detail,
+		Instance: "/products", Errors: p.Errors, ErrorsOmitted: p.Omitted})
+	if w.Body.String() != want.String() {
+		t.Errorf("capped problem = %s, want %s", w.Body.Bytes(), want.Bytes())
+	}
+
+	// Within the cap, nothing is omitted and errors_omitted is absent.
+	w = httptest.NewRecorder()
+	writeError(w, httptest.NewRequest("GET", "/products", nil), badParam("limit", "is wrong"))
+	if strings.Contains(w.Body.String(), "errors_omitted") {
+		t.Errorf("one problem: body %s has errors_omitted", w.Body.Bytes())
+	}
+}
+
+// manyKeysPatch is a merge patch just under maxBodyBytes of distinct,
+// unknown keys (0, 1, … in base 36): about 130,000 of them.
+func manyKeysPatch() string {
+	var b strings.Builder
+	b.WriteString("{")
+	for i := 0; b.Len() < maxBodyBytes-16; i++ {
+		if i > 0 {
+			b.WriteString(",")
+		}
+		fmt.Fprintf(&b, `"%s":1`, strconv.FormatInt(int64(i), 36))
+	}
+	b.WriteString("}")
+	return b.String()
+}
+
+// TestPatch_manyKeysRefusedAtOnce sends a merge patch of some hundred
+// thousand distinct keys: the first unknown one is refused, at once.
+func TestPatch_manyKeysRefusedAtOnce(t *testing.T) {
+	ts := newTestServer(t, nil)
+	p := ts.createProduct(t, "K-1", 100)
+	body := manyKeysPatch()
+	done := make(chan response, 1)
+	start := time.Now()
+	go func() {
+		r, err := ts.try("PATCH", "/products/"+strconv.FormatInt(p.ID, 10), strings.NewReader(body), writeHeaders()...)
+		if err != nil {
+			t.Error(err)
+		}
+		done <- r
+	}()
+	var r response
+	select {
+	case r = <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatalf("a %d-byte merge patch of distinct keys was not answered within 5s", len(body))
+	}
+	t.Logf("%d-byte patch: %d answered in %v with %d bytes", len(body), r.status, time.Since(start), len(r.body))
+	checkProblem(t, r, http.StatusBadRequest, "bad-request", []string{"0"})
+
+	// A map target (no known names) keeps its keys in a set: the same
+	// body, every key distinct and allowed, is read in linear time.
+	var m map[string]json.RawMessage
+	start = time.Now()
+	if err := decodeStrict([]byte(body), &m); err != nil || len(m) < 100_000 {
+		t.Fatalf("decodeStrict of %d distinct keys = %v with %d keys", strings.Count(body, ":"), err, len(m))
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("decodeStrict of %d distinct keys took %v, want well under 5s", len(m), d)
+	}
+}
+
+// manyParams is a query string of n unknown parameters.
+func manyParams(n int) string {
+	var b strings.Builder
+	for i := range n {
+		if i > 0 {
+			b.WriteString("&")
+		}
+		fmt.Fprintf(&b, "p%04d=1", i)
+	}
+	return b.String()
+}
+
+// TestQuery_manyParamsRefusedSmall sends 9,999 unknown query parameters
+// (url.ParseQuery reads up to 10,000) to each endpoint that reads a query:
+// each answers 400 with a small body.
+func TestQuery_manyParamsRefusedSmall(t *testing.T) {
+	ts := newTestServer(t, nil)
+	q := manyParams(9999)
+	for _, path := range []string{"/products", "/events", "/reservations"} {
+		r := ts.get(t, path+"?"+q, "Authorization", "Bearer "+testToken)
+		t.Logf("GET %s with 9,999 parameters: %d, %d bytes", path, r.status, len(r.body))
+		checkProblem(t, r, http.StatusBadRequest, "bad-request", nil)
+		if len(r.body) > 2048 {
+			t.Errorf("GET %s with 9,999 unknown parameters: %d-byte answer, want under 2 KiB", path, len(r.body))
+		}
+	}
+}
+
+// The benchmarks below give the cost of each refusal: run them with
+// -benchmem -benchtime=1x for the figures of one request.
+
+func BenchmarkReservation_manyLines(b *testing.B) {
+	ts := newTestServer(b, nil)
+	benchRefusal(b, ts.handler, "POST", "/reservations", manyLinesBody())
+}
+
+func BenchmarkPatch_manyKeys(b *testing.B) {
+	ts := newTestServer(b, nil)
+	p := ts.createProduct(b, "K-1", 100)
+	benchRefusal(b, ts.handler, "PATCH", "/products/"+strconv.FormatInt(p.ID, 10), manyKeysPatch())
+}
+
+func BenchmarkQuery_manyParams(b *testing.B) {
+	ts := newTestServer(b, nil)
+	benchRefusal(b, ts.handler, "GET", "/products?"+manyParams(9999), "")
+}
+
+// benchRefusal serves one request per iteration and reports the size of
+// the answer.
+func benchRefusal(b *testing.B, h http.Handler, method, target, body string) {
+	b.Helper()
+	var n int
+	b.ReportAllocs()
+	for b.Loop() {
+		req := httptest.NewRequest(method, target, strings.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+testToken)
+		req.Header.Set("Content-Type", "application/json")
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, req)
+		if w.Code < 400 {
+			b.Fatalf("%s %s = %d, want a refusal", method, target, w.Code)
+		}
+		n = w.Body.Len()
+	}
+	b.ReportMetric(float64(n), "resp-bytes")
 }

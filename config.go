@@ -40,6 +40,8 @@ type config struct {
 	MaxInFlight     int
 	EventsRetention time.Duration
 	FeedMaxStreams  int
+	MaxConns        int
+	MaxConnsPerIP   int
 
 	Version     bool
 	HealthCheck bool
@@ -105,6 +107,8 @@ func (c *config) settings() []setting {
 		{"MAX_IN_FLIGHT", "max-in-flight", strconv.Itoa(256 * runtime.GOMAXPROCS(0)), "concurrent requests served before shedding load with 503 (0: no limit)", intSetting(&c.MaxInFlight, 0, 1_000_000)},
 		{"EVENTS_RETENTION", "events-retention", "168h", "how long change-feed events are kept (older ones are trimmed; a consumer further behind gets 410)", durRange(&c.EventsRetention, time.Minute, 90*24*time.Hour)},
 		{"FEED_MAX_STREAMS", "feed-max-streams", strconv.Itoa(defaultFeedStreams), "change-feed streams (Server-Sent Events) served at once; more get 503", intSetting(&c.FeedMaxStreams, 1, 10_000)},
+		{"MAX_CONNS", "max-conns", strconv.Itoa(defaultMaxConns()), "TCP connections the API listener holds at once, more are closed unanswered; idle ones are closed above 80% (0: no limit; default: the open-file limit less a tenth)", intSetting(&c.MaxConns, 0, 10_000_000)},
+		{"MAX_CONNS_PER_IP", "max-conns-per-ip", strconv.Itoa(defaultMaxConnsPerAddr), "TCP connections the API listener holds from one client address (IPv6: one /64) (0: no limit)", intSetting(&c.MaxConnsPerIP, 0, 10_000_000)},
 	}
 }
 
@@ -320,5 +324,6 @@ func (c *config) logAttrs() []any {
 		"shutdown_delay", c.ShutdownDelay.String(), "shutdown_timeout", c.ShutdownTimeout.String(),
 		"metrics_addr", c.MetricsAddr, "admin_addr", c.AdminAddr,
 		"rate_limit_rps", c.RateLimitRPS, "rate_limit_burst", c.RateLimitBurst, "max_in_flight", c.MaxInFlight,
+		"max_conns", c.MaxConns, "max_conns_per_ip", c.MaxConnsPerIP,
 	}
 }

@@ -450,8 +450,14 @@ func (in ReservationInput) Valid() map[string]string {
 	case strings.IndexFunc(*in.Reference, func(r rune) bool { return !unicode.IsPrint(r) }) >= 0:
 		problems["reference"] = "must be printable characters"
 	}
+	if in.TTLSeconds != nil && (*in.TTLSeconds < 1 || *in.TTLSeconds > maxHoldTTL) {
+		problems["ttl_seconds"] = fmt.Sprintf("must be an integer from 1 to %d", maxHoldTTL)
+	}
 	if len(in.Lines) < 1 || len(in.Lines) > maxReservationLines {
 		problems["lines"] = fmt.Sprintf("must have 1 to %d lines", maxReservationLines)
+		// Then the count is the lines' problem: naming each line's own
+		// would make the answer grow with the input.
+		return problems
 	}
 	seen := make(map[int64]int, len(in.Lines))
 	for i, l := range in.Lines {
@@ -467,9 +473,6 @@ func (in ReservationInput) Valid() map[string]string {
 		if l.Quantity < 1 || l.Quantity > maxStock {
 			problems[field+".quantity"] = "must be an integer from 1 to 1000000000000"
 		}
-	}
-	if in.TTLSeconds != nil && (*in.TTLSeconds < 1 || *in.TTLSeconds > maxHoldTTL) {
-		problems["ttl_seconds"] = fmt.Sprintf("must be an integer from 1 to %d", maxHoldTTL)
 	}
 	return problems
 }

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"mime"
 	"net/http"
-	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -89,9 +88,9 @@ func handleEvents(svc *ProductService, life *lifecycle, streams *streamSlots) ht
 
 // parseEventsQuery reads after (default 0) and limit (default 100).
 func parseEventsQuery(raw string) (after int64, limit int, err error) {
-	values, err := url.ParseQuery(raw)
+	values, err := parseQuery(raw)
 	if err != nil {
-		return 0, 0, &BadRequestError{Detail: "the query string is malformed"}
+		return 0, 0, err
 	}
 	limit = defaultEventsLimit
 	problems := map[string]string{}

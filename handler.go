@@ -14,7 +14,6 @@ import (
 	"math"
 	"mime"
 	"net/http"
-	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -722,13 +721,39 @@ func retryAfter(d time.Duration) string {
 
 // problem is an RFC 9457 problem document.
 type problem struct {
-	Type      string            `json:"type"`
-	Title     string            `json:"title"`
-	Status    int               `json:"status"`
-	Detail    string            `json:"detail"`
-	Instance  string            `json:"instance"`
-	RequestID string            `json:"request_id,omitempty"`
-	Errors    map[string]string `json:"errors,omitempty"`
+	Type          string            `json:"type"`
+	Title         string            `json:"title"`
+	Status        int               `json:"status"`
+	Detail        string            `json:"detail"`
+	Instance      string            `json:"instance"`
+	RequestID     string            `json:"request_id,omitempty"`
+	Errors        map[string]string `json:"errors,omitempty"`
+	ErrorsOmitted int               `json:"errors_omitted,omitempty"` // problems left out of Errors
+}
+
+// maxProblemsListed bounds the errors a problem document lists: an input
+// can be wrong in as many places as it has bytes, and the answer must stay
+// small however much was sent. The rest are counted, not named.
+const maxProblemsListed = 20
+
+// firstKeys returns the n smallest keys of m, sorted, without sorting all
+// of them: m may hold a problem for every element of a large input.
+func firstKeys(m map[string]string, n int) []string {
+	if len(m) <= n {
+		return slices.Sorted(maps.Keys(m))
+	}
+	keys := make([]string, 0, n+1)
+	for k := range m {
+		if len(keys) == n && k >= keys[n-1] {
+			continue
+		}
+		i, _ := slices.BinarySearch(keys, k)
+		keys = slices.Insert(keys, i, k)
+		if len(keys) > n {
+			keys = keys[:n]
+		}
+	}
+	return keys
 }
 
 // writeProblem writes a problem document and returns the bytes written.
@@ -751,6 +776,11 @@ func writeProblem(w http.ResponseWriter, r *http.Request, status int, slug, deta
 		default:
 			detail = http.StatusText(status)
 		}
+	}
+	listed := firstKeys(problems, maxProblemsListed)
+	omitted := len(problems) - len(listed)
+	if omitted > 0 {
+		detail += fmt.Sprintf(" (%d more problems are not listed; errors names the first %d)", omitted, len(listed))
 	}
 	// Encoded by hand, in problem's field order: a refused request under a
 	// flood must cost less than a served one, and reflection is most of
@@ -776,7 +806,7 @@ func writeProblem(w http.ResponseWriter, r *http.Request, status int, slug, deta
 	}
 	if len(problems) > 0 {
 		b = append(b, `,"errors":{`...)
-		for i, k := range slices.Sorted(maps.Keys(problems)) {
+		for i, k := range listed {
 			if i > 0 {
 				b = append(b, ',')
 			}
@@ -785,6 +815,10 @@ func writeProblem(w http.ResponseWriter, r *http.Request, status int, slug, deta
 			b = appendString(b, problems[k])
 		}
 		b = append(b, '}')
+		if omitted > 0 {
+			b = append(b, `,"errors_omitted":`...)
+			b = strconv.AppendInt(b, int64(omitted), 10)
+		}
 	}
 	b = append(b, "}\n"...)
 	h := w.Header()
@@ -844,9 +878,9 @@ func handleGetReservation(svc *ProductService) http.Handler {
 // reserving finds them again.
 func handleListReservations(svc *ProductService) http.Handler {
 	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
-		values, err := url.ParseQuery(r.URL.RawQuery)
+		values, err := parseQuery(r.URL.RawQuery)
 		if err != nil {
-			return &BadRequestError{Detail: "the query string is malformed"}
+			return err
 		}
 		problems := map[string]string{}
 		for name, vals := range values {

@@ -131,13 +131,20 @@ func appendString(b []byte, s string) []byte {
 // unknown fields, trailing data and, for a struct, null members — with a
 // *BadRequestError naming the field.
 func decodeStrict(body []byte, v any) error {
+	known := knownFields(v)
+	return decodeChecked(body, v, known, known == nil)
+}
+
+// decodeChecked is decodeStrict with the names the object may have given
+// by known (nil: any) and, when nullable, null allowed as a member's value.
+func decodeChecked(body []byte, v any, known map[string]bool, nullable bool) error {
 	if !utf8.Valid(body) {
 		return &BadRequestError{Detail: "the body is not valid UTF-8"}
 	}
 	if len(bytes.TrimSpace(body)) == 0 {
 		return &BadRequestError{Detail: "the body is empty; a JSON object is required"}
 	}
-	if err := checkTopLevelKeys(body, knownFields(v)); err != nil {
+	if err := checkTopLevelKeys(body, known, nullable); err != nil {
 		return err
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
@@ -176,11 +183,17 @@ func knownFields(v any) map[string]bool {
 var fieldCache sync.Map // reflect.Type → map[string]bool
 
 // checkTopLevelKeys makes sure body is a JSON object whose keys are unique
-// and, when known is not nil, each one of the known names. Request bodies
-// are flat objects, so the top level is the level that matters: a nested
-// value fails type checks anyway. It scans the bytes itself rather than
-// through json.Decoder's tokens, which cost more than the decoding proper.
-func checkTopLevelKeys(body []byte, known map[string]bool) error {
+// and, when known is not nil, each one of the known names; and, unless
+// nullable, that no member is null. Request bodies are flat objects, so the
+// top level is the level that matters: a nested value fails type checks
+// anyway. It scans the bytes itself rather than through json.Decoder's
+// tokens, which cost more than the decoding proper.
+//
+// An unknown name is refused as soon as it is read, so with known names at
+// most len(known) keys are ever kept, and looking through them is cheap;
+// with any name allowed, keys go into a set. A body of a hundred thousand
+// keys costs one pass either way.
+func checkTopLevelKeys(body []byte, known map[string]bool, nullable bool) error {
 	if !json.Valid(body) {
 		var v any
 		return jsonError(json.Unmarshal(body, &v))
@@ -190,27 +203,36 @@ func checkTopLevelKeys(body []byte, known map[string]bool) error {
 		return &BadRequestError{Detail: "the body must be a JSON object"}
 	}
 	var seen [16]string
-	keys := seen[:0]
+	keys := seen[:0]       // known != nil: no more than len(known)
+	var set map[string]int // known == nil
 	for i = skipSpace(body, i+1); body[i] != '}'; i = skipSpace(body, i+1) {
 		end := stringEnd(body, i)
 		key := string(body[i+1 : end-1])
 		if bytes.IndexByte(body[i:end], '\\') >= 0 {
 			json.Unmarshal(body[i:end], &key) // valid JSON: cannot fail
 		}
-		if slices.Contains(keys, key) {
-			return badParam(key, "appears more than once")
-		}
 		if known != nil && !known[key] {
 			return badParam(key, "is not a known field")
 		}
-		keys = append(keys, key)
+		if known != nil {
+			if slices.Contains(keys, key) {
+				return badParam(key, "appears more than once")
+			}
+			keys = append(keys, key)
+		} else {
+			if set == nil {
+				set = make(map[string]int)
+			}
+			if set[key]++; set[key] > 1 {
+				return badParam(key, "appears more than once")
+			}
+		}
 		i = skipSpace(body, skipSpace(body, end)+1) // past ':'
 		// POST, PUT and stock bodies type every field plainly (a string, an
 		// integer): null is a wrong type there, not "the default", which is
 		// what leaving the field out means. encoding/json would read it as
-		// the zero value. Only a merge patch (known == nil) gives null a
-		// meaning.
-		if known != nil && bytes.HasPrefix(body[i:], []byte("null")) {
+		// the zero value. Only a merge patch gives null a meaning.
+		if !nullable && bytes.HasPrefix(body[i:], []byte("null")) {
 			return badParam(key, "must not be null; leave the field out instead")
 		}
 		i = skipSpace(body, valueEnd(body, i))
@@ -279,6 +301,9 @@ func jsonError(err error) error {
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
 		return &BadRequestError{Detail: "the body is not valid JSON (unexpected end)"}
 	}
+	if verr, ok := errors.AsType[*ValidationError](err); ok {
+		return verr // from a type's own UnmarshalJSON, such as reservationLines
+	}
 	if name, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
 		name, _ = strconv.Unquote(name)
 		return badParam(name, "is not a known field")
@@ -300,10 +325,12 @@ func jsonTypeName(goType string) string {
 	return "of the documented type"
 }
 
-// decodePatch decodes a JSON merge patch (RFC 7396) of a product.
+// decodePatch decodes a JSON merge patch (RFC 7396) of a product. Its
+// names are a product's members: any other is refused as soon as it is
+// read, before anything is decoded.
 func decodePatch(body []byte) (ProductPatch, error) {
 	var raw map[string]json.RawMessage
-	if err := decodeStrict(body, &raw); err != nil {
+	if err := decodeChecked(body, &raw, knownFields(&Product{}), true); err != nil {
 		return ProductPatch{}, err
 	}
 	var pt ProductPatch
@@ -384,9 +411,42 @@ func appendReservation(b []byte, r *Reservation) []byte {
 // decoded on its own, as strictly as a body (exact names, no null, no
 // unknown or repeated fields), and named by its index when it is wrong.
 type reservationBody struct {
-	Reference  *string           `json:"reference"`
-	Lines      []json.RawMessage `json:"lines"`
-	TTLSeconds *int64            `json:"ttl_seconds"`
+	Reference  *string          `json:"reference"`
+	Lines      reservationLines `json:"lines"`
+	TTLSeconds *int64           `json:"ttl_seconds"`
+}
+
+// reservationLines is the lines array, each line kept raw. It is counted
+// before anything is made of it: an array of more than maxReservationLines
+// is refused from its first maxReservationLines+1 elements, whatever
+// follows, so a body of hundreds of thousands of lines costs a scan, not a
+// value and a problem per line.
+type reservationLines []json.RawMessage
+
+// UnmarshalJSON splits a JSON array into its elements. It returns a
+// *ValidationError naming lines for more than maxReservationLines of them,
+// as ReservationInput.Valid would. b is valid
+// JSON (checkTopLevelKeys checked the body), so the scan need not check it.
+func (l *reservationLines) UnmarshalJSON(b []byte) error {
+	if len(b) == 0 || b[0] != '[' {
+		if string(b) == "null" {
+			return nil // refused as a null member before this is called
+		}
+		return &json.UnmarshalTypeError{Value: "non-array", Type: reflect.TypeFor[[]reservationLineBody](), Field: "lines"}
+	}
+	var lines reservationLines
+	for i := skipSpace(b, 1); b[i] != ']'; {
+		if len(lines) == maxReservationLines {
+			return &ValidationError{Problems: map[string]string{"lines": fmt.Sprintf("must have 1 to %d lines", maxReservationLines)}}
+		}
+		end := valueEnd(b, i)
+		lines = append(lines, bytes.Clone(b[i:end]))
+		if i = skipSpace(b, end); b[i] == ',' {
+			i = skipSpace(b, i+1)
+		}
+	}
+	*l = lines
+	return nil
 }
 
 type reservationLineBody struct {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"maps"
 	"net/url"
 	"strconv"
@@ -37,9 +38,9 @@ const (
 // spelling that normalises alike), else the cursor is refused: a cursor
 // never silently changes the query.
 func parseListQuery(rawQuery string) (ListFilter, error) {
-	values, err := url.ParseQuery(rawQuery)
+	values, err := parseQuery(rawQuery)
 	if err != nil {
-		return ListFilter{Limit: defaultLimit, Sort: "id"}, &BadRequestError{Detail: "the query string is malformed"}
+		return ListFilter{Limit: defaultLimit, Sort: "id"}, err
 	}
 	problems := make(map[string]string)
 	rawCursors := values["cursor"]
@@ -64,6 +65,26 @@ func parseListQuery(rawQuery string) (ListFilter, error) {
 		return f, &BadRequestError{Detail: "invalid query parameters", Problems: problems}
 	}
 	return f, nil
+}
+
+// maxQueryParams bounds the parameters of a query string. No endpoint
+// reads more than eight; beyond this many, the query is refused before it
+// is parsed, so thousands of parameters cost one count of '&', not a value
+// and a problem each.
+const maxQueryParams = 32
+
+// parseQuery is url.ParseQuery for the service's endpoints. It returns a
+// *BadRequestError for a malformed query or one of more than maxQueryParams
+// parameters.
+func parseQuery(rawQuery string) (url.Values, error) {
+	if n := strings.Count(rawQuery, "&") + 1; n > maxQueryParams {
+		return nil, &BadRequestError{Detail: fmt.Sprintf("the query string has %d parameters; at most %d are read", n, maxQueryParams)}
+	}
+	values, err := url.ParseQuery(rawQuery)
+	if err != nil {
+		return nil, &BadRequestError{Detail: "the query string is malformed"}
+	}
+	return values, nil
 }
 
 // parseListValues reads every listing parameter but the cursor, recording

@@ -148,7 +148,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	})
 
 	errc := make(chan error, 3)
-	srv, addr, err := serve(cfg.Addr, handler, log, errc)
+	srv, addr, err := serve(cfg.Addr, handler, log, errc, newConnLimiter(cfg.MaxConns, cfg.MaxConnsPerIP, m, log))
 	if err != nil {
 		return err
 	}
@@ -157,7 +157,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if cfg.MetricsAddr != "" {
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", m.handler())
-		msrv, maddr, err := serve(cfg.MetricsAddr, mux, log, errc)
+		msrv, maddr, err := serve(cfg.MetricsAddr, mux, log, errc, nil)
 		if err != nil {
 			return err
 		}
@@ -165,7 +165,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		servers = append(servers, msrv)
 	}
 	if cfg.AdminAddr != "" {
-		asrv, aaddr, err := serve(cfg.AdminAddr, adminMux(m), log, errc)
+		asrv, aaddr, err := serve(cfg.AdminAddr, adminMux(m), log, errc, nil)
 		if err != nil {
 			return err
 		}
@@ -212,9 +212,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 }
 
-// serve listens on addr and serves h in the background. Serve errors other
-// than a clean shutdown are sent to errc.
-func serve(addr string, h http.Handler, log *slog.Logger, errc chan<- error) (*http.Server, string, error) {
+// serve listens on addr and serves h in the background, its connections
+// bounded by lim (nil: unbounded). Serve errors other than a clean shutdown
+// are sent to errc.
+func serve(addr string, h http.Handler, log *slog.Logger, errc chan<- error, lim *connLimiter) (*http.Server, string, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, "", fmt.Errorf("listen on %s: %w", addr, err)
@@ -227,6 +228,9 @@ func serve(addr string, h http.Handler, log *slog.Logger, errc chan<- error) (*h
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
+	if lim != nil {
+		ln = lim.wrap(ln, srv)
 	}
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {

@@ -227,6 +227,8 @@ func TestRun_invalidConfig(t *testing.T) {
 		{name: "MAX_IN_FLIGHT", env: map[string]string{"MAX_IN_FLIGHT": "many"}, wantName: "MAX_IN_FLIGHT"},
 		{name: "EVENTS_RETENTION", env: map[string]string{"EVENTS_RETENTION": "forever"}, wantName: "EVENTS_RETENTION"},
 		{name: "FEED_MAX_STREAMS", env: map[string]string{"FEED_MAX_STREAMS": "0"}, wantName: "FEED_MAX_STREAMS"},
+		{name: "MAX_CONNS", env: map[string]string{"MAX_CONNS": "-1"}, wantName: "MAX_CONNS", wantText: "from 0 to"},
+		{name: "MAX_CONNS_PER_IP", env: map[string]string{"MAX_CONNS_PER_IP": "lots"}, wantName: "MAX_CONNS_PER_IP"},
 		{name: "flag wins and is named", env: map[string]string{"DB_TIMEOUT": "1s"}, args: []string{"-db-timeout=abc"}, wantName: "-db-timeout"},
 		{name: "unknown flag", args: []string{"-no-such-flag"}, wantName: "no-such-flag"},
 		{name: "stray argument", args: []string{"serve"}, wantName: "serve"},

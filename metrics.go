@@ -34,6 +34,9 @@ type metrics struct {
 	fenceRounds    prometheus.Counter
 	fenceWait      prometheus.Histogram
 	changesApplied prometheus.Counter
+	connsOpen      prometheus.Gauge
+	connsRefused   *prometheus.CounterVec
+	idleClosed     prometheus.Counter
 }
 
 // newMetrics registers the service's series, and the Go runtime and process
@@ -111,6 +114,18 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 			Name: "changelog_events_applied_total",
 			Help: "Change-log events (any replica's writes) applied to this process's caches; PostgreSQL only.",
 		}),
+		connsOpen: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "http_connections_open",
+			Help: "TCP connections open on the API listener (MAX_CONNS bounds them).",
+		}),
+		connsRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "http_connections_refused_total",
+			Help: "TCP connections closed unanswered as they were accepted, by the limit they were over: max_conns or max_conns_per_ip.",
+		}, []string{"reason"}),
+		idleClosed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "http_idle_connections_closed_total",
+			Help: "Idle keep-alive connections closed early because the API listener held over 80% of MAX_CONNS.",
+		}),
 	}
 	reg.MustRegister(
 		collectors.NewGoCollector(),
@@ -118,7 +133,10 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 		m.requests, m.duration, m.inFlight, m.cacheRequests, m.localRequests,
 		m.invalidations, m.breakerStates, m.breakerChanges, m.shed, m.rateLimited,
 		m.reservations, m.feedStreams, m.feedLag, m.fenceRounds, m.fenceWait, m.changesApplied,
+		m.connsOpen, m.connsRefused, m.idleClosed,
 	)
+	m.connsRefused.WithLabelValues("max_conns")
+	m.connsRefused.WithLabelValues("max_conns_per_ip")
 	for _, s := range []string{StateHeld, StateConfirmed, StateReleased, StateExpired} {
 		m.reservations.WithLabelValues(s)
 	}

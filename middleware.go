@@ -366,12 +366,24 @@ func clientKey(r *http.Request) string {
 	if err != nil {
 		return ip
 	}
-	a = a.Unmap().WithZone("")
-	if a.Is6() {
-		p, _ := a.Prefix(64)
-		return p.String()
+	p := clientPrefix(a)
+	if p.Addr().Is4() {
+		return p.Addr().String()
 	}
-	return a.String()
+	return p.String()
+}
+
+// clientPrefix is the block of addresses one client is taken to hold: its
+// IPv4 address (/32), or the /64 of its IPv6 address. The rate limit and
+// the connection limits (connLimiter) both count clients by it.
+func clientPrefix(a netip.Addr) netip.Prefix {
+	a = a.Unmap().WithZone("")
+	bits := 32
+	if a.Is6() {
+		bits = 64
+	}
+	p, _ := a.Prefix(bits)
+	return p
 }
 
 // rateLimiter keeps a token bucket per client: the bearer token's digest
