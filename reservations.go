@@ -41,6 +41,7 @@ func (s *ProductService) Reserve(ctx context.Context, in ReservationInput, idem 
 	if held.Replayed {
 		return held.Reservation, true, nil
 	}
+	s.holds.lower(held.Reservation.ExpiresAt)
 	s.publishAll(ctx, held.Changed)
 	s.metrics.reservation(StateHeld)
 	return held.Reservation, false, nil
@@ -83,6 +84,7 @@ func (s *ProductService) transition(ctx context.Context, id, to string) (Reserva
 
 // Reservation returns reservation id, or ErrReservationNotFound.
 func (s *ProductService) Reservation(ctx context.Context, id string) (Reservation, error) {
+	s.expireDue(ctx)
 	var r Reservation
 	err := guard(s.readCB, func() error {
 		var err error
@@ -95,6 +97,7 @@ func (s *ProductService) Reservation(ctx context.Context, id string) (Reservatio
 // ReservationsByReference returns the newest reservations made under ref,
 // newest first.
 func (s *ProductService) ReservationsByReference(ctx context.Context, ref string) ([]Reservation, error) {
+	s.expireDue(ctx)
 	var rs []Reservation
 	err := guard(s.readCB, func() error {
 		var err error
@@ -112,9 +115,8 @@ func (s *ProductService) publishAll(ctx context.Context, ps []Product) {
 }
 
 // SweepReservations runs until ctx ends, recording due holds as expired
-// every interval. Their units count as available from the moment they
-// expire (writes release due lines themselves); the sweep records the
-// state and frees what no write has touched.
+// every interval, so that holds no read or write touches are recorded too
+// (see expireDue for reads, releaseDueLines for writes).
 func (s *ProductService) SweepReservations(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
@@ -124,22 +126,12 @@ func (s *ProductService) SweepReservations(ctx context.Context, interval time.Du
 			return
 		case <-t.C:
 		}
-		for range 100 { // at most 10,000 a round; the rest next round
-			n, changed, err := s.store.ExpireReservations(ctx, 100)
-			s.publishAll(ctx, changed)
-			for range n {
-				s.metrics.reservation(StateExpired)
+		s.flight.Do("expire holds", func() (any, error) {
+			if err := s.sweepHolds(ctx); err != nil && ctx.Err() == nil {
+				s.log.Warn("expire reservations", "err", err.Error())
 			}
-			if err != nil {
-				if ctx.Err() == nil {
-					s.log.Warn("expire reservations", "err", err.Error())
-				}
-				break
-			}
-			if n < 100 {
-				break
-			}
-		}
+			return nil, nil
+		})
 	}
 }
 

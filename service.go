@@ -36,6 +36,7 @@ type ProductService struct {
 	redisCB *gobreaker.CircuitBreaker[struct{}]
 
 	flight singleflight.Group
+	holds  holdClock   // when the earliest open hold expires (holds.go)
 	feed   *feedSignal // wakes change-feed streams after each write
 	follow *follower   // nil unless the store is shared by other processes
 }
@@ -227,6 +228,7 @@ func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, stri
 	if err := s.fence(ctx); err != nil {
 		return cachedProduct{}, cacheMiss, err
 	}
+	s.expireDue(ctx)
 	if v, ok := s.local.get(id); ok {
 		s.metrics.localCache(true)
 		return v, cacheLocal, nil
@@ -570,6 +572,7 @@ func (s *ProductService) ListJSON(ctx context.Context, key string, f ListFilter)
 	if err := s.fence(ctx); err != nil {
 		return nil, err
 	}
+	s.expireDue(ctx)
 	b, gen, ok := s.pages.get(key)
 	if ok {
 		return b, nil
