@@ -51,9 +51,9 @@ func buildVersion() string {
 // run starts the service and blocks until ctx ends or a signal arrives,
 // then shuts down gracefully. A second signal stops it at once.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	cfg, err := parseConfig(args, getenv, stderr)
+	cfg, err := parseConfig(args, getenv, stdout)
 	if errors.Is(err, flag.ErrHelp) {
-		return nil
+		return nil // the usage went to stdout: asked for, so not an error
 	}
 	if err != nil {
 		return err

@@ -304,13 +304,62 @@ func TestRun_version(t *testing.T) {
 	if _, err := os.Stat(dbPath); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("run(-version) created the database (stat error %v)", err)
 	}
-	// -h prints usage and is not an error.
-	var usage syncBuffer
-	if err := run(t.Context(), []string{"productsvc", "-h"}, envFunc(nil), io.Discard, &usage); err != nil {
-		t.Errorf("run(-h) = %v, want nil", err)
+}
+
+// TestRun_help: -h is asked for, so its usage goes to stdout and run
+// returns nil (exit status 0); each flag shows what its value is.
+func TestRun_help(t *testing.T) {
+	for _, arg := range []string{"-h", "-help", "--help"} {
+		t.Run(arg, func(t *testing.T) {
+			var stdout, stderr syncBuffer
+			dir := t.TempDir()
+			err := run(t.Context(), []string{"productsvc", arg}, envFunc(map[string]string{"DB_PATH": filepath.Join(dir, "products.db")}), &stdout, &stderr)
+			if err != nil {
+				t.Fatalf("run(%s) = %v, want nil", arg, err)
+			}
+			if stderr.String() != "" {
+				t.Errorf("run(%s) wrote to stderr: %q", arg, stderr.String())
+			}
+			usage := stdout.String()
+			if !strings.HasPrefix(usage, "Usage: productsvc [flags]") {
+				t.Errorf("run(%s) usage starts %q, want \"Usage: productsvc [flags]\"", arg, usage[:min(len(usage), 40)])
+			}
+			for _, s := range (&config{}).settings() {
+				if !strings.Contains(usage, "(env "+s.env+")") {
+					t.Errorf("run(%s) usage does not name %s", arg, s.env)
+				}
+			}
+			for line := range strings.Lines(usage) {
+				if f := strings.Fields(line); len(f) == 2 && strings.HasPrefix(f[0], "-") && (f[1] == "string" || f[1] == "value") {
+					t.Errorf("run(%s) usage line %q: want a placeholder that says what the value is", arg, strings.TrimSpace(line))
+				}
+			}
+			if entries, _ := os.ReadDir(dir); len(entries) > 0 {
+				t.Errorf("run(%s) created %v", arg, entries)
+			}
+		})
 	}
-	if !strings.Contains(usage.String(), "-db-timeout") {
-		t.Errorf("run(-h) usage on stderr = %q, want the flags listed", usage.String())
+}
+
+// TestSettings_examplesAccepted: an error that suggests values ("such as
+// 5s or 10m") suggests values the setting accepts.
+func TestSettings_examplesAccepted(t *testing.T) {
+	for _, s := range (&config{}).settings() {
+		err := s.set("\x00not valid")
+		if err == nil {
+			continue // accepts anything (API_TOKEN)
+		}
+		_, examples, ok := strings.Cut(err.Error(), "such as ")
+		if !ok {
+			continue
+		}
+		examples, _, _ = strings.Cut(examples, ", ")
+		examples, _, _ = strings.Cut(examples, ": ")
+		for ex := range strings.SplitSeq(examples, " or ") {
+			if err := s.set(ex); err != nil {
+				t.Errorf("%s suggests %q, which it refuses: %v", s.env, ex, err)
+			}
+		}
 	}
 }
 
