@@ -97,6 +97,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if cfg.CopyTo != "" {
 		return copyToPostgres(ctx, storeCfg, cfg.CopyTo, stderr)
 	}
+	// Bind every listener before the store is opened: a port another
+	// process holds stops the start before a database file or its lock
+	// is created. Nothing is served until the store is open.
+	lns, err := listenAll(cfg)
+	if err != nil {
+		return err
+	}
+	defer lns.close() // a no-op once served: Shutdown closes them
 	store, err := openStore(ctx, storeCfg)
 	if err != nil {
 		return fmt.Errorf("open store: %w", err)
@@ -148,29 +156,17 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	})
 
 	errc := make(chan error, 3)
-	srv, addr, err := serve(cfg.Addr, handler, log, errc)
-	if err != nil {
-		return err
-	}
-	log.Info("listening", "addr", addr)
-	servers := []*http.Server{srv}
-	if cfg.MetricsAddr != "" {
+	servers := []*http.Server{serve(lns.main, handler, log, errc)}
+	log.Info("listening", "addr", lns.main.Addr().String())
+	if lns.metrics != nil {
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", m.handler())
-		msrv, maddr, err := serve(cfg.MetricsAddr, mux, log, errc)
-		if err != nil {
-			return err
-		}
-		log.Info("metrics listening", "addr", maddr)
-		servers = append(servers, msrv)
+		servers = append(servers, serve(lns.metrics, mux, log, errc))
+		log.Info("metrics listening", "addr", lns.metrics.Addr().String())
 	}
-	if cfg.AdminAddr != "" {
-		asrv, aaddr, err := serve(cfg.AdminAddr, adminMux(m), log, errc)
-		if err != nil {
-			return err
-		}
-		log.Info("admin listening", "addr", aaddr)
-		servers = append(servers, asrv)
+	if lns.admin != nil {
+		servers = append(servers, serve(lns.admin, adminMux(m), log, errc))
+		log.Info("admin listening", "addr", lns.admin.Addr().String())
 	}
 	life.started.Store(true)
 
@@ -212,13 +208,48 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 }
 
-// serve listens on addr and serves h in the background. Serve errors other
-// than a clean shutdown are sent to errc.
-func serve(addr string, h http.Handler, log *slog.Logger, errc chan<- error) (*http.Server, string, error) {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, "", fmt.Errorf("listen on %s: %w", addr, err)
+// listeners are the bound listeners; metrics and admin are nil when their
+// setting is empty.
+type listeners struct{ main, metrics, admin net.Listener }
+
+func (l listeners) close() {
+	for _, ln := range []net.Listener{l.main, l.metrics, l.admin} {
+		if ln != nil {
+			ln.Close()
+		}
 	}
+}
+
+// listenAll binds ADDR, METRICS_ADDR and ADMIN_ADDR (those set). On an
+// error it closes what it bound and names the setting: "listen on ADDR
+// 127.0.0.1:8080: bind: address already in use".
+func listenAll(cfg *config) (listeners, error) {
+	var lns listeners
+	for _, l := range []struct {
+		setting, addr string
+		dst           *net.Listener
+	}{{"ADDR", cfg.Addr, &lns.main}, {"METRICS_ADDR", cfg.MetricsAddr, &lns.metrics}, {"ADMIN_ADDR", cfg.AdminAddr, &lns.admin}} {
+		if l.addr == "" {
+			continue
+		}
+		ln, err := net.Listen("tcp", l.addr)
+		if err != nil {
+			lns.close()
+			var op *net.OpError
+			if errors.As(err, &op) {
+				err = op.Err // "bind: address already in use", without the address again
+			}
+			return listeners{}, fmt.Errorf("listen on %s %s: %w", l.setting, l.addr, err)
+		}
+		*l.dst = ln
+	}
+	return lns, nil
+}
+
+// serve serves h on ln in the background. Serve errors other than a clean
+// shutdown are sent to errc.
+func serve(ln net.Listener, h http.Handler, log *slog.Logger, errc chan<- error) *http.Server {
+	addr := ln.Addr().String()
 	srv := &http.Server{
 		Handler:           h,
 		ReadHeaderTimeout: 5 * time.Second,  // slowloris: headers must arrive promptly
@@ -233,7 +264,7 @@ func serve(addr string, h http.Handler, log *slog.Logger, errc chan<- error) (*h
 			errc <- fmt.Errorf("serve %s: %w", addr, err)
 		}
 	}()
-	return srv, ln.Addr().String(), nil
+	return srv
 }
 
 // shutdown fails readiness, keeps serving for SHUTDOWN_DELAY so load

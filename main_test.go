@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -360,6 +361,32 @@ func TestSettings_examplesAccepted(t *testing.T) {
 				t.Errorf("%s suggests %q, which it refuses: %v", s.env, ex, err)
 			}
 		}
+	}
+}
+
+// TestRun_portInUse: a listen address another process holds stops the
+// start before the store is opened, so no database file or lock is left
+// behind, and the error names the setting.
+func TestRun_portInUse(t *testing.T) {
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	for _, setting := range []string{"ADDR", "METRICS_ADDR", "ADMIN_ADDR"} {
+		t.Run(setting, func(t *testing.T) {
+			dir := t.TempDir()
+			env := map[string]string{"ADDR": "127.0.0.1:0", "DB_PATH": filepath.Join(dir, "products.db"), "API_TOKEN": "t"}
+			env[setting] = busy.Addr().String()
+			var stdout, stderr syncBuffer
+			err := run(t.Context(), []string{"productsvc"}, envFunc(env), &stdout, &stderr)
+			if err == nil || !strings.Contains(err.Error(), setting+" "+busy.Addr().String()) || !errors.Is(err, syscall.EADDRINUSE) {
+				t.Fatalf("run() with %s busy = %v, want an error naming %s %s, address in use", setting, err, setting, busy.Addr())
+			}
+			if entries, err := os.ReadDir(dir); err != nil || len(entries) > 0 {
+				t.Errorf("after a busy %s the directory holds %v (error %v), want nothing created", setting, entries, err)
+			}
+		})
 	}
 }
 
