@@ -14,9 +14,11 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"net/url"
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -123,6 +125,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			return &configError{msg: "invalid REDIS_URL: " + err.Error()}
 		}
 		c = rc
+		checkRedis(ctx, rc, cfg, log)
 	}
 
 	reg := prometheus.NewRegistry()
@@ -265,6 +268,28 @@ func serve(ln net.Listener, h http.Handler, log *slog.Logger, errc chan<- error)
 		}
 	}()
 	return srv
+}
+
+// checkRedis tries Redis once at start, so a wrong or unreachable REDIS_URL
+// is in the log before the first request finds it. Redis is optional: the
+// service starts either way, and the redis breaker handles it from here.
+// The try is bounded by three REDIS_TIMEOUTs: a new connection's dial, the
+// INFO it sends, then PING.
+func checkRedis(ctx context.Context, rc *redisCache, cfg *config, log *slog.Logger) {
+	ctx, cancel := context.WithTimeout(ctx, 3*cfg.RedisTimeout)
+	defer cancel()
+	err := rc.Ping(ctx)
+	if err == nil {
+		return
+	}
+	msg := err.Error()
+	if u, perr := url.Parse(cfg.RedisURL); perr == nil {
+		if pw, ok := u.User.Password(); ok && pw != "" {
+			msg = strings.ReplaceAll(msg, pw, "xxxxx") // no Redis error should carry it; never log it
+		}
+	}
+	log.Warn("Redis is not answering at start; serving from the database until it does",
+		"redis_url", redactURL(cfg.RedisURL), "err", msg)
 }
 
 // shutdown fails readiness, keeps serving for SHUTDOWN_DELAY so load

@@ -390,6 +390,48 @@ func TestRun_portInUse(t *testing.T) {
 	}
 }
 
+// TestRun_redisUnreachable: a REDIS_URL nothing answers at is logged at
+// WARN at start, without its password, and the service starts anyway.
+func TestRun_redisUnreachable(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := ln.Addr().String()
+	ln.Close() // a port nothing listens on: connection refused
+	svc := runService(t, map[string]string{
+		"ADDR": "127.0.0.1:0", "DB_PATH": filepath.Join(t.TempDir(), "products.db"), "API_TOKEN": "t",
+		"REDIS_URL": "redis://:hunter2@" + closed + "/0", "REDIS_TIMEOUT": "50ms",
+	})
+	addr := svc.listeningAddr(t)
+	var warned bool
+	for _, l := range svc.stdout.logLines() {
+		if l["level"] == "WARN" && strings.Contains(fmt.Sprint(l["msg"]), "Redis") {
+			warned = true
+			if got := fmt.Sprint(l["redis_url"]); got != "redis://:xxxxx@"+closed+"/0" {
+				t.Errorf("redis_url = %q, want the URL with its password redacted", got)
+			}
+			if got := fmt.Sprint(l["err"]); !strings.Contains(got, "refused") {
+				t.Errorf("err = %q, want the cause (connection refused)", got)
+			}
+		}
+	}
+	if !warned {
+		t.Errorf("no WARN line about Redis before listening; log:\n%s", svc.stdout)
+	}
+	if strings.Contains(svc.stdout.String()+svc.stderr.String(), "hunter2") {
+		t.Errorf("the log shows the Redis password:\n%s", svc.stdout)
+	}
+	resp, err := http.Get("http://" + addr + "/health")
+	if err != nil {
+		t.Fatalf("GET /health: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("GET /health = %d, want 200: Redis is optional", resp.StatusCode)
+	}
+}
+
 // TestRun_databaseInUse starts a second run on the database file of a
 // running one: it must refuse to start, naming DB_PATH and the holder, and
 // the first must keep serving. Once the first has stopped, the file is free.
