@@ -119,7 +119,10 @@ trap 'exit 0' INT TERM
 
 # ---- checks ----------------------------------------------------------------
 missing=()
-for t in go curl haproxy; do command -v "$t" >/dev/null || missing+=("$t"); done
+for t in go curl; do command -v "$t" >/dev/null || missing+=("$t"); done
+# Debian installs HAProxy in /usr/sbin, which is not on every user's PATH.
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+[[ -x $HAPROXY ]] || missing+=(haproxy)
 [[ -n ${REDIS_URL:-} ]] || command -v redis-server >/dev/null || missing+=(redis-server)
 if [[ -z ${DATABASE_URL:-} ]] && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null && ! command -v initdb >/dev/null; then
 	missing+=(postgresql)
@@ -216,7 +219,7 @@ done
 log "replicas r1 r2 r3 up on 127.0.0.1:${REPLICA_PORTS[0]}..${REPLICA_PORTS[2]}"
 
 # ---- HAProxy ---------------------------------------------------------------
-start haproxy - haproxy -db -f "$CFG"
+start haproxy - "$HAPROXY" -db -f "$CFG"
 for ((t = 0; t < 100; t++)); do
 	in_use 8080 && break
 	running "$PID" || die "haproxy did not start"
