@@ -106,7 +106,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
-	defer lns.close() // a no-op once served: Shutdown closes them
+	defer lns.close() // frees the ports if the start fails; after Shutdown, closing again is harmless
 	store, err := openStore(ctx, storeCfg)
 	if err != nil {
 		return fmt.Errorf("open store: %w", err)
