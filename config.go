@@ -53,7 +53,9 @@ type configError struct{ msg string }
 
 func (e *configError) Error() string { return e.msg }
 
-// setting is one configuration value, its sources and its parser.
+// setting is one configuration value, its sources and its parser. usage
+// names its value's placeholder in backquotes, as package flag expects:
+// "-addr host:port", not "-addr string".
 type setting struct {
 	env, flag, def, usage string
 	set                   func(string) error
@@ -61,17 +63,17 @@ type setting struct {
 
 func (c *config) settings() []setting {
 	return []setting{
-		{"ADDR", "addr", ":8080", "listen address", strSetting(&c.Addr, listenAddr)},
-		{"DATABASE_URL", "database-url", "", "PostgreSQL URL, e.g. postgres://user:pass@host:5432/db?sslmode=require (empty: SQLite at DB_PATH)", strSetting(&c.DatabaseURL, emptyOr(postgresURL))},
-		{"DB_PATH", "db", "products.db", "SQLite database file (when DATABASE_URL is empty)", strSetting(&c.DBPath, nonEmpty)},
-		{"DB_SYNC", "db-sync", "full", "SQLite synchronous mode: full (durable on power loss) or normal", strSetting(&c.DBSync, oneOf("full", "normal"))},
-		{"DB_TIMEOUT", "db-timeout", "2s", "bound on each database query and write batch", durSetting(&c.DBTimeout, time.Millisecond)},
-		{"REDIS_URL", "redis-url", "", "Redis URL for the shared cache, e.g. redis://localhost:16379/0 (empty: no Redis)", strSetting(&c.RedisURL, redisURL)},
-		{"REDIS_TIMEOUT", "redis-timeout", "100ms", "bound on each Redis call", durSetting(&c.RedisTimeout, time.Millisecond)},
-		{"CACHE_TTL", "cache-ttl", "5m", "how long cached products live", durSetting(&c.CacheTTL, time.Second)},
-		{"LOCAL_CACHE_SIZE", "local-cache-size", "10000", "products kept in the in-process cache (0: none)", intSetting(&c.LocalCacheSize, 0, 10_000_000)},
-		{"CACHE_MEMORY", "cache-memory", "32MiB", "bytes the in-process product and page caches may hold together, e.g. 64MiB (0: no in-process caches)", byteSetting(&c.CacheMemory, 1<<40)},
-		{"API_TOKEN", "api-token", "", "comma-separated bearer tokens accepted for writes (empty: one is generated and logged)", func(s string) error {
+		{"ADDR", "addr", ":8080", "listen on `host:port` (or :port)", strSetting(&c.Addr, listenAddr)},
+		{"DATABASE_URL", "database-url", "", "use the PostgreSQL database at `url`, e.g. postgres://user:pass@host:5432/db?sslmode=require (empty: SQLite at DB_PATH)", strSetting(&c.DatabaseURL, emptyOr(postgresURL))},
+		{"DB_PATH", "db", "products.db", "SQLite database `file` (when DATABASE_URL is empty)", strSetting(&c.DBPath, nonEmpty)},
+		{"DB_SYNC", "db-sync", "full", "SQLite synchronous `mode`: full (durable on power loss) or normal", strSetting(&c.DBSync, oneOf("full", "normal"))},
+		{"DB_TIMEOUT", "db-timeout", "2s", "bound each database query and write batch by `duration`", durSetting(&c.DBTimeout, time.Millisecond)},
+		{"REDIS_URL", "redis-url", "", "use the Redis at `url` as the shared cache, e.g. redis://localhost:6379/0 (empty: no Redis)", strSetting(&c.RedisURL, redisURL)},
+		{"REDIS_TIMEOUT", "redis-timeout", "100ms", "bound each Redis call by `duration`", durSetting(&c.RedisTimeout, time.Millisecond)},
+		{"CACHE_TTL", "cache-ttl", "5m", "keep cached products for `duration`", durSetting(&c.CacheTTL, time.Second)},
+		{"LOCAL_CACHE_SIZE", "local-cache-size", "10000", "keep up to `n` products in the in-process cache (0: no in-process caches)", intSetting(&c.LocalCacheSize, 0, 10_000_000)},
+		{"CACHE_MEMORY", "cache-memory", "32MiB", "let the in-process product and page caches hold `size` bytes together, e.g. 64MiB (0: no in-process caches)", byteSetting(&c.CacheMemory, 1<<40)},
+		{"API_TOKEN", "api-token", "", "accept these comma-separated bearer `tokens` for writes (empty: one is generated and logged)", func(s string) error {
 			c.APITokens = nil
 			for _, t := range strings.Split(s, ",") {
 				if t = strings.TrimSpace(t); t != "" {
@@ -83,7 +85,7 @@ func (c *config) settings() []setting {
 			}
 			return nil
 		}},
-		{"LOG_LEVEL", "log-level", "info", "debug, info, warn or error", func(s string) error {
+		{"LOG_LEVEL", "log-level", "info", "log at `level` debug, info, warn or error", func(s string) error {
 			// slog also reads "INFO+2" and upper case; the documented
 			// values are these four, and an error lists them.
 			if err := oneOf("debug", "info", "warn", "error")(s); err != nil {
@@ -91,11 +93,11 @@ func (c *config) settings() []setting {
 			}
 			return c.LogLevel.UnmarshalText([]byte(s))
 		}},
-		{"SHUTDOWN_DELAY", "shutdown-delay", "0s", "how long to keep serving after a shutdown signal, with /ready failing", durSetting(&c.ShutdownDelay, 0)},
-		{"SHUTDOWN_TIMEOUT", "shutdown-timeout", "25s", "how long to wait for in-flight requests to finish", durSetting(&c.ShutdownTimeout, time.Millisecond)},
-		{"METRICS_ADDR", "metrics-addr", "", "separate listen address for /metrics (empty: on the main listener)", strSetting(&c.MetricsAddr, hostPort)},
-		{"ADMIN_ADDR", "admin-addr", "", "loopback listen address for pprof and /metrics (empty: off)", strSetting(&c.AdminAddr, loopbackHostPort)},
-		{"RATE_LIMIT_RPS", "rate-limit-rps", "0", "requests per second per client (0: no limit)", func(s string) error {
+		{"SHUTDOWN_DELAY", "shutdown-delay", "0s", "after a shutdown signal, keep serving for `duration` with /ready failing", durSetting(&c.ShutdownDelay, 0)},
+		{"SHUTDOWN_TIMEOUT", "shutdown-timeout", "25s", "after the delay, wait up to `duration` for in-flight requests to finish", durSetting(&c.ShutdownTimeout, time.Millisecond)},
+		{"METRICS_ADDR", "metrics-addr", "", "serve /metrics on `host:port` of its own (empty: on the main listener)", strSetting(&c.MetricsAddr, hostPort)},
+		{"ADMIN_ADDR", "admin-addr", "", "serve pprof and /metrics on loopback `host:port` (empty: off)", strSetting(&c.AdminAddr, loopbackHostPort)},
+		{"RATE_LIMIT_RPS", "rate-limit-rps", "0", "allow each client `rps` requests per second (0: no limit)", func(s string) error {
 			v, err := strconv.ParseFloat(s, 64)
 			if err != nil || v < 0 || v > 1e6 || v != v {
 				return errors.New("must be a number from 0 to 1000000")
@@ -103,12 +105,12 @@ func (c *config) settings() []setting {
 			c.RateLimitRPS = v
 			return nil
 		}},
-		{"RATE_LIMIT_BURST", "rate-limit-burst", "0", "burst per client (0: the rate, rounded up)", intSetting(&c.RateLimitBurst, 0, 1_000_000)},
-		{"MAX_IN_FLIGHT", "max-in-flight", strconv.Itoa(256 * runtime.GOMAXPROCS(0)), "concurrent requests served before shedding load with 503 (0: no limit)", intSetting(&c.MaxInFlight, 0, 1_000_000)},
-		{"EVENTS_RETENTION", "events-retention", "168h", "how long change-feed events are kept (older ones are trimmed; a consumer further behind gets 410)", durRange(&c.EventsRetention, time.Minute, 90*24*time.Hour)},
-		{"FEED_MAX_STREAMS", "feed-max-streams", strconv.Itoa(defaultFeedStreams), "change-feed streams (Server-Sent Events) served at once; more get 503", intSetting(&c.FeedMaxStreams, 1, 10_000)},
-		{"MAX_CONNS", "max-conns", strconv.Itoa(defaultMaxConns()), "TCP connections the API listener holds at once, more are closed unanswered; idle ones are closed above 80% (0: no limit; default: the open-file limit less a tenth)", intSetting(&c.MaxConns, 0, 10_000_000)},
-		{"MAX_CONNS_PER_IP", "max-conns-per-ip", strconv.Itoa(defaultMaxConnsPerAddr), "TCP connections the API listener holds from one client address (IPv6: one /64) (0: no limit)", intSetting(&c.MaxConnsPerIP, 0, 10_000_000)},
+		{"RATE_LIMIT_BURST", "rate-limit-burst", "0", "allow each client bursts of `n` requests (0: the rate, rounded up)", intSetting(&c.RateLimitBurst, 0, 1_000_000)},
+		{"MAX_IN_FLIGHT", "max-in-flight", strconv.Itoa(256 * runtime.GOMAXPROCS(0)), "serve `n` requests at once; shed more with 503 (0: no limit)", intSetting(&c.MaxInFlight, 0, 1_000_000)},
+		{"EVENTS_RETENTION", "events-retention", "168h", "keep change-feed events for `duration` (older ones are trimmed; a consumer further behind gets 410)", durRange(&c.EventsRetention, time.Minute, 90*24*time.Hour)},
+		{"FEED_MAX_STREAMS", "feed-max-streams", strconv.Itoa(defaultFeedStreams), "serve `n` change-feed streams (Server-Sent Events) at once; more get 503", intSetting(&c.FeedMaxStreams, 1, 10_000)},
+		{"MAX_CONNS", "max-conns", strconv.Itoa(defaultMaxConns()), "hold `n` TCP connections on the API listener at once, closing more unanswered and idle ones above 80% (0: no limit; default: the open-file limit less a tenth)", intSetting(&c.MaxConns, 0, 10_000_000)},
+		{"MAX_CONNS_PER_IP", "max-conns-per-ip", strconv.Itoa(defaultMaxConnsPerAddr), "hold `n` TCP connections on the API listener from one client address (IPv6: one /64) (0: no limit)", intSetting(&c.MaxConnsPerIP, 0, 10_000_000)},
 	}
 }
 
@@ -126,15 +128,37 @@ func durSetting(dst *time.Duration, min time.Duration) func(string) error {
 	return durRange(dst, min, 24*time.Hour)
 }
 
+// durExamples are the durations an error may suggest: durRange names the
+// first two its range accepts, so an example is never itself refused.
+var durExamples = []time.Duration{250 * time.Millisecond, 5 * time.Second, 10 * time.Minute, 168 * time.Hour}
+
 func durRange(dst *time.Duration, min, max time.Duration) func(string) error {
+	var examples []string
+	for _, d := range durExamples {
+		if d >= min && d <= max && len(examples) < 2 {
+			examples = append(examples, shortDuration(d))
+		}
+	}
 	return func(s string) error {
 		d, err := time.ParseDuration(s)
 		if err != nil || d < min || d > max {
-			return fmt.Errorf("must be a duration such as 250ms or 5s, from %s to %s", min, strings.TrimSuffix(strings.TrimSuffix(max.String(), "0s"), "0m"))
+			return fmt.Errorf("must be a duration such as %s, from %s to %s", strings.Join(examples, " or "), shortDuration(min), shortDuration(max))
 		}
 		*dst = d
 		return nil
 	}
+}
+
+// shortDuration writes d as a person would: "24h", "10m", not "24h0m0s".
+func shortDuration(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = s[:len(s)-2]
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = s[:len(s)-2]
+	}
+	return s
 }
 
 func intSetting(dst *int, min, max int) func(string) error {
@@ -217,12 +241,9 @@ func loopbackHostPort(s string) error {
 	if s == "" {
 		return nil
 	}
-	if err := listenAddr(s); err != nil {
-		return err
-	}
 	host, _, _ := net.SplitHostPort(s)
-	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
-		return errors.New("must be a loopback address such as 127.0.0.1:6060")
+	if ip := net.ParseIP(host); listenAddr(s) != nil || host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		return errors.New("must be a loopback host:port such as 127.0.0.1:6060")
 	}
 	return nil
 }
@@ -253,11 +274,25 @@ func redisURL(s string) error {
 	return nil
 }
 
+// usageHead comes before the flags in -h's usage.
+const usageHead = `Usage: productsvc [flags]
+
+productsvc serves the product catalog over HTTP. Every setting is a flag or
+the environment variable named in its line; a flag wins. An invalid value
+stops it before it opens anything, with exit status 2. See README.md.
+
+`
+
 // parseConfig reads flags from args and the environment through getenv.
-func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*config, error) {
+// -h (or -help) writes the usage to stdout and returns flag.ErrHelp: it was
+// asked for, so it goes with normal output and is not an error.
+func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (*config, error) {
 	c := &config{}
 	fs := flag.NewFlagSet(args[0], flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	// Quiet while parsing: a bad flag is one line on stderr, from main,
+	// like any other invalid setting, not that line and the whole usage.
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
 	settings := c.settings()
 	flagVals := make(map[string]*string, len(settings))
 	for _, s := range settings {
@@ -265,12 +300,15 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	}
 	fs.BoolVar(&c.Version, "version", false, "print the version and exit")
 	fs.BoolVar(&c.HealthCheck, "healthcheck", false, "GET this service's /health and exit 0 if it answers 200, else 1")
-	fs.StringVar(&c.CopyTo, "copy-to", "", "copy the SQLite catalog at DB_PATH to this PostgreSQL URL, then exit (safe to re-run)")
+	fs.StringVar(&c.CopyTo, "copy-to", "", "copy the SQLite catalog at DB_PATH to the PostgreSQL database at `url`, then exit (safe to re-run)")
 	if err := fs.Parse(args[1:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
+			io.WriteString(stdout, usageHead)
+			fs.SetOutput(stdout)
+			fs.PrintDefaults()
 			return nil, err
 		}
-		return nil, &configError{msg: err.Error()}
+		return nil, &configError{msg: err.Error() + " (productsvc -h lists the flags)"}
 	}
 	if fs.NArg() > 0 {
 		return nil, &configError{msg: fmt.Sprintf("unexpected argument %q", fs.Arg(0))}

@@ -51,3 +51,41 @@ func TestLimitedLog_Printf(t *testing.T) {
 		t.Errorf("limitedLog lines (-want +got):\n%s", diff)
 	}
 }
+
+// TestObserve_probeLevels: a load balancer's checks that pass are logged at
+// DEBUG, so they do not bury the access log; a failing check, and every
+// other request, at INFO.
+func TestObserve_probeLevels(t *testing.T) {
+	ts := newTestServer(t, nil)
+	for _, path := range []string{"/health", "/health/live", "/livez", "/ready", "/health/ready", "/readyz", "/health/startup", "/metrics", "/products"} {
+		ts.do(t, "GET", path, nil)
+	}
+	ts.do(t, "POST", "/ready", nil) // 405: not a passing probe
+	ts.life.shuttingDown.Store(true)
+	ts.do(t, "GET", "/ready", nil) // 503
+	ts.do(t, "GET", "/health", nil)
+
+	var got []string
+	for _, l := range ts.logs.logLines() {
+		if l["msg"] == "request" {
+			got = append(got, fmt.Sprintf("%v %v %v %v", l["level"], l["method"], l["path"], l["status"]))
+		}
+	}
+	want := []string{
+		"DEBUG GET /health 200",
+		"DEBUG GET /health/live 200",
+		"DEBUG GET /livez 200",
+		"DEBUG GET /ready 200",
+		"DEBUG GET /health/ready 200",
+		"DEBUG GET /readyz 200",
+		"DEBUG GET /health/startup 200",
+		"DEBUG GET /metrics 200",
+		"INFO GET /products 200",
+		"INFO POST /ready 405",
+		"INFO GET /ready 503",
+		"DEBUG GET /health 200",
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("access log lines (-want +got):\n%s", diff)
+	}
+}

@@ -14,9 +14,11 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"net/url"
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -51,9 +53,9 @@ func buildVersion() string {
 // run starts the service and blocks until ctx ends or a signal arrives,
 // then shuts down gracefully. A second signal stops it at once.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	cfg, err := parseConfig(args, getenv, stderr)
+	cfg, err := parseConfig(args, getenv, stdout)
 	if errors.Is(err, flag.ErrHelp) {
-		return nil
+		return nil // the usage went to stdout: asked for, so not an error
 	}
 	if err != nil {
 		return err
@@ -97,6 +99,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if cfg.CopyTo != "" {
 		return copyToPostgres(ctx, storeCfg, cfg.CopyTo, stderr)
 	}
+	// Bind every listener before the store is opened: a port another
+	// process holds stops the start before a database file or its lock
+	// is created. Nothing is served until the store is open.
+	lns, err := listenAll(cfg)
+	if err != nil {
+		return err
+	}
+	defer lns.close() // frees the ports if the start fails; after Shutdown, closing again is harmless
 	store, err := openStore(ctx, storeCfg)
 	if err != nil {
 		return fmt.Errorf("open store: %w", err)
@@ -115,6 +125,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			return &configError{msg: "invalid REDIS_URL: " + err.Error()}
 		}
 		c = rc
+		checkRedis(ctx, rc, cfg, log)
 	}
 
 	reg := prometheus.NewRegistry()
@@ -148,29 +159,17 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	})
 
 	errc := make(chan error, 3)
-	srv, addr, err := serve(cfg.Addr, handler, log, errc, newConnLimiter(cfg.MaxConns, cfg.MaxConnsPerIP, m, log))
-	if err != nil {
-		return err
-	}
-	log.Info("listening", "addr", addr)
-	servers := []*http.Server{srv}
-	if cfg.MetricsAddr != "" {
+	servers := []*http.Server{serve(lns.main, handler, log, errc, newConnLimiter(cfg.MaxConns, cfg.MaxConnsPerIP, m, log))}
+	log.Info("listening", "addr", lns.main.Addr().String())
+	if lns.metrics != nil {
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", m.handler())
-		msrv, maddr, err := serve(cfg.MetricsAddr, mux, log, errc, nil)
-		if err != nil {
-			return err
-		}
-		log.Info("metrics listening", "addr", maddr)
-		servers = append(servers, msrv)
+		servers = append(servers, serve(lns.metrics, mux, log, errc, nil))
+		log.Info("metrics listening", "addr", lns.metrics.Addr().String())
 	}
-	if cfg.AdminAddr != "" {
-		asrv, aaddr, err := serve(cfg.AdminAddr, adminMux(m), log, errc, nil)
-		if err != nil {
-			return err
-		}
-		log.Info("admin listening", "addr", aaddr)
-		servers = append(servers, asrv)
+	if lns.admin != nil {
+		servers = append(servers, serve(lns.admin, adminMux(m), log, errc, nil))
+		log.Info("admin listening", "addr", lns.admin.Addr().String())
 	}
 	life.started.Store(true)
 
@@ -212,14 +211,49 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 }
 
-// serve listens on addr and serves h in the background, its connections
-// bounded by lim (nil: unbounded). Serve errors other than a clean shutdown
-// are sent to errc.
-func serve(addr string, h http.Handler, log *slog.Logger, errc chan<- error, lim *connLimiter) (*http.Server, string, error) {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, "", fmt.Errorf("listen on %s: %w", addr, err)
+// listeners are the bound listeners; metrics and admin are nil when their
+// setting is empty.
+type listeners struct{ main, metrics, admin net.Listener }
+
+func (l listeners) close() {
+	for _, ln := range []net.Listener{l.main, l.metrics, l.admin} {
+		if ln != nil {
+			ln.Close()
+		}
 	}
+}
+
+// listenAll binds ADDR, METRICS_ADDR and ADMIN_ADDR (those set). On an
+// error it closes what it bound and names the setting: "listen on ADDR
+// 127.0.0.1:8080: bind: address already in use".
+func listenAll(cfg *config) (listeners, error) {
+	var lns listeners
+	for _, l := range []struct {
+		setting, addr string
+		dst           *net.Listener
+	}{{"ADDR", cfg.Addr, &lns.main}, {"METRICS_ADDR", cfg.MetricsAddr, &lns.metrics}, {"ADMIN_ADDR", cfg.AdminAddr, &lns.admin}} {
+		if l.addr == "" {
+			continue
+		}
+		ln, err := net.Listen("tcp", l.addr)
+		if err != nil {
+			lns.close()
+			var op *net.OpError
+			if errors.As(err, &op) {
+				err = op.Err // "bind: address already in use", without the address again
+			}
+			return listeners{}, fmt.Errorf("listen on %s %s: %w", l.setting, l.addr, err)
+		}
+		*l.dst = ln
+	}
+	return lns, nil
+}
+
+// serve serves h on ln in the background, its connections bounded by lim
+// (nil: unbounded). Serve errors other than a clean shutdown are sent to
+// errc.
+func serve(ln net.Listener, h http.Handler, log *slog.Logger, errc chan<- error, lim *connLimiter) *http.Server {
+	addr := ln.Addr().String()
 	srv := &http.Server{
 		Handler:           h,
 		ReadHeaderTimeout: 5 * time.Second,  // slowloris: headers must arrive promptly
@@ -237,7 +271,29 @@ func serve(addr string, h http.Handler, log *slog.Logger, errc chan<- error, lim
 			errc <- fmt.Errorf("serve %s: %w", addr, err)
 		}
 	}()
-	return srv, ln.Addr().String(), nil
+	return srv
+}
+
+// checkRedis tries Redis once at start, so a wrong or unreachable REDIS_URL
+// is in the log before the first request finds it. Redis is optional: the
+// service starts either way, and the redis breaker handles it from here.
+// The try is bounded by three REDIS_TIMEOUTs: a new connection's dial, the
+// INFO it sends, then PING.
+func checkRedis(ctx context.Context, rc *redisCache, cfg *config, log *slog.Logger) {
+	ctx, cancel := context.WithTimeout(ctx, 3*cfg.RedisTimeout)
+	defer cancel()
+	err := rc.Ping(ctx)
+	if err == nil {
+		return
+	}
+	msg := err.Error()
+	if u, perr := url.Parse(cfg.RedisURL); perr == nil {
+		if pw, ok := u.User.Password(); ok && pw != "" {
+			msg = strings.ReplaceAll(msg, pw, "xxxxx") // no Redis error should carry it; never log it
+		}
+	}
+	log.Warn("Redis is not answering at start; serving from the database until it does",
+		"redis_url", redactURL(cfg.RedisURL), "err", msg)
 }
 
 // shutdown fails readiness, keeps serving for SHUTDOWN_DELAY so load

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -306,13 +307,130 @@ func TestRun_version(t *testing.T) {
 	if _, err := os.Stat(dbPath); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("run(-version) created the database (stat error %v)", err)
 	}
-	// -h prints usage and is not an error.
-	var usage syncBuffer
-	if err := run(t.Context(), []string{"productsvc", "-h"}, envFunc(nil), io.Discard, &usage); err != nil {
-		t.Errorf("run(-h) = %v, want nil", err)
+}
+
+// TestRun_help: -h is asked for, so its usage goes to stdout and run
+// returns nil (exit status 0); each flag shows what its value is.
+func TestRun_help(t *testing.T) {
+	for _, arg := range []string{"-h", "-help", "--help"} {
+		t.Run(arg, func(t *testing.T) {
+			var stdout, stderr syncBuffer
+			dir := t.TempDir()
+			err := run(t.Context(), []string{"productsvc", arg}, envFunc(map[string]string{"DB_PATH": filepath.Join(dir, "products.db")}), &stdout, &stderr)
+			if err != nil {
+				t.Fatalf("run(%s) = %v, want nil", arg, err)
+			}
+			if stderr.String() != "" {
+				t.Errorf("run(%s) wrote to stderr: %q", arg, stderr.String())
+			}
+			usage := stdout.String()
+			if !strings.HasPrefix(usage, "Usage: productsvc [flags]") {
+				t.Errorf("run(%s) usage starts %q, want \"Usage: productsvc [flags]\"", arg, usage[:min(len(usage), 40)])
+			}
+			for _, s := range (&config{}).settings() {
+				if !strings.Contains(usage, "(env "+s.env+")") {
+					t.Errorf("run(%s) usage does not name %s", arg, s.env)
+				}
+			}
+			for line := range strings.Lines(usage) {
+				if f := strings.Fields(line); len(f) == 2 && strings.HasPrefix(f[0], "-") && (f[1] == "string" || f[1] == "value") {
+					t.Errorf("run(%s) usage line %q: want a placeholder that says what the value is", arg, strings.TrimSpace(line))
+				}
+			}
+			if entries, _ := os.ReadDir(dir); len(entries) > 0 {
+				t.Errorf("run(%s) created %v", arg, entries)
+			}
+		})
 	}
-	if !strings.Contains(usage.String(), "-db-timeout") {
-		t.Errorf("run(-h) usage on stderr = %q, want the flags listed", usage.String())
+}
+
+// TestSettings_examplesAccepted: an error that suggests values ("such as
+// 5s or 10m") suggests values the setting accepts.
+func TestSettings_examplesAccepted(t *testing.T) {
+	for _, s := range (&config{}).settings() {
+		err := s.set("\x00not valid")
+		if err == nil {
+			continue // accepts anything (API_TOKEN)
+		}
+		_, examples, ok := strings.Cut(err.Error(), "such as ")
+		if !ok {
+			continue
+		}
+		examples, _, _ = strings.Cut(examples, ", ")
+		examples, _, _ = strings.Cut(examples, ": ")
+		for ex := range strings.SplitSeq(examples, " or ") {
+			if err := s.set(ex); err != nil {
+				t.Errorf("%s suggests %q, which it refuses: %v", s.env, ex, err)
+			}
+		}
+	}
+}
+
+// TestRun_portInUse: a listen address another process holds stops the
+// start before the store is opened, so no database file or lock is left
+// behind, and the error names the setting.
+func TestRun_portInUse(t *testing.T) {
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	for _, setting := range []string{"ADDR", "METRICS_ADDR", "ADMIN_ADDR"} {
+		t.Run(setting, func(t *testing.T) {
+			dir := t.TempDir()
+			env := map[string]string{"ADDR": "127.0.0.1:0", "DB_PATH": filepath.Join(dir, "products.db"), "API_TOKEN": "t"}
+			env[setting] = busy.Addr().String()
+			var stdout, stderr syncBuffer
+			err := run(t.Context(), []string{"productsvc"}, envFunc(env), &stdout, &stderr)
+			if err == nil || !strings.Contains(err.Error(), setting+" "+busy.Addr().String()) || !errors.Is(err, syscall.EADDRINUSE) {
+				t.Fatalf("run() with %s busy = %v, want an error naming %s %s, address in use", setting, err, setting, busy.Addr())
+			}
+			if entries, err := os.ReadDir(dir); err != nil || len(entries) > 0 {
+				t.Errorf("after a busy %s the directory holds %v (error %v), want nothing created", setting, entries, err)
+			}
+		})
+	}
+}
+
+// TestRun_redisUnreachable: a REDIS_URL nothing answers at is logged at
+// WARN at start, without its password, and the service starts anyway.
+func TestRun_redisUnreachable(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := ln.Addr().String()
+	ln.Close() // a port nothing listens on: connection refused
+	svc := runService(t, map[string]string{
+		"ADDR": "127.0.0.1:0", "DB_PATH": filepath.Join(t.TempDir(), "products.db"), "API_TOKEN": "t",
+		"REDIS_URL": "redis://:hunter2@" + closed + "/0", "REDIS_TIMEOUT": "50ms",
+	})
+	addr := svc.listeningAddr(t)
+	var warned bool
+	for _, l := range svc.stdout.logLines() {
+		if l["level"] == "WARN" && strings.Contains(fmt.Sprint(l["msg"]), "Redis") {
+			warned = true
+			if got := fmt.Sprint(l["redis_url"]); got != "redis://:xxxxx@"+closed+"/0" {
+				t.Errorf("redis_url = %q, want the URL with its password redacted", got)
+			}
+			if got := fmt.Sprint(l["err"]); !strings.Contains(got, "refused") {
+				t.Errorf("err = %q, want the cause (connection refused)", got)
+			}
+		}
+	}
+	if !warned {
+		t.Errorf("no WARN line about Redis before listening; log:\n%s", svc.stdout)
+	}
+	if strings.Contains(svc.stdout.String()+svc.stderr.String(), "hunter2") {
+		t.Errorf("the log shows the Redis password:\n%s", svc.stdout)
+	}
+	resp, err := http.Get("http://" + addr + "/health")
+	if err != nil {
+		t.Fatalf("GET /health: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("GET /health = %d, want 200: Redis is optional", resp.StatusCode)
 	}
 }
 

@@ -164,7 +164,8 @@ func (rec *recorder) Unwrap() http.ResponseWriter { return rec.ResponseWriter }
 var nosniff = []string{"nosniff"}
 
 // observe is the outermost middleware: request id, security headers, access
-// log, metrics and panic recovery, for every request.
+// log, metrics and panic recovery, for every request. The access log line is
+// at INFO, except for probes and scrapes (isProbe) that succeed: DEBUG.
 func observe(log *slog.Logger, m *metrics, next http.Handler) http.Handler {
 	rejects := &rejectLog{interval: time.Second}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -207,6 +208,12 @@ func observe(log *slog.Logger, m *metrics, next http.Handler) http.Handler {
 			elapsed := time.Since(start)
 			m.observe(r.Method, route, rec.status, elapsed)
 			level, rejected := slog.LevelInfo, int64(0)
+			if rec.status < 400 && isProbe(r) {
+				// A load balancer checks /ready a few times a second per
+				// replica: answers that only say "still fine" would bury
+				// the log. A failing probe stays at INFO.
+				level = slog.LevelDebug
+			}
 			if info.rejected {
 				n, ok := rejects.note(start)
 				if !ok {

@@ -15,6 +15,10 @@
 # the replicas (SIGTERM: they drain and exit), Redis and PostgreSQL, whose
 # data goes with it. `make fleet` runs it. Needs Linux and bash 5.1+.
 #
+# Exit status: 0 after Ctrl-C or SIGTERM when everything stopped by itself
+# (a stop asked for is not a failure, so `make fleet` reports none); 1 when
+# something failed to start, exited by itself, or had to be SIGKILLed.
+#
 # Environment (all optional):
 #   DATABASE_URL      use this PostgreSQL database instead of a throwaway one
 #                     (the replicas migrate it)
@@ -63,7 +67,7 @@ start() {
 
 # stop_all sends SIGTERM to each of the named processes at once, waits up
 # to 15 s for them (a replica takes SHUTDOWN_DELAY plus its drain), then
-# SIGKILLs what is left.
+# SIGKILLs what is left and returns 1.
 # shellcheck disable=SC2317 # reached from the EXIT trap
 stop_all() {
 	local want=" $* " i pid left=()
@@ -89,6 +93,7 @@ stop_all() {
 		[[ $want == *" ${NAMES[$i]} "* ]] || continue
 		wait "${PIDS[$i]}" 2>/dev/null || true
 	done
+	((${#left[@]} == 0))
 }
 
 # shellcheck disable=SC2317 # the EXIT trap
@@ -100,20 +105,24 @@ cleanup() {
 		# HAProxy first, so no request reaches a replica that is stopping;
 		# then the replicas, which drain and close their connections; then
 		# what they depend on.
-		stop_all haproxy
-		stop_all r1 r2 r3
-		stop_all redis postgres
+		stop_all haproxy || rc=1
+		stop_all r1 r2 r3 || rc=1
+		stop_all redis postgres || rc=1
 		log "stopped; logs in $LOGS"
 	fi
 	exit "$rc"
 }
 trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# Ctrl-C and SIGTERM are how the fleet is meant to stop: exit 0, unless
+# the cleanup finds something that would not stop.
+trap 'exit 0' INT TERM
 
 # ---- checks ----------------------------------------------------------------
 missing=()
-for t in go curl haproxy; do command -v "$t" >/dev/null || missing+=("$t"); done
+for t in go curl; do command -v "$t" >/dev/null || missing+=("$t"); done
+# Debian installs HAProxy in /usr/sbin, which is not on every user's PATH.
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+[[ -x $HAPROXY ]] || missing+=(haproxy)
 [[ -n ${REDIS_URL:-} ]] || command -v redis-server >/dev/null || missing+=(redis-server)
 if [[ -z ${DATABASE_URL:-} ]] && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null && ! command -v initdb >/dev/null; then
 	missing+=(postgresql)
@@ -210,7 +219,7 @@ done
 log "replicas r1 r2 r3 up on 127.0.0.1:${REPLICA_PORTS[0]}..${REPLICA_PORTS[2]}"
 
 # ---- HAProxy ---------------------------------------------------------------
-start haproxy - haproxy -db -f "$CFG"
+start haproxy - "$HAPROXY" -db -f "$CFG"
 for ((t = 0; t < 100; t++)); do
 	in_use 8080 && break
 	running "$PID" || die "haproxy did not start"
