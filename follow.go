@@ -62,6 +62,8 @@ type follower struct {
 	checking int         // head checks in flight
 
 	interval time.Duration // periodic look; followInterval
+	batch    int           // events read per query; followBatch
+	passes   int           // queries a round (or a push to Redis) makes at most; followPasses
 	name     string        // this process, in its notifications
 
 	wake   chan struct{} // a round is wanted
@@ -104,6 +106,7 @@ const maxHeadChecks = 1
 
 const (
 	followBatch    = 500              // events read per query
+	followPasses   = 1000             // queries per round: up to 500,000 events
 	followInterval = time.Second      // periodic look, should a notification be lost
 	maxRepush      = 20 * followBatch // events pushed again to Redis before giving up its namespace
 )
@@ -111,7 +114,8 @@ const (
 func newFollower(log sharedLog, s *ProductService) *follower {
 	return &follower{
 		log: log, store: s.store, local: s.local, pages: s.pages, cache: s.cache, redis: s.redisEnabled, redisTimeout: s.redisTimeout,
-		readCB: s.readCB, redisCB: s.redisCB, metrics: s.metrics, logger: s.log, interval: followInterval,
+		readCB: s.readCB, redisCB: s.redisCB, metrics: s.metrics, logger: s.log,
+		interval: followInterval, batch: followBatch, passes: followPasses,
 		name: rand.Text(),
 		wake: make(chan struct{}, 1), wrote: make(chan struct{}, 1), closed: make(chan struct{}),
 	}
@@ -301,7 +305,7 @@ func (f *follower) askSequence(notify bool) {
 // reports whether it met events not numbered yet.
 func (f *follower) round(ctx context.Context) (unnumbered bool, err error) {
 	redisFailed := false
-	for range 1000 { // bounded: each pass applies up to followBatch events
+	for range f.passes { // bounded: each pass applies up to f.batch events
 		after := f.applied.Load()
 		head, es, err := f.changes(ctx, after)
 		var gone *FeedGoneError
@@ -319,7 +323,7 @@ func (f *follower) round(ctx context.Context) (unnumbered bool, err error) {
 			f.applied.Store(head)
 			break
 		}
-		through, done := position(after, head, es)
+		through, done := position(after, head, es, f.batch)
 		unnumbered = unnumbered || (len(es) > 0 && es[len(es)-1].Seq == 0)
 		if len(es) > 0 && !f.apply(ctx, es, through) {
 			redisFailed = true
@@ -340,24 +344,25 @@ func (f *follower) round(ctx context.Context) (unnumbered bool, err error) {
 	return unnumbered, nil
 }
 
-// changes reads the change log after seq after through the read breaker.
+// changes reads a batch of the change log after seq after through the
+// read breaker.
 func (f *follower) changes(ctx context.Context, after int64) (int64, []Event, error) {
 	var head int64
 	var es []Event
 	err := guard(f.readCB, func() error {
 		var err error
-		head, es, err = f.log.Changes(ctx, after, followBatch)
+		head, es, err = f.log.Changes(ctx, after, f.batch)
 		return err
 	})
 	return head, es, err
 }
 
 // position returns the seq through which es (as Changes returned them
-// for after and head) leave nothing unapplied, and whether that is all
-// there was: a batch shorter than followBatch holds every event through
+// for after, head and batch) leave nothing unapplied, and whether that is
+// all there was: a batch shorter than asked for holds every event through
 // head.
-func position(after, head int64, es []Event) (through int64, done bool) {
-	if len(es) < followBatch {
+func position(after, head int64, es []Event, batch int) (through int64, done bool) {
+	if len(es) < batch {
 		return max(after, head), true
 	}
 	through = after
@@ -452,7 +457,7 @@ func (f *follower) syncRedis(ctx context.Context) {
 // applied one. When they are too many, or trimmed, it asks for a new
 // namespace instead and returns errStaleEpoch.
 func (f *follower) repush(ctx context.Context) error {
-	for range 1000 {
+	for range f.passes {
 		applied := f.applied.Load()
 		if f.redisThrough >= applied && !f.redisBehind {
 			return nil
@@ -470,7 +475,7 @@ func (f *follower) repush(ctx context.Context) error {
 			return err
 		}
 		// Not beyond what is applied in memory: the round applies the rest.
-		through, done := position(f.redisThrough, min(head, applied), es)
+		through, done := position(f.redisThrough, min(head, applied), es, f.batch)
 		err = guard(f.redisCB, func() error {
 			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
 			defer cancel()
