@@ -29,7 +29,9 @@ import (
 // One head check (one read-only query) serves every read waiting when it
 // is sent, as Raft's ReadIndex serves reads with one heartbeat round; only
 // when it finds something new do the reads wait for a round that applies
-// it.
+// it. A round is bounded (passes queries of batch events); when the head
+// is further away than that, the round fails with errBacklog, and the
+// reads waiting for it go to the database until a later round catches up.
 //
 // Redis is trusted for a read only when it holds every event the follower
 // has applied (or something newer): the follower pushes each batch of
@@ -262,6 +264,9 @@ func (f *follower) Run(ctx context.Context) {
 			r.err = err
 			close(r.done)
 		}
+		if errors.Is(err, errBacklog) {
+			f.kick() // go on applying without waiting for a read
+		}
 		if periodic && unnumbered {
 			f.askSequence(false) // a writer died before numbering its events
 		}
@@ -301,11 +306,32 @@ func (f *follower) askSequence(notify bool) {
 	}
 }
 
-// round applies the change log up to its head as of the round's start. It
-// reports whether it met events not numbered yet.
+// errBacklog is what a round, or a push of what Redis missed, returns
+// when it ran out of passes before it caught up with the change log: more
+// events wait than it applies (or pushes) in one go. The next round goes
+// on from where it stopped.
+var errBacklog = errors.New("change log: more events waiting than one round applies")
+
+// round applies the change log up to its head as of the round's start,
+// then brings Redis up to date. It reports whether it met events not
+// numbered yet. It returns errBacklog when the head is more than f.passes
+// queries away: the caches are then behind, and must not answer a read.
 func (f *follower) round(ctx context.Context) (unnumbered bool, err error) {
-	redisFailed := false
-	for range f.passes { // bounded: each pass applies up to f.batch events
+	unnumbered, redisFailed, err := f.catchUp(ctx)
+	if err != nil {
+		return unnumbered, err
+	}
+	if !redisFailed { // a failing Redis costs a round one REDIS_TIMEOUT at most
+		f.syncRedis(ctx)
+	}
+	return unnumbered, nil
+}
+
+// catchUp applies the change log up to its head, in at most f.passes
+// queries of f.batch events. It reports whether it met events not numbered
+// yet, and whether a push to Redis failed.
+func (f *follower) catchUp(ctx context.Context) (unnumbered, redisFailed bool, err error) {
+	for range f.passes {
 		after := f.applied.Load()
 		head, es, err := f.changes(ctx, after)
 		var gone *FeedGoneError
@@ -314,14 +340,14 @@ func (f *follower) round(ctx context.Context) (unnumbered bool, err error) {
 			continue
 		}
 		if err != nil {
-			return unnumbered, err
+			return unnumbered, redisFailed, err
 		}
 		if !f.started {
 			// The caches are empty until the first round ends: every read
 			// fences first, and a write only replaces what is cached.
 			f.started = true
 			f.applied.Store(head)
-			break
+			return unnumbered, redisFailed, nil
 		}
 		through, done := position(after, head, es, f.batch)
 		unnumbered = unnumbered || (len(es) > 0 && es[len(es)-1].Seq == 0)
@@ -330,18 +356,15 @@ func (f *follower) round(ctx context.Context) (unnumbered bool, err error) {
 		}
 		f.applied.Store(through)
 		if done {
-			break
+			return unnumbered, redisFailed, nil
 		}
 		if through == after { // a full batch of events not numbered yet
 			if err := f.log.Sequence(ctx); err != nil {
-				return unnumbered, err
+				return unnumbered, redisFailed, err
 			}
 		}
 	}
-	if !redisFailed { // a failing Redis costs a round one REDIS_TIMEOUT at most
-		f.syncRedis(ctx)
-	}
-	return unnumbered, nil
+	return unnumbered, redisFailed, errBacklog
 }
 
 // changes reads a batch of the change log after seq after through the
@@ -454,10 +477,11 @@ func (f *follower) syncRedis(ctx context.Context) {
 }
 
 // repush pushes the events between the namespace's position and the
-// applied one. When they are too many, or trimmed, it asks for a new
+// applied one, in at most f.passes queries, and returns errBacklog when
+// they are more. When they are too many, or trimmed, it asks for a new
 // namespace instead and returns errStaleEpoch.
 func (f *follower) repush(ctx context.Context) error {
-	for range f.passes {
+	for pass := 0; ; pass++ {
 		applied := f.applied.Load()
 		if f.redisThrough >= applied && !f.redisBehind {
 			return nil
@@ -466,7 +490,11 @@ func (f *follower) repush(ctx context.Context) error {
 			f.cache.Forget(applied)
 			return errStaleEpoch
 		}
-		head, es, err := f.changes(ctx, f.redisThrough)
+		if pass == f.passes {
+			return errBacklog
+		}
+		after := f.redisThrough
+		head, es, err := f.changes(ctx, after)
 		if errors.Is(err, ErrFeedGone) {
 			f.cache.Forget(applied)
 			return errStaleEpoch
@@ -475,7 +503,7 @@ func (f *follower) repush(ctx context.Context) error {
 			return err
 		}
 		// Not beyond what is applied in memory: the round applies the rest.
-		through, done := position(f.redisThrough, min(head, applied), es, f.batch)
+		through, done := position(after, min(head, applied), es, f.batch)
 		err = guard(f.redisCB, func() error {
 			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
 			defer cancel()
@@ -487,9 +515,12 @@ func (f *follower) repush(ctx context.Context) error {
 		f.redisThrough = max(f.redisThrough, through)
 		if done { // with every event without a seq there was
 			f.redisBehind = false
+		} else if through == after { // a full batch of events not numbered yet
+			if err := f.log.Sequence(ctx); err != nil {
+				return err
+			}
 		}
 	}
-	return nil
 }
 
 // productItems returns the cache entries es make: each product as it

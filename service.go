@@ -224,8 +224,13 @@ func guard(cb *gobreaker.CircuitBreaker[struct{}], fn func() error) error {
 // It returns ErrNotFound, or an *UnavailableError when the database is
 // failing and no cache holds the product.
 func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, string, error) {
-	if err := s.fence(ctx); err != nil {
+	cached, err := s.fence(ctx)
+	if err != nil {
 		return cachedProduct{}, cacheMiss, err
+	}
+	if !cached {
+		v, err := s.load(ctx, id)
+		return v, cacheMiss, err
 	}
 	if v, ok := s.local.get(id); ok {
 		s.metrics.localCache(true)
@@ -255,25 +260,17 @@ func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, stri
 			}
 		}
 		epoch := s.cache.Epoch() // before reading what will be filled
-		var p Product
-		err := guard(s.readCB, func() error {
-			ctx, span := s.dbSpan(ctx, "get product", "SELECT")
-			defer span.End()
-			var err error
-			p, err = s.store.Get(ctx, id)
-			return err
-		})
+		v, err := s.load(ctx, id)
 		if err != nil {
 			return nil, err
 		}
-		v = cachedProduct{JSON: appendProduct(nil, &p), Version: p.Version}
 		// Fill under the namespace of before the read: if a write that could
 		// not reach Redis (or a Redis restart) moved to a fresh namespace
 		// meanwhile, nothing newer there would refuse this maybe older copy.
 		// A Redis that just failed or is skipped is not asked again: a read
 		// pays at most one REDIS_TIMEOUT for a failing Redis.
 		if source == cacheMiss || source == cacheHit {
-			s.cachePut(ctx, epoch, id, p.Version, v.JSON)
+			s.cachePut(ctx, epoch, id, v.Version, v.JSON)
 		}
 		s.local.fill(id, tok, v)
 		if source != cacheSkipped {
@@ -288,14 +285,44 @@ func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, stri
 	return res.v, res.source, nil
 }
 
-// fence makes sure the caches hold every write acknowledged by any
-// replica before the call; see follower. With a store no other process
-// writes, every write is this process's own and already in the caches.
-func (s *ProductService) fence(ctx context.Context) error {
-	if s.follow == nil {
-		return nil
+// load reads the product with id from the database, through the read
+// breaker, and encodes it.
+func (s *ProductService) load(ctx context.Context, id int64) (cachedProduct, error) {
+	var p Product
+	err := guard(s.readCB, func() error {
+		ctx, span := s.dbSpan(ctx, "get product", "SELECT")
+		defer span.End()
+		var err error
+		p, err = s.store.Get(ctx, id)
+		return err
+	})
+	if err != nil {
+		return cachedProduct{}, err
 	}
-	return s.follow.fence(ctx)
+	return cachedProduct{JSON: appendProduct(nil, &p), Version: p.Version}, nil
+}
+
+// fence makes sure the caches hold every write acknowledged by any
+// replica before the call; see follower. It reports false when they do
+// not yet and the read must go to the database. With a store no other
+// process writes, every write is this process's own and already in the
+// caches.
+func (s *ProductService) fence(ctx context.Context) (cached bool, err error) {
+	if s.follow == nil {
+		return true, nil
+	}
+	err = s.follow.fence(ctx)
+	if err != nil && errors.Is(err, errBacklog) {
+		// The follower is more than a round behind the change log (this
+		// replica was paused, or cut off from the database, while others
+		// wrote). The database is not behind: the read is answered from
+		// it, right and without an error, while the rounds catch up. A 503
+		// would make a replica that works fail every read for as long as
+		// the backlog lasts; the extra load on the database is what a cold
+		// cache costs, and the read breaker bounds it.
+		return false, nil
+	}
+	return err == nil, err
 }
 
 // redisTrusted reports whether Redis, under namespace epoch, holds every
@@ -583,19 +610,26 @@ const defaultCacheMemory = 32 << 20
 // happened since it was cached. It returns an *UnavailableError when the
 // database is failing.
 func (s *ProductService) ListJSON(ctx context.Context, key string, f ListFilter) ([]byte, error) {
-	if err := s.fence(ctx); err != nil {
+	cached, err := s.fence(ctx)
+	if err != nil {
 		return nil, err
 	}
-	b, gen, ok := s.pages.get(key)
-	if ok {
-		return b, nil
+	var gen uint64
+	if cached {
+		b, g, ok := s.pages.get(key)
+		if ok {
+			return b, nil
+		}
+		gen = g
 	}
 	page, err := s.List(ctx, f)
 	if err != nil {
 		return nil, err
 	}
-	b = appendPage(make([]byte, 0, pageSizeHint(page)), page)
-	s.pages.fill(key, gen, b)
+	b := appendPage(make([]byte, 0, pageSizeHint(page)), page)
+	if cached {
+		s.pages.fill(key, gen, b)
+	}
 	return b, nil
 }
 
