@@ -147,9 +147,9 @@ func (s *ProductService) newBreaker(name string, failures uint32, timeout time.D
 			level, msg := slog.LevelDebug, "circuit breaker probing"
 			switch {
 			case to == gobreaker.StateClosed:
-				level, msg = slog.LevelInfo, "circuit breaker closed: "+breakerDependency(name)+" is back"
+				level, msg = slog.LevelInfo, "circuit breaker closed: "+breakerDependency(name)+" back"
 			case from == gobreaker.StateClosed && to == gobreaker.StateOpen:
-				level, msg = slog.LevelWarn, "circuit breaker opened: "+breakerDependency(name)+" is failing"
+				level, msg = slog.LevelWarn, "circuit breaker opened: "+breakerDependency(name)+" failing"
 			}
 			s.log.Log(context.Background(), level, msg,
 				"breaker", name, "from", from.String(), "to", to.String())
@@ -161,17 +161,19 @@ func (s *ProductService) newBreaker(name string, failures uint32, timeout time.D
 	})
 }
 
-// breakerDependency names what a breaker guards, for its log lines.
+// breakerDependency names what the breaker called name guards, with the
+// verb that agrees with it ("Redis is", "database reads are"), for its log
+// lines and its errors.
 func breakerDependency(name string) string {
 	switch name {
 	case "redis":
-		return "Redis"
+		return "Redis is"
 	case "database_read":
-		return "database reads"
+		return "database reads are"
 	case "database_write":
-		return "database writes"
+		return "database writes are"
 	}
-	return name
+	return name + " is"
 }
 
 // isDBSuccess counts everything but a database failure as a success for the
@@ -207,11 +209,11 @@ func (s *ProductService) write(ctx context.Context, name string, fn func(ctx con
 }
 
 // guard runs fn through cb. While cb is open it fails at once with an
-// *UnavailableError.
+// *UnavailableError that names what cb guards.
 func guard(cb *gobreaker.CircuitBreaker[struct{}], fn func() error) error {
 	_, err := cb.Execute(func() (struct{}, error) { return struct{}{}, fn() })
 	if errors.Is(err, gobreaker.ErrOpenState) || errors.Is(err, gobreaker.ErrTooManyRequests) {
-		return &UnavailableError{Reason: "the database is failing; circuit breaker " + cb.Name() + " is open", RetryAfter: 5 * time.Second}
+		return &UnavailableError{Reason: breakerDependency(cb.Name()) + " failing; circuit breaker " + cb.Name() + " is open", RetryAfter: 5 * time.Second}
 	}
 	var uerr *UnavailableError
 	if errors.Is(err, ErrUnavailable) && !errors.As(err, &uerr) {
