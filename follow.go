@@ -37,10 +37,11 @@ import (
 // has applied (or something newer): the follower pushes each batch of
 // events to Redis before applying it in memory, and when a push fails it
 // stops trusting Redis before applying, until it has pushed the missed
-// events again. A replica that adopts a namespace (at start, after Redis
+// events again. A replica that adopts a generation (at start, after Redis
 // restarted, after a write could not reach Redis) pushes the events after
-// the position the namespace is known to be current at (cache.Namespace),
-// or starts a new namespace when they are too many.
+// the position the generation is known to be current at
+// (cache.SettleGeneration), or starts a new generation when they are too
+// many.
 //
 // Notifications (LISTEN/NOTIFY) and a periodic look only keep the caches
 // fresh between reads; correctness rests on the fence alone, so a lost
@@ -75,12 +76,12 @@ type follower struct {
 
 	// Touched by the round loop only.
 	started      bool
-	redisEpoch   cacheEpoch // the namespace the follower pushes to
-	redisThrough int64      // ... which holds every event through this seq
-	redisBehind  bool       // ... but may lack events applied without a seq
+	redisGen     cacheGen // the generation the follower pushes to
+	redisThrough int64    // ... which holds every event through this seq
+	redisBehind  bool     // ... but may lack events applied without a seq
 
 	applied    atomic.Int64  // events applied in memory through this seq
-	redisTrust atomic.Uint64 // the epoch in which Redis holds every applied event; 0: none
+	redisTrust atomic.Uint64 // the generation in which Redis holds every applied event; 0: none
 }
 
 // fenceRound is one round of the loop (head query and catch-up), shared
@@ -110,7 +111,7 @@ const (
 	followBatch    = 500              // events read per query
 	followPasses   = 1000             // queries per round: up to 500,000 events
 	followInterval = time.Second      // periodic look, should a notification be lost
-	maxRepush      = 20 * followBatch // events pushed again to Redis before giving up its namespace
+	maxRepush      = 20 * followBatch // events pushed again to Redis before giving up its generation
 )
 
 func newFollower(log sharedLog, s *ProductService) *follower {
@@ -216,9 +217,10 @@ func (f *follower) kick() {
 // event is numbered and the other replicas are notified.
 func (f *follower) written() { f.askSequence(true) }
 
-// redisTrusted reports whether a read may answer from Redis under epoch.
-func (f *follower) redisTrusted(epoch cacheEpoch) bool {
-	return epoch != 0 && f.redisTrust.Load() == uint64(epoch)
+// redisTrusted reports whether a read may answer from Redis in generation
+// gen.
+func (f *follower) redisTrusted(gen cacheGen) bool {
+	return gen != 0 && f.redisTrust.Load() == uint64(gen)
 }
 
 // position returns the change-log seq applied in memory.
@@ -401,11 +403,11 @@ func position(after, head int64, es []Event, batch int) (through int64, done boo
 func (f *follower) apply(ctx context.Context, es []Event, through int64) bool {
 	items := productItems(es)
 	ok := true
-	if f.redis && f.redisEpoch != 0 && f.redisThrough >= f.applied.Load() {
+	if f.redis && f.redisGen != 0 && f.redisThrough >= f.applied.Load() {
 		err := guard(f.redisCB, func() error {
 			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
 			defer cancel()
-			return f.cache.Push(ctx, f.redisEpoch, items, through)
+			return f.cache.Push(ctx, f.redisGen, items, through)
 		})
 		if err == nil {
 			f.redisThrough = max(f.redisThrough, through)
@@ -413,7 +415,7 @@ func (f *follower) apply(ctx context.Context, es []Event, through int64) bool {
 			ok = false
 		}
 	}
-	if f.redisThrough < through || !ok || !f.redis || f.redisEpoch == 0 {
+	if f.redisThrough < through || !ok || !f.redis || f.redisGen == 0 {
 		// Before any reader can see the new versions in memory. Events
 		// without a seq are not counted by redisThrough: a push of them
 		// that did not happen is remembered apart.
@@ -440,46 +442,46 @@ func (f *follower) resync(seq int64) {
 	f.applied.Store(seq)
 }
 
-// syncRedis brings the namespace the follower pushes to up to the applied
+// syncRedis brings the generation the follower pushes to up to the applied
 // position, adopting the current one first, and trusts Redis once it is.
 func (f *follower) syncRedis(ctx context.Context) {
 	if !f.redis {
 		return
 	}
-	for range 4 { // a few namespace changes at most; the next round goes on
-		var epoch cacheEpoch
+	for range 4 { // a few generation changes at most; the next round goes on
+		var gen cacheGen
 		var through int64
 		err := guard(f.redisCB, func() error {
 			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
 			defer cancel()
 			var err error
-			epoch, through, err = f.cache.Namespace(ctx)
+			gen, through, err = f.cache.SettleGeneration(ctx)
 			return err
 		})
 		if err != nil {
 			f.redisTrust.Store(0)
 			return
 		}
-		if epoch != f.redisEpoch {
+		if gen != f.redisGen {
 			f.redisTrust.Store(0)
-			f.redisEpoch, f.redisThrough, f.redisBehind = epoch, through, true
+			f.redisGen, f.redisThrough, f.redisBehind = gen, through, true
 		}
 		switch err := f.repush(ctx); {
-		case errors.Is(err, errStaleEpoch):
+		case errors.Is(err, errStaleGeneration):
 			continue
 		case err != nil:
 			f.redisTrust.Store(0)
 			return
 		}
-		f.redisTrust.Store(uint64(epoch))
+		f.redisTrust.Store(uint64(gen))
 		return
 	}
 }
 
-// repush pushes the events between the namespace's position and the
+// repush pushes the events between the generation's position and the
 // applied one, in at most f.passes queries, and returns errBacklog when
 // they are more. When they are too many, or trimmed, it asks for a new
-// namespace instead and returns errStaleEpoch.
+// generation instead and returns errStaleGeneration.
 func (f *follower) repush(ctx context.Context) error {
 	for pass := 0; ; pass++ {
 		applied := f.applied.Load()
@@ -488,7 +490,7 @@ func (f *follower) repush(ctx context.Context) error {
 		}
 		if applied-f.redisThrough > maxRepush {
 			f.cache.Forget(applied)
-			return errStaleEpoch
+			return errStaleGeneration
 		}
 		if pass == f.passes {
 			return errBacklog
@@ -497,7 +499,7 @@ func (f *follower) repush(ctx context.Context) error {
 		head, es, err := f.changes(ctx, after)
 		if errors.Is(err, ErrFeedGone) {
 			f.cache.Forget(applied)
-			return errStaleEpoch
+			return errStaleGeneration
 		}
 		if err != nil {
 			return err
@@ -507,7 +509,7 @@ func (f *follower) repush(ctx context.Context) error {
 		err = guard(f.redisCB, func() error {
 			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
 			defer cancel()
-			return f.cache.Push(ctx, f.redisEpoch, productItems(es), through)
+			return f.cache.Push(ctx, f.redisGen, productItems(es), through)
 		})
 		if err != nil {
 			return err

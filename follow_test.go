@@ -116,24 +116,24 @@ type flakyPush struct {
 
 var errInjected = errors.New("injected redis failure")
 
-func (c *flakyPush) Put(ctx context.Context, epoch cacheEpoch, id, version int64, json []byte) error {
+func (c *flakyPush) Put(ctx context.Context, gen cacheGen, id, version int64, json []byte) error {
 	if c.failing.Load() {
 		return errInjected
 	}
-	return c.redisCache.Put(ctx, epoch, id, version, json)
+	return c.redisCache.Put(ctx, gen, id, version, json)
 }
 
-func (c *flakyPush) Push(ctx context.Context, epoch cacheEpoch, items []cacheItem, through int64) error {
+func (c *flakyPush) Push(ctx context.Context, gen cacheGen, items []cacheItem, through int64) error {
 	if c.failing.Load() {
 		return errInjected
 	}
-	return c.redisCache.Push(ctx, epoch, items, through)
+	return c.redisCache.Push(ctx, gen, items, through)
 }
 
 func (c *flakyPush) Forget(int64) {} // as if Redis could not be told either
 
 // TestFollower_redisBehind: neither replica can bring Redis up to date
-// after A's write (and the namespace cannot be changed), so Redis keeps
+// after A's write (and the generation cannot be changed), so Redis keeps
 // the old version. B must not answer from it; once pushes work again, B
 // pushes what it missed and reads from Redis again.
 func TestFollower_redisBehind(t *testing.T) {
@@ -177,7 +177,7 @@ func TestFollower_redisBehind(t *testing.T) {
 
 // TestFollower_adoptsAfterCrash: a write commits but its replica dies
 // before Redis hears of it (written to the store directly here). A replica
-// started afterwards adopts the shared namespace only after pushing the
+// started afterwards adopts the shared generation only after pushing the
 // events after its known position: it never serves the old version.
 func TestFollower_adoptsAfterCrash(t *testing.T) {
 	r := startRedis(t)
@@ -205,7 +205,7 @@ func TestFollower_adoptsAfterCrash(t *testing.T) {
 	c := newTestService(t, openTestPostgres(t, url), ServiceConfig{Cache: newTestRedisCache(t, r, time.Second), RedisTimeout: time.Second})
 	waitFor(t, 10*time.Second, "the new replica to trust Redis", func() bool {
 		c.follow.fence(t.Context()) // a round
-		return c.redisTrusted(c.cache.Epoch())
+		return c.redisTrusted(c.cache.Generation())
 	})
 	for i := range 3 {
 		got, src, err := getProductVia(t, c, p.ID)
@@ -439,11 +439,11 @@ func TestFollower_repushUnnumberedBatch(t *testing.T) {
 	if _, err := b.follow.round(t.Context()); err != nil {
 		t.Fatalf("B's first round: %v", err)
 	}
-	epoch := b.cache.Epoch()
-	if !b.redisTrusted(epoch) {
+	gen := b.cache.Generation()
+	if !b.redisTrusted(gen) {
 		t.Fatalf("after its first round B does not trust Redis: it could not push the events without a seq")
 	}
-	js, err := rc.Get(t.Context(), epoch, p.ID)
+	js, err := rc.Get(t.Context(), gen, p.ID)
 	if v, _ := versionOf(js); err != nil || v != w2.Version {
 		t.Fatalf("B trusts Redis, which holds version %d of product %d (%v), want %d", v, p.ID, err, w2.Version)
 	}

@@ -124,7 +124,7 @@ func NewProductService(store productStore, cfg ServiceConfig) *ProductService {
 	} else if s.redisEnabled {
 		// No change log to follow: what a previous process left in Redis
 		// cannot be checked (it may have died between a commit and its
-		// Redis update), so this one starts a new namespace.
+		// Redis update), so this one starts a new generation.
 		s.cache.Forget(0)
 	}
 	s.metrics.productsStored(store.Count)
@@ -254,25 +254,25 @@ func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, stri
 		ctx := context.WithoutCancel(ctx)
 		var v cachedProduct
 		source := cacheMiss
-		if epoch := s.cache.Epoch(); tok.redisFresh && s.redisTrusted(epoch) {
-			v, source = s.cacheGet(ctx, epoch, id)
+		if gen := s.cache.Generation(); tok.redisFresh && s.redisTrusted(gen) {
+			v, source = s.cacheGet(ctx, gen, id)
 			if source == cacheHit {
 				s.local.fill(id, tok, v)
 				return result{v, source}, nil
 			}
 		}
-		epoch := s.cache.Epoch() // before reading what will be filled
+		gen := s.cache.Generation() // before reading what will be filled
 		v, err := s.load(ctx, id)
 		if err != nil {
 			return nil, err
 		}
-		// Fill under the namespace of before the read: if a write that could
-		// not reach Redis (or a Redis restart) moved to a fresh namespace
+		// Fill in the generation of before the read: if a write that could
+		// not reach Redis (or a Redis restart) moved to a fresh generation
 		// meanwhile, nothing newer there would refuse this maybe older copy.
 		// A Redis that just failed or is skipped is not asked again: a read
 		// pays at most one REDIS_TIMEOUT for a failing Redis.
 		if source == cacheMiss || source == cacheHit {
-			s.cachePut(ctx, epoch, id, v.Version, v.JSON)
+			s.cachePut(ctx, gen, id, v.Version, v.JSON)
 		}
 		s.local.fill(id, tok, v)
 		if source != cacheSkipped {
@@ -327,10 +327,10 @@ func (s *ProductService) fence(ctx context.Context) (cached bool, err error) {
 	return err == nil, err
 }
 
-// redisTrusted reports whether Redis, under namespace epoch, holds every
+// redisTrusted reports whether Redis, in generation gen, holds every
 // write the fence has applied; see follower.
-func (s *ProductService) redisTrusted(epoch cacheEpoch) bool {
-	return s.redisEnabled && (s.follow == nil || s.follow.redisTrusted(epoch))
+func (s *ProductService) redisTrusted(gen cacheGen) bool {
+	return s.redisEnabled && (s.follow == nil || s.follow.redisTrusted(gen))
 }
 
 // Follow follows the store's change log until ctx ends, when other
@@ -341,9 +341,9 @@ func (s *ProductService) Follow(ctx context.Context) {
 	}
 }
 
-// cacheGet reads id from Redis under namespace epoch. The version is read
+// cacheGet reads id from Redis in generation gen. The version is read
 // from the JSON itself.
-func (s *ProductService) cacheGet(ctx context.Context, epoch cacheEpoch, id int64) (cachedProduct, string) {
+func (s *ProductService) cacheGet(ctx context.Context, gen cacheGen, id int64) (cachedProduct, string) {
 	if !s.redisEnabled {
 		return cachedProduct{}, cacheMiss
 	}
@@ -354,7 +354,7 @@ func (s *ProductService) cacheGet(ctx context.Context, epoch cacheEpoch, id int6
 		ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
 		defer cancel()
 		var err error
-		b, err = s.cache.Get(ctx, epoch, id)
+		b, err = s.cache.Get(ctx, gen, id)
 		return err
 	})
 	span.SetAttributes(attribute.Bool("cache.hit", err == nil))
@@ -400,7 +400,7 @@ func versionOf(b []byte) (int64, bool) {
 
 // cachePut writes a product (or a tombstone, nil JSON) to Redis. It reports
 // whether Redis now holds that version or a newer one.
-func (s *ProductService) cachePut(ctx context.Context, epoch cacheEpoch, id, version int64, json []byte) bool {
+func (s *ProductService) cachePut(ctx context.Context, gen cacheGen, id, version int64, json []byte) bool {
 	if !s.redisEnabled {
 		return true
 	}
@@ -409,7 +409,7 @@ func (s *ProductService) cachePut(ctx context.Context, epoch cacheEpoch, id, ver
 	err := guard(s.redisCB, func() error {
 		ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
 		defer cancel()
-		return s.cache.Put(ctx, epoch, id, version, json)
+		return s.cache.Put(ctx, gen, id, version, json)
 	})
 	if err != nil {
 		s.log.Debug("redis put failed", "id", id, "err", err)
@@ -451,11 +451,11 @@ func (s *ProductService) publish(ctx context.Context, id int64, v cachedProduct)
 	err := guard(s.redisCB, func() error {
 		ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
 		defer cancel()
-		// A committed write is current in any namespace: whichever is
+		// A committed write is current in any generation: whichever is
 		// current now (after any pending change) takes it.
-		epoch, _, err := s.cache.Namespace(ctx)
+		gen, _, err := s.cache.SettleGeneration(ctx)
 		if err == nil {
-			err = s.cache.Put(ctx, epoch, id, v.Version, v.JSON)
+			err = s.cache.Put(ctx, gen, id, v.Version, v.JSON)
 		}
 		return err
 	})
