@@ -533,7 +533,7 @@ func TestProductService_localCacheWithoutRedis(t *testing.T) {
 			}
 		}
 	}
-	if n := svc.local.len(); n > localShards {
+	if n := svc.caches.local.len(); n > localShards {
 		t.Errorf("local cache holds %d entries, want at most %d", n, localShards)
 	}
 }

@@ -46,18 +46,15 @@ import (
 // Notifications (LISTEN/NOTIFY) and a periodic look only keep the caches
 // fresh between reads; correctness rests on the fence alone, so a lost
 // notification costs latency, never a stale read.
+//
+// The follower reads the change log; what the caches hold of it, and
+// whether Redis is trusted, is productCaches' to keep.
 type follower struct {
-	log          sharedLog
-	store        productStore
-	local        *localCache
-	pages        *pageCache
-	cache        cache
-	redis        bool          // cache is Redis
-	redisTimeout time.Duration // bound on each Redis call (REDIS_TIMEOUT)
-	readCB       *gobreaker.CircuitBreaker[struct{}]
-	redisCB      *gobreaker.CircuitBreaker[struct{}]
-	metrics      *metrics
-	logger       *slog.Logger
+	log     sharedLog
+	caches  *productCaches
+	readCB  *gobreaker.CircuitBreaker[struct{}] // the change log is read through the database read breaker
+	metrics *metrics
+	logger  *slog.Logger
 
 	mu       sync.Mutex
 	next     *fenceRound // the round that reads arriving now wait for
@@ -74,14 +71,7 @@ type follower struct {
 	notify atomic.Bool   // ... and the other replicas to notify
 	closed chan struct{} // the follower stopped
 
-	// Touched by the round loop only.
-	started      bool
-	redisGen     cacheGen // the generation the follower pushes to
-	redisThrough int64    // ... which holds every event through this seq
-	redisBehind  bool     // ... but may lack events applied without a seq
-
-	applied    atomic.Int64  // events applied in memory through this seq
-	redisTrust atomic.Uint64 // the generation in which Redis holds every applied event; 0: none
+	started bool // touched by the round loop only
 }
 
 // fenceRound is one round of the loop (head query and catch-up), shared
@@ -114,10 +104,11 @@ const (
 	maxRepush      = 20 * followBatch // events pushed again to Redis before giving up its generation
 )
 
-func newFollower(log sharedLog, s *ProductService) *follower {
+// newFollower returns a follower that keeps caches coherent with log,
+// reading log through readCB.
+func newFollower(log sharedLog, caches *productCaches, readCB *gobreaker.CircuitBreaker[struct{}], m *metrics, logger *slog.Logger) *follower {
 	return &follower{
-		log: log, store: s.store, local: s.local, pages: s.pages, cache: s.cache, redis: s.redisEnabled, redisTimeout: s.redisTimeout,
-		readCB: s.readCB, redisCB: s.redisCB, metrics: s.metrics, logger: s.log,
+		log: log, caches: caches, readCB: readCB, metrics: m, logger: logger,
 		interval: followInterval, batch: followBatch, passes: followPasses,
 		name: rand.Text(),
 		wake: make(chan struct{}, 1), wrote: make(chan struct{}, 1), closed: make(chan struct{}),
@@ -126,7 +117,8 @@ func newFollower(log sharedLog, s *ProductService) *follower {
 
 // fence returns once the follower has applied the change log up to its
 // head as of a moment after fence was called. It returns an
-// *UnavailableError when the database is failing.
+// *UnavailableError when the database is failing, and errBacklog when the
+// head is more than a round away.
 //
 // First a head check: one read-only query, shared with the reads waiting
 // for it. When it finds nothing written beyond
@@ -192,7 +184,7 @@ func (f *follower) check(c *headCheck) {
 			return err
 		})
 		f.metrics.fenceRounds.Inc()
-		c.fresh = c.err == nil && !pending && head <= f.applied.Load()
+		c.fresh = c.err == nil && !pending && head <= f.caches.position()
 		close(c.done)
 		f.mu.Lock()
 		c = f.open
@@ -216,15 +208,6 @@ func (f *follower) kick() {
 // written tells the follower that this process committed a write: its
 // event is numbered and the other replicas are notified.
 func (f *follower) written() { f.askSequence(true) }
-
-// redisTrusted reports whether a read may answer from Redis in generation
-// gen.
-func (f *follower) redisTrusted(gen cacheGen) bool {
-	return gen != 0 && f.redisTrust.Load() == uint64(gen)
-}
-
-// position returns the change-log seq applied in memory.
-func (f *follower) position() int64 { return f.applied.Load() }
 
 // Run follows the change log until ctx ends: it listens for other
 // replicas' notifications, numbers this process's events and notifies the
@@ -334,11 +317,11 @@ func (f *follower) round(ctx context.Context) (unnumbered bool, err error) {
 // yet, and whether a push to Redis failed.
 func (f *follower) catchUp(ctx context.Context) (unnumbered, redisFailed bool, err error) {
 	for range f.passes {
-		after := f.applied.Load()
+		after := f.caches.position()
 		head, es, err := f.changes(ctx, after)
 		var gone *FeedGoneError
 		if errors.As(err, &gone) {
-			f.resync(gone.Oldest - 1)
+			f.caches.resync(gone.Oldest - 1)
 			continue
 		}
 		if err != nil {
@@ -348,15 +331,14 @@ func (f *follower) catchUp(ctx context.Context) (unnumbered, redisFailed bool, e
 			// The caches are empty until the first round ends: every read
 			// fences first, and a write only replaces what is cached.
 			f.started = true
-			f.applied.Store(head)
+			f.caches.start(head)
 			return unnumbered, redisFailed, nil
 		}
 		through, done := position(after, head, es, f.batch)
 		unnumbered = unnumbered || (len(es) > 0 && es[len(es)-1].Seq == 0)
-		if len(es) > 0 && !f.apply(ctx, es, through) {
+		if !f.caches.apply(ctx, es, through) {
 			redisFailed = true
 		}
-		f.applied.Store(through)
 		if done {
 			return unnumbered, redisFailed, nil
 		}
@@ -397,147 +379,59 @@ func position(after, head int64, es []Event, batch int) (through int64, done boo
 	return through, false
 }
 
-// apply applies es, which leave nothing unapplied through seq through:
-// pushed to Redis first, then to the in-process caches. It reports false
-// when a push to Redis failed.
-func (f *follower) apply(ctx context.Context, es []Event, through int64) bool {
-	items := productItems(es)
-	ok := true
-	if f.redis && f.redisGen != 0 && f.redisThrough >= f.applied.Load() {
-		err := guard(f.redisCB, func() error {
-			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
-			defer cancel()
-			return f.cache.Push(ctx, f.redisGen, items, through)
-		})
-		if err == nil {
-			f.redisThrough = max(f.redisThrough, through)
-		} else {
-			ok = false
-		}
-	}
-	if f.redisThrough < through || !ok || !f.redis || f.redisGen == 0 {
-		// Before any reader can see the new versions in memory. Events
-		// without a seq are not counted by redisThrough: a push of them
-		// that did not happen is remembered apart.
-		f.redisBehind = true
-		f.redisTrust.Store(0)
-	}
-	for _, it := range items {
-		f.local.written(it.ID, cachedProduct{JSON: it.JSON, Version: it.Version}, false)
-	}
-	if len(items) > 0 {
-		f.pages.written()
-	}
-	f.metrics.changesApplied.Add(float64(len(es)))
-	return ok
-}
-
-// resync moves the applied position to seq after events before it were
-// trimmed unseen: everything cached in memory is dropped.
-func (f *follower) resync(seq int64) {
-	f.logger.Warn("change log: events were trimmed before this replica applied them; in-process caches dropped", "seq", seq)
-	f.redisTrust.Store(0)
-	f.local.clear()
-	f.pages.written()
-	f.applied.Store(seq)
-}
-
 // syncRedis brings the generation the follower pushes to up to the applied
 // position, adopting the current one first, and trusts Redis once it is.
 func (f *follower) syncRedis(ctx context.Context) {
-	if !f.redis {
+	if !f.caches.redisEnabled {
 		return
 	}
 	for range 4 { // a few generation changes at most; the next round goes on
-		var gen cacheGen
-		var through int64
-		err := guard(f.redisCB, func() error {
-			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
-			defer cancel()
-			var err error
-			gen, through, err = f.cache.SettleGeneration(ctx)
-			return err
-		})
-		if err != nil {
-			f.redisTrust.Store(0)
-			return
+		err := f.caches.adoptGeneration(ctx)
+		if err == nil {
+			err = f.repush(ctx)
 		}
-		if gen != f.redisGen {
-			f.redisTrust.Store(0)
-			f.redisGen, f.redisThrough, f.redisBehind = gen, through, true
-		}
-		switch err := f.repush(ctx); {
-		case errors.Is(err, errStaleGeneration):
+		if errors.Is(err, errStaleGeneration) {
 			continue
-		case err != nil:
-			f.redisTrust.Store(0)
+		}
+		if err != nil {
+			f.caches.distrustRedis()
 			return
 		}
-		f.redisTrust.Store(uint64(gen))
+		f.caches.trustRedis()
 		return
 	}
+	f.caches.distrustRedis()
 }
 
-// repush pushes the events between the generation's position and the
-// applied one, in at most f.passes queries, and returns errBacklog when
-// they are more. When they are too many, or trimmed, it asks for a new
-// generation instead and returns errStaleGeneration.
+// repush reads from the change log the events the generation may lack,
+// and pushes them, in at most f.passes queries; it returns errBacklog when
+// they are more. When they are too many, or trimmed, a new generation is
+// asked for instead and it returns errStaleGeneration.
 func (f *follower) repush(ctx context.Context) error {
 	for pass := 0; ; pass++ {
-		applied := f.applied.Load()
-		if f.redisThrough >= applied && !f.redisBehind {
-			return nil
-		}
-		if applied-f.redisThrough > maxRepush {
-			f.cache.Forget(applied)
-			return errStaleGeneration
+		after, missing, err := f.caches.redisMissing()
+		if err != nil || !missing {
+			return err
 		}
 		if pass == f.passes {
 			return errBacklog
 		}
-		after := f.redisThrough
 		head, es, err := f.changes(ctx, after)
 		if errors.Is(err, ErrFeedGone) {
-			f.cache.Forget(applied)
-			return errStaleGeneration
+			return f.caches.giveUpGeneration()
 		}
 		if err != nil {
 			return err
 		}
 		// Not beyond what is applied in memory: the round applies the rest.
-		through, done := position(after, min(head, applied), es, f.batch)
-		err = guard(f.redisCB, func() error {
-			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
-			defer cancel()
-			return f.cache.Push(ctx, f.redisGen, productItems(es), through)
-		})
-		if err != nil {
+		through, done := position(after, min(head, f.caches.position()), es, f.batch)
+		if err := f.caches.pushMissing(ctx, es, through, done); err != nil {
 			return err
 		}
-		f.redisThrough = max(f.redisThrough, through)
-		if done { // with every event without a seq there was
-			f.redisBehind = false
-		} else if through == after { // a full batch of events not numbered yet
+		if !done && through == after { // a full batch of events not numbered yet
 			if err := f.log.Sequence(ctx); err != nil {
 				return err
 			}
 		}
 	}
-}
-
-// productItems returns the cache entries es make: each product as it
-// became, or a tombstone one version above a deleted product.
-func productItems(es []Event) []cacheItem {
-	var out []cacheItem
-	for i := range es {
-		e := &es[i]
-		switch {
-		case e.ProductID == 0:
-		case e.Product != nil:
-			out = append(out, cacheItem{ID: e.ProductID, Version: e.Version, JSON: appendProduct(nil, e.Product)})
-		default: // deleted: the event's version is already one above
-			out = append(out, cacheItem{ID: e.ProductID, Version: e.Version})
-		}
-	}
-	return out
 }

@@ -205,7 +205,7 @@ func TestFollower_adoptsAfterCrash(t *testing.T) {
 	c := newTestService(t, openTestPostgres(t, url), ServiceConfig{Cache: newTestRedisCache(t, r, time.Second), RedisTimeout: time.Second})
 	waitFor(t, 10*time.Second, "the new replica to trust Redis", func() bool {
 		c.follow.fence(t.Context()) // a round
-		return c.redisTrusted(c.cache.Generation())
+		return c.caches.redisTrusted(c.caches.redis.Generation())
 	})
 	for i := range 3 {
 		got, src, err := getProductVia(t, c, p.ID)
@@ -240,7 +240,7 @@ func TestFollower_notified(t *testing.T) {
 		t.Fatalf("Changes head = %d, %v; want at least 3", head, err)
 	}
 	waitFor(t, 30*time.Second, "B's follower to apply A's writes on notification", func() bool {
-		return b.follow.position() >= head
+		return b.caches.position() >= head
 	})
 }
 
@@ -382,7 +382,7 @@ func TestFollower_repushLongerThanBound(t *testing.T) {
 	}
 	waitFor(t, 10*time.Second, "B to apply the events Redis missed", func() bool {
 		b.follow.fence(t.Context())
-		return b.follow.position() >= head
+		return b.caches.position() >= head
 	})
 	if vs := redisVersions(t, r, p.ID); len(vs) != 1 || vs[0] != 1 {
 		t.Fatalf("Redis holds versions %v, want [1] (the test needs it behind)", vs)
@@ -439,8 +439,8 @@ func TestFollower_repushUnnumberedBatch(t *testing.T) {
 	if _, err := b.follow.round(t.Context()); err != nil {
 		t.Fatalf("B's first round: %v", err)
 	}
-	gen := b.cache.Generation()
-	if !b.redisTrusted(gen) {
+	gen := b.caches.redis.Generation()
+	if !b.caches.redisTrusted(gen) {
 		t.Fatalf("after its first round B does not trust Redis: it could not push the events without a seq")
 	}
 	js, err := rc.Get(t.Context(), gen, p.ID)

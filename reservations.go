@@ -100,10 +100,11 @@ func (s *ProductService) ReservationsByReference(ctx context.Context, ref string
 	return rs, err
 }
 
-// publishAll brings the caches up to date with products a write changed.
+// publishAll records the products a committed write changed; see
+// committed.
 func (s *ProductService) publishAll(ctx context.Context, ps []Product) {
 	for _, p := range ps {
-		s.publish(ctx, p.ID, s.written(p, false))
+		s.committed(ctx, p, false)
 	}
 }
 

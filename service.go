@@ -15,25 +15,20 @@ import (
 )
 
 // ProductService is the product catalog: validation, cache-aside reads
-// through an in-process and an optional Redis layer, and writes to the store
-// behind circuit breakers.
+// through an in-process and an optional Redis layer (productCaches), and
+// writes to the store behind circuit breakers.
 type ProductService struct {
-	store        productStore
-	dbSystem     string // the store's engine, for span names and attributes
-	cache        cache  // noCache when Redis is not configured
-	redisEnabled bool
-	local        *localCache
-	pages        *pageCache
-	redisTimeout time.Duration
-	log          *slog.Logger
-	metrics      *metrics
-	trace        *tracing
+	store    productStore
+	dbSystem string // the store's engine, for span names and attributes
+	caches   *productCaches
+	log      *slog.Logger
+	metrics  *metrics
+	trace    *tracing
 
 	// Reads and writes have separate breakers: a full disk fails writes
 	// while reads keep working, and must not take reads down with it.
 	readCB  *gobreaker.CircuitBreaker[struct{}]
 	writeCB *gobreaker.CircuitBreaker[struct{}]
-	redisCB *gobreaker.CircuitBreaker[struct{}]
 
 	flight singleflight.Group
 	feed   *feedSignal // wakes change-feed streams after each write
@@ -64,15 +59,6 @@ const (
 	redisBreakerTimeout  = 2 * time.Second
 )
 
-// Cache results, as logged and counted.
-const (
-	cacheLocal   = "local"   // served from the in-process layer
-	cacheHit     = "hit"     // served from Redis
-	cacheMiss    = "miss"    // read from the database
-	cacheSkipped = "skipped" // Redis not asked: its breaker is open
-	cacheError   = "error"   // Redis asked and failed
-)
-
 // NewProductService returns a service over store.
 func NewProductService(store productStore, cfg ServiceConfig) *ProductService {
 	if cfg.Logger == nil {
@@ -93,47 +79,35 @@ func NewProductService(store productStore, cfg ServiceConfig) *ProductService {
 	if cfg.CacheMemory <= 0 {
 		cfg.CacheMemory = defaultCacheMemory
 	}
-	s := &ProductService{
-		store:        store,
-		dbSystem:     store.Backend(),
-		cache:        cfg.Cache,
-		redisEnabled: cfg.Cache != nil,
-		local:        newLocalCache(cfg.LocalCacheSize, cfg.CacheMemory/2, cfg.CacheTTL),
-		pages:        newPageCache(min(cfg.LocalCacheSize, maxCachedPages), cfg.CacheMemory/2),
-		redisTimeout: cfg.RedisTimeout,
-		log:          cfg.Logger,
-		metrics:      cfg.Metrics,
-		trace:        cfg.Tracing,
-		feed:         newFeedSignal(),
-	}
-	if s.cache == nil {
-		s.cache = noCache{}
-	}
-	dbTimeout, redisTimeout := dbBreakerTimeout, redisBreakerTimeout
+	dbTimeout := dbBreakerTimeout
 	if cfg.BreakerTimeout > 0 {
-		dbTimeout, redisTimeout = cfg.BreakerTimeout, cfg.BreakerTimeout
+		dbTimeout = cfg.BreakerTimeout
 	}
-	s.readCB = s.newBreaker("database_read", dbBreakerFailures, dbTimeout, isDBSuccess)
-	s.writeCB = s.newBreaker("database_write", dbBreakerFailures, dbTimeout, isDBSuccess)
-	s.redisCB = s.newBreaker("redis", redisBreakerFailures, redisTimeout, func(err error) bool {
-		return err == nil || errors.Is(err, errCacheMiss)
-	})
-	caching := s.local.perCap > 0 || s.pages.max > 0 || s.redisEnabled
-	if log, ok := store.(sharedLog); ok && caching {
-		s.follow = newFollower(log, s)
-	} else if s.redisEnabled {
-		// No change log to follow: what a previous process left in Redis
-		// cannot be checked (it may have died between a commit and its
-		// Redis update), so this one starts a new generation.
-		s.cache.Forget(0)
+	log, shared := store.(sharedLog)
+	s := &ProductService{
+		store:    store,
+		dbSystem: store.Backend(),
+		caches:   newProductCaches(cfg, shared),
+		log:      cfg.Logger,
+		metrics:  cfg.Metrics,
+		trace:    cfg.Tracing,
+		readCB:   newBreaker("database_read", dbBreakerFailures, dbTimeout, isDBSuccess, cfg.Logger, cfg.Metrics),
+		writeCB:  newBreaker("database_write", dbBreakerFailures, dbTimeout, isDBSuccess, cfg.Logger, cfg.Metrics),
+		feed:     newFeedSignal(),
+	}
+	if s.caches.followed {
+		s.follow = newFollower(log, s.caches, s.readCB, s.metrics, s.log)
 	}
 	s.metrics.productsStored(store.Count)
-	s.metrics.cacheBytes(s.local.size, s.pages.size)
 	return s
 }
 
-func (s *ProductService) newBreaker(name string, failures uint32, timeout time.Duration, ok func(error) bool) *gobreaker.CircuitBreaker[struct{}] {
-	s.metrics.breakerState(name, gobreaker.StateClosed)
+// newBreaker returns a circuit breaker for the dependency called name
+// (see breakerDependency) that opens after failures consecutive failures
+// (errors ok does not accept) and probes again after timeout. It logs and
+// counts its transitions.
+func newBreaker(name string, failures uint32, timeout time.Duration, ok func(error) bool, log *slog.Logger, m *metrics) *gobreaker.CircuitBreaker[struct{}] {
+	m.breakerState(name, gobreaker.StateClosed)
 	return gobreaker.NewCircuitBreaker[struct{}](gobreaker.Settings{
 		Name:        name,
 		MaxRequests: 1,
@@ -151,9 +125,9 @@ func (s *ProductService) newBreaker(name string, failures uint32, timeout time.D
 			case from == gobreaker.StateClosed && to == gobreaker.StateOpen:
 				level, msg = slog.LevelWarn, "circuit breaker opened: "+breakerDependency(name)+" failing"
 			}
-			s.log.Log(context.Background(), level, msg,
+			log.Log(context.Background(), level, msg,
 				"breaker", name, "from", from.String(), "to", to.String())
-			s.metrics.breakerTransition(name, from, to)
+			m.breakerTransition(name, from, to)
 		},
 		IsSuccessful: ok,
 		// A client that went away says nothing about the dependency.
@@ -234,7 +208,7 @@ func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, stri
 		v, err := s.load(ctx, id)
 		return v, cacheMiss, err
 	}
-	if v, ok := s.local.get(id); ok {
+	if v, ok := s.caches.cached(id); ok {
 		s.metrics.localCache(true)
 		return v, cacheLocal, nil
 	}
@@ -248,33 +222,19 @@ func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, stri
 	// never joins a read that started before it. The shared read must not
 	// die with the first caller's request, hence WithoutCancel; the store
 	// bounds it with DB_TIMEOUT.
-	tok := s.local.token(id)
+	tok := s.caches.token(id)
 	key := strconv.FormatInt(id, 10) + "/" + strconv.FormatUint(tok.gen, 10)
 	r, err, _ := s.flight.Do(key, func() (any, error) {
 		ctx := context.WithoutCancel(ctx)
-		var v cachedProduct
-		source := cacheMiss
-		if gen := s.cache.Generation(); tok.redisFresh && s.redisTrusted(gen) {
-			v, source = s.cacheGet(ctx, gen, id)
-			if source == cacheHit {
-				s.local.fill(id, tok, v)
-				return result{v, source}, nil
-			}
+		v, source, gen := s.caches.fromRedis(ctx, id, tok)
+		if source == cacheHit {
+			return result{v, source}, nil
 		}
-		gen := s.cache.Generation() // before reading what will be filled
 		v, err := s.load(ctx, id)
 		if err != nil {
 			return nil, err
 		}
-		// Fill in the generation of before the read: if a write that could
-		// not reach Redis (or a Redis restart) moved to a fresh generation
-		// meanwhile, nothing newer there would refuse this maybe older copy.
-		// A Redis that just failed or is skipped is not asked again: a read
-		// pays at most one REDIS_TIMEOUT for a failing Redis.
-		if source == cacheMiss || source == cacheHit {
-			s.cachePut(ctx, gen, id, v.Version, v.JSON)
-		}
-		s.local.fill(id, tok, v)
+		s.caches.fill(ctx, id, tok, gen, source, v)
 		if source != cacheSkipped {
 			source = cacheMiss // read from the database (Redis missed, failed, or could not be trusted yet)
 		}
@@ -327,12 +287,6 @@ func (s *ProductService) fence(ctx context.Context) (cached bool, err error) {
 	return err == nil, err
 }
 
-// redisTrusted reports whether Redis, in generation gen, holds every
-// write the fence has applied; see follower.
-func (s *ProductService) redisTrusted(gen cacheGen) bool {
-	return s.redisEnabled && (s.follow == nil || s.follow.redisTrusted(gen))
-}
-
 // Follow follows the store's change log until ctx ends, when other
 // processes write to it too; see follower. It returns at once otherwise.
 func (s *ProductService) Follow(ctx context.Context) {
@@ -341,137 +295,16 @@ func (s *ProductService) Follow(ctx context.Context) {
 	}
 }
 
-// cacheGet reads id from Redis in generation gen. The version is read
-// from the JSON itself.
-func (s *ProductService) cacheGet(ctx context.Context, gen cacheGen, id int64) (cachedProduct, string) {
-	if !s.redisEnabled {
-		return cachedProduct{}, cacheMiss
-	}
-	var b []byte
-	ctx, span := s.trace.start(ctx, "redis get product", attribute.String("db.system", "redis"))
-	defer span.End()
-	err := guard(s.redisCB, func() error {
-		ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
-		defer cancel()
-		var err error
-		b, err = s.cache.Get(ctx, gen, id)
-		return err
-	})
-	span.SetAttributes(attribute.Bool("cache.hit", err == nil))
-	var result string
-	switch {
-	case err == nil:
-		result = cacheHit
-	case errors.Is(err, errCacheMiss):
-		result = cacheMiss
-	case errors.Is(err, ErrUnavailable):
-		result = cacheSkipped
-	default:
-		result = cacheError
-		s.log.Debug("redis get failed", "id", id, "err", err)
-	}
-	s.metrics.cacheRequest(result)
-	if result != cacheHit {
-		return cachedProduct{}, result
-	}
-	version, ok := versionOf(b)
-	if !ok {
-		return cachedProduct{}, cacheMiss
-	}
-	return cachedProduct{JSON: b, Version: version}, cacheHit
-}
-
-// versionOf finds the "version" member in an encoded product.
-func versionOf(b []byte) (int64, bool) {
-	const key = `,"version":`
-	for i := 0; i+len(key) <= len(b); i++ {
-		if string(b[i:i+len(key)]) == key {
-			j := i + len(key)
-			k := j
-			for k < len(b) && b[k] >= '0' && b[k] <= '9' {
-				k++
-			}
-			v, err := strconv.ParseInt(string(b[j:k]), 10, 64)
-			return v, err == nil
-		}
-	}
-	return 0, false
-}
-
-// cachePut writes a product (or a tombstone, nil JSON) to Redis. It reports
-// whether Redis now holds that version or a newer one.
-func (s *ProductService) cachePut(ctx context.Context, gen cacheGen, id, version int64, json []byte) bool {
-	if !s.redisEnabled {
-		return true
-	}
-	ctx, span := s.trace.start(ctx, "redis put product", attribute.String("db.system", "redis"))
-	defer span.End()
-	err := guard(s.redisCB, func() error {
-		ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
-		defer cancel()
-		return s.cache.Put(ctx, gen, id, version, json)
-	})
-	if err != nil {
-		s.log.Debug("redis put failed", "id", id, "err", err)
-	}
-	return err == nil
-}
-
-// written records a committed write in the in-process layers, before the
-// write is acknowledged. Writes may report in any order (several
-// connections, several goroutines): the product cache keeps the higher
-// version, and a delete leaves a tombstone that outranks the product.
-func (s *ProductService) written(p Product, deleted bool) cachedProduct {
-	v := cachedProduct{Version: p.Version}
-	if deleted {
-		v.Version++ // a tombstone outranks the deleted version
-	} else {
-		v.JSON = appendProduct(nil, &p)
-	}
-	s.local.written(p.ID, v, s.redisEnabled)
-	s.pages.written()
+// committed records a committed write before it is acknowledged: in the
+// caches (in memory first, then in Redis), for the change-feed streams,
+// and for the other replicas (its event is numbered and announced).
+func (s *ProductService) committed(ctx context.Context, p Product, deleted bool) {
+	v := s.caches.written(p, deleted)
 	s.feed.notify()
 	if s.follow != nil {
 		s.follow.written()
 	}
-	return v
-}
-
-// publish brings Redis up to date after a committed write, before the write
-// is acknowledged. If Redis cannot be updated, every Redis entry is
-// forgotten instead: an acknowledged write is never followed by a stale read.
-func (s *ProductService) publish(ctx context.Context, id int64, v cachedProduct) {
-	if !s.redisEnabled {
-		return
-	}
-	defer s.local.published(id)
-	s.metrics.cacheInvalidation()
-	ctx, span := s.trace.start(context.WithoutCancel(ctx), "redis put product", attribute.String("db.system", "redis"))
-	defer span.End()
-	err := guard(s.redisCB, func() error {
-		ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
-		defer cancel()
-		// A committed write is current in any generation: whichever is
-		// current now (after any pending change) takes it.
-		gen, _, err := s.cache.SettleGeneration(ctx)
-		if err == nil {
-			err = s.cache.Put(ctx, gen, id, v.Version, v.JSON)
-		}
-		return err
-	})
-	if err != nil {
-		s.log.Debug("redis put failed", "id", id, "err", err)
-		s.cache.Forget(s.position())
-	}
-}
-
-// position returns the change-log position the caches reflect (0 when
-// there is no change log to follow).
-func (s *ProductService) position() int64 {
-	if s.follow == nil {
-		return 0
-	}
-	return s.follow.position()
+	s.caches.publish(ctx, p.ID, v)
 }
 
 // Create validates in and stores a new product. It returns a
@@ -491,7 +324,7 @@ func (s *ProductService) Create(ctx context.Context, in ProductInput, idem *Idem
 	if err != nil {
 		return Product{}, err
 	}
-	s.publish(ctx, p.ID, s.written(p, false))
+	s.committed(ctx, p, false)
 	return p, nil
 }
 
@@ -558,7 +391,7 @@ func (s *ProductService) update(ctx context.Context, id int64, cond *IfMatch, ch
 		return Product{}, err
 	}
 	if wrote {
-		s.publish(ctx, id, s.written(out, false))
+		s.committed(ctx, out, false)
 	}
 	return out, nil
 }
@@ -579,7 +412,7 @@ func (s *ProductService) AdjustStock(ctx context.Context, id, delta int64, cond 
 	if err != nil {
 		return Product{}, err
 	}
-	s.publish(ctx, id, s.written(p, false))
+	s.committed(ctx, p, false)
 	return p, nil
 }
 
@@ -595,7 +428,7 @@ func (s *ProductService) Delete(ctx context.Context, id int64, cond *IfMatch) er
 	if err != nil {
 		return err
 	}
-	s.publish(ctx, id, s.written(gone, true))
+	s.committed(ctx, gone, true)
 	return nil
 }
 
@@ -618,7 +451,7 @@ func (s *ProductService) ListJSON(ctx context.Context, key string, f ListFilter)
 	}
 	var gen uint64
 	if cached {
-		b, g, ok := s.pages.get(key)
+		b, g, ok := s.caches.page(key)
 		if ok {
 			return b, nil
 		}
@@ -630,7 +463,7 @@ func (s *ProductService) ListJSON(ctx context.Context, key string, f ListFilter)
 	}
 	b := appendPage(make([]byte, 0, pageSizeHint(page)), page)
 	if cached {
-		s.pages.fill(key, gen, b)
+		s.caches.fillPage(key, gen, b)
 	}
 	return b, nil
 }
@@ -697,31 +530,19 @@ func (r Readiness) CanServeReads() bool {
 
 // Ready checks the database and Redis.
 func (s *ProductService) Ready(ctx context.Context) Readiness {
-	r := Readiness{Database: "ok", Cache: "disabled", ReadState: s.readCB.State(), WriteState: s.writeCB.State()}
+	r := Readiness{Database: "ok", ReadState: s.readCB.State(), WriteState: s.writeCB.State()}
 	if r.ReadState != gobreaker.StateOpen {
 		if err := s.store.Ping(ctx); err != nil {
 			r.Database = "down"
 		}
 	}
-	if s.redisEnabled {
-		// Through the Redis breaker, so readiness probes alone (no read
-		// traffic) notice Redis failing and recovering, and it is logged.
-		r.Cache = "ok"
-		err := guard(s.redisCB, func() error {
-			ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
-			defer cancel()
-			return s.cache.Ping(ctx)
-		})
-		if err != nil {
-			r.Cache = "down"
-		}
-	}
+	r.Cache = s.caches.ready(ctx)
 	return r
 }
 
 // Close closes the cache. The store is closed by its owner.
 func (s *ProductService) Close() error {
-	if err := s.cache.Close(); err != nil {
+	if err := s.caches.close(); err != nil {
 		return fmt.Errorf("close cache: %w", err)
 	}
 	return nil

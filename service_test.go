@@ -265,7 +265,7 @@ func TestGuard_openBreakerNamesDependency(t *testing.T) {
 		failures int
 		want     string
 	}{
-		{svc.redisCB, redisBreakerFailures, "Redis is failing; circuit breaker redis is open"},
+		{svc.caches.redisCB, redisBreakerFailures, "Redis is failing; circuit breaker redis is open"},
 		{svc.readCB, dbBreakerFailures, "database reads are failing; circuit breaker database_read is open"},
 		{svc.writeCB, dbBreakerFailures, "database writes are failing; circuit breaker database_write is open"},
 	}

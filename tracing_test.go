@@ -111,13 +111,13 @@ func TestTracing_RequestSpanTree(t *testing.T) {
 
 func TestTracing_RedisSpanHasCacheHit(t *testing.T) {
 	_, svc, exp, _ := tracedServer(t)
-	svc.redisEnabled = true
-	svc.cache = &mapCache{m: map[int64][]byte{}}
+	svc.caches.redisEnabled = true
+	svc.caches.redis = &mapCache{m: map[int64][]byte{}}
 	p, err := svc.Create(t.Context(), ProductInput{SKU: new("T-2"), Name: new("traced"), PriceCents: new(int64(5))}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc.local = newLocalCache(0, 0, time.Minute) // go to Redis every time
+	svc.caches.local = newLocalCache(0, 0, time.Minute) // go to Redis every time
 	exp.Reset()
 	if _, _, err := svc.Get(t.Context(), p.ID); err != nil {
 		t.Fatal(err)
