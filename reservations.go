@@ -108,11 +108,19 @@ func (s *ProductService) publishAll(ctx context.Context, ps []Product) {
 	}
 }
 
+// reservationExpirer is what SweepReservations needs of the store.
+type reservationExpirer interface {
+	// ExpireReservations records up to limit held reservations whose time
+	// ran out as expired, and returns how many and the products changed.
+	ExpireReservations(ctx context.Context, limit int) (int, []Product, error)
+}
+
 // SweepReservations runs until ctx ends, recording due holds as expired
 // every interval. Their units count as available from the moment they
 // expire (writes release due lines themselves); the sweep records the
 // state and frees what no write has touched.
 func (s *ProductService) SweepReservations(ctx context.Context, interval time.Duration) {
+	var store reservationExpirer = s.store // the sweep's needs, held to by the compiler
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -122,7 +130,7 @@ func (s *ProductService) SweepReservations(ctx context.Context, interval time.Du
 		case <-t.C:
 		}
 		for range 100 { // at most 10,000 a round; the rest next round
-			n, changed, err := s.store.ExpireReservations(ctx, 100)
+			n, changed, err := store.ExpireReservations(ctx, 100)
 			s.publishAll(ctx, changed)
 			for range n {
 				s.metrics.reservation(StateExpired)
@@ -152,9 +160,15 @@ func (s *ProductService) Events(ctx context.Context, after int64, limit int) ([]
 	return es, err
 }
 
-// TrimEvents deletes change-feed events older than retention every
+// eventTrimmer is what trimChangeFeed needs of the store.
+type eventTrimmer interface {
+	// TrimEvents deletes events older than before, in small batches.
+	TrimEvents(ctx context.Context, before time.Time) (int64, error)
+}
+
+// trimChangeFeed deletes change-feed events older than retention every
 // interval, until ctx ends.
-func (s *ProductService) TrimEvents(ctx context.Context, retention, interval time.Duration) {
+func trimChangeFeed(ctx context.Context, store eventTrimmer, log *slog.Logger, retention, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -163,11 +177,11 @@ func (s *ProductService) TrimEvents(ctx context.Context, retention, interval tim
 			return
 		case <-t.C:
 		}
-		n, err := s.store.TrimEvents(ctx, time.Now().Add(-retention))
+		n, err := store.TrimEvents(ctx, time.Now().Add(-retention))
 		if err != nil && ctx.Err() == nil {
-			s.log.Warn("trim events", "err", err.Error())
+			log.Warn("trim events", "err", err.Error())
 		} else if n > 0 {
-			s.log.Debug("trimmed events", slog.Int64("events", n))
+			log.Debug("trimmed events", slog.Int64("events", n))
 		}
 	}
 }

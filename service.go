@@ -494,10 +494,19 @@ func (s *ProductService) List(ctx context.Context, f ListFilter) (Page, error) {
 	return page, err
 }
 
+// breakerProbe is what Probe needs of the store: a read and a write that
+// touch no client data.
+type breakerProbe interface {
+	Ping(ctx context.Context) error
+	// ProbeWrite makes one small real write.
+	ProbeWrite(ctx context.Context) error
+}
+
 // Probe runs until ctx ends. While a database breaker is not closed it
 // sends a probe through it every interval, so a breaker closes by itself once
 // the fault is gone, even when no client request comes to test it.
 func (s *ProductService) Probe(ctx context.Context, interval time.Duration) {
+	var store breakerProbe = s.store // the probe's needs, held to by the compiler
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -507,10 +516,10 @@ func (s *ProductService) Probe(ctx context.Context, interval time.Duration) {
 		case <-t.C:
 		}
 		if s.writeCB.State() != gobreaker.StateClosed {
-			guard(s.writeCB, func() error { return s.store.ProbeWrite(ctx) })
+			guard(s.writeCB, func() error { return store.ProbeWrite(ctx) })
 		}
 		if s.readCB.State() != gobreaker.StateClosed {
-			guard(s.readCB, func() error { return s.store.Ping(ctx) })
+			guard(s.readCB, func() error { return store.Ping(ctx) })
 		}
 	}
 }
