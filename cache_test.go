@@ -30,7 +30,7 @@ func newCachedService(tb testing.TB, r *redisServer, store productStore, cfg Ser
 }
 
 // redisVersions returns the versions Redis holds for product id, one per
-// namespace that has it. It reads Redis with its own client.
+// generation that has it. It reads Redis with its own client.
 func redisVersions(tb testing.TB, r *redisServer, id int64) []int64 {
 	tb.Helper()
 	c := redis.NewClient(&redis.Options{Addr: r.Addr, Protocol: 2, DisableIdentity: true})
@@ -533,14 +533,14 @@ func TestProductService_localCacheWithoutRedis(t *testing.T) {
 			}
 		}
 	}
-	if n := svc.local.len(); n > localShards {
+	if n := svc.caches.local.len(); n > localShards {
 		t.Errorf("local cache holds %d entries, want at most %d", n, localShards)
 	}
 }
 
 // TestRedisCache_restartFromOldSnapshot restarts Redis from a snapshot taken
 // before the last write: Redis then holds an old version under the current
-// key namespace. The first read on the new connection must not return it.
+// generation. The first read on the new connection must not return it.
 func TestRedisCache_restartFromOldSnapshot(t *testing.T) {
 	r := startRedis(t)
 	rc := newTestRedisCache(t, r, time.Second)
@@ -573,10 +573,10 @@ func TestRedisCache_restartFromOldSnapshot(t *testing.T) {
 
 // TestProductService_Get_fillAcrossRedisRestart: a read takes version 1
 // from SQLite and stalls; Redis restarts; a write commits version 2 (its put
-// goes to the namespace of before the restart, which the reconnect then
+// goes to the generation of before the restart, which the reconnect then
 // forgets); the stalled read fills Redis. A read after the acknowledged
 // write must still see version 2: the stalled fill belongs to the old
-// namespace.
+// generation.
 func TestProductService_Get_fillAcrossRedisRestart(t *testing.T) {
 	r := startRedis(t)
 	rc := newTestRedisCache(t, r, time.Second)
@@ -625,34 +625,34 @@ func TestRedisCache_sharedGeneration(t *testing.T) {
 	c1 := newTestRedisCache(t, r, time.Second)
 	c2 := newTestRedisCache(t, r, time.Second)
 	ctx := t.Context()
-	e1, _, err := c1.Namespace(ctx)
+	g1, _, err := c1.SettleGeneration(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := c1.Put(ctx, e1, 7, 1, []byte(`{"id":7,"version":1}`)); err != nil {
+	if err := c1.Put(ctx, g1, 7, 1, []byte(`{"id":7,"version":1}`)); err != nil {
 		t.Fatal(err)
 	}
-	e2, _, err := c2.Namespace(ctx)
+	g2, _, err := c2.SettleGeneration(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if b, err := c2.Get(ctx, e2, 7); err != nil || string(b) != `{"id":7,"version":1}` {
+	if b, err := c2.Get(ctx, g2, 7); err != nil || string(b) != `{"id":7,"version":1}` {
 		t.Fatalf("second process Get = %q, %v; want the first one's entry", b, err)
 	}
 
 	c1.Forget(42)
-	if _, through, err := c1.Namespace(ctx); err != nil || through != 42 {
-		t.Fatalf("after Forget(42): Namespace through = %d, %v; want 42", through, err)
+	if _, through, err := c1.SettleGeneration(ctx); err != nil || through != 42 {
+		t.Fatalf("after Forget(42): SettleGeneration through = %d, %v; want 42", through, err)
 	}
-	if b, err := c2.Get(ctx, e2, 7); !errors.Is(err, errCacheMiss) {
+	if b, err := c2.Get(ctx, g2, 7); !errors.Is(err, errCacheMiss) {
 		t.Fatalf("second process Get after the first gave the generation up = %q, %v; want a miss", b, err)
 	}
-	if err := c2.Put(ctx, e2, 7, 1, []byte(`{"id":7,"version":1}`)); err != nil { // a fill from before
+	if err := c2.Put(ctx, g2, 7, 1, []byte(`{"id":7,"version":1}`)); err != nil { // a fill from before
 		t.Fatal(err)
 	}
-	next, through, err := c2.Namespace(ctx)
-	if err != nil || next == e2 || through != 42 {
-		t.Fatalf("second process Namespace = epoch %d (was %d), through %d, %v; want a new epoch through 42", next, e2, through, err)
+	next, through, err := c2.SettleGeneration(ctx)
+	if err != nil || next == g2 || through != 42 {
+		t.Fatalf("second process SettleGeneration = generation %d (was %d), through %d, %v; want a new generation through 42", next, g2, through, err)
 	}
 	if b, err := c2.Get(ctx, next, 7); !errors.Is(err, errCacheMiss) {
 		t.Fatalf("Get in the new generation = %q, %v; want a miss (the old fill must not land there)", b, err)
@@ -660,8 +660,8 @@ func TestRedisCache_sharedGeneration(t *testing.T) {
 	// Two processes giving up the same generation start one new one.
 	c1.Forget(50)
 	c2.Forget(60)
-	_, t1, _ := c1.Namespace(ctx)
-	_, t2, _ := c2.Namespace(ctx)
+	_, t1, _ := c1.SettleGeneration(ctx)
+	_, t2, _ := c2.SettleGeneration(ctx)
 	if t1 != t2 {
 		t.Errorf("after both gave up one generation: through %d and %d, want one new generation", t1, t2)
 	}

@@ -29,32 +29,33 @@ import (
 // One head check (one read-only query) serves every read waiting when it
 // is sent, as Raft's ReadIndex serves reads with one heartbeat round; only
 // when it finds something new do the reads wait for a round that applies
-// it.
+// it. A round is bounded (passes queries of batch events); when the head
+// is further away than that, the round fails with errBacklog, and the
+// reads waiting for it go to the database until a later round catches up.
 //
 // Redis is trusted for a read only when it holds every event the follower
 // has applied (or something newer): the follower pushes each batch of
 // events to Redis before applying it in memory, and when a push fails it
 // stops trusting Redis before applying, until it has pushed the missed
-// events again. A replica that adopts a namespace (at start, after Redis
+// events again. A replica that adopts a generation (at start, after Redis
 // restarted, after a write could not reach Redis) pushes the events after
-// the position the namespace is known to be current at (cache.Namespace),
-// or starts a new namespace when they are too many.
+// the position the generation is known to be current at
+// (cache.SettleGeneration), or starts a new generation when they are too
+// many.
 //
 // Notifications (LISTEN/NOTIFY) and a periodic look only keep the caches
 // fresh between reads; correctness rests on the fence alone, so a lost
 // notification costs latency, never a stale read.
+//
+// The follower reads the change log; what the caches hold of it, and
+// whether Redis is trusted, is productCaches' to keep.
 type follower struct {
-	log          sharedLog
-	store        productStore
-	local        *localCache
-	pages        *pageCache
-	cache        cache
-	redis        bool          // cache is Redis
-	redisTimeout time.Duration // bound on each Redis call (REDIS_TIMEOUT)
-	readCB       *gobreaker.CircuitBreaker[struct{}]
-	redisCB      *gobreaker.CircuitBreaker[struct{}]
-	metrics      *metrics
-	logger       *slog.Logger
+	holds   *holdClock // learns the holds of every replica from the log
+	log     sharedLog
+	caches  *productCaches
+	readCB  *gobreaker.CircuitBreaker[struct{}] // the change log is read through the database read breaker
+	metrics *metrics
+	logger  *slog.Logger
 
 	mu       sync.Mutex
 	next     *fenceRound // the round that reads arriving now wait for
@@ -62,6 +63,8 @@ type follower struct {
 	checking int         // head checks in flight
 
 	interval time.Duration // periodic look; followInterval
+	batch    int           // events read per query; followBatch
+	passes   int           // queries a round (or a push to Redis) makes at most; followPasses
 	name     string        // this process, in its notifications
 
 	wake   chan struct{} // a round is wanted
@@ -69,14 +72,7 @@ type follower struct {
 	notify atomic.Bool   // ... and the other replicas to notify
 	closed chan struct{} // the follower stopped
 
-	// Touched by the round loop only.
-	started      bool
-	redisEpoch   cacheEpoch // the namespace the follower pushes to
-	redisThrough int64      // ... which holds every event through this seq
-	redisBehind  bool       // ... but may lack events applied without a seq
-
-	applied    atomic.Int64  // events applied in memory through this seq
-	redisTrust atomic.Uint64 // the epoch in which Redis holds every applied event; 0: none
+	started bool // touched by the round loop only
 }
 
 // fenceRound is one round of the loop (head query and catch-up), shared
@@ -104,14 +100,17 @@ const maxHeadChecks = 1
 
 const (
 	followBatch    = 500              // events read per query
+	followPasses   = 1000             // queries per round: up to 500,000 events
 	followInterval = time.Second      // periodic look, should a notification be lost
-	maxRepush      = 20 * followBatch // events pushed again to Redis before giving up its namespace
+	maxRepush      = 20 * followBatch // events pushed again to Redis before giving up its generation
 )
 
-func newFollower(log sharedLog, s *ProductService) *follower {
+// newFollower returns a follower that keeps caches coherent with log,
+// reading log through readCB.
+func newFollower(log sharedLog, caches *productCaches, holds *holdClock, readCB *gobreaker.CircuitBreaker[struct{}], m *metrics, logger *slog.Logger) *follower {
 	return &follower{
-		log: log, store: s.store, local: s.local, pages: s.pages, cache: s.cache, redis: s.redisEnabled, redisTimeout: s.redisTimeout,
-		readCB: s.readCB, redisCB: s.redisCB, metrics: s.metrics, logger: s.log, interval: followInterval,
+		log: log, caches: caches, holds: holds, readCB: readCB, metrics: m, logger: logger,
+		interval: followInterval, batch: followBatch, passes: followPasses,
 		name: rand.Text(),
 		wake: make(chan struct{}, 1), wrote: make(chan struct{}, 1), closed: make(chan struct{}),
 	}
@@ -119,7 +118,8 @@ func newFollower(log sharedLog, s *ProductService) *follower {
 
 // fence returns once the follower has applied the change log up to its
 // head as of a moment after fence was called. It returns an
-// *UnavailableError when the database is failing.
+// *UnavailableError when the database is failing, and errBacklog when the
+// head is more than a round away.
 //
 // First a head check: one read-only query, shared with the reads waiting
 // for it. When it finds nothing written beyond
@@ -185,7 +185,7 @@ func (f *follower) check(c *headCheck) {
 			return err
 		})
 		f.metrics.fenceRounds.Inc()
-		c.fresh = c.err == nil && !pending && head <= f.applied.Load()
+		c.fresh = c.err == nil && !pending && head <= f.caches.position()
 		close(c.done)
 		f.mu.Lock()
 		c = f.open
@@ -209,14 +209,6 @@ func (f *follower) kick() {
 // written tells the follower that this process committed a write: its
 // event is numbered and the other replicas are notified.
 func (f *follower) written() { f.askSequence(true) }
-
-// redisTrusted reports whether a read may answer from Redis under epoch.
-func (f *follower) redisTrusted(epoch cacheEpoch) bool {
-	return epoch != 0 && f.redisTrust.Load() == uint64(epoch)
-}
-
-// position returns the change-log seq applied in memory.
-func (f *follower) position() int64 { return f.applied.Load() }
 
 // Run follows the change log until ctx ends: it listens for other
 // replicas' notifications, numbers this process's events and notifies the
@@ -258,6 +250,9 @@ func (f *follower) Run(ctx context.Context) {
 			r.err = err
 			close(r.done)
 		}
+		if errors.Is(err, errBacklog) {
+			f.kick() // go on applying without waiting for a read
+		}
 		if periodic && unnumbered {
 			f.askSequence(false) // a writer died before numbering its events
 		}
@@ -297,42 +292,20 @@ func (f *follower) askSequence(notify bool) {
 	}
 }
 
-// round applies the change log up to its head as of the round's start. It
-// reports whether it met events not numbered yet.
+// errBacklog is what a round, or a push of what Redis missed, returns
+// when it ran out of passes before it caught up with the change log: more
+// events wait than it applies (or pushes) in one go. The next round goes
+// on from where it stopped.
+var errBacklog = errors.New("change log: more events waiting than one round applies")
+
+// round applies the change log up to its head as of the round's start,
+// then brings Redis up to date. It reports whether it met events not
+// numbered yet. It returns errBacklog when the head is more than f.passes
+// queries away: the caches are then behind, and must not answer a read.
 func (f *follower) round(ctx context.Context) (unnumbered bool, err error) {
-	redisFailed := false
-	for range 1000 { // bounded: each pass applies up to followBatch events
-		after := f.applied.Load()
-		head, es, err := f.changes(ctx, after)
-		var gone *FeedGoneError
-		if errors.As(err, &gone) {
-			f.resync(gone.Oldest - 1)
-			continue
-		}
-		if err != nil {
-			return unnumbered, err
-		}
-		if !f.started {
-			// The caches are empty until the first round ends: every read
-			// fences first, and a write only replaces what is cached.
-			f.started = true
-			f.applied.Store(head)
-			break
-		}
-		through, done := position(after, head, es)
-		unnumbered = unnumbered || (len(es) > 0 && es[len(es)-1].Seq == 0)
-		if len(es) > 0 && !f.apply(ctx, es, through) {
-			redisFailed = true
-		}
-		f.applied.Store(through)
-		if done {
-			break
-		}
-		if through == after { // a full batch of events not numbered yet
-			if err := f.log.Sequence(ctx); err != nil {
-				return unnumbered, err
-			}
-		}
+	unnumbered, redisFailed, err := f.catchUp(ctx)
+	if err != nil {
+		return unnumbered, err
 	}
 	if !redisFailed { // a failing Redis costs a round one REDIS_TIMEOUT at most
 		f.syncRedis(ctx)
@@ -340,24 +313,70 @@ func (f *follower) round(ctx context.Context) (unnumbered bool, err error) {
 	return unnumbered, nil
 }
 
-// changes reads the change log after seq after through the read breaker.
+// catchUp applies the change log up to its head, in at most f.passes
+// queries of f.batch events. It reports whether it met events not numbered
+// yet, and whether a push to Redis failed.
+func (f *follower) catchUp(ctx context.Context) (unnumbered, redisFailed bool, err error) {
+	for range f.passes {
+		after := f.caches.position()
+		head, es, err := f.changes(ctx, after)
+		var gone *FeedGoneError
+		if errors.As(err, &gone) {
+			f.caches.resync(gone.Oldest - 1)
+			f.holds.forget() // holds made in what was trimmed are not known
+			continue
+		}
+		if err != nil {
+			return unnumbered, redisFailed, err
+		}
+		if !f.started {
+			// The caches are empty until the first round ends: every read
+			// fences first, and a write only replaces what is cached.
+			f.started = true
+			f.caches.start(head)
+			return unnumbered, redisFailed, nil
+		}
+		through, done := position(after, head, es, f.batch)
+		unnumbered = unnumbered || (len(es) > 0 && es[len(es)-1].Seq == 0)
+		if !f.caches.apply(ctx, es, through) {
+			redisFailed = true
+		}
+		for i := range es {
+			if r := es[i].Reservation; r != nil && es[i].Type == EventReservationHeld {
+				f.holds.lower(r.ExpiresAt) // another replica's hold, before any read it must count for
+			}
+		}
+		if done {
+			return unnumbered, redisFailed, nil
+		}
+		if through == after { // a full batch of events not numbered yet
+			if err := f.log.Sequence(ctx); err != nil {
+				return unnumbered, redisFailed, err
+			}
+		}
+	}
+	return unnumbered, redisFailed, errBacklog
+}
+
+// changes reads a batch of the change log after seq after through the
+// read breaker.
 func (f *follower) changes(ctx context.Context, after int64) (int64, []Event, error) {
 	var head int64
 	var es []Event
 	err := guard(f.readCB, func() error {
 		var err error
-		head, es, err = f.log.Changes(ctx, after, followBatch)
+		head, es, err = f.log.Changes(ctx, after, f.batch)
 		return err
 	})
 	return head, es, err
 }
 
 // position returns the seq through which es (as Changes returned them
-// for after and head) leave nothing unapplied, and whether that is all
-// there was: a batch shorter than followBatch holds every event through
+// for after, head and batch) leave nothing unapplied, and whether that is
+// all there was: a batch shorter than asked for holds every event through
 // head.
-func position(after, head int64, es []Event) (through int64, done bool) {
-	if len(es) < followBatch {
+func position(after, head int64, es []Event, batch int) (through int64, done bool) {
+	if len(es) < batch {
 		return max(after, head), true
 	}
 	through = after
@@ -367,139 +386,59 @@ func position(after, head int64, es []Event) (through int64, done bool) {
 	return through, false
 }
 
-// apply applies es, which leave nothing unapplied through seq through:
-// pushed to Redis first, then to the in-process caches. It reports false
-// when a push to Redis failed.
-func (f *follower) apply(ctx context.Context, es []Event, through int64) bool {
-	items := productItems(es)
-	ok := true
-	if f.redis && f.redisEpoch != 0 && f.redisThrough >= f.applied.Load() {
-		err := guard(f.redisCB, func() error {
-			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
-			defer cancel()
-			return f.cache.Push(ctx, f.redisEpoch, items, through)
-		})
-		if err == nil {
-			f.redisThrough = max(f.redisThrough, through)
-		} else {
-			ok = false
-		}
-	}
-	if f.redisThrough < through || !ok || !f.redis || f.redisEpoch == 0 {
-		// Before any reader can see the new versions in memory. Events
-		// without a seq are not counted by redisThrough: a push of them
-		// that did not happen is remembered apart.
-		f.redisBehind = true
-		f.redisTrust.Store(0)
-	}
-	for _, it := range items {
-		f.local.written(it.ID, cachedProduct{JSON: it.JSON, Version: it.Version}, false)
-	}
-	if len(items) > 0 {
-		f.pages.written()
-	}
-	f.metrics.changesApplied.Add(float64(len(es)))
-	return ok
-}
-
-// resync moves the applied position to seq after events before it were
-// trimmed unseen: everything cached in memory is dropped.
-func (f *follower) resync(seq int64) {
-	f.logger.Warn("change log: events were trimmed before this replica applied them; in-process caches dropped", "seq", seq)
-	f.redisTrust.Store(0)
-	f.local.clear()
-	f.pages.written()
-	f.applied.Store(seq)
-}
-
-// syncRedis brings the namespace the follower pushes to up to the applied
+// syncRedis brings the generation the follower pushes to up to the applied
 // position, adopting the current one first, and trusts Redis once it is.
 func (f *follower) syncRedis(ctx context.Context) {
-	if !f.redis {
+	if !f.caches.redisEnabled {
 		return
 	}
-	for range 4 { // a few namespace changes at most; the next round goes on
-		var epoch cacheEpoch
-		var through int64
-		err := guard(f.redisCB, func() error {
-			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
-			defer cancel()
-			var err error
-			epoch, through, err = f.cache.Namespace(ctx)
-			return err
-		})
-		if err != nil {
-			f.redisTrust.Store(0)
-			return
+	for range 4 { // a few generation changes at most; the next round goes on
+		err := f.caches.adoptGeneration(ctx)
+		if err == nil {
+			err = f.repush(ctx)
 		}
-		if epoch != f.redisEpoch {
-			f.redisTrust.Store(0)
-			f.redisEpoch, f.redisThrough, f.redisBehind = epoch, through, true
-		}
-		switch err := f.repush(ctx); {
-		case errors.Is(err, errStaleEpoch):
+		if errors.Is(err, errStaleGeneration) {
 			continue
-		case err != nil:
-			f.redisTrust.Store(0)
+		}
+		if err != nil {
+			f.caches.distrustRedis()
 			return
 		}
-		f.redisTrust.Store(uint64(epoch))
+		f.caches.trustRedis()
 		return
 	}
+	f.caches.distrustRedis()
 }
 
-// repush pushes the events between the namespace's position and the
-// applied one. When they are too many, or trimmed, it asks for a new
-// namespace instead and returns errStaleEpoch.
+// repush reads from the change log the events the generation may lack,
+// and pushes them, in at most f.passes queries; it returns errBacklog when
+// they are more. When they are too many, or trimmed, a new generation is
+// asked for instead and it returns errStaleGeneration.
 func (f *follower) repush(ctx context.Context) error {
-	for range 1000 {
-		applied := f.applied.Load()
-		if f.redisThrough >= applied && !f.redisBehind {
-			return nil
+	for pass := 0; ; pass++ {
+		after, missing, err := f.caches.redisMissing()
+		if err != nil || !missing {
+			return err
 		}
-		if applied-f.redisThrough > maxRepush {
-			f.cache.Forget(applied)
-			return errStaleEpoch
+		if pass == f.passes {
+			return errBacklog
 		}
-		head, es, err := f.changes(ctx, f.redisThrough)
+		head, es, err := f.changes(ctx, after)
 		if errors.Is(err, ErrFeedGone) {
-			f.cache.Forget(applied)
-			return errStaleEpoch
+			return f.caches.giveUpGeneration()
 		}
 		if err != nil {
 			return err
 		}
 		// Not beyond what is applied in memory: the round applies the rest.
-		through, done := position(f.redisThrough, min(head, applied), es)
-		err = guard(f.redisCB, func() error {
-			ctx, cancel := context.WithTimeout(ctx, f.redisTimeout)
-			defer cancel()
-			return f.cache.Push(ctx, f.redisEpoch, productItems(es), through)
-		})
-		if err != nil {
+		through, done := position(after, min(head, f.caches.position()), es, f.batch)
+		if err := f.caches.pushMissing(ctx, es, through, done); err != nil {
 			return err
 		}
-		f.redisThrough = max(f.redisThrough, through)
-		if done { // with every event without a seq there was
-			f.redisBehind = false
+		if !done && through == after { // a full batch of events not numbered yet
+			if err := f.log.Sequence(ctx); err != nil {
+				return err
+			}
 		}
 	}
-	return nil
-}
-
-// productItems returns the cache entries es make: each product as it
-// became, or a tombstone one version above a deleted product.
-func productItems(es []Event) []cacheItem {
-	var out []cacheItem
-	for i := range es {
-		e := &es[i]
-		switch {
-		case e.ProductID == 0:
-		case e.Product != nil:
-			out = append(out, cacheItem{ID: e.ProductID, Version: e.Version, JSON: appendProduct(nil, e.Product)})
-		default: // deleted: the event's version is already one above
-			out = append(out, cacheItem{ID: e.ProductID, Version: e.Version})
-		}
-	}
-	return out
 }

@@ -116,24 +116,24 @@ type flakyPush struct {
 
 var errInjected = errors.New("injected redis failure")
 
-func (c *flakyPush) Put(ctx context.Context, epoch cacheEpoch, id, version int64, json []byte) error {
+func (c *flakyPush) Put(ctx context.Context, gen cacheGen, id, version int64, json []byte) error {
 	if c.failing.Load() {
 		return errInjected
 	}
-	return c.redisCache.Put(ctx, epoch, id, version, json)
+	return c.redisCache.Put(ctx, gen, id, version, json)
 }
 
-func (c *flakyPush) Push(ctx context.Context, epoch cacheEpoch, items []cacheItem, through int64) error {
+func (c *flakyPush) Push(ctx context.Context, gen cacheGen, items []cacheItem, through int64) error {
 	if c.failing.Load() {
 		return errInjected
 	}
-	return c.redisCache.Push(ctx, epoch, items, through)
+	return c.redisCache.Push(ctx, gen, items, through)
 }
 
 func (c *flakyPush) Forget(int64) {} // as if Redis could not be told either
 
 // TestFollower_redisBehind: neither replica can bring Redis up to date
-// after A's write (and the namespace cannot be changed), so Redis keeps
+// after A's write (and the generation cannot be changed), so Redis keeps
 // the old version. B must not answer from it; once pushes work again, B
 // pushes what it missed and reads from Redis again.
 func TestFollower_redisBehind(t *testing.T) {
@@ -177,7 +177,7 @@ func TestFollower_redisBehind(t *testing.T) {
 
 // TestFollower_adoptsAfterCrash: a write commits but its replica dies
 // before Redis hears of it (written to the store directly here). A replica
-// started afterwards adopts the shared namespace only after pushing the
+// started afterwards adopts the shared generation only after pushing the
 // events after its known position: it never serves the old version.
 func TestFollower_adoptsAfterCrash(t *testing.T) {
 	r := startRedis(t)
@@ -205,7 +205,7 @@ func TestFollower_adoptsAfterCrash(t *testing.T) {
 	c := newTestService(t, openTestPostgres(t, url), ServiceConfig{Cache: newTestRedisCache(t, r, time.Second), RedisTimeout: time.Second})
 	waitFor(t, 10*time.Second, "the new replica to trust Redis", func() bool {
 		c.follow.fence(t.Context()) // a round
-		return c.redisTrusted(c.cache.Epoch())
+		return c.caches.redisTrusted(c.caches.redis.Generation())
 	})
 	for i := range 3 {
 		got, src, err := getProductVia(t, c, p.ID)
@@ -240,7 +240,7 @@ func TestFollower_notified(t *testing.T) {
 		t.Fatalf("Changes head = %d, %v; want at least 3", head, err)
 	}
 	waitFor(t, 30*time.Second, "B's follower to apply A's writes on notification", func() bool {
-		return b.follow.position() >= head
+		return b.caches.position() >= head
 	})
 }
 
@@ -274,5 +274,177 @@ func TestFollower_fenceShared(t *testing.T) {
 	t.Logf("%d reads, %v fence rounds", readers*reads, rounds)
 	if rounds >= readers*reads {
 		t.Errorf("%v fence rounds for %d reads: want fewer (shared)", rounds, readers*reads)
+	}
+}
+
+// boundedReplica returns a service over store whose follower reads batch
+// events a query and makes at most passes queries a round (and as many to
+// bring Redis up to date), with no periodic look: it runs a round only when
+// a read needs one.
+func boundedReplica(t *testing.T, store productStore, cfg ServiceConfig, batch, passes int) *ProductService {
+	t.Helper()
+	svc := NewProductService(store, cfg)
+	svc.follow.interval = time.Hour
+	svc.follow.batch, svc.follow.passes = batch, passes
+	stop := runFollower(svc)
+	t.Cleanup(func() { stop(); svc.Close() })
+	return svc
+}
+
+// rename writes a new name for product id straight to store: another
+// replica's write, which notifies nobody.
+func rename(t *testing.T, store productStore, id int64, name string) Product {
+	t.Helper()
+	p, _, err := store.Update(t.Context(), id, ProductUpdate{Patch: ProductPatch{Name: optional[string]{Set: true, Value: name}}})
+	if err != nil {
+		t.Fatalf("Update(%d) error = %v", id, err)
+	}
+	return p
+}
+
+func createIn(t *testing.T, store productStore, sku string) Product {
+	t.Helper()
+	p, _, err := store.Create(t.Context(), Product{SKU: sku, Name: "v1", Currency: "USD"}, nil)
+	if err != nil {
+		t.Fatalf("Create(%s) error = %v", sku, err)
+	}
+	return p
+}
+
+// TestFollower_backlogLongerThanRound: more events wait than one round
+// applies (a replica that was paused while others wrote). B has the
+// product cached in memory; until B has applied the log up to the head,
+// its reads must not come from that cache.
+func TestFollower_backlogLongerThanRound(t *testing.T) {
+	url := newTestDatabase(t)
+	w := openTestPostgres(t, url)
+	b := boundedReplica(t, openTestPostgres(t, url), ServiceConfig{LocalCacheSize: 100}, 2, 2)
+	p := createIn(t, w, "BL-1")
+	if err := w.Sequence(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "B to cache the product in memory", func() bool {
+		_, src, err := b.Get(t.Context(), p.ID)
+		return err == nil && src == cacheLocal
+	})
+
+	var last Product
+	for i := range 5 { // 5 events; a round of B applies 2 queries of 2
+		last = rename(t, w, p.ID, fmt.Sprintf("v%d", i+2))
+	}
+	if err := w.Sequence(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		got, src, err := getProductVia(t, b, p.ID)
+		if err != nil || got.Version != last.Version {
+			t.Fatalf("read %d with a backlog longer than a round: version %d from %s (%v), want %d", i, got.Version, src, err, last.Version)
+		}
+	}
+	waitFor(t, 10*time.Second, "B to catch up and answer from memory again", func() bool {
+		v, src, err := b.Get(t.Context(), p.ID)
+		return err == nil && src == cacheLocal && v.Version == last.Version
+	})
+}
+
+// TestFollower_repushLongerThanBound: Redis missed more events than B
+// pushes again in one go. B must not trust Redis before it has pushed
+// them all: the product whose event comes last stays old in Redis until
+// then.
+func TestFollower_repushLongerThanBound(t *testing.T) {
+	r := startRedis(t)
+	url := newTestDatabase(t)
+	w := openTestPostgres(t, url)
+	cb := &flakyPush{redisCache: newTestRedisCache(t, r, time.Second)}
+	b := boundedReplica(t, openTestPostgres(t, url), ServiceConfig{Cache: cb, RedisTimeout: time.Second}, 2, 2)
+	p := createIn(t, w, "RP-1")
+	if err := w.Sequence(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "B to read version 1 from Redis", func() bool {
+		v, src, err := b.Get(t.Context(), p.ID)
+		return err == nil && src == cacheHit && v.Version == 1
+	})
+
+	// Redis misses 7 events; B applies them in memory, a round at a time.
+	cb.failing.Store(true)
+	q := createIn(t, w, "RP-2")
+	for i := range 5 {
+		rename(t, w, q.ID, fmt.Sprintf("q%d", i))
+	}
+	w2 := rename(t, w, p.ID, "v2")
+	if err := w.Sequence(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	head, _, err := w.Head(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "B to apply the events Redis missed", func() bool {
+		b.follow.fence(t.Context())
+		return b.caches.position() >= head
+	})
+	if vs := redisVersions(t, r, p.ID); len(vs) != 1 || vs[0] != 1 {
+		t.Fatalf("Redis holds versions %v, want [1] (the test needs it behind)", vs)
+	}
+
+	// Redis works again. The next round pushes what it missed: more than
+	// B pushes in one round.
+	cb.failing.Store(false)
+	createIn(t, w, "RP-3")
+	if err := w.Sequence(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	got, src, err := getProductVia(t, b, p.ID)
+	if err != nil || got.Version != w2.Version {
+		t.Fatalf("read while Redis lacks events: version %d from %s (%v), want %d", got.Version, src, err, w2.Version)
+	}
+	waitFor(t, 10*time.Second, "B to push the rest and read from Redis again", func() bool {
+		b.follow.kick()
+		v, src, err := b.Get(t.Context(), p.ID)
+		return err == nil && src == cacheHit && v.Version == w2.Version
+	})
+}
+
+// TestFollower_repushUnnumberedBatch: Redis lacks more events without a
+// seq (their writer died before numbering them) than B reads in one
+// query. B's first round must number them and push them all before it
+// trusts Redis, which holds the old version of the product written last.
+func TestFollower_repushUnnumberedBatch(t *testing.T) {
+	r := startRedis(t)
+	url := newTestDatabase(t)
+	a, stopA := followingService(t, openTestPostgres(t, url), ServiceConfig{Cache: newTestRedisCache(t, r, time.Second), RedisTimeout: time.Second})
+	p, _, err := a.Create(t.Context(), ProductInput{SKU: new("UN-1"), Name: new("v1"), PriceCents: new(int64(100))}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopA()
+	w := openTestPostgres(t, url)
+	if err := w.Sequence(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	q := createIn(t, w, "UN-2")
+	rename(t, w, q.ID, "q2")
+	w2 := rename(t, w, p.ID, "v2") // three events without a seq; B reads 2 a query
+	if vs := redisVersions(t, r, p.ID); len(vs) != 1 || vs[0] != 1 {
+		t.Fatalf("Redis holds versions %v, want [1] (the test needs it behind)", vs)
+	}
+
+	// Rounds run here, one at a time, so that no later round numbers the
+	// events before the first one's Redis update is checked.
+	rc := newTestRedisCache(t, r, time.Second)
+	b := NewProductService(openTestPostgres(t, url), ServiceConfig{Cache: rc, RedisTimeout: time.Second})
+	t.Cleanup(func() { b.Close() })
+	b.follow.batch, b.follow.passes = 2, 4
+	if _, err := b.follow.round(t.Context()); err != nil {
+		t.Fatalf("B's first round: %v", err)
+	}
+	gen := b.caches.redis.Generation()
+	if !b.caches.redisTrusted(gen) {
+		t.Fatalf("after its first round B does not trust Redis: it could not push the events without a seq")
+	}
+	js, err := rc.Get(t.Context(), gen, p.ID)
+	if v, _ := versionOf(js); err != nil || v != w2.Version {
+		t.Fatalf("B trusts Redis, which holds version %d of product %d (%v), want %d", v, p.ID, err, w2.Version)
 	}
 }

@@ -36,6 +36,13 @@ func (c *holdClock) due(now time.Time) bool {
 	return !c.known || !c.next.IsZero() && !now.Before(c.next)
 }
 
+// forget makes the next read look the clock up again.
+func (c *holdClock) forget() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.known = false
+}
+
 // lower records a hold that expires at t.
 func (c *holdClock) lower(t time.Time) {
 	c.mu.Lock()
@@ -79,12 +86,14 @@ const (
 )
 
 // expireDue records every hold whose time ran out as expired, before a read
-// answers, when the clock says one may have. It is shared by the reads
-// waiting for it. A sweep that fails (the database refuses writes) is
+// answers, when the clock says one may have, or always when exact is false:
+// the read fence fell back to the database because this replica is behind
+// the change log, so the clock may lack holds other replicas made. It is
+// shared by the reads waiting for it. A sweep that fails (the database refuses writes) is
 // logged, and the read goes on: reads keep working while writes fail, and
 // the hold's units count as reserved until a sweep succeeds.
-func (s *ProductService) expireDue(ctx context.Context) {
-	if !s.holds.due(time.Now()) {
+func (s *ProductService) expireDue(ctx context.Context, exact bool) {
+	if exact && !s.holds.due(time.Now()) {
 		return
 	}
 	s.flight.Do("expire holds", func() (any, error) {
@@ -95,16 +104,38 @@ func (s *ProductService) expireDue(ctx context.Context) {
 	})
 }
 
+// fenceHolds makes sure a reservation read, which the database answers,
+// finds every hold that expired before it recorded as expired: the read
+// fence first, so the clock knows the holds of every replica.
+func (s *ProductService) fenceHolds(ctx context.Context) error {
+	cached, err := s.fence(ctx)
+	if err != nil {
+		return err
+	}
+	s.expireDue(ctx, cached)
+	return nil
+}
+
+// holdExpirer is what a sweep needs of the store.
+type holdExpirer interface {
+	// ExpireReservations records up to limit held reservations whose time
+	// ran out as expired, and returns how many and the products changed.
+	ExpireReservations(ctx context.Context, limit int) (int, []Product, error)
+	// NextHoldExpiry returns when the earliest open hold expires.
+	NextHoldExpiry(ctx context.Context) (time.Time, error)
+}
+
 // sweepHolds records due holds as expired, through the write breaker, and
 // looks up when the next one expires.
 func (s *ProductService) sweepHolds(ctx context.Context) error {
+	var store holdExpirer = s.store // the sweep's needs, held to by the compiler
 	s.holds.begin()
 	for range sweepRounds {
 		var n int
 		var changed []Product
 		err := guard(s.writeCB, func() error {
 			var err error
-			n, changed, err = s.store.ExpireReservations(ctx, sweepBatch)
+			n, changed, err = store.ExpireReservations(ctx, sweepBatch)
 			return err
 		})
 		s.publishAll(ctx, changed)
@@ -122,7 +153,7 @@ func (s *ProductService) sweepHolds(ctx context.Context) error {
 	var next time.Time
 	err := guard(s.readCB, func() error {
 		var err error
-		next, err = s.store.NextHoldExpiry(ctx)
+		next, err = store.NextHoldExpiry(ctx)
 		return err
 	})
 	s.holds.finish(next, err == nil)

@@ -93,3 +93,37 @@ func TestHoldClock(t *testing.T) {
 		t.Error("after a failed look the clock is not due; want due (look again)")
 	}
 }
+
+// TestFollower_expiredHoldAcrossReplicas: replica A holds every unit of a
+// product for one second; replica B, which has the product cached (and so
+// does Redis), answers reserved 5 before the hold expires and 0 from the
+// moment it has, with no sweeper running anywhere.
+func TestFollower_expiredHoldAcrossReplicas(t *testing.T) {
+	r := startRedis(t)
+	a, b := replicaPair(t, r)
+	p, _, err := a.Create(t.Context(), ProductInput{SKU: new("HOLD-R"), Name: new("held"), PriceCents: new(int64(1)), Stock: new(int64(5))}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	read := func() Product {
+		t.Helper()
+		v, _, err := b.Get(t.Context(), p.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return decodeProduct(t, v.JSON)
+	}
+	read() // B has looked for open holds, and found none, before A makes one
+	res, _, err := a.Reserve(t.Context(), ReservationInput{Reference: new("o-r"), TTLSeconds: new(int64(1)),
+		Lines: []ReservationLine{{ProductID: p.ID, Quantity: 5}}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := read(); got.Reserved != 5 {
+		t.Fatalf("B before expiry: reserved %d, want 5", got.Reserved)
+	}
+	waitFor(t, 10*time.Second, "the hold's expires_at to pass", func() bool { return time.Now().After(res.ExpiresAt) })
+	if got := read(); got.Reserved != 0 {
+		t.Errorf("B after expiry: reserved %d, want 0: an expired hold of replica A still counts", got.Reserved)
+	}
+}

@@ -117,11 +117,11 @@ func TestProductService_pageFloodBounded(t *testing.T) {
 		if want := min(limit, n+1); bytes.Count(b, []byte(`"sku":`)) != want {
 			t.Fatalf("page %d holds %d products, want %d", n, bytes.Count(b, []byte(`"sku":`)), want)
 		}
-		if got := svc.pages.size(); got > budget/2 {
+		if got := svc.caches.pages.size(); got > budget/2 {
 			t.Fatalf("page cache holds %d bytes, want at most %d", got, budget/2)
 		}
 	}
-	if svc.pages.size() == 0 {
+	if svc.caches.pages.size() == 0 {
 		t.Error("no page was cached")
 	}
 }

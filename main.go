@@ -188,7 +188,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	defer followCancel()
 	bg.Go(func() { svc.Follow(followCtx) })
 	bg.Go(func() { svc.SweepReservations(bgCtx, time.Second) })
-	bg.Go(func() { svc.TrimEvents(bgCtx, cfg.EventsRetention, time.Minute) })
+	bg.Go(func() { trimChangeFeed(bgCtx, store, log, cfg.EventsRetention, time.Minute) })
 
 	select {
 	case <-ctx.Done():
@@ -331,8 +331,15 @@ func adminMux(m *metrics) http.Handler {
 	return mux
 }
 
+// idempotencyExpirer is what expireIdempotencyKeys needs of the store.
+type idempotencyExpirer interface {
+	// ExpireIdempotencyKeys deletes idempotency records older than
+	// idempotencyTTL, in small batches, and returns how many it deleted.
+	ExpireIdempotencyKeys(ctx context.Context) (int64, error)
+}
+
 // expireIdempotencyKeys deletes expired idempotency keys every few minutes.
-func expireIdempotencyKeys(ctx context.Context, store productStore, log *slog.Logger) {
+func expireIdempotencyKeys(ctx context.Context, store idempotencyExpirer, log *slog.Logger) {
 	t := time.NewTicker(10 * time.Minute)
 	defer t.Stop()
 	for {

@@ -471,8 +471,8 @@ func TestRun_databaseInUse(t *testing.T) {
 }
 
 // TestRun_backgroundJoined stops run and then looks for its background
-// goroutines (expiry, breaker probe): run must have joined them before it
-// closed the store and returned.
+// goroutines (expiries, trim, breaker probe, sweep): run must have joined
+// them before it closed the store and returned.
 func TestRun_backgroundJoined(t *testing.T) {
 	svc := runService(t, map[string]string{"ADDR": "127.0.0.1:0", "DB_PATH": filepath.Join(t.TempDir(), "b.db"), "API_TOKEN": "t"})
 	svc.listeningAddr(t)
@@ -481,7 +481,7 @@ func TestRun_backgroundJoined(t *testing.T) {
 	}
 	buf := make([]byte, 1<<20)
 	stacks := string(buf[:runtime.Stack(buf, true)])
-	for _, fn := range []string{"main.expireIdempotencyKeys", "(*ProductService).Probe"} {
+	for _, fn := range []string{"main.expireIdempotencyKeys", "main.trimChangeFeed", "(*ProductService).Probe", "(*ProductService).SweepReservations"} {
 		if strings.Contains(stacks, fn) {
 			t.Errorf("after run returned, a goroutine is still in %s:\n%s", fn, stacks)
 		}

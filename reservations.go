@@ -84,7 +84,9 @@ func (s *ProductService) transition(ctx context.Context, id, to string) (Reserva
 
 // Reservation returns reservation id, or ErrReservationNotFound.
 func (s *ProductService) Reservation(ctx context.Context, id string) (Reservation, error) {
-	s.expireDue(ctx)
+	if err := s.fenceHolds(ctx); err != nil {
+		return Reservation{}, err
+	}
 	var r Reservation
 	err := guard(s.readCB, func() error {
 		var err error
@@ -97,7 +99,9 @@ func (s *ProductService) Reservation(ctx context.Context, id string) (Reservatio
 // ReservationsByReference returns the newest reservations made under ref,
 // newest first.
 func (s *ProductService) ReservationsByReference(ctx context.Context, ref string) ([]Reservation, error) {
-	s.expireDue(ctx)
+	if err := s.fenceHolds(ctx); err != nil {
+		return nil, err
+	}
 	var rs []Reservation
 	err := guard(s.readCB, func() error {
 		var err error
@@ -107,10 +111,11 @@ func (s *ProductService) ReservationsByReference(ctx context.Context, ref string
 	return rs, err
 }
 
-// publishAll brings the caches up to date with products a write changed.
+// publishAll records the products a committed write changed; see
+// committed.
 func (s *ProductService) publishAll(ctx context.Context, ps []Product) {
 	for _, p := range ps {
-		s.publish(ctx, p.ID, s.written(p, false))
+		s.committed(ctx, p, false)
 	}
 }
 
@@ -157,9 +162,15 @@ func (s *ProductService) Events(ctx context.Context, after int64, limit int) ([]
 	return es, err
 }
 
-// TrimEvents deletes change-feed events older than retention every
+// eventTrimmer is what trimChangeFeed needs of the store.
+type eventTrimmer interface {
+	// TrimEvents deletes events older than before, in small batches.
+	TrimEvents(ctx context.Context, before time.Time) (int64, error)
+}
+
+// trimChangeFeed deletes change-feed events older than retention every
 // interval, until ctx ends.
-func (s *ProductService) TrimEvents(ctx context.Context, retention, interval time.Duration) {
+func trimChangeFeed(ctx context.Context, store eventTrimmer, log *slog.Logger, retention, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -168,11 +179,11 @@ func (s *ProductService) TrimEvents(ctx context.Context, retention, interval tim
 			return
 		case <-t.C:
 		}
-		n, err := s.store.TrimEvents(ctx, time.Now().Add(-retention))
+		n, err := store.TrimEvents(ctx, time.Now().Add(-retention))
 		if err != nil && ctx.Err() == nil {
-			s.log.Warn("trim events", "err", err.Error())
+			log.Warn("trim events", "err", err.Error())
 		} else if n > 0 {
-			s.log.Debug("trimmed events", slog.Int64("events", n))
+			log.Debug("trimmed events", slog.Int64("events", n))
 		}
 	}
 }

@@ -15,25 +15,20 @@ import (
 )
 
 // ProductService is the product catalog: validation, cache-aside reads
-// through an in-process and an optional Redis layer, and writes to the store
-// behind circuit breakers.
+// through an in-process and an optional Redis layer (productCaches), and
+// writes to the store behind circuit breakers.
 type ProductService struct {
-	store        productStore
-	dbSystem     string // the store's engine, for span names and attributes
-	cache        cache  // noCache when Redis is not configured
-	redisEnabled bool
-	local        *localCache
-	pages        *pageCache
-	redisTimeout time.Duration
-	log          *slog.Logger
-	metrics      *metrics
-	trace        *tracing
+	store    productStore
+	dbSystem string // the store's engine, for span names and attributes
+	caches   *productCaches
+	log      *slog.Logger
+	metrics  *metrics
+	trace    *tracing
 
 	// Reads and writes have separate breakers: a full disk fails writes
 	// while reads keep working, and must not take reads down with it.
 	readCB  *gobreaker.CircuitBreaker[struct{}]
 	writeCB *gobreaker.CircuitBreaker[struct{}]
-	redisCB *gobreaker.CircuitBreaker[struct{}]
 
 	flight singleflight.Group
 	holds  holdClock   // when the earliest open hold expires (holds.go)
@@ -65,15 +60,6 @@ const (
 	redisBreakerTimeout  = 2 * time.Second
 )
 
-// Cache results, as logged and counted.
-const (
-	cacheLocal   = "local"   // served from the in-process layer
-	cacheHit     = "hit"     // served from Redis
-	cacheMiss    = "miss"    // read from the database
-	cacheSkipped = "skipped" // Redis not asked: its breaker is open
-	cacheError   = "error"   // Redis asked and failed
-)
-
 // NewProductService returns a service over store.
 func NewProductService(store productStore, cfg ServiceConfig) *ProductService {
 	if cfg.Logger == nil {
@@ -94,47 +80,35 @@ func NewProductService(store productStore, cfg ServiceConfig) *ProductService {
 	if cfg.CacheMemory <= 0 {
 		cfg.CacheMemory = defaultCacheMemory
 	}
-	s := &ProductService{
-		store:        store,
-		dbSystem:     store.Backend(),
-		cache:        cfg.Cache,
-		redisEnabled: cfg.Cache != nil,
-		local:        newLocalCache(cfg.LocalCacheSize, cfg.CacheMemory/2, cfg.CacheTTL),
-		pages:        newPageCache(min(cfg.LocalCacheSize, maxCachedPages), cfg.CacheMemory/2),
-		redisTimeout: cfg.RedisTimeout,
-		log:          cfg.Logger,
-		metrics:      cfg.Metrics,
-		trace:        cfg.Tracing,
-		feed:         newFeedSignal(),
-	}
-	if s.cache == nil {
-		s.cache = noCache{}
-	}
-	dbTimeout, redisTimeout := dbBreakerTimeout, redisBreakerTimeout
+	dbTimeout := dbBreakerTimeout
 	if cfg.BreakerTimeout > 0 {
-		dbTimeout, redisTimeout = cfg.BreakerTimeout, cfg.BreakerTimeout
+		dbTimeout = cfg.BreakerTimeout
 	}
-	s.readCB = s.newBreaker("database_read", dbBreakerFailures, dbTimeout, isDBSuccess)
-	s.writeCB = s.newBreaker("database_write", dbBreakerFailures, dbTimeout, isDBSuccess)
-	s.redisCB = s.newBreaker("redis", redisBreakerFailures, redisTimeout, func(err error) bool {
-		return err == nil || errors.Is(err, errCacheMiss)
-	})
-	caching := s.local.perCap > 0 || s.pages.max > 0 || s.redisEnabled
-	if log, ok := store.(sharedLog); ok && caching {
-		s.follow = newFollower(log, s)
-	} else if s.redisEnabled {
-		// No change log to follow: what a previous process left in Redis
-		// cannot be checked (it may have died between a commit and its
-		// Redis update), so this one starts a new namespace.
-		s.cache.Forget(0)
+	log, shared := store.(sharedLog)
+	s := &ProductService{
+		store:    store,
+		dbSystem: store.Backend(),
+		caches:   newProductCaches(cfg, shared),
+		log:      cfg.Logger,
+		metrics:  cfg.Metrics,
+		trace:    cfg.Tracing,
+		readCB:   newBreaker("database_read", dbBreakerFailures, dbTimeout, isDBSuccess, cfg.Logger, cfg.Metrics),
+		writeCB:  newBreaker("database_write", dbBreakerFailures, dbTimeout, isDBSuccess, cfg.Logger, cfg.Metrics),
+		feed:     newFeedSignal(),
+	}
+	if s.caches.followed {
+		s.follow = newFollower(log, s.caches, &s.holds, s.readCB, s.metrics, s.log)
 	}
 	s.metrics.productsStored(store.Count)
-	s.metrics.cacheBytes(s.local.size, s.pages.size)
 	return s
 }
 
-func (s *ProductService) newBreaker(name string, failures uint32, timeout time.Duration, ok func(error) bool) *gobreaker.CircuitBreaker[struct{}] {
-	s.metrics.breakerState(name, gobreaker.StateClosed)
+// newBreaker returns a circuit breaker for the dependency called name
+// (see breakerDependency) that opens after failures consecutive failures
+// (errors ok does not accept) and probes again after timeout. It logs and
+// counts its transitions.
+func newBreaker(name string, failures uint32, timeout time.Duration, ok func(error) bool, log *slog.Logger, m *metrics) *gobreaker.CircuitBreaker[struct{}] {
+	m.breakerState(name, gobreaker.StateClosed)
 	return gobreaker.NewCircuitBreaker[struct{}](gobreaker.Settings{
 		Name:        name,
 		MaxRequests: 1,
@@ -148,13 +122,13 @@ func (s *ProductService) newBreaker(name string, failures uint32, timeout time.D
 			level, msg := slog.LevelDebug, "circuit breaker probing"
 			switch {
 			case to == gobreaker.StateClosed:
-				level, msg = slog.LevelInfo, "circuit breaker closed: "+breakerDependency(name)+" is back"
+				level, msg = slog.LevelInfo, "circuit breaker closed: "+breakerDependency(name)+" back"
 			case from == gobreaker.StateClosed && to == gobreaker.StateOpen:
-				level, msg = slog.LevelWarn, "circuit breaker opened: "+breakerDependency(name)+" is failing"
+				level, msg = slog.LevelWarn, "circuit breaker opened: "+breakerDependency(name)+" failing"
 			}
-			s.log.Log(context.Background(), level, msg,
+			log.Log(context.Background(), level, msg,
 				"breaker", name, "from", from.String(), "to", to.String())
-			s.metrics.breakerTransition(name, from, to)
+			m.breakerTransition(name, from, to)
 		},
 		IsSuccessful: ok,
 		// A client that went away says nothing about the dependency.
@@ -162,17 +136,19 @@ func (s *ProductService) newBreaker(name string, failures uint32, timeout time.D
 	})
 }
 
-// breakerDependency names what a breaker guards, for its log lines.
+// breakerDependency names what the breaker called name guards, with the
+// verb that agrees with it ("Redis is", "database reads are"), for its log
+// lines and its errors.
 func breakerDependency(name string) string {
 	switch name {
 	case "redis":
-		return "Redis"
+		return "Redis is"
 	case "database_read":
-		return "database reads"
+		return "database reads are"
 	case "database_write":
-		return "database writes"
+		return "database writes are"
 	}
-	return name
+	return name + " is"
 }
 
 // isDBSuccess counts everything but a database failure as a success for the
@@ -208,11 +184,11 @@ func (s *ProductService) write(ctx context.Context, name string, fn func(ctx con
 }
 
 // guard runs fn through cb. While cb is open it fails at once with an
-// *UnavailableError.
+// *UnavailableError that names what cb guards.
 func guard(cb *gobreaker.CircuitBreaker[struct{}], fn func() error) error {
 	_, err := cb.Execute(func() (struct{}, error) { return struct{}{}, fn() })
 	if errors.Is(err, gobreaker.ErrOpenState) || errors.Is(err, gobreaker.ErrTooManyRequests) {
-		return &UnavailableError{Reason: "the database is failing; circuit breaker " + cb.Name() + " is open", RetryAfter: 5 * time.Second}
+		return &UnavailableError{Reason: breakerDependency(cb.Name()) + " failing; circuit breaker " + cb.Name() + " is open", RetryAfter: 5 * time.Second}
 	}
 	var uerr *UnavailableError
 	if errors.Is(err, ErrUnavailable) && !errors.As(err, &uerr) {
@@ -225,11 +201,16 @@ func guard(cb *gobreaker.CircuitBreaker[struct{}], fn func() error) error {
 // It returns ErrNotFound, or an *UnavailableError when the database is
 // failing and no cache holds the product.
 func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, string, error) {
-	if err := s.fence(ctx); err != nil {
+	cached, err := s.fence(ctx)
+	if err != nil {
 		return cachedProduct{}, cacheMiss, err
 	}
-	s.expireDue(ctx)
-	if v, ok := s.local.get(id); ok {
+	s.expireDue(ctx, cached)
+	if !cached {
+		v, err := s.load(ctx, id)
+		return v, cacheMiss, err
+	}
+	if v, ok := s.caches.cached(id); ok {
 		s.metrics.localCache(true)
 		return v, cacheLocal, nil
 	}
@@ -243,41 +224,19 @@ func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, stri
 	// never joins a read that started before it. The shared read must not
 	// die with the first caller's request, hence WithoutCancel; the store
 	// bounds it with DB_TIMEOUT.
-	tok := s.local.token(id)
+	tok := s.caches.token(id)
 	key := strconv.FormatInt(id, 10) + "/" + strconv.FormatUint(tok.gen, 10)
 	r, err, _ := s.flight.Do(key, func() (any, error) {
 		ctx := context.WithoutCancel(ctx)
-		var v cachedProduct
-		source := cacheMiss
-		if epoch := s.cache.Epoch(); tok.redisFresh && s.redisTrusted(epoch) {
-			v, source = s.cacheGet(ctx, epoch, id)
-			if source == cacheHit {
-				s.local.fill(id, tok, v)
-				return result{v, source}, nil
-			}
+		v, source, gen := s.caches.fromRedis(ctx, id, tok)
+		if source == cacheHit {
+			return result{v, source}, nil
 		}
-		epoch := s.cache.Epoch() // before reading what will be filled
-		var p Product
-		err := guard(s.readCB, func() error {
-			ctx, span := s.dbSpan(ctx, "get product", "SELECT")
-			defer span.End()
-			var err error
-			p, err = s.store.Get(ctx, id)
-			return err
-		})
+		v, err := s.load(ctx, id)
 		if err != nil {
 			return nil, err
 		}
-		v = cachedProduct{JSON: appendProduct(nil, &p), Version: p.Version}
-		// Fill under the namespace of before the read: if a write that could
-		// not reach Redis (or a Redis restart) moved to a fresh namespace
-		// meanwhile, nothing newer there would refuse this maybe older copy.
-		// A Redis that just failed or is skipped is not asked again: a read
-		// pays at most one REDIS_TIMEOUT for a failing Redis.
-		if source == cacheMiss || source == cacheHit {
-			s.cachePut(ctx, epoch, id, p.Version, v.JSON)
-		}
-		s.local.fill(id, tok, v)
+		s.caches.fill(ctx, id, tok, gen, source, v)
 		if source != cacheSkipped {
 			source = cacheMiss // read from the database (Redis missed, failed, or could not be trusted yet)
 		}
@@ -290,20 +249,44 @@ func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, stri
 	return res.v, res.source, nil
 }
 
-// fence makes sure the caches hold every write acknowledged by any
-// replica before the call; see follower. With a store no other process
-// writes, every write is this process's own and already in the caches.
-func (s *ProductService) fence(ctx context.Context) error {
-	if s.follow == nil {
-		return nil
+// load reads the product with id from the database, through the read
+// breaker, and encodes it.
+func (s *ProductService) load(ctx context.Context, id int64) (cachedProduct, error) {
+	var p Product
+	err := guard(s.readCB, func() error {
+		ctx, span := s.dbSpan(ctx, "get product", "SELECT")
+		defer span.End()
+		var err error
+		p, err = s.store.Get(ctx, id)
+		return err
+	})
+	if err != nil {
+		return cachedProduct{}, err
 	}
-	return s.follow.fence(ctx)
+	return cachedProduct{JSON: appendProduct(nil, &p), Version: p.Version}, nil
 }
 
-// redisTrusted reports whether Redis, under namespace epoch, holds every
-// write the fence has applied; see follower.
-func (s *ProductService) redisTrusted(epoch cacheEpoch) bool {
-	return s.redisEnabled && (s.follow == nil || s.follow.redisTrusted(epoch))
+// fence makes sure the caches hold every write acknowledged by any
+// replica before the call; see follower. It reports false when they do
+// not yet and the read must go to the database. With a store no other
+// process writes, every write is this process's own and already in the
+// caches.
+func (s *ProductService) fence(ctx context.Context) (cached bool, err error) {
+	if s.follow == nil {
+		return true, nil
+	}
+	err = s.follow.fence(ctx)
+	if err != nil && errors.Is(err, errBacklog) {
+		// The follower is more than a round behind the change log (this
+		// replica was paused, or cut off from the database, while others
+		// wrote). The database is not behind: the read is answered from
+		// it, right and without an error, while the rounds catch up. A 503
+		// would make a replica that works fail every read for as long as
+		// the backlog lasts; the extra load on the database is what a cold
+		// cache costs, and the read breaker bounds it.
+		return false, nil
+	}
+	return err == nil, err
 }
 
 // Follow follows the store's change log until ctx ends, when other
@@ -314,137 +297,16 @@ func (s *ProductService) Follow(ctx context.Context) {
 	}
 }
 
-// cacheGet reads id from Redis under namespace epoch. The version is read
-// from the JSON itself.
-func (s *ProductService) cacheGet(ctx context.Context, epoch cacheEpoch, id int64) (cachedProduct, string) {
-	if !s.redisEnabled {
-		return cachedProduct{}, cacheMiss
-	}
-	var b []byte
-	ctx, span := s.trace.start(ctx, "redis get product", attribute.String("db.system", "redis"))
-	defer span.End()
-	err := guard(s.redisCB, func() error {
-		ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
-		defer cancel()
-		var err error
-		b, err = s.cache.Get(ctx, epoch, id)
-		return err
-	})
-	span.SetAttributes(attribute.Bool("cache.hit", err == nil))
-	var result string
-	switch {
-	case err == nil:
-		result = cacheHit
-	case errors.Is(err, errCacheMiss):
-		result = cacheMiss
-	case errors.Is(err, ErrUnavailable):
-		result = cacheSkipped
-	default:
-		result = cacheError
-		s.log.Debug("redis get failed", "id", id, "err", err)
-	}
-	s.metrics.cacheRequest(result)
-	if result != cacheHit {
-		return cachedProduct{}, result
-	}
-	version, ok := versionOf(b)
-	if !ok {
-		return cachedProduct{}, cacheMiss
-	}
-	return cachedProduct{JSON: b, Version: version}, cacheHit
-}
-
-// versionOf finds the "version" member in an encoded product.
-func versionOf(b []byte) (int64, bool) {
-	const key = `,"version":`
-	for i := 0; i+len(key) <= len(b); i++ {
-		if string(b[i:i+len(key)]) == key {
-			j := i + len(key)
-			k := j
-			for k < len(b) && b[k] >= '0' && b[k] <= '9' {
-				k++
-			}
-			v, err := strconv.ParseInt(string(b[j:k]), 10, 64)
-			return v, err == nil
-		}
-	}
-	return 0, false
-}
-
-// cachePut writes a product (or a tombstone, nil JSON) to Redis. It reports
-// whether Redis now holds that version or a newer one.
-func (s *ProductService) cachePut(ctx context.Context, epoch cacheEpoch, id, version int64, json []byte) bool {
-	if !s.redisEnabled {
-		return true
-	}
-	ctx, span := s.trace.start(ctx, "redis put product", attribute.String("db.system", "redis"))
-	defer span.End()
-	err := guard(s.redisCB, func() error {
-		ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
-		defer cancel()
-		return s.cache.Put(ctx, epoch, id, version, json)
-	})
-	if err != nil {
-		s.log.Debug("redis put failed", "id", id, "err", err)
-	}
-	return err == nil
-}
-
-// written records a committed write in the in-process layers, before the
-// write is acknowledged. Writes may report in any order (several
-// connections, several goroutines): the product cache keeps the higher
-// version, and a delete leaves a tombstone that outranks the product.
-func (s *ProductService) written(p Product, deleted bool) cachedProduct {
-	v := cachedProduct{Version: p.Version}
-	if deleted {
-		v.Version++ // a tombstone outranks the deleted version
-	} else {
-		v.JSON = appendProduct(nil, &p)
-	}
-	s.local.written(p.ID, v, s.redisEnabled)
-	s.pages.written()
+// committed records a committed write before it is acknowledged: in the
+// caches (in memory first, then in Redis), for the change-feed streams,
+// and for the other replicas (its event is numbered and announced).
+func (s *ProductService) committed(ctx context.Context, p Product, deleted bool) {
+	v := s.caches.written(p, deleted)
 	s.feed.notify()
 	if s.follow != nil {
 		s.follow.written()
 	}
-	return v
-}
-
-// publish brings Redis up to date after a committed write, before the write
-// is acknowledged. If Redis cannot be updated, every Redis entry is
-// forgotten instead: an acknowledged write is never followed by a stale read.
-func (s *ProductService) publish(ctx context.Context, id int64, v cachedProduct) {
-	if !s.redisEnabled {
-		return
-	}
-	defer s.local.published(id)
-	s.metrics.cacheInvalidation()
-	ctx, span := s.trace.start(context.WithoutCancel(ctx), "redis put product", attribute.String("db.system", "redis"))
-	defer span.End()
-	err := guard(s.redisCB, func() error {
-		ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
-		defer cancel()
-		// A committed write is current in any namespace: whichever is
-		// current now (after any pending change) takes it.
-		epoch, _, err := s.cache.Namespace(ctx)
-		if err == nil {
-			err = s.cache.Put(ctx, epoch, id, v.Version, v.JSON)
-		}
-		return err
-	})
-	if err != nil {
-		s.log.Debug("redis put failed", "id", id, "err", err)
-		s.cache.Forget(s.position())
-	}
-}
-
-// position returns the change-log position the caches reflect (0 when
-// there is no change log to follow).
-func (s *ProductService) position() int64 {
-	if s.follow == nil {
-		return 0
-	}
-	return s.follow.position()
+	s.caches.publish(ctx, p.ID, v)
 }
 
 // Create validates in and stores a new product. It reports whether the
@@ -467,7 +329,7 @@ func (s *ProductService) Create(ctx context.Context, in ProductInput, idem *Idem
 		return Product{}, false, err
 	}
 	if !replayed {
-		s.publish(ctx, p.ID, s.written(p, false))
+		s.committed(ctx, p, false)
 	}
 	return p, replayed, nil
 }
@@ -510,7 +372,7 @@ func (s *ProductService) update(ctx context.Context, id int64, u ProductUpdate) 
 		return Product{}, err
 	}
 	if changed {
-		s.publish(ctx, id, s.written(out, false))
+		s.committed(ctx, out, false)
 	}
 	return out, nil
 }
@@ -535,7 +397,7 @@ func (s *ProductService) AdjustStock(ctx context.Context, id, delta int64, cond 
 		return Product{}, false, err
 	}
 	if !replayed {
-		s.publish(ctx, id, s.written(p, false))
+		s.committed(ctx, p, false)
 	}
 	return p, replayed, nil
 }
@@ -552,7 +414,7 @@ func (s *ProductService) Delete(ctx context.Context, id int64, cond *IfMatch) er
 	if err != nil {
 		return err
 	}
-	s.publish(ctx, id, s.written(gone, true))
+	s.committed(ctx, gone, true)
 	return nil
 }
 
@@ -569,20 +431,27 @@ const defaultCacheMemory = 32 << 20
 // happened since it was cached. It returns an *UnavailableError when the
 // database is failing.
 func (s *ProductService) ListJSON(ctx context.Context, key string, f ListFilter) ([]byte, error) {
-	if err := s.fence(ctx); err != nil {
+	cached, err := s.fence(ctx)
+	if err != nil {
 		return nil, err
 	}
-	s.expireDue(ctx)
-	b, gen, ok := s.pages.get(key)
-	if ok {
-		return b, nil
+	s.expireDue(ctx, cached)
+	var gen uint64
+	if cached {
+		b, g, ok := s.caches.page(key)
+		if ok {
+			return b, nil
+		}
+		gen = g
 	}
 	page, err := s.List(ctx, f)
 	if err != nil {
 		return nil, err
 	}
-	b = appendPage(make([]byte, 0, pageSizeHint(page)), page)
-	s.pages.fill(key, gen, b)
+	b := appendPage(make([]byte, 0, pageSizeHint(page)), page)
+	if cached {
+		s.caches.fillPage(key, gen, b)
+	}
 	return b, nil
 }
 
@@ -612,10 +481,19 @@ func (s *ProductService) List(ctx context.Context, f ListFilter) (Page, error) {
 	return page, err
 }
 
+// breakerProbe is what Probe needs of the store: a read and a write that
+// touch no client data.
+type breakerProbe interface {
+	Ping(ctx context.Context) error
+	// ProbeWrite makes one small real write.
+	ProbeWrite(ctx context.Context) error
+}
+
 // Probe runs until ctx ends. While a database breaker is not closed it
 // sends a probe through it every interval, so a breaker closes by itself once
 // the fault is gone, even when no client request comes to test it.
 func (s *ProductService) Probe(ctx context.Context, interval time.Duration) {
+	var store breakerProbe = s.store // the probe's needs, held to by the compiler
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -625,10 +503,10 @@ func (s *ProductService) Probe(ctx context.Context, interval time.Duration) {
 		case <-t.C:
 		}
 		if s.writeCB.State() != gobreaker.StateClosed {
-			guard(s.writeCB, func() error { return s.store.ProbeWrite(ctx) })
+			guard(s.writeCB, func() error { return store.ProbeWrite(ctx) })
 		}
 		if s.readCB.State() != gobreaker.StateClosed {
-			guard(s.readCB, func() error { return s.store.Ping(ctx) })
+			guard(s.readCB, func() error { return store.Ping(ctx) })
 		}
 	}
 }
@@ -648,31 +526,19 @@ func (r Readiness) CanServeReads() bool {
 
 // Ready checks the database and Redis.
 func (s *ProductService) Ready(ctx context.Context) Readiness {
-	r := Readiness{Database: "ok", Cache: "disabled", ReadState: s.readCB.State(), WriteState: s.writeCB.State()}
+	r := Readiness{Database: "ok", ReadState: s.readCB.State(), WriteState: s.writeCB.State()}
 	if r.ReadState != gobreaker.StateOpen {
 		if err := s.store.Ping(ctx); err != nil {
 			r.Database = "down"
 		}
 	}
-	if s.redisEnabled {
-		// Through the Redis breaker, so readiness probes alone (no read
-		// traffic) notice Redis failing and recovering, and it is logged.
-		r.Cache = "ok"
-		err := guard(s.redisCB, func() error {
-			ctx, cancel := context.WithTimeout(ctx, s.redisTimeout)
-			defer cancel()
-			return s.cache.Ping(ctx)
-		})
-		if err != nil {
-			r.Cache = "down"
-		}
-	}
+	r.Cache = s.caches.ready(ctx)
 	return r
 }
 
 // Close closes the cache. The store is closed by its owner.
 func (s *ProductService) Close() error {
-	if err := s.cache.Close(); err != nil {
+	if err := s.caches.close(); err != nil {
 		return fmt.Errorf("close cache: %w", err)
 	}
 	return nil

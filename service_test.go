@@ -255,6 +255,34 @@ func TestProductService_Probe(t *testing.T) {
 	}
 }
 
+// TestGuard_openBreakerNamesDependency: the error of an open breaker says
+// which dependency is failing; the Redis breaker's does not blame the
+// database.
+func TestGuard_openBreakerNamesDependency(t *testing.T) {
+	svc := newTestService(t, nil, ServiceConfig{})
+	tests := []struct {
+		cb       *gobreaker.CircuitBreaker[struct{}]
+		failures int
+		want     string
+	}{
+		{svc.caches.redisCB, redisBreakerFailures, "Redis is failing; circuit breaker redis is open"},
+		{svc.readCB, dbBreakerFailures, "database reads are failing; circuit breaker database_read is open"},
+		{svc.writeCB, dbBreakerFailures, "database writes are failing; circuit breaker database_write is open"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.cb.Name(), func(t *testing.T) {
+			for range tt.failures {
+				guard(tt.cb, func() error { return &dbFailure{errors.New("connection refused")} })
+			}
+			err := guard(tt.cb, func() error { return nil })
+			var uerr *UnavailableError
+			if !errors.As(err, &uerr) || uerr.Reason != tt.want {
+				t.Errorf("guard(%s) with the breaker open = %v, want an *UnavailableError %q", tt.cb.Name(), err, tt.want)
+			}
+		})
+	}
+}
+
 func TestProductService_breakerIgnoresClientErrors(t *testing.T) {
 	fs := &failingStore{productStore: newTestStore(t)}
 	svc := newTestService(t, fs, ServiceConfig{})

@@ -111,13 +111,13 @@ func TestTracing_RequestSpanTree(t *testing.T) {
 
 func TestTracing_RedisSpanHasCacheHit(t *testing.T) {
 	_, svc, exp, _ := tracedServer(t)
-	svc.redisEnabled = true
-	svc.cache = &mapCache{m: map[int64][]byte{}}
+	svc.caches.redisEnabled = true
+	svc.caches.redis = &mapCache{m: map[int64][]byte{}}
 	p, _, err := svc.Create(t.Context(), ProductInput{SKU: new("T-2"), Name: new("traced"), PriceCents: new(int64(5))}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc.local = newLocalCache(0, 0, time.Minute) // go to Redis every time
+	svc.caches.local = newLocalCache(0, 0, time.Minute) // go to Redis every time
 	exp.Reset()
 	if _, _, err := svc.Get(t.Context(), p.ID); err != nil {
 		t.Fatal(err)
@@ -146,7 +146,7 @@ type mapCache struct {
 	v  map[int64]int64
 }
 
-func (c *mapCache) Get(_ context.Context, _ cacheEpoch, id int64) ([]byte, error) {
+func (c *mapCache) Get(_ context.Context, _ cacheGen, id int64) ([]byte, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if b := c.m[id]; len(b) > 0 {
@@ -155,9 +155,9 @@ func (c *mapCache) Get(_ context.Context, _ cacheEpoch, id int64) ([]byte, error
 	return nil, errCacheMiss
 }
 
-func (c *mapCache) Epoch() cacheEpoch { return 0 }
+func (c *mapCache) Generation() cacheGen { return 0 }
 
-func (c *mapCache) Put(_ context.Context, _ cacheEpoch, id, version int64, json []byte) error {
+func (c *mapCache) Put(_ context.Context, _ cacheGen, id, version int64, json []byte) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.v == nil {
@@ -170,9 +170,9 @@ func (c *mapCache) Put(_ context.Context, _ cacheEpoch, id, version int64, json 
 	return nil
 }
 
-func (c *mapCache) Namespace(context.Context) (cacheEpoch, int64, error) { return 0, 0, nil }
+func (c *mapCache) SettleGeneration(context.Context) (cacheGen, int64, error) { return 0, 0, nil }
 
-func (c *mapCache) Push(context.Context, cacheEpoch, []cacheItem, int64) error { return nil }
+func (c *mapCache) Push(context.Context, cacheGen, []cacheItem, int64) error { return nil }
 
 func (c *mapCache) Forget(int64) {
 	c.mu.Lock()
