@@ -82,6 +82,9 @@ type productStore interface {
 	// FeedHead returns the change feed's head: the highest seq given, or
 	// the trimmed-through mark when retention deleted every event.
 	FeedHead(ctx context.Context) (int64, error)
+	// LogID returns the change log's identity: positions of one log mean
+	// nothing in another (another database, or this one before a restore).
+	LogID(ctx context.Context) (string, error)
 	// TrimEvents deletes events older than before, in small batches.
 	TrimEvents(ctx context.Context, before time.Time) (int64, error)
 	Ping(ctx context.Context) error

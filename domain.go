@@ -532,9 +532,17 @@ func (e *FeedGoneError) Unwrap() error { return ErrFeedGone }
 // taken from another log (another database, or this one before a restore)
 // or made up. Following from it would skip every event up to it, silently;
 // the consumer must resync. It unwraps to ErrFeedGone.
-type FeedResetError struct{ Head int64 }
+// LogID, when set, is the current log's id: the position came with
+// another's.
+type FeedResetError struct {
+	Head  int64
+	LogID string
+}
 
 func (e *FeedResetError) Error() string {
+	if e.LogID != "" {
+		return fmt.Sprintf("the position is of another change log; this feed's log_id is %s, its head seq %d; resync and follow from the head", e.LogID, e.Head)
+	}
 	return fmt.Sprintf("the position is beyond the head of this change feed (seq %d): it is not from this feed; resync and follow from the head", e.Head)
 }
 func (e *FeedResetError) Unwrap() error { return ErrFeedGone }

@@ -50,7 +50,11 @@ func handleEvents(svc *ProductService, life *lifecycle, streams *streamSlots) ht
 		streams = newStreamSlots(defaultFeedStreams)
 	}
 	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
-		after, limit, err := parseEventsQuery(r.URL.RawQuery)
+		after, limit, logID, err := parseEventsQuery(r.URL.RawQuery)
+		if err != nil {
+			return err
+		}
+		current, err := svc.LogID(r.Context(), logID)
 		if err != nil {
 			return err
 		}
@@ -70,7 +74,9 @@ func handleEvents(svc *ProductService, life *lifecycle, streams *streamSlots) ht
 			return err
 		}
 		next := after
-		b := append(make([]byte, 0, 512*len(es)+32), `{"events":[`...)
+		b := append(make([]byte, 0, 512*len(es)+80), `{"log_id":`...)
+		b = appendString(b, current)
+		b = append(b, `,"events":[`...)
 		for i := range es {
 			if i > 0 {
 				b = append(b, ',')
@@ -87,10 +93,10 @@ func handleEvents(svc *ProductService, life *lifecycle, streams *streamSlots) ht
 }
 
 // parseEventsQuery reads after (default 0) and limit (default 100).
-func parseEventsQuery(raw string) (after int64, limit int, err error) {
+func parseEventsQuery(raw string) (after int64, limit int, logID string, err error) {
 	values, err := parseQuery(raw)
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, "", err
 	}
 	limit = defaultEventsLimit
 	problems := map[string]string{}
@@ -114,14 +120,33 @@ func parseEventsQuery(raw string) (after int64, limit int, err error) {
 				continue
 			}
 			limit = n
+		case "log_id":
+			if !validLogID(vals[0]) {
+				problems[name] = "must be the log_id of a page of this feed (32 hexadecimal digits)"
+				continue
+			}
+			logID = vals[0]
 		default:
 			problems[name] = "is not a known parameter"
 		}
 	}
 	if len(problems) > 0 {
-		return 0, 0, &BadRequestError{Detail: "invalid query parameters", Problems: problems}
+		return 0, 0, "", &BadRequestError{Detail: "invalid query parameters", Problems: problems}
 	}
-	return after, limit, nil
+	return after, limit, logID, nil
+}
+
+// validLogID reports whether s has the form of a change log's id.
+func validLogID(s string) bool {
+	if len(s) != 32 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if !('0' <= s[i] && s[i] <= '9' || 'a' <= s[i] && s[i] <= 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 // wantsEventStream reports whether an Accept header asks for

@@ -674,6 +674,9 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	case errors.As(err, &reset):
 		status, slug, detail = http.StatusGone, "feed-reset", reset.Error()
 		problems = map[string]string{"after": fmt.Sprintf("beyond the head of this feed, seq %d", reset.Head)}
+		if reset.LogID != "" {
+			problems = map[string]string{"log_id": "not this feed's; its log_id is " + reset.LogID}
+		}
 	case errors.As(err, &gone):
 		status, slug, detail = http.StatusGone, "feed-gone", gone.Error()
 		problems = map[string]string{"after": fmt.Sprintf("older than the oldest event kept, seq %d", gone.Oldest)}

@@ -433,6 +433,13 @@ func nextHoldExpiry(ctx context.Context, t tx) (time.Time, error) {
 	return at.Time, err
 }
 
+// feedLogID returns the change log's identity.
+func feedLogID(ctx context.Context, t tx) (string, error) {
+	var id string
+	err := t.queryRow(ctx, `SELECT log_id FROM feed_state WHERE id = 1`).Scan(&id)
+	return id, err
+}
+
 // feedHead returns the change feed's head: the highest seq given, or the
 // trimmed-through mark when retention deleted every event.
 func feedHead(ctx context.Context, t tx) (int64, error) {

@@ -23,6 +23,8 @@ func TestMigrations_unchanged(t *testing.T) {
 		"migrations/sqlite/0004_fts_by_writer.sql":           "072e593778e567a834cd2120054b86d7916112e9e277c3dcfb5c4eccfe85f5bf",
 		"migrations/sqlite/0005_idempotency_snapshot.sql":    "75608d2ecb20ae21df5626d4c6799a2257b1b4f44758876f0e3bd96a70fa5c4f",
 		"migrations/sqlite/0006_reservations_and_feed.sql":   "340fb0fe6495cc467420f48a0f66a4bb8d62ee1c52b8eb4166669d165be46d55",
+		"migrations/postgres/0005_feed_log_id.sql":           "a181438714865142d45800020d14351e07a45d258418438d7d047d63ff8ecd81",
+		"migrations/sqlite/0007_feed_log_id.sql":             "88aa622a10720f1590b314d7adc02b9052cbdd22aeddf8d238800ff87ec5eb8b",
 	}
 	got := map[string]string{}
 	err := fs.WalkDir(migrationFiles, "migrations", func(path string, d fs.DirEntry, err error) error {
@@ -50,7 +52,7 @@ func TestMigrations_unchanged(t *testing.T) {
 			t.Errorf("%s was released and is gone", path)
 		}
 	}
-	if len(migrations) != 6 || len(pgMigrations) != 4 {
-		t.Errorf("migrations: %d for SQLite, %d for PostgreSQL, want 6 and 4", len(migrations), len(pgMigrations))
+	if len(migrations) != 7 || len(pgMigrations) != 5 {
+		t.Errorf("migrations: %d for SQLite, %d for PostgreSQL, want 7 and 5", len(migrations), len(pgMigrations))
 	}
 }

@@ -1002,6 +1002,7 @@ func oaEventResponses(t *testing.T, srv *httptest.Server, router routers.Router,
 	run(oaCase{name: "events stream trimmed", method: "GET", path: "/events",
 		header: map[string]string{"Accept": "text/event-stream", "Last-Event-ID": "0"}, want: 410, problem: "feed-gone"})
 	run(oaCase{name: "events after the trim", method: "GET", path: fmt.Sprintf("/events?after=%d", last), want: 200})
+	run(oaCase{name: "events of another log", method: "GET", path: "/events?after=1&log_id=00000000000000000000000000000000", want: 410, problem: "feed-reset"})
 	run(oaCase{name: "events beyond the head", method: "GET", path: fmt.Sprintf("/events?after=%d", last+1000), want: 410, problem: "feed-reset"})
 	run(oaCase{name: "events stream beyond the head", method: "GET", path: "/events",
 		header: map[string]string{"Accept": "text/event-stream", "Last-Event-ID": strconv.FormatInt(last+1000, 10)}, want: 410, problem: "feed-reset"})

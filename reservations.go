@@ -140,6 +140,26 @@ func (s *ProductService) SweepReservations(ctx context.Context, interval time.Du
 	}
 }
 
+// LogID returns the change log's identity. With want set (the log_id a
+// consumer's position came from) it returns a *FeedResetError when the log
+// is another.
+func (s *ProductService) LogID(ctx context.Context, want string) (string, error) {
+	var id string
+	var head int64
+	err := guard(s.readCB, func() error {
+		var err error
+		if id, err = s.store.LogID(ctx); err != nil || want == "" || want == id {
+			return err
+		}
+		head, err = s.store.FeedHead(ctx)
+		return err
+	})
+	if err == nil && want != "" && want != id {
+		err = &FeedResetError{Head: head, LogID: id}
+	}
+	return id, err
+}
+
 // Events returns up to limit change-feed events after seq after. It
 // returns a *FeedGoneError, a *FeedResetError when after is beyond the
 // feed's head, or an *UnavailableError.

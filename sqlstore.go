@@ -355,6 +355,16 @@ func (s *sqlStore) Events(ctx context.Context, after int64, limit int) ([]Event,
 	return es, nil
 }
 
+// LogID returns the change log's identity: made with the database, renewed
+// by a restore.
+func (s *sqlStore) LogID(ctx context.Context) (string, error) {
+	id, err := runRead(ctx, s, feedLogID)
+	if err != nil {
+		return "", fmt.Errorf("change log id: %w", err)
+	}
+	return id, nil
+}
+
 // FeedHead returns the change feed's head: the highest seq given, or the
 // trimmed-through mark when retention deleted every event.
 func (s *sqlStore) FeedHead(ctx context.Context) (int64, error) {
