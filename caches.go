@@ -152,13 +152,15 @@ func (c *productCaches) fill(ctx context.Context, id int64, tok fillToken, gen c
 	c.local.fill(id, tok, v)
 }
 
-// page returns the listing page cached for key and the generation to fill
+// page returns the listing page cached for key and the count of writes to fill
 // with.
 func (c *productCaches) page(key string) ([]byte, uint64, bool) { return c.pages.get(key) }
 
-// fillPage keeps a page read under generation gen, unless a write came
+// fillPage keeps a page read when the count of writes was writes, unless a write came
 // since.
-func (c *productCaches) fillPage(key string, gen uint64, json []byte) { c.pages.fill(key, gen, json) }
+func (c *productCaches) fillPage(key string, writes uint64, json []byte) {
+	c.pages.fill(key, writes, json)
+}
 
 // redisTrusted reports whether Redis, in generation gen, holds every
 // write applied in memory; see follower.

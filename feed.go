@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -292,4 +293,28 @@ func appendEventJSON(b []byte, e *Event) []byte {
 		}
 	}
 	return append(b, '}')
+}
+
+// feedSignal wakes change-feed streams when this process commits a write.
+// Writes of other processes (PostgreSQL replicas) are found by polling.
+type feedSignal struct {
+	mu sync.Mutex
+	ch chan struct{}
+}
+
+func newFeedSignal() *feedSignal { return &feedSignal{ch: make(chan struct{})} }
+
+// wait returns a channel closed at the next notify.
+func (f *feedSignal) wait() <-chan struct{} {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.ch
+}
+
+// notify wakes every waiter.
+func (f *feedSignal) notify() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	close(f.ch)
+	f.ch = make(chan struct{})
 }

@@ -16,6 +16,36 @@ import (
 	"github.com/sony/gobreaker/v2"
 )
 
+// sharedLog is implemented by a store that other processes write to as
+// well (PostgreSQL: any number of replicas). The service then follows the
+// store's change log (Events) to learn their writes; see follower. SQLite
+// does not implement it: one process holds the file, so its own writes
+// are all the writes.
+type sharedLog interface {
+	// Head returns the change log's head and whether committed writes
+	// without a seq exist: when not, and head is at or below a position,
+	// every write committed before Head was called is at or below it. One
+	// read-only query.
+	Head(ctx context.Context) (head int64, pending bool, err error)
+	// Changes returns the change log's head, and up to limit events: those
+	// after seq after, in seq order, then those of committed writes not
+	// given a seq yet (seq 0). Every write committed before Changes was
+	// called has an event at or below head, or among those returned. It
+	// writes nothing, and returns a *FeedGoneError when events after after
+	// were trimmed.
+	Changes(ctx context.Context, after int64, limit int) (head int64, es []Event, err error)
+	// Sequence gives the events of committed writes their seqs. Events
+	// does it too; writers call it so that Changes finds few without one.
+	Sequence(ctx context.Context) error
+	// Listen calls wake with the sender's name whenever Notify is called,
+	// by any process, until ctx ends, and with "" after each (re)connect.
+	// Notifications may be lost (a reconnect); they only save the
+	// follower from waiting for its next periodic look.
+	Listen(ctx context.Context, wake func(from string)) error
+	// Notify tells every Listen that process from wrote to the change log.
+	Notify(ctx context.Context, from string) error
+}
+
 // follower keeps this process's caches coherent with a shared store's
 // change log (sharedLog): every write by any replica appends an event in
 // its own transaction, and the follower applies the events to the

@@ -17,8 +17,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
 )
 
@@ -40,38 +38,6 @@ var (
 
 //go:embed openapi.json
 var openAPIDocument []byte
-
-// lifecycle is what /ready and /health/startup know about the process.
-type lifecycle struct {
-	started      atomic.Bool // the database is open and migrated, and the listeners are up
-	shuttingDown atomic.Bool // a shutdown signal arrived
-
-	streamsMu   sync.Mutex
-	streamsDone chan struct{} // closed when long-lived streams must end
-}
-
-// ending returns a channel closed when the process ends its streams.
-func (l *lifecycle) ending() <-chan struct{} {
-	l.streamsMu.Lock()
-	defer l.streamsMu.Unlock()
-	if l.streamsDone == nil {
-		l.streamsDone = make(chan struct{})
-	}
-	return l.streamsDone
-}
-
-// endStreams ends every change-feed stream, so the server can drain: a
-// stream would otherwise hold its connection open past any timeout.
-func (l *lifecycle) endStreams() {
-	l.ending() // makes the channel
-	l.streamsMu.Lock()
-	defer l.streamsMu.Unlock()
-	select {
-	case <-l.streamsDone:
-	default:
-		close(l.streamsDone)
-	}
-}
 
 // serverDeps are newServer's dependencies.
 type serverDeps struct {

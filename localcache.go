@@ -13,12 +13,12 @@ import (
 //
 // It is never stale after an acknowledged write. Every write updates it after
 // commit and before it is acknowledged, and each update bumps its shard's
-// generation. Writes may report in any order (concurrent connections),
+// count of writes. Writes may report in any order (concurrent connections),
 // so a cached entry only ever moves to a higher version, a delete leaves a
 // tombstone one version above the deleted product, and a write never adds
 // a product that is not cached (an eviction between two out-of-order
 // reports would let the older in). A reader takes the
-// generation (token) before it reads the database and may fill only if no
+// count of writes (token) before it reads the database and may fill only if no
 // write has touched the shard since: a slow read can never put back a value
 // that a write replaced.
 type localCache struct {
@@ -35,7 +35,7 @@ const localShards = 64
 
 type localShard struct {
 	mu      sync.Mutex
-	gen     uint64
+	writes  uint64
 	pending int // committed writes whose Redis update has not finished
 	bytes   int // cost of entries
 	entries map[int64]localEntry
@@ -94,7 +94,7 @@ func (c *localCache) get(id int64) (cachedProduct, bool) {
 
 // fillToken is taken before reading a product from Redis or the database.
 type fillToken struct {
-	gen uint64
+	writes uint64
 	// redisFresh is false while a committed write in the shard has not yet
 	// reached Redis: what Redis holds then may be older than the database.
 	redisFresh bool
@@ -105,7 +105,7 @@ func (c *localCache) token(id int64) fillToken {
 	s := c.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return fillToken{gen: s.gen, redisFresh: s.pending == 0}
+	return fillToken{writes: s.writes, redisFresh: s.pending == 0}
 }
 
 // fill stores v for id if no write touched the shard since tok was taken.
@@ -116,7 +116,7 @@ func (c *localCache) fill(id int64, tok fillToken, v cachedProduct) {
 	s := c.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.gen != tok.gen {
+	if s.writes != tok.writes {
 		return
 	}
 	c.putLocked(s, id, v)
@@ -130,7 +130,7 @@ func (c *localCache) written(id int64, v cachedProduct, toRedis bool) {
 	s := c.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.gen++
+	s.writes++
 	if toRedis {
 		s.pending++
 	}
@@ -191,7 +191,7 @@ func (c *localCache) clear() {
 	for i := range c.shards {
 		s := &c.shards[i]
 		s.mu.Lock()
-		s.gen++
+		s.writes++
 		for id := range s.entries {
 			c.deleteLocked(s, id)
 		}
@@ -223,7 +223,7 @@ func (c *localCache) len() int {
 // from growing the process.
 type pageCache struct {
 	mu       sync.Mutex
-	gen      uint64
+	writes   uint64
 	max      int // entries
 	maxBytes int
 	maxEntry int // larger pages are not kept
@@ -233,8 +233,8 @@ type pageCache struct {
 }
 
 type pageEntry struct {
-	gen  uint64
-	json []byte
+	writes uint64
+	json   []byte
 }
 
 // newPageCache returns a cache of at most max pages and budget bytes (key,
@@ -253,22 +253,22 @@ func (c *pageCache) get(key string) ([]byte, uint64, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	e, ok := c.entries[key]
-	if ok && e.gen == c.gen {
-		return e.json, c.gen, true
+	if ok && e.writes == c.writes {
+		return e.json, c.writes, true
 	}
-	return nil, c.gen, false
+	return nil, c.writes, false
 }
 
-// fill stores a page read under generation gen, unless a write came since
+// fill stores a page read when the count of writes was writes, unless a write came since
 // or the page is too large to be worth keeping.
-func (c *pageCache) fill(key string, gen uint64, json []byte) {
+func (c *pageCache) fill(key string, writes uint64, json []byte) {
 	cost := len(key) + len(json) + entryOverhead
 	if c.max == 0 || cost > c.maxEntry {
 		return
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if gen != c.gen {
+	if writes != c.writes {
 		return
 	}
 	c.deleteLocked(key)
@@ -278,7 +278,7 @@ func (c *pageCache) fill(key string, gen uint64, json []byte) {
 		}
 		c.deleteLocked(k)
 	}
-	c.entries[key] = pageEntry{gen: gen, json: json}
+	c.entries[key] = pageEntry{writes: writes, json: json}
 	c.used += cost
 	c.bytes.Store(int64(c.used))
 }
@@ -294,7 +294,7 @@ func (c *pageCache) deleteLocked(key string) {
 func (c *pageCache) written() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.gen++
+	c.writes++
 	if len(c.entries) > 0 {
 		clear(c.entries)
 	}

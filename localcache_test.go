@@ -70,8 +70,8 @@ func TestPageCache_boundedInBytes(t *testing.T) {
 	page := bytes.Repeat([]byte("é"), 5000) // 10 KB, under budget/64
 	for n := range 2000 {
 		key := fmt.Sprintf("limit=100&max_price_cents=%d", n)
-		_, gen, _ := c.get(key)
-		c.fill(key, gen, page)
+		_, writes, _ := c.get(key)
+		c.fill(key, writes, page)
 		if got := c.size(); got > budget {
 			t.Fatalf("after %d fills the page cache holds %d bytes, want at most %d", n+1, got, budget)
 		}
@@ -79,12 +79,12 @@ func TestPageCache_boundedInBytes(t *testing.T) {
 	if _, _, ok := c.get("limit=100&max_price_cents=1999"); !ok {
 		t.Error("the last page filled is not cached")
 	}
-	_, gen, _ := c.get("huge")
-	c.fill("huge", gen, bytes.Repeat([]byte("x"), budget/64+1))
+	_, writes, _ := c.get("huge")
+	c.fill("huge", writes, bytes.Repeat([]byte("x"), budget/64+1))
 	if _, _, ok := c.get("huge"); ok {
 		t.Error("a page larger than a 64th of the budget was cached")
 	}
-	c.fill(strings.Repeat("k", budget), gen, []byte("{}"))
+	c.fill(strings.Repeat("k", budget), writes, []byte("{}"))
 	if got := c.size(); got > budget {
 		t.Errorf("a huge key took the cache to %d bytes", got)
 	}

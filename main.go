@@ -296,29 +296,6 @@ func checkRedis(ctx context.Context, rc *redisCache, cfg *config, log *slog.Logg
 		"redis_url", redactURL(cfg.RedisURL), "err", msg)
 }
 
-// shutdown fails readiness, keeps serving for SHUTDOWN_DELAY so load
-// balancers notice, then drains in-flight requests within SHUTDOWN_TIMEOUT.
-// The caller's deferred closes then close Redis and SQLite.
-func shutdown(life *lifecycle, servers []*http.Server, cfg *config, log *slog.Logger) error {
-	life.shuttingDown.Store(true)
-	life.endStreams() // a change-feed stream never finishes by itself
-	log.Info("shutting down", "delay", cfg.ShutdownDelay.String(), "timeout", cfg.ShutdownTimeout.String())
-	time.Sleep(cfg.ShutdownDelay)
-	ctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
-	defer cancel()
-	var errs []error
-	for _, srv := range servers {
-		if err := srv.Shutdown(ctx); err != nil {
-			errs = append(errs, fmt.Errorf("drain: %w", err))
-		}
-	}
-	if err := errors.Join(errs...); err != nil {
-		return err
-	}
-	log.Info("drained")
-	return nil
-}
-
 // adminMux serves pprof and metrics on the loopback-only admin listener.
 func adminMux(m *metrics) http.Handler {
 	mux := http.NewServeMux()

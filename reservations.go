@@ -7,7 +7,6 @@ package main
 import (
 	"context"
 	"log/slog"
-	"sync"
 	"time"
 )
 
@@ -206,28 +205,4 @@ func trimChangeFeed(ctx context.Context, store eventTrimmer, log *slog.Logger, r
 			log.Debug("trimmed events", slog.Int64("events", n))
 		}
 	}
-}
-
-// feedSignal wakes change-feed streams when this process commits a write.
-// Writes of other processes (PostgreSQL replicas) are found by polling.
-type feedSignal struct {
-	mu sync.Mutex
-	ch chan struct{}
-}
-
-func newFeedSignal() *feedSignal { return &feedSignal{ch: make(chan struct{})} }
-
-// wait returns a channel closed at the next notify.
-func (f *feedSignal) wait() <-chan struct{} {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.ch
-}
-
-// notify wakes every waiter.
-func (f *feedSignal) notify() {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	close(f.ch)
-	f.ch = make(chan struct{})
 }

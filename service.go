@@ -220,12 +220,12 @@ func (s *ProductService) Get(ctx context.Context, id int64) (cachedProduct, stri
 		source string
 	}
 	// Concurrent misses for one id share one read. The key carries the
-	// shard's generation, so a read that arrives after a write committed
+	// shard's count of writes, so a read that arrives after a write committed
 	// never joins a read that started before it. The shared read must not
 	// die with the first caller's request, hence WithoutCancel; the store
 	// bounds it with DB_TIMEOUT.
 	tok := s.caches.token(id)
-	key := strconv.FormatInt(id, 10) + "/" + strconv.FormatUint(tok.gen, 10)
+	key := strconv.FormatInt(id, 10) + "/" + strconv.FormatUint(tok.writes, 10)
 	r, err, _ := s.flight.Do(key, func() (any, error) {
 		ctx := context.WithoutCancel(ctx)
 		v, source, gen := s.caches.fromRedis(ctx, id, tok)
@@ -436,13 +436,13 @@ func (s *ProductService) ListJSON(ctx context.Context, key string, f ListFilter)
 		return nil, err
 	}
 	s.expireDue(ctx, cached)
-	var gen uint64
+	var writes uint64
 	if cached {
-		b, g, ok := s.caches.page(key)
+		b, w, ok := s.caches.page(key)
 		if ok {
 			return b, nil
 		}
-		gen = g
+		writes = w
 	}
 	page, err := s.List(ctx, f)
 	if err != nil {
@@ -450,7 +450,7 @@ func (s *ProductService) ListJSON(ctx context.Context, key string, f ListFilter)
 	}
 	b := appendPage(make([]byte, 0, pageSizeHint(page)), page)
 	if cached {
-		s.caches.fillPage(key, gen, b)
+		s.caches.fillPage(key, writes, b)
 	}
 	return b, nil
 }
