@@ -200,10 +200,12 @@ export REDIS_URL
 # ---- the replicas ----------------------------------------------------------
 # All three start at once; on PostgreSQL they migrate under an advisory
 # lock, so each migration runs once. Their working directory is $LOGS, so
-# nothing lands in the repository.
+# nothing lands in the repository. Every connection to a replica comes from
+# HAProxy's address, so the per-address connection limit is off
+# (MAX_CONNS_PER_IP=0); MAX_CONNS still bounds the total.
 declare -A REPLICA_PID
 for i in 1 2 3; do
-	start "r$i" "$LOGS/r$i.log" env -C "$LOGS" ADDR="127.0.0.1:${REPLICA_PORTS[i - 1]}" SHUTDOWN_DELAY=1s "$ROOT/productsvc"
+	start "r$i" "$LOGS/r$i.log" env -C "$LOGS" ADDR="127.0.0.1:${REPLICA_PORTS[i - 1]}" SHUTDOWN_DELAY=1s MAX_CONNS_PER_IP=0 "$ROOT/productsvc"
 	REPLICA_PID[$i]=$PID
 	echo "$PID" >"$LOGS/r$i.pid"
 done

@@ -82,6 +82,8 @@ func startFleet(t *testing.T, cfg fleetConfig) *fleet {
 		"REDIS_URL":        "redis://" + f.redis.Addr + "/0",
 		"SHUTDOWN_DELAY":   fleetShutdownDelay.String(),
 		"SHUTDOWN_TIMEOUT": "10s",
+		// Behind HAProxy every connection comes from its address.
+		"MAX_CONNS_PER_IP": "0",
 	})
 	for k, v := range cfg.env {
 		f.env[k] = v
