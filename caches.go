@@ -40,8 +40,8 @@ const (
 //     they are applied in memory, and Redis stops being trusted before an
 //     event it missed is applied, until the missed events are pushed again.
 //   - A fill never replaces a newer copy: every layer keeps the higher
-//     version, and a fill carries the generation (of the local shard, of
-//     Redis) it read under.
+//     version, and a fill carries what it read under (the local shard's
+//     count of writes, Redis's generation).
 type productCaches struct {
 	local        *localCache
 	pages        *pageCache
@@ -67,7 +67,7 @@ type productCaches struct {
 
 // newProductCaches returns the caches cfg describes (its defaults filled
 // in by NewProductService). shared tells whether other processes write to
-// the store: the caches then follow its change log, if there are any.
+// the store: the caches then follow its change log.
 func newProductCaches(cfg ServiceConfig, shared bool) *productCaches {
 	c := &productCaches{
 		local:        newLocalCache(cfg.LocalCacheSize, cfg.CacheMemory/2, cfg.CacheTTL),
