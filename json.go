@@ -297,7 +297,7 @@ func jsonError(err error) error {
 		if typ.Field == "" {
 			return &BadRequestError{Detail: "the body must be a JSON object"}
 		}
-		return badParam(typ.Field, "must be "+jsonTypeName(typ.Type.String()))
+		return badParam(typ.Field, "must be "+jsonTypeName(typ.Field, typ.Type.String()))
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
 		return &BadRequestError{Detail: "the body is not valid JSON (unexpected end)"}
 	}
@@ -315,14 +315,31 @@ func jsonError(err error) error {
 	return &BadRequestError{Detail: "the body is not valid JSON"}
 }
 
-func jsonTypeName(goType string) string {
+func jsonTypeName(field, goType string) string {
 	switch strings.TrimPrefix(goType, "*") {
 	case "int64":
-		return "an integer from -9223372036854775808 to 9223372036854775807"
+		// The field's own rule, not int64's range: a client reading the
+		// message learns what it may send.
+		name := field[strings.LastIndexByte(field, '.')+1:]
+		if r, ok := integerRanges[name]; ok {
+			return r
+		}
+		return "an integer"
 	case "string":
 		return "a string"
 	}
 	return "of the documented type"
+}
+
+// integerRanges are the integer fields' rules, as their validation states
+// them, for a value of the wrong JSON type (12.5, "5", true).
+var integerRanges = map[string]string{
+	"price_cents": "an integer from 0 to 1000000000000",
+	"stock":       "an integer from 0 to 1000000000000",
+	"delta":       "a non-zero integer from -1000000000000 to 1000000000000",
+	"quantity":    "an integer from 1 to 1000000000000",
+	"product_id":  "a positive integer",
+	"ttl_seconds": "an integer from 1 to 86400",
 }
 
 // decodePatch decodes a JSON merge patch (RFC 7396) of a product. Its
@@ -372,7 +389,7 @@ func patchField[T any](name string, raw json.RawMessage) (optional[T], error) {
 	if err := json.Unmarshal(raw, &o.Value); err != nil {
 		var typ *json.UnmarshalTypeError
 		if errors.As(err, &typ) {
-			return o, badParam(name, "must be "+jsonTypeName(typ.Type.String()))
+			return o, badParam(name, "must be "+jsonTypeName(name, typ.Type.String()))
 		}
 		return o, badParam(name, "is not valid JSON")
 	}

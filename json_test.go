@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -64,5 +65,25 @@ func TestAppendProduct_MatchesEncodingJSON(t *testing.T) {
 		"created_at": "2026-01-02T03:04:05.123456Z", "updated_at": "2026-01-02T03:04:05.000000Z"}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("appendProduct mismatch (-want +got):\n%s", diff)
+	}
+}
+
+// TestDecode_wrongTypeNamesTheFieldsRule: a price of 12.5 is refused with
+// the rule of price_cents (0 to 10¹²), not the range of an int64.
+func TestDecode_wrongTypeNamesTheFieldsRule(t *testing.T) {
+	tests := []struct{ body, field, want string }{
+		{`{"sku":"A","name":"x","price_cents":12.5}`, "price_cents", "must be an integer from 0 to 1000000000000"},
+		{`{"sku":"A","name":"x","price_cents":1,"stock":"5"}`, "stock", "must be an integer from 0 to 1000000000000"},
+	}
+	for _, tt := range tests {
+		var in ProductInput
+		err := decodeStrict([]byte(tt.body), &in)
+		bre, ok := errors.AsType[*BadRequestError](err)
+		if !ok || bre.Problems[tt.field] != tt.want {
+			t.Errorf("decode %s = %v, want %s %q", tt.body, err, tt.field, tt.want)
+		}
+	}
+	if _, err := decodePatch([]byte(`{"price_cents":12.5}`)); err == nil || !strings.Contains(err.Error(), "from 0 to 1000000000000") {
+		t.Errorf("patch price_cents 12.5 error = %v, want the price's rule", err)
 	}
 }
