@@ -92,6 +92,13 @@ func newBackups(dir string, keep int, store *sqliteStore, log *slog.Logger, m *m
 	return b, nil
 }
 
+// removeDB removes the database file at path and SQLite's files beside it.
+func removeDB(path string) {
+	for _, suffix := range []string{"", "-journal", "-wal", "-shm"} {
+		os.Remove(path + suffix)
+	}
+}
+
 func exists(path string) bool {
 	_, err := os.Lstat(path)
 	return err == nil
@@ -124,8 +131,7 @@ func (b *backups) take(ctx context.Context, start time.Time) (backupManifest, er
 	name := "productsvc-" + start.UTC().Format(backupNameLayout) + ".db"
 	final := filepath.Join(b.dir, name)
 	tmp := filepath.Join(b.dir, tempPrefix+name)
-	defer os.Remove(tmp) // gone once renamed; else what a failure left
-	defer os.Remove(tmp + "-journal")
+	defer removeDB(tmp) // gone once renamed; else what a failure left
 	if exists(final) {
 		return backupManifest{}, fmt.Errorf("backup %s exists", name)
 	}

@@ -70,8 +70,7 @@ func restoreSQLite(ctx context.Context, dbPath, src string, ifMissing bool, out 
 		return refuse("%v", err)
 	}
 	tmpPath := tmp.Name()
-	defer os.Remove(tmpPath) // gone once renamed; else what a failure left
-	defer os.Remove(tmpPath + "-journal")
+	defer removeDB(tmpPath) // gone once renamed; else what a failure left
 	h := sha256.New()
 	size, err := io.Copy(io.MultiWriter(tmp, h), in)
 	if err == nil {
