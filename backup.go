@@ -113,71 +113,79 @@ func (b *backups) Create(ctx context.Context) (backupManifest, error) {
 	}
 	defer b.running.Unlock()
 	start := b.now()
-	man, err := b.take(ctx, start)
+	man, stages, err := b.take(ctx, start)
 	if err != nil {
 		b.m.backupFailed()
 		b.log.Error("backup failed", "err", err.Error())
 		return backupManifest{}, err
 	}
 	b.m.backupDone(man)
-	b.log.Info("backup taken", "name", man.Name, "size", man.Size, "feed_seq", man.FeedSeq, "duration_ms", man.DurationMS)
+	b.log.Info("backup taken", "name", man.Name, "size", man.Size, "feed_seq", man.FeedSeq, "duration_ms", man.DurationMS,
+		"copy_ms", stages[0].Milliseconds(), "check_ms", stages[1].Milliseconds(), "fsync_ms", stages[2].Milliseconds(), "sha256_ms", stages[3].Milliseconds())
 	if err := b.prune(); err != nil {
 		b.log.Warn("prune backups", "err", err.Error())
 	}
 	return man, nil
 }
 
-func (b *backups) take(ctx context.Context, start time.Time) (backupManifest, error) {
+// take takes one backup; stages are how long its copy, its check, its
+// fsync and its digest took.
+func (b *backups) take(ctx context.Context, start time.Time) (man backupManifest, stages [4]time.Duration, err error) {
 	name := "productsvc-" + start.UTC().Format(backupNameLayout) + ".db"
 	final := filepath.Join(b.dir, name)
 	tmp := filepath.Join(b.dir, tempPrefix+name)
 	defer removeDB(tmp) // gone once renamed; else what a failure left
 	if exists(final) {
-		return backupManifest{}, fmt.Errorf("backup %s exists", name)
+		return man, stages, fmt.Errorf("backup %s exists", name)
 	}
+	t0 := time.Now()
 	if err := b.snapshot(ctx, b.store.path, tmp); err != nil {
-		return backupManifest{}, fmt.Errorf("snapshot: %w", err)
+		return man, stages, fmt.Errorf("snapshot: %w", err)
 	}
 	if err := b.fail("snapshot"); err != nil {
-		return backupManifest{}, err
+		return man, stages, err
 	}
-	man, err := inspectBackup(ctx, tmp, true)
+	stages[0], t0 = time.Since(t0), time.Now()
+	man, err = inspectBackup(ctx, tmp, true)
 	if err != nil {
-		return backupManifest{}, fmt.Errorf("verify: %w", err)
+		return man, stages, fmt.Errorf("verify: %w", err)
 	}
 	if err := b.fail("verify"); err != nil {
-		return backupManifest{}, err
+		return man, stages, err
 	}
+	stages[1], t0 = time.Since(t0), time.Now()
 	if err := syncFile(tmp); err != nil {
-		return backupManifest{}, err
+		return man, stages, err
 	}
+	stages[2], t0 = time.Since(t0), time.Now()
 	man.Name, man.CreatedAt = name, start.UTC()
 	if man.SHA256, man.Size, err = digestFile(tmp); err != nil {
-		return backupManifest{}, err
+		return man, stages, err
 	}
+	stages[3] = time.Since(t0)
 	man.DurationMS = b.now().Sub(start).Milliseconds()
 	js, _ := json.MarshalIndent(man, "", "  ")
 	tmpMan := filepath.Join(b.dir, tempPrefix+name+".json")
 	defer os.Remove(tmpMan)
 	if err := writeFileSync(tmpMan, append(js, '\n')); err != nil {
-		return backupManifest{}, err
+		return man, stages, err
 	}
 	if err := b.fail("rename"); err != nil {
-		return backupManifest{}, err
+		return man, stages, err
 	}
 	// The copy first, then its manifest: a crash between leaves a copy
 	// without a manifest, which is never listed and is removed at start.
 	if err := os.Rename(tmp, final); err != nil {
-		return backupManifest{}, err
+		return man, stages, err
 	}
 	if err := os.Rename(tmpMan, final+".json"); err != nil {
 		os.Remove(final)
-		return backupManifest{}, err
+		return man, stages, err
 	}
 	if err := syncDir(b.dir); err != nil {
-		return backupManifest{}, err
+		return man, stages, err
 	}
-	return man, nil
+	return man, stages, nil
 }
 
 func (b *backups) fail(stage string) error {

@@ -127,7 +127,7 @@ func TestBackup_measure(t *testing.T) {
 			loaded.Round(time.Millisecond), len(lat), p(lat, .5), p(lat, .99), p(lat, 1))
 	}
 
-	bk, err := newBackups(filepath.Join(dir, "backups"), 0, s, slog.New(slog.DiscardHandler), newMetrics(nil))
+	bk, err := newBackups(filepath.Join(dir, "backups"), 0, s, slog.New(slog.NewTextHandler(os.Stderr, nil)), newMetrics(nil))
 	if err != nil {
 		t.Fatal(err)
 	}
