@@ -385,8 +385,8 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (*
 			return nil, &configError{msg: fmt.Sprintf("invalid %s %q: %v", name, shown, err)}
 		}
 	}
-	if (c.Restore != "" || c.CopyTo != "") && c.DatabaseURL != "" {
-		return nil, &configError{msg: "-restore and -copy-to read DB_PATH, a SQLite database; unset DATABASE_URL (a PostgreSQL database is restored with pg_restore, then -renew-log-id)"}
+	if c.Restore != "" && c.DatabaseURL != "" {
+		return nil, &configError{msg: "-restore writes DB_PATH, a SQLite database; unset DATABASE_URL (a PostgreSQL database is restored with pg_restore, then -renew-log-id)"}
 	}
 	return c, nil
 }
