@@ -24,6 +24,8 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 )
 
 // newTestBackups returns the backups of s in a directory of its own.
@@ -77,6 +79,17 @@ func TestBackups_Create(t *testing.T) {
 	}
 	if got, want := dirNames(t, b.dir), []string{man.Name, man.Name + ".json"}; !slices.Equal(got, want) {
 		t.Errorf("backup dir holds %v, want %v", got, want)
+	}
+	gauge := func(g prometheus.Gauge) float64 {
+		var m dto.Metric
+		g.Write(&m)
+		return m.GetGauge().GetValue()
+	}
+	if got := gauge(b.m.backupSize); got != float64(man.Size) {
+		t.Errorf("backup_last_size_bytes = %v, want %d", got, man.Size)
+	}
+	if got := gauge(b.m.backupLast); got != float64(man.CreatedAt.UnixMilli())/1000 {
+		t.Errorf("backup_last_success_timestamp_seconds = %v, want %v", got, man.CreatedAt)
 	}
 	onDisk, err := readManifest(filepath.Join(b.dir, man.Name+".json"))
 	if err != nil {
