@@ -115,6 +115,11 @@ func (b *backups) Create(ctx context.Context) (backupManifest, error) {
 	defer b.running.Unlock()
 	start := b.now()
 	man, stages, err := b.take(ctx, start)
+	if err != nil && ctx.Err() != nil {
+		// Shutting down: not a failure of the backup, and nothing is left.
+		b.log.Info("backup abandoned: shutting down", "err", err.Error())
+		return backupManifest{}, err
+	}
 	if err != nil {
 		b.m.backupFailed()
 		b.log.Error("backup failed", "err", err.Error())

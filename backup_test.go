@@ -725,3 +725,22 @@ func TestBackupsAPI(t *testing.T) {
 		t.Errorf("POST /admin/backups on PostgreSQL: %s, want 501 naming pg_dump", resp)
 	}
 }
+
+func TestBackups_Schedule(t *testing.T) {
+	s := newTestStore(t)
+	b := newTestBackups(t, s, 2)
+	var taken atomic.Int64
+	b.snapshot = func(ctx context.Context, src, dst string) error {
+		taken.Add(1)
+		return snapshotBackupAPI(ctx, src, dst)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { b.Schedule(ctx, 20*time.Millisecond); close(done) }()
+	waitFor(t, 10*time.Second, "three scheduled backups", func() bool { return taken.Load() >= 3 })
+	cancel()
+	<-done
+	if list, _ := b.List(); len(list) != 2 {
+		t.Errorf("after %d scheduled backups %d are kept, want BACKUP_KEEP=2", taken.Load(), len(list))
+	}
+}
