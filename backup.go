@@ -427,13 +427,24 @@ func checkDatabase(ctx context.Context, db *sql.DB) (backupManifest, error) {
 	if err := checkSchemaVersion(man.SchemaVersion, len(migrations)); err != nil {
 		return man, err
 	}
-	if err := db.QueryRowContext(ctx, `SELECT log_id FROM feed_state WHERE id = 1`).Scan(&man.LogID); err != nil {
+	// A database from before the change feed (schema 6) or its log_id
+	// (schema 7) has neither: the migrations make them when it is opened.
+	var feed, logID int
+	if err := db.QueryRowContext(ctx, `SELECT count(*), count(*) FILTER (WHERE name = 'log_id')
+		FROM pragma_table_info('feed_state')`).Scan(&feed, &logID); err != nil {
 		return man, fmt.Errorf("feed state: %w", err)
 	}
-	err = db.QueryRowContext(ctx, `SELECT CASE WHEN h.m > h.t THEN h.m ELSE h.t END FROM
+	if logID > 0 {
+		if err := db.QueryRowContext(ctx, `SELECT log_id FROM feed_state WHERE id = 1`).Scan(&man.LogID); err != nil {
+			return man, fmt.Errorf("feed state: %w", err)
+		}
+	}
+	if feed > 0 {
+		err = db.QueryRowContext(ctx, `SELECT CASE WHEN h.m > h.t THEN h.m ELSE h.t END FROM
 		(SELECT coalesce((SELECT max(seq) FROM events), 0) AS m, trimmed_through AS t FROM feed_state WHERE id = 1) AS h`).Scan(&man.FeedSeq)
-	if err != nil {
-		return man, fmt.Errorf("feed head: %w", err)
+		if err != nil {
+			return man, fmt.Errorf("feed head: %w", err)
+		}
 	}
 	return man, nil
 }

@@ -496,7 +496,7 @@ func TestRestore_refuses(t *testing.T) {
 }
 
 // openRW opens the SQLite file at path for writing, outside any store.
-func openRW(path string) (*sql.DB, error) { return sql.Open("sqlite", sqliteURI(path, "mode=rw")) }
+func openRW(path string) (*sql.DB, error) { return sql.Open("sqlite", sqliteURI(path, "mode=rwc")) }
 
 // serveHandler serves h on a test server.
 func serveHandler(tb testing.TB, h http.Handler) *testServer {
@@ -742,5 +742,46 @@ func TestBackups_Schedule(t *testing.T) {
 	<-done
 	if list, _ := b.List(); len(list) != 2 {
 		t.Errorf("after %d scheduled backups %d are kept, want BACKUP_KEEP=2", taken.Load(), len(list))
+	}
+}
+
+// A database of an older schema (here before the change feed) is restored
+// as it is, and migrated when the service opens it.
+func TestRestore_olderSchema(t *testing.T) {
+	ctx := t.Context()
+	src := filepath.Join(t.TempDir(), "old.db")
+	db, err := openRW(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.SetMaxOpenConns(1)
+	if _, err := db.Exec(`CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)`); err != nil {
+		t.Fatal(err)
+	}
+	for i, m := range migrations[:5] {
+		if _, err := db.Exec(m); err != nil {
+			t.Fatalf("migration %d: %v", i+1, err)
+		}
+		db.Exec(`INSERT INTO schema_migrations VALUES (?, 0)`, i+1)
+	}
+	if _, err := db.Exec(`INSERT INTO products (sku, name, price_cents, created_at, updated_at) VALUES ('OLD-1', 'old', 1, 0, 0)`); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+
+	dbPath := filepath.Join(t.TempDir(), "products.db")
+	var out bytes.Buffer
+	if err := restoreSQLite(ctx, dbPath, src, false, &out); err != nil {
+		t.Fatalf("restore of a schema 5 database: %v", err)
+	}
+	if !strings.Contains(out.String(), "schema version 5") {
+		t.Errorf("restore printed %q, want schema version 5", out.String())
+	}
+	s := openTestStore(t, dbPath)
+	if id, _ := s.LogID(ctx); !validLogID(id) {
+		t.Errorf("log_id after migrating the restored database = %q", id)
+	}
+	if s.Count() != 1 {
+		t.Errorf("restored database holds %d products, want 1", s.Count())
 	}
 }

@@ -142,9 +142,11 @@ func prepareRestored(ctx context.Context, path string) (backupManifest, string, 
 	if err != nil {
 		return backupManifest{}, "", err
 	}
-	var id string
-	if err := db.QueryRowContext(ctx, `UPDATE feed_state SET log_id = lower(hex(randomblob(16))) WHERE id = 1 RETURNING log_id`).Scan(&id); err != nil {
-		return backupManifest{}, "", fmt.Errorf("renew log_id: %w", err)
+	id := "(made when the service first opens it: its schema predates log_id)"
+	if man.LogID != "" {
+		if err := db.QueryRowContext(ctx, `UPDATE feed_state SET log_id = lower(hex(randomblob(16))) WHERE id = 1 RETURNING log_id`).Scan(&id); err != nil {
+			return backupManifest{}, "", fmt.Errorf("renew log_id: %w", err)
+		}
 	}
 	return man, id, db.Close()
 }
