@@ -11,7 +11,7 @@ IMAGE    ?= productsvc:$(VERSION)
 PROMTOOL ?= $(shell command -v promtool 2>/dev/null || echo /tmp/prom/usr/bin/promtool)
 REDOCLY  ?= @redocly/cli@2.77.0
 
-.PHONY: run build test lint lint-metrics lint-openapi promtool test-faults test-fleet fuzz bench fleet docker-build docker-run
+.PHONY: run build test lint lint-metrics lint-openapi promtool test-faults test-fleet fuzz bench bench-backup fleet docker-build docker-run
 
 ## run: build and start the service on :8080 with ./products.db (Redis when REDIS_URL is set)
 run: build
@@ -61,6 +61,10 @@ fuzz:
 ## bench: the reproducible benchmark; writes bench/results.md
 bench:
 	bash bench/run.sh
+
+## bench-backup: backup API vs VACUUM INTO on 200,000 products, and writer p99 during a backup
+bench-backup:
+	BACKUP_MEASURE=200000 go test -count=1 -run 'TestBackup_measure' -v .
 
 ## fleet: 3 replicas behind HAProxy on PostgreSQL + Redis (deploy/fleet.sh)
 fleet:

@@ -8,6 +8,8 @@ import (
 	"log/slog"
 	"net"
 	"net/url"
+	"os"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -42,10 +44,16 @@ type config struct {
 	FeedMaxStreams  int
 	MaxConns        int
 	MaxConnsPerIP   int
+	BackupDir       string        // empty: a backups directory beside DBPath
+	BackupInterval  time.Duration // 0: no scheduled backups
+	BackupKeep      int           // 0: keep every backup
 
-	Version     bool
-	HealthCheck bool
-	CopyTo      string // -copy-to: copy the SQLite catalog at DBPath to this PostgreSQL URL and exit
+	Version          bool
+	HealthCheck      bool
+	CopyTo           string // -copy-to: copy the SQLite catalog at DBPath to this PostgreSQL URL and exit
+	Restore          string // -restore or -restore-if-missing: put this backup in place at DBPath and exit
+	RestoreIfMissing bool   // only when DBPath does not exist
+	RenewLogID       bool   // -renew-log-id: give the database's change log a new identity and exit
 }
 
 // configError is an invalid setting; the process exits with status 2.
@@ -110,6 +118,20 @@ func (c *config) settings() []setting {
 		{"EVENTS_RETENTION", "events-retention", "168h", "keep change-feed events for `duration` (older ones are trimmed; a consumer further behind gets 410)", durRange(&c.EventsRetention, time.Minute, 90*24*time.Hour)},
 		{"FEED_MAX_STREAMS", "feed-max-streams", strconv.Itoa(defaultFeedStreams), "serve `n` change-feed streams (Server-Sent Events) at once; more get 503", intSetting(&c.FeedMaxStreams, 1, 10_000)},
 		{"MAX_CONNS", "max-conns", strconv.Itoa(defaultMaxConns()), "hold `n` TCP connections on the API listener at once, closing more unanswered and idle ones above 80% (0: no limit; default: the open-file limit less a tenth)", intSetting(&c.MaxConns, 0, 10_000_000)},
+		{"BACKUP_DIR", "backup-dir", "", "keep SQLite backups in `dir` (empty: a backups directory beside DB_PATH)", strSetting(&c.BackupDir, func(s string) error {
+			if fi, err := os.Stat(s); s != "" && err == nil && !fi.IsDir() {
+				return errors.New("must be a directory (it is made if missing), not a file")
+			}
+			return nil
+		})},
+		{"BACKUP_INTERVAL", "backup-interval", "0", "take a SQLite backup every `duration` (0: only when asked, POST /admin/backups)", func(s string) error {
+			if s == "0" {
+				c.BackupInterval = 0
+				return nil
+			}
+			return durRange(&c.BackupInterval, time.Minute, 30*24*time.Hour)(s)
+		}},
+		{"BACKUP_KEEP", "backup-keep", "7", "keep the newest `n` backups, deleting older ones after each new one (0: keep all)", intSetting(&c.BackupKeep, 0, 100_000)},
 		{"MAX_CONNS_PER_IP", "max-conns-per-ip", strconv.Itoa(defaultMaxConnsPerAddr), "hold `n` TCP connections on the API listener from one client address (IPv6: one /64) (0: no limit)", intSetting(&c.MaxConnsPerIP, 0, 10_000_000)},
 	}
 }
@@ -274,6 +296,14 @@ func redisURL(s string) error {
 	return nil
 }
 
+// backupDir is BACKUP_DIR, or a backups directory beside DB_PATH.
+func (c *config) backupDir() string {
+	if c.BackupDir != "" {
+		return c.BackupDir
+	}
+	return filepath.Join(filepath.Dir(c.DBPath), "backups")
+}
+
 // usageHead comes before the flags in -h's usage.
 const usageHead = `Usage: productsvc [flags]
 
@@ -300,6 +330,10 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (*
 	}
 	fs.BoolVar(&c.Version, "version", false, "print the version and exit")
 	fs.BoolVar(&c.HealthCheck, "healthcheck", false, "GET this service's /health and exit 0 if it answers 200, else 1")
+	var restoreIfMissing string
+	fs.StringVar(&c.Restore, "restore", "", "restore the SQLite backup `file` to DB_PATH (the service must be stopped), then exit")
+	fs.StringVar(&restoreIfMissing, "restore-if-missing", "", "restore the SQLite backup `file` to DB_PATH only if DB_PATH does not exist, then exit (a Kubernetes initContainer)")
+	fs.BoolVar(&c.RenewLogID, "renew-log-id", false, "give the database's change log a new log_id (after a PostgreSQL restore), then exit")
 	fs.StringVar(&c.CopyTo, "copy-to", "", "copy the SQLite catalog at DB_PATH to the PostgreSQL database at `url`, then exit (safe to re-run)")
 	if err := fs.Parse(args[1:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -312,6 +346,15 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (*
 	}
 	if fs.NArg() > 0 {
 		return nil, &configError{msg: fmt.Sprintf("unexpected argument %q", fs.Arg(0))}
+	}
+	if restoreIfMissing != "" {
+		if c.Restore != "" {
+			return nil, &configError{msg: "give -restore or -restore-if-missing, not both"}
+		}
+		c.Restore, c.RestoreIfMissing = restoreIfMissing, true
+	}
+	if n := btoi(c.Restore != "") + btoi(c.RenewLogID) + btoi(c.CopyTo != ""); n > 1 {
+		return nil, &configError{msg: "-restore, -renew-log-id and -copy-to each run alone; give one"}
 	}
 	if c.CopyTo != "" {
 		if err := postgresURL(c.CopyTo); err != nil {
@@ -342,7 +385,17 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (*
 			return nil, &configError{msg: fmt.Sprintf("invalid %s %q: %v", name, shown, err)}
 		}
 	}
+	if c.Restore != "" && c.DatabaseURL != "" {
+		return nil, &configError{msg: "-restore writes DB_PATH, a SQLite database; unset DATABASE_URL (a PostgreSQL database is restored with pg_restore, then -renew-log-id)"}
+	}
 	return c, nil
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // logAttrs describes the effective configuration, secrets redacted.
@@ -363,5 +416,6 @@ func (c *config) logAttrs() []any {
 		"metrics_addr", c.MetricsAddr, "admin_addr", c.AdminAddr,
 		"rate_limit_rps", c.RateLimitRPS, "rate_limit_burst", c.RateLimitBurst, "max_in_flight", c.MaxInFlight,
 		"max_conns", c.MaxConns, "max_conns_per_ip", c.MaxConnsPerIP,
+		"backup_dir", c.backupDir(), "backup_interval", c.BackupInterval.String(), "backup_keep", c.BackupKeep,
 	}
 }

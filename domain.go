@@ -30,6 +30,13 @@ var (
 	ErrInvalidState = errors.New("reservation is not in a state that allows this")
 	// ErrReservationExpired is a transition of a hold whose time ran out.
 	ErrReservationExpired = errors.New("reservation expired")
+	// ErrBackupNotFound is a name that is not one of the backups kept.
+	ErrBackupNotFound = errors.New("backup not found")
+	// ErrBackupRunning is a backup asked for while another is being taken.
+	ErrBackupRunning = errors.New("a backup is being taken")
+	// ErrBackupsUnsupported is a backup asked of an engine whose backups
+	// are its own (PostgreSQL).
+	ErrBackupsUnsupported = errors.New("backups are the database's own")
 )
 
 // IdempotencyKey identifies a write that a client may retry. Scope keeps one

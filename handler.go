@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	_ "embed"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -51,6 +52,7 @@ type serverDeps struct {
 	serveMetrics bool         // /metrics on this listener
 	tracing      *tracing     // nil: no tracing
 	streams      *streamSlots // change-feed streams; nil: defaultFeedStreams
+	backups      *backups     // nil: the engine's backups are its own (PostgreSQL)
 }
 
 // newServer returns the service's HTTP handler: the routes of addRoutes
@@ -99,6 +101,96 @@ func addRoutes(mux *http.ServeMux, d serverDeps) {
 	mux.Handle("POST /reservations/{id}/confirm", auth(handleTransition(d.svc, StateConfirmed)))
 	mux.Handle("POST /reservations/{id}/release", auth(handleTransition(d.svc, StateReleased)))
 	mux.Handle("GET /events", auth(handleEvents(d.svc, d.life, d.streams)))
+	admin := func(h http.Handler) http.Handler { return requireAdmin(d.tokens, d.limiter, h) }
+	mux.Handle("POST /admin/backups", admin(handleCreateBackup(d.backups)))
+	mux.Handle("GET /admin/backups", admin(handleListBackups(d.backups)))
+	mux.Handle("GET /admin/backups/{name}", admin(handleGetBackup(d.backups)))
+	mux.Handle("DELETE /admin/backups/{name}", admin(handleDeleteBackup(d.backups)))
+}
+
+// handleCreateBackup takes a backup now: 201 with its manifest, 409 while
+// another is being taken. The backup goes on if the client leaves.
+func handleCreateBackup(b *backups) http.Handler {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		if b == nil {
+			return ErrBackupsUnsupported
+		}
+		man, err := b.Create(context.WithoutCancel(r.Context()))
+		if err != nil {
+			return err
+		}
+		body, err := json.Marshal(man)
+		if err != nil {
+			return err
+		}
+		w.Header().Set("Location", "/admin/backups/"+man.Name)
+		writeJSON(w, http.StatusCreated, body)
+		return nil
+	})
+}
+
+// handleListBackups lists the backups kept, oldest first.
+func handleListBackups(b *backups) http.Handler {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		if b == nil {
+			return ErrBackupsUnsupported
+		}
+		list, err := b.List()
+		if err != nil {
+			return err
+		}
+		body, err := json.Marshal(struct {
+			Backups []backupManifest `json:"backups"`
+		}{list})
+		if err != nil {
+			return err
+		}
+		w.Header().Set("Cache-Control", "no-store")
+		writeJSON(w, http.StatusOK, body)
+		return nil
+	})
+}
+
+// handleGetBackup streams one backup, its SHA-256 in Repr-Digest (RFC
+// 9530), so a copy can be checked end to end; ranges are served.
+func handleGetBackup(b *backups) http.Handler {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		if b == nil {
+			return ErrBackupsUnsupported
+		}
+		f, man, err := b.Open(r.PathValue("name"))
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		sum, err := hex.DecodeString(man.SHA256)
+		if err != nil {
+			return fmt.Errorf("backup %s: manifest digest: %w", man.Name, err)
+		}
+		h := w.Header()
+		h.Set("Content-Type", "application/vnd.sqlite3")
+		h.Set("Content-Disposition", `attachment; filename="`+man.Name+`"`)
+		h.Set("Repr-Digest", "sha-256=:"+base64.StdEncoding.EncodeToString(sum)+":")
+		h.Set("Cache-Control", "no-store")
+		// The server's WriteTimeout bounds the whole response; a backup
+		// larger than it can send in that time is fetched in ranges.
+		http.ServeContent(w, r, man.Name, time.Time{}, f) // no Last-Modified: a backup never changes
+		return nil
+	})
+}
+
+// handleDeleteBackup removes one backup: 204, or 404.
+func handleDeleteBackup(b *backups) http.Handler {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		if b == nil {
+			return ErrBackupsUnsupported
+		}
+		if err := b.Delete(r.PathValue("name")); err != nil {
+			return err
+		}
+		w.WriteHeader(http.StatusNoContent)
+		return nil
+	})
 }
 
 // handlerFunc is a handler that can fail; errorHandler writes its error.
@@ -596,6 +688,9 @@ var errorStatus = []struct {
 	{ErrInvalidState, http.StatusConflict, "invalid-state", "the reservation was already confirmed or released the other way; nothing was changed"},
 	{ErrReservationExpired, http.StatusConflict, "reservation-expired", "the hold expired and its units are available again; reserve again"},
 	{ErrFeedGone, http.StatusGone, "feed-gone", ""},
+	{ErrBackupNotFound, http.StatusNotFound, "backup-not-found", "no backup has this name"},
+	{ErrBackupRunning, http.StatusConflict, "backup-running", "a backup is being taken; retry when it is done"},
+	{ErrBackupsUnsupported, http.StatusNotImplemented, "backups-unsupported", "this service runs on PostgreSQL, whose backups are PostgreSQL's own (pg_dump, base backups and WAL archiving); see the README, \"Backups and restores\""},
 	{ErrUnavailable, http.StatusServiceUnavailable, "unavailable", ""},
 }
 

@@ -2007,6 +2007,9 @@ func TestWriteError_everySentinel(t *testing.T) {
 		"ErrInvalidState":        ErrInvalidState,
 		"ErrReservationExpired":  ErrReservationExpired,
 		"ErrFeedGone":            ErrFeedGone,
+		"ErrBackupNotFound":      ErrBackupNotFound,
+		"ErrBackupRunning":       ErrBackupRunning,
+		"ErrBackupsUnsupported":  ErrBackupsUnsupported,
 	}
 	files, err := filepath.Glob("*.go")
 	if err != nil {

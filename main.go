@@ -99,6 +99,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if cfg.CopyTo != "" {
 		return copyToPostgres(ctx, storeCfg, cfg.CopyTo, stderr)
 	}
+	if cfg.Restore != "" {
+		return restoreSQLite(ctx, cfg.DBPath, cfg.Restore, cfg.RestoreIfMissing, stdout)
+	}
+	if cfg.RenewLogID {
+		return renewLogID(ctx, storeCfg, stdout)
+	}
 	// Bind every listener before the store is opened: a port another
 	// process holds stops the start before a database file or its lock
 	// is created. Nothing is served until the store is open.
@@ -137,6 +143,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	case *postgresStore:
 		m.dbPools(pgPoolCollector{st.Stat})
 	}
+	var bk *backups // SQLite's; PostgreSQL's backups are its own
+	if st, ok := store.(*sqliteStore); ok {
+		if bk, err = newBackups(cfg.backupDir(), cfg.BackupKeep, st, log, m); err != nil {
+			return err
+		}
+	}
 	localSize := cfg.LocalCacheSize
 	if cfg.CacheMemory == 0 {
 		localSize = 0 // CACHE_MEMORY=0: no in-process caches
@@ -155,7 +167,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	handler := newServer(serverDeps{
 		svc: svc, log: log, metrics: m, tokens: tokens, life: life,
 		limiter: limiter, maxFlight: cfg.MaxInFlight, serveMetrics: cfg.MetricsAddr == "", tracing: tr,
-		streams: newStreamSlots(cfg.FeedMaxStreams),
+		streams: newStreamSlots(cfg.FeedMaxStreams), backups: bk,
 	})
 
 	errc := make(chan error, 3)
@@ -189,6 +201,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	bg.Go(func() { svc.Follow(followCtx) })
 	bg.Go(func() { svc.SweepReservations(bgCtx, time.Second) })
 	bg.Go(func() { trimChangeFeed(bgCtx, store, log, cfg.EventsRetention, time.Minute) })
+	if bk != nil && cfg.BackupInterval > 0 {
+		bg.Go(func() { bk.Schedule(bgCtx, cfg.BackupInterval) })
+	}
 
 	select {
 	case <-ctx.Done():

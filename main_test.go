@@ -236,6 +236,12 @@ func TestRun_invalidConfig(t *testing.T) {
 		{name: "DATABASE_URL not postgres", env: map[string]string{"DATABASE_URL": "mysql://u:p@localhost/db"}, wantName: "DATABASE_URL"},
 		{name: "DATABASE_URL not a URL", env: map[string]string{"DATABASE_URL": "host=localhost dbname=x"}, wantName: "DATABASE_URL"},
 		{name: "-copy-to not postgres", args: []string{"-copy-to", "sqlite:///x.db"}, wantName: "-copy-to"},
+		{name: "BACKUP_DIR a file", env: map[string]string{"BACKUP_DIR": "/dev/null"}, wantName: "BACKUP_DIR"},
+		{name: "BACKUP_INTERVAL too short", env: map[string]string{"BACKUP_INTERVAL": "30s"}, wantName: "BACKUP_INTERVAL"},
+		{name: "BACKUP_KEEP", env: map[string]string{"BACKUP_KEEP": "-1"}, wantName: "BACKUP_KEEP"},
+		{name: "-restore on PostgreSQL", env: map[string]string{"DATABASE_URL": "postgres://u@localhost/db"}, args: []string{"-restore", "x.db"}, wantName: "-restore"},
+		{name: "-restore twice", args: []string{"-restore", "x.db", "-restore-if-missing", "y.db"}, wantName: "-restore-if-missing"},
+		{name: "-restore and -renew-log-id", args: []string{"-restore", "x.db", "-renew-log-id"}, wantName: "-renew-log-id"},
 	}
 
 	// Every setting has a case: a new one cannot be added without its test.

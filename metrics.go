@@ -37,6 +37,10 @@ type metrics struct {
 	connsOpen      prometheus.Gauge
 	connsRefused   *prometheus.CounterVec
 	idleClosed     prometheus.Counter
+	backupLast     prometheus.Gauge
+	backupDuration prometheus.Gauge
+	backupSize     prometheus.Gauge
+	backupFailures prometheus.Counter
 }
 
 // newMetrics registers the service's series, and the Go runtime and process
@@ -126,6 +130,22 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 			Name: "http_idle_connections_closed_total",
 			Help: "Idle keep-alive connections closed early because the API listener held over 80% of MAX_CONNS.",
 		}),
+		backupLast: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "backup_last_success_timestamp_seconds",
+			Help: "When the last successful backup was taken (Unix time; 0: none since the start); SQLite only.",
+		}),
+		backupDuration: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "backup_last_duration_seconds",
+			Help: "How long the last successful backup took, from snapshot to rename; SQLite only.",
+		}),
+		backupSize: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "backup_last_size_bytes",
+			Help: "The size of the last successful backup; SQLite only.",
+		}),
+		backupFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "backup_failures_total",
+			Help: "Backups that failed and left nothing under a final name; SQLite only.",
+		}),
 	}
 	reg.MustRegister(
 		collectors.NewGoCollector(),
@@ -134,6 +154,7 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 		m.invalidations, m.breakerStates, m.breakerChanges, m.shed, m.rateLimited,
 		m.reservations, m.feedStreams, m.feedLag, m.fenceRounds, m.fenceWait, m.changesApplied,
 		m.connsOpen, m.connsRefused, m.idleClosed,
+		m.backupLast, m.backupDuration, m.backupSize, m.backupFailures,
 	)
 	m.connsRefused.WithLabelValues("max_conns")
 	m.connsRefused.WithLabelValues("max_conns_per_ip")
@@ -164,6 +185,14 @@ func (m *metrics) localCache(hit bool) {
 }
 
 func (m *metrics) cacheInvalidation() { m.invalidations.Inc() }
+
+func (m *metrics) backupDone(man backupManifest) {
+	m.backupLast.Set(float64(man.CreatedAt.UnixMilli()) / 1000)
+	m.backupDuration.Set(float64(man.DurationMS) / 1000)
+	m.backupSize.Set(float64(man.Size))
+}
+
+func (m *metrics) backupFailed() { m.backupFailures.Inc() }
 
 func breakerValue(s gobreaker.State) float64 {
 	switch s {

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"go/ast"
 	"go/parser"
@@ -14,6 +15,7 @@ import (
 	"maps"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -398,6 +400,7 @@ func TestOpenAPI_Responses(t *testing.T) {
 	oaEventResponses(t, srv, router, seen, s.store, &skew)
 
 	oaFaultResponses(t, seen)
+	oaBackupResponses(t, seen)
 
 	// Every declared response of every operation was seen.
 	doc := oaLoadDoc(t)
@@ -513,6 +516,128 @@ func oaFaultResponses(t *testing.T, seen oaCoverage) {
 		oaCase{name: "health ready", method: "GET", path: "/health/ready", want: 500},
 		oaCase{name: "readyz", method: "GET", path: "/readyz", want: 500})
 	run(srv, "panicking store", panics)
+}
+
+// oaBackupResponses provokes the responses of the /admin/backups routes:
+// each success, 404 for names that are not a backup's, 409 while a backup
+// is being taken, 500 from a backup or a backup directory that fails, 429
+// and 503 (shed while a backup holds the one request slot), and 501
+// without backups (PostgreSQL).
+func oaBackupResponses(t *testing.T, seen oaCoverage) {
+	run := func(srv *httptest.Server, prefix string, cases []oaCase) {
+		router := oaRouter(t, srv)
+		for _, tc := range cases {
+			tc.name = prefix + ": " + tc.name
+			oaRun(t, srv, router, seen, tc)
+		}
+	}
+	// newSrv serves the API with backups of its store.
+	newSrv := func(configure func(*serverDeps)) (*httptest.Server, *backups) {
+		var b *backups
+		srv, _ := oaNewServer(t, func(st *sqliteStore) productStore { b = newTestBackups(t, st, 0); return st }, func(d *serverDeps) {
+			d.backups = b
+			if configure != nil {
+				configure(d)
+			}
+		})
+		return srv, b
+	}
+	srv, bk := newSrv(nil)
+	var man backupManifest
+	body := oaRun(t, srv, oaRouter(t, srv), seen, oaCase{name: "backup", method: "POST", path: "/admin/backups", want: 201})
+	if err := json.Unmarshal(body, &man); err != nil {
+		t.Fatalf("manifest %s: %v", body, err)
+	}
+	missing := "productsvc-20200101T000000.000000Z.db"
+	run(srv, "backups", []oaCase{
+		{name: "list", method: "GET", path: "/admin/backups", want: 200},
+		{name: "download", method: "GET", path: "/admin/backups/" + man.Name, want: 200},
+		{name: "download a range", method: "GET", path: "/admin/backups/" + man.Name, header: map[string]string{"Range": "bytes=0-99"}, want: 206},
+		{name: "download beyond the end", method: "GET", path: "/admin/backups/" + man.Name, header: map[string]string{"Range": "bytes=999999999-"}, want: 416},
+		{name: "download unknown", method: "GET", path: "/admin/backups/" + missing, want: 404, problem: "backup-not-found"},
+		{name: "download a path", method: "GET", path: "/admin/backups/..%2Fproducts.db", want: 404},
+		{name: "delete", method: "DELETE", path: "/admin/backups/" + man.Name, want: 204},
+		{name: "delete again", method: "DELETE", path: "/admin/backups/" + man.Name, want: 404, problem: "backup-not-found"},
+		{name: "backup without token", method: "POST", path: "/admin/backups", noAuth: true, want: 401},
+		{name: "list without token", method: "GET", path: "/admin/backups", noAuth: true, want: 401},
+		{name: "download without token", method: "GET", path: "/admin/backups/" + missing, noAuth: true, want: 401},
+		{name: "delete without token", method: "DELETE", path: "/admin/backups/" + missing, noAuth: true, want: 401},
+		{name: "backups wrong method", method: "PUT", path: "/admin/backups", want: 405, docMethod: "GET"},
+		{name: "backup wrong method", method: "POST", path: "/admin/backups/" + missing, want: 405, docMethod: "GET"},
+	})
+
+	// 500s: a manifest whose digest is not hex, a copy that will not go,
+	// a backup that fails, a directory that is gone.
+	bad, err := bk.Create(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	js, _ := json.Marshal(backupManifest{Name: bad.Name, SHA256: "not hex"})
+	os.WriteFile(filepath.Join(bk.dir, bad.Name+".json"), js, 0o644)
+	stuck := "productsvc-20200101T000001.000000Z.db"
+	os.MkdirAll(filepath.Join(bk.dir, stuck, "x"), 0o755) // a directory with something in it: Remove fails
+	os.WriteFile(filepath.Join(bk.dir, stuck+".json"), []byte("{}"), 0o644)
+	bk.failAt = func(string) error { return errors.New("test: the disk is full") }
+	run(srv, "failing", []oaCase{
+		{name: "download", method: "GET", path: "/admin/backups/" + bad.Name, want: 500},
+		{name: "delete", method: "DELETE", path: "/admin/backups/" + stuck, want: 500},
+		{name: "backup", method: "POST", path: "/admin/backups", want: 500},
+	})
+	os.RemoveAll(bk.dir)
+	run(srv, "no backup dir", []oaCase{{name: "list", method: "GET", path: "/admin/backups", want: 500}})
+
+	// 409, then 503 and 429: a backup held in its snapshot.
+	hold := func(srv *httptest.Server, b *backups) (release func()) {
+		entered, done := make(chan struct{}), make(chan struct{})
+		b.snapshot = func(ctx context.Context, src, dst string) error {
+			close(entered)
+			<-done
+			return snapshotBackupAPI(ctx, src, dst)
+		}
+		held := make(chan error, 1)
+		go func() {
+			req, _ := http.NewRequest("POST", srv.URL+"/admin/backups", nil)
+			req.Header.Set("Authorization", "Bearer "+mtToken)
+			resp, err := srv.Client().Do(req)
+			if err == nil {
+				resp.Body.Close()
+			}
+			held <- err
+		}()
+		<-entered
+		return func() {
+			close(done)
+			if err := <-held; err != nil {
+				t.Errorf("the held backup: %v", err)
+			}
+		}
+	}
+	srv, bk = newSrv(nil)
+	release := hold(srv, bk)
+	run(srv, "during a backup", []oaCase{{name: "backup", method: "POST", path: "/admin/backups", want: 409, problem: "backup-running"}})
+	release()
+	guarded := func(want int) []oaCase {
+		return []oaCase{
+			{name: "backup", method: "POST", path: "/admin/backups", want: want},
+			{name: "list", method: "GET", path: "/admin/backups", want: want},
+			{name: "download", method: "GET", path: "/admin/backups/" + missing, want: want},
+			{name: "delete", method: "DELETE", path: "/admin/backups/" + missing, want: want},
+		}
+	}
+	srv, bk = newSrv(func(d *serverDeps) { d.maxFlight = 1 })
+	release = hold(srv, bk)
+	run(srv, "shedding", guarded(503))
+	release()
+	srv, _ = newSrv(func(d *serverDeps) { d.limiter = newRateLimiter(0.001, 1, d.tokens) })
+	run(srv, "rate limited", append([]oaCase{{name: "first", method: "GET", path: "/admin/backups", want: 200}}, guarded(429)...))
+
+	srv, _ = oaNewServer(t, nil, nil)
+	run(srv, "postgres", []oaCase{
+		{name: "backup", method: "POST", path: "/admin/backups", want: 501, problem: "backups-unsupported"},
+		{name: "list", method: "GET", path: "/admin/backups", want: 501},
+		{name: "download", method: "GET", path: "/admin/backups/" + missing, want: 501},
+		{name: "delete", method: "DELETE", path: "/admin/backups/" + missing, want: 501},
+	})
 }
 
 // oaNewServer starts the service's handler over a new SQLite database,

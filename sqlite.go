@@ -47,6 +47,7 @@ var sqliteDialect = newDialect(dialect{
 // transaction and one fsync per group), and a pool of read-only connections.
 type sqliteStore struct {
 	sqlStore
+	path   string  // the database file
 	wdb    *sql.DB // the one write connection, the writer's
 	unlock func()  // releases the file's process lock
 	rdb    *sql.DB // read-only connections
@@ -92,7 +93,7 @@ func openSQLite(ctx context.Context, cfg StoreConfig) (*sqliteStore, error) {
 	wdb.SetConnMaxLifetime(0)
 	wdb.SetConnMaxIdleTime(0)
 
-	s := &sqliteStore{wdb: wdb, unlock: unlock}
+	s := &sqliteStore{path: cfg.Path, wdb: wdb, unlock: unlock}
 	s.sqlStore = sqlStore{eng: s, d: sqliteDialect, timeout: cfg.Timeout, now: time.Now, counted: func(n int64) { s.count.Add(n) }}
 	s.writer = newWriter(wdb, cfg.Timeout, func() time.Time { return s.now() })
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)

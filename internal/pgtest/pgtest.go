@@ -137,6 +137,10 @@ func (s *Server) URL(db string) string {
 	return fmt.Sprintf("postgres://postgres@127.0.0.1:%d/%s?sslmode=disable", s.port, db)
 }
 
+// Tool returns the path of the server's client program name (pg_dump,
+// pg_restore, psql): the one of the server's version.
+func (s *Server) Tool(name string) string { return filepath.Join(s.bin, name) }
+
 // Port returns the server's port.
 func (s *Server) Port() int { return s.port }
 
