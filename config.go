@@ -42,6 +42,10 @@ type config struct {
 	FeedMaxStreams  int
 	MaxConns        int
 	MaxConnsPerIP   int
+	AMQPURL         string
+	AMQPExchange    string
+	AMQPSource      string
+	RelayWarnAge    time.Duration
 
 	Version     bool
 	HealthCheck bool
@@ -110,6 +114,10 @@ func (c *config) settings() []setting {
 		{"EVENTS_RETENTION", "events-retention", "168h", "keep change-feed events for `duration` (older ones are trimmed; a consumer further behind gets 410)", durRange(&c.EventsRetention, time.Minute, 90*24*time.Hour)},
 		{"FEED_MAX_STREAMS", "feed-max-streams", strconv.Itoa(defaultFeedStreams), "serve `n` change-feed streams (Server-Sent Events) at once; more get 503", intSetting(&c.FeedMaxStreams, 1, 10_000)},
 		{"MAX_CONNS", "max-conns", strconv.Itoa(defaultMaxConns()), "hold `n` TCP connections on the API listener at once, closing more unanswered and idle ones above 80% (0: no limit; default: the open-file limit less a tenth)", intSetting(&c.MaxConns, 0, 10_000_000)},
+		{"AMQP_URL", "amqp-url", "", "publish the change feed to the RabbitMQ at `url`, e.g. amqp://user:pass@host:5672/ (empty: no relay)", strSetting(&c.AMQPURL, emptyOr(amqpURL))},
+		{"AMQP_EXCHANGE", "amqp-exchange", "products", "publish to the durable topic exchange `name` (declared at start)", strSetting(&c.AMQPExchange, nonEmpty)},
+		{"AMQP_SOURCE", "amqp-source", "/productsvc", "the CloudEvents `source` of published events", strSetting(&c.AMQPSource, nonEmpty)},
+		{"RELAY_WARN_AGE", "relay-warn-age", "5m", "log a warning while the oldest unpublished event is older than `duration`", durSetting(&c.RelayWarnAge, time.Second)},
 		{"MAX_CONNS_PER_IP", "max-conns-per-ip", strconv.Itoa(defaultMaxConnsPerAddr), "hold `n` TCP connections on the API listener from one client address (IPv6: one /64) (0: no limit)", intSetting(&c.MaxConnsPerIP, 0, 10_000_000)},
 	}
 }
@@ -248,6 +256,15 @@ func loopbackHostPort(s string) error {
 	return nil
 }
 
+// amqpURL accepts an amqp:// or amqps:// URL with a host.
+func amqpURL(s string) error {
+	u, err := url.Parse(s)
+	if err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") || u.Host == "" {
+		return errors.New("must be an amqp:// or amqps:// URL with a host, such as amqp://user:pass@localhost:5672/")
+	}
+	return nil
+}
+
 // emptyOr accepts the empty string (the setting is off) or what check accepts.
 func emptyOr(check func(string) error) func(string) error {
 	return func(s string) error {
@@ -336,7 +353,7 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (*
 			switch s.env {
 			case "API_TOKEN":
 				shown = "[redacted]"
-			case "DATABASE_URL", "REDIS_URL":
+			case "DATABASE_URL", "REDIS_URL", "AMQP_URL":
 				shown = redactURL(v)
 			}
 			return nil, &configError{msg: fmt.Sprintf("invalid %s %q: %v", name, shown, err)}
@@ -363,5 +380,6 @@ func (c *config) logAttrs() []any {
 		"metrics_addr", c.MetricsAddr, "admin_addr", c.AdminAddr,
 		"rate_limit_rps", c.RateLimitRPS, "rate_limit_burst", c.RateLimitBurst, "max_in_flight", c.MaxInFlight,
 		"max_conns", c.MaxConns, "max_conns_per_ip", c.MaxConnsPerIP,
+		"amqp_url", redactURL(c.AMQPURL), "amqp_exchange", c.AMQPExchange,
 	}
 }

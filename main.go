@@ -95,7 +95,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
-	storeCfg := StoreConfig{DatabaseURL: cfg.DatabaseURL, Path: cfg.DBPath, Sync: cfg.DBSync, Timeout: cfg.DBTimeout}
+	storeCfg := StoreConfig{DatabaseURL: cfg.DatabaseURL, Path: cfg.DBPath, Sync: cfg.DBSync, Timeout: cfg.DBTimeout,
+		KeepUnpublished: cfg.AMQPURL != ""}
 	if cfg.CopyTo != "" {
 		return copyToPostgres(ctx, storeCfg, cfg.CopyTo, stderr)
 	}
@@ -147,6 +148,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	})
 	defer svc.Close()
 
+	var rl *relay
+	if cfg.AMQPURL != "" {
+		rm := m.relay()
+		rl = newRelay(store.(relayStore), relayConfig{
+			Source: cfg.AMQPSource, Dial: dialRelayPublisher(cfg.AMQPURL, cfg.AMQPExchange, rm), BrokerURL: cfg.AMQPURL,
+			WarnAge: cfg.RelayWarnAge, Log: log, Metrics: rm, Wake: svc.feed,
+		})
+	}
+
 	life := &lifecycle{} // started once the store is open and every listener is up
 	tokens := newTokenSet(cfg.APITokens)
 	// Always made: failed authentication is limited even when
@@ -155,7 +165,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	handler := newServer(serverDeps{
 		svc: svc, log: log, metrics: m, tokens: tokens, life: life,
 		limiter: limiter, maxFlight: cfg.MaxInFlight, serveMetrics: cfg.MetricsAddr == "", tracing: tr,
-		streams: newStreamSlots(cfg.FeedMaxStreams),
+		streams: newStreamSlots(cfg.FeedMaxStreams), relay: rl,
 	})
 
 	errc := make(chan error, 3)
@@ -189,6 +199,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	bg.Go(func() { svc.Follow(followCtx) })
 	bg.Go(func() { svc.SweepReservations(bgCtx, time.Second) })
 	bg.Go(func() { trimChangeFeed(bgCtx, store, log, cfg.EventsRetention, time.Minute) })
+	if rl != nil {
+		bg.Go(func() { rl.Run(bgCtx) })
+	}
 
 	select {
 	case <-ctx.Done():
