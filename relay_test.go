@@ -1,0 +1,614 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+)
+
+// delivery is one message a test consumer received.
+type delivery struct {
+	RoutingKey, MessageID, Type, ContentType, AppID string
+	DeliveryMode                                    uint8
+	Timestamp                                       time.Time
+	Body                                            []byte
+}
+
+// consumer receives everything published to an exchange through a durable
+// queue bound with "#", reconnecting after the broker fails. A message is
+// acknowledged after it is recorded, so none is lost to a broker crash.
+type consumer struct {
+	mu  sync.Mutex
+	got []delivery
+}
+
+// startConsumer declares exchange (as the relay does) and a durable queue
+// bound to it, and consumes until the test ends.
+func startConsumer(t *testing.T, url, exchange string) *consumer {
+	t.Helper()
+	c := &consumer{}
+	queue := exchange + ".all"
+	if err := c.declare(url, exchange, queue); err != nil {
+		t.Fatalf("declare %s: %v", queue, err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for ctx.Err() == nil {
+			c.consume(ctx, url, queue)
+			sleepCtx(ctx, 100*time.Millisecond)
+		}
+	})
+	t.Cleanup(func() {
+		cancel()
+		wg.Wait()
+	})
+	return c
+}
+
+func (c *consumer) declare(url, exchange, queue string) error {
+	conn, err := amqp.Dial(url)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	ch, err := conn.Channel()
+	if err != nil {
+		return err
+	}
+	if err := ch.ExchangeDeclare(exchange, amqp.ExchangeTopic, true, false, false, false, nil); err != nil {
+		return err
+	}
+	if _, err := ch.QueueDeclare(queue, true, false, false, false, nil); err != nil {
+		return err
+	}
+	return ch.QueueBind(queue, "#", exchange, false, nil)
+}
+
+func (c *consumer) consume(ctx context.Context, url, queue string) {
+	conn, err := amqp.DialConfig(url, amqp.Config{Heartbeat: 2 * time.Second, Dial: amqp.DefaultDial(2 * time.Second)})
+	if err != nil {
+		return
+	}
+	defer conn.Close()
+	ch, err := conn.Channel()
+	if err != nil {
+		return
+	}
+	ds, err := ch.ConsumeWithContext(ctx, queue, "", false, false, false, false, nil)
+	if err != nil {
+		return
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case d, ok := <-ds:
+			if !ok {
+				return
+			}
+			c.mu.Lock()
+			c.got = append(c.got, delivery{RoutingKey: d.RoutingKey, MessageID: d.MessageId, Type: d.Type,
+				ContentType: d.ContentType, AppID: d.AppId, DeliveryMode: d.DeliveryMode, Timestamp: d.Timestamp, Body: d.Body})
+			c.mu.Unlock()
+			d.Ack(false)
+		}
+	}
+}
+
+// deliveries returns what arrived so far, in arrival order.
+func (c *consumer) deliveries() []delivery {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]delivery(nil), c.got...)
+}
+
+// distinct returns how many distinct message ids arrived, and how many
+// deliveries repeated one.
+func (c *consumer) distinct() (ids, duplicates int) {
+	seen := map[string]bool{}
+	for _, d := range c.deliveries() {
+		if seen[d.MessageID] {
+			duplicates++
+		}
+		seen[d.MessageID] = true
+	}
+	return len(seen), duplicates
+}
+
+// waitDistinct waits until at least n distinct messages arrived.
+func (c *consumer) waitDistinct(t *testing.T, n int, timeout time.Duration) {
+	t.Helper()
+	waitFor(t, timeout, fmt.Sprintf("%d distinct messages", n), func() bool {
+		got, _ := c.distinct()
+		return got >= n
+	})
+}
+
+var exchangeSeq atomic.Int64
+
+// newExchangeName returns an exchange name no other test uses.
+func newExchangeName(t *testing.T) string {
+	return fmt.Sprintf("test.%d.%d", time.Now().UnixNano(), exchangeSeq.Add(1))
+}
+
+// startRelay runs a relay of store publishing to exchange at url until the
+// test ends (or stop is called); it returns the relay and stop.
+func startRelay(t *testing.T, store productStore, url, exchange string, tweak func(r *relay)) (*relay, func()) {
+	t.Helper()
+	m := newMetrics(nil).relay()
+	r := newRelay(store.(relayStore), relayConfig{Source: "/productsvc", Dial: dialRelayPublisher(url, exchange, m), BrokerURL: url, Metrics: m})
+	r.poll = 20 * time.Millisecond
+	r.backoff = 500 * time.Millisecond
+	if tweak != nil {
+		tweak(r)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { r.Run(ctx) })
+	var once sync.Once
+	stop := func() { once.Do(func() { cancel(); wg.Wait() }) }
+	t.Cleanup(stop)
+	return r, stop
+}
+
+// cloudEventDoc is a published message's body.
+type cloudEventDoc struct {
+	SpecVersion     string          `json:"specversion"`
+	ID              string          `json:"id"`
+	Source          string          `json:"source"`
+	Type            string          `json:"type"`
+	Subject         string          `json:"subject"`
+	Time            string          `json:"time"`
+	DataContentType string          `json:"datacontenttype"`
+	Sequence        string          `json:"sequence"`
+	Data            json.RawMessage `json:"data"`
+}
+
+func TestRelay_publishesEveryKindOfWrite(t *testing.T) {
+	rmq := sharedRabbit(t)
+	forEachStore(t, func(t *testing.T, s productStore) {
+		ctx := t.Context()
+		exchange := newExchangeName(t)
+		cons := startConsumer(t, rmq.URL, exchange)
+		clock := time.Now()
+		setStoreClock(s, func() time.Time { return clock })
+
+		p, _, err := s.Create(ctx, Product{SKU: "R-1", Name: "pen", PriceCents: 100, Currency: "EUR", Stock: 10}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := s.Update(ctx, p.ID, ProductUpdate{Patch: ProductPatch{Name: optional[string]{Set: true, Value: "pencil"}}}); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := s.AdjustStock(ctx, p.ID, 5, nil, nil); err != nil {
+			t.Fatal(err)
+		}
+		for _, to := range []string{StateConfirmed, StateReleased} {
+			r, _, err := storeReserve(s, ctx, Reservation{ID: newReservationID(), Reference: "order-" + to, Lines: []ReservationLine{{ProductID: p.ID, Quantity: 1}}}, time.Minute, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, _, err := storeTransition(s, ctx, r.ID, to); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, _, err := storeReserve(s, ctx, Reservation{ID: newReservationID(), Reference: "order-late", Lines: []ReservationLine{{ProductID: p.ID, Quantity: 1}}}, time.Second, nil); err != nil {
+			t.Fatal(err)
+		}
+		clock = clock.Add(2 * time.Second)
+		if n, _, err := s.ExpireReservations(ctx, 10); err != nil || n != 1 {
+			t.Fatalf("ExpireReservations = %d, %v; want 1", n, err)
+		}
+		if _, err := s.Delete(ctx, p.ID, nil); err != nil {
+			t.Fatal(err)
+		}
+		es, err := s.Events(ctx, 0, 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		logID, err := s.LogID(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+
+		startRelay(t, s, rmq.URL, exchange, nil)
+		cons.waitDistinct(t, len(es), 30*time.Second)
+
+		types := map[string]bool{}
+		byID := map[string]delivery{}
+		for _, d := range cons.deliveries() {
+			byID[d.MessageID] = d
+		}
+		for i := range es {
+			e := &es[i]
+			id := logID + "-" + strconv.FormatInt(e.Seq, 10)
+			d, ok := byID[id]
+			if !ok {
+				t.Fatalf("no message %s for event %+v", id, e)
+			}
+			types[e.Type] = true
+			if d.RoutingKey != e.Type || d.Type != e.Type || d.ContentType != "application/cloudevents+json" ||
+				d.AppID != "productsvc" || d.DeliveryMode != amqp.Persistent || !d.Timestamp.Equal(e.OccurredAt.Truncate(time.Second)) {
+				t.Errorf("message %s: routing key %q type %q content type %q app id %q delivery mode %d timestamp %v; want %q, %q, application/cloudevents+json, productsvc, 2, %v",
+					id, d.RoutingKey, d.Type, d.ContentType, d.AppID, d.DeliveryMode, d.Timestamp, e.Type, e.Type, e.OccurredAt.Truncate(time.Second))
+			}
+			var ce cloudEventDoc
+			if err := json.Unmarshal(d.Body, &ce); err != nil {
+				t.Fatalf("message %s body %s: %v", id, d.Body, err)
+			}
+			subject := "products/" + strconv.FormatInt(e.ProductID, 10)
+			if e.Reservation != nil {
+				subject = "reservations/" + e.Reservation.ID
+			}
+			want := cloudEventDoc{SpecVersion: "1.0", ID: id, Source: "/productsvc", Type: e.Type, Subject: subject,
+				Time: e.OccurredAt.UTC().Format(timeLayout), DataContentType: "application/json", Sequence: strconv.FormatInt(e.Seq, 10)}
+			gotData := ce.Data
+			ce.Data = nil
+			if fmt.Sprint(ce) != fmt.Sprint(want) {
+				t.Errorf("message %s:\n got %+v\nwant %+v", id, ce, want)
+			}
+			if wantData := appendEventJSON(nil, e); string(gotData) != string(wantData) {
+				t.Errorf("message %s data:\n got %s\nwant %s (as GET /events)", id, gotData, wantData)
+			}
+		}
+		for _, typ := range []string{EventProductCreated, EventProductUpdated, EventProductDeleted, EventStockChanged,
+			EventReservationHeld, EventReservationConfirmed, EventReservationReleased, EventReservationExpired} {
+			if !types[typ] {
+				t.Errorf("no %s event among %d", typ, len(es))
+			}
+		}
+		_, dups := cons.distinct()
+		t.Logf("%d events, %d duplicate deliveries", len(es), dups)
+	})
+}
+
+// writeLoad runs writers that adjust the stock of products until stop is
+// closed, recording every acknowledged write's (product, version) and
+// counting refused ones.
+type writeLoad struct {
+	mu      sync.Mutex
+	acked   map[int64][]int64 // product id -> acknowledged versions
+	refused atomic.Int64
+	failed  atomic.Int64
+	errs    []error
+}
+
+func runWriteLoad(t *testing.T, s productStore, writers int, stop <-chan struct{}) (*writeLoad, *sync.WaitGroup) {
+	t.Helper()
+	w := &writeLoad{acked: map[int64][]int64{}}
+	var ids []int64
+	for i := range writers {
+		p, _, err := s.Create(t.Context(), Product{SKU: fmt.Sprintf("L-%d", i), Name: "load", PriceCents: 1, Currency: "EUR", Stock: 5}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, p.ID)
+		w.acked[p.ID] = []int64{1}
+	}
+	var wg sync.WaitGroup
+	for i := range writers {
+		wg.Go(func() {
+			for n := 0; ; n++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				id := ids[(i+n)%len(ids)]
+				delta := int64(1)
+				if n%5 == 4 {
+					delta = -1_000_000 // refused: stock cannot go below zero
+				}
+				p, _, err := s.AdjustStock(context.Background(), id, delta, nil, nil)
+				switch {
+				case errors.Is(err, ErrInsufficientStock):
+					w.refused.Add(1)
+				case err != nil:
+					w.failed.Add(1)
+					w.mu.Lock()
+					w.errs = append(w.errs, err)
+					w.mu.Unlock()
+				default:
+					w.mu.Lock()
+					w.acked[id] = append(w.acked[id], p.Version)
+					w.mu.Unlock()
+				}
+				time.Sleep(2 * time.Millisecond) // a steady load, not a flood
+			}
+		})
+	}
+	return w, &wg
+}
+
+// checkDelivered checks that every acknowledged write's event arrived, that
+// first deliveries are in version order per product, and that no event
+// arrived for a version no write acknowledged. It returns the duplicates.
+func checkDelivered(t *testing.T, cons *consumer, w *writeLoad) int {
+	t.Helper()
+	first := map[string]bool{}
+	last := map[int64]int64{}
+	got := map[int64]map[int64]bool{}
+	dups := 0
+	for _, d := range cons.deliveries() {
+		if first[d.MessageID] {
+			dups++
+			continue
+		}
+		first[d.MessageID] = true
+		var ce struct {
+			Data struct {
+				ProductID int64 `json:"product_id"`
+				Version   int64 `json:"version"`
+			} `json:"data"`
+		}
+		if err := json.Unmarshal(d.Body, &ce); err != nil {
+			t.Fatal(err)
+		}
+		id, v := ce.Data.ProductID, ce.Data.Version
+		if v <= last[id] {
+			t.Errorf("product %d: first delivery of version %d after version %d", id, v, last[id])
+		}
+		last[id] = v
+		if got[id] == nil {
+			got[id] = map[int64]bool{}
+		}
+		got[id][v] = true
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	acked := 0
+	for id, vs := range w.acked {
+		for _, v := range vs {
+			acked++
+			if !got[id][v] {
+				t.Errorf("product %d version %d: acknowledged, never delivered", id, v)
+			}
+		}
+		if len(got[id]) != len(vs) {
+			t.Errorf("product %d: %d versions delivered, %d acknowledged (a refused write's event?)", id, len(got[id]), len(vs))
+		}
+	}
+	return dups
+}
+
+// ackedCount returns how many writes were acknowledged.
+func (w *writeLoad) ackedCount() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	n := 0
+	for _, vs := range w.acked {
+		n += len(vs)
+	}
+	return n
+}
+
+func TestRelay_brokerKilledAndPaused(t *testing.T) {
+	rmq := sharedRabbit(t)
+	forEachStore(t, func(t *testing.T, s productStore) {
+		exchange := newExchangeName(t)
+		cons := startConsumer(t, rmq.URL, exchange)
+		rl, _ := startRelay(t, s, rmq.URL, exchange, nil)
+		stop := make(chan struct{})
+		w, wg := runWriteLoad(t, s, 8, stop)
+		defer func() {
+			select {
+			case <-stop:
+			default:
+				close(stop)
+			}
+			wg.Wait()
+		}()
+		// Writes go on whatever the broker does; wait for a few between steps.
+		waitWrites := func(n int) {
+			at := w.ackedCount()
+			waitFor(t, 30*time.Second, fmt.Sprintf("%d more writes", n), func() bool { return w.ackedCount() >= at+n })
+		}
+		waitFor(t, 30*time.Second, "the relay to connect", func() bool { return rl.Status().BrokerUp })
+		waitWrites(100)
+
+		rmq.Kill()
+		waitFor(t, 30*time.Second, "the relay to see the broker down", func() bool { return !rl.Status().BrokerUp })
+		waitWrites(100)
+		rmq.Restart(t)
+		waitWrites(100)
+
+		rmq.Pause()
+		waitFor(t, 30*time.Second, "the relay to see the paused broker down", func() bool { return !rl.Status().BrokerUp })
+		waitWrites(100)
+		rmq.Resume()
+		waitFor(t, 60*time.Second, "the relay to reconnect", func() bool { return rl.Status().BrokerUp })
+		waitWrites(100)
+
+		close(stop)
+		wg.Wait()
+		if n := w.failed.Load(); n > 0 {
+			t.Fatalf("%d writes failed while the broker was down, e.g. %v; want none", n, w.errs[0])
+		}
+		cons.waitDistinct(t, w.ackedCount(), 60*time.Second)
+		dups := checkDelivered(t, cons, w)
+		t.Logf("%d acknowledged writes, %d refused, %d duplicate deliveries", w.ackedCount(), w.refused.Load(), dups)
+	})
+}
+
+func TestRelay_crashBetweenPublishAndPositionUpdate(t *testing.T) {
+	rmq := sharedRabbit(t)
+	forEachStore(t, func(t *testing.T, s productStore) {
+		exchange := newExchangeName(t)
+		cons := startConsumer(t, rmq.URL, exchange)
+		const n = 50
+		for i := range n {
+			if _, _, err := s.Create(t.Context(), Product{SKU: fmt.Sprintf("C-%d", i), Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// The first relay dies once the broker confirmed its batch, before
+		// it stores its position.
+		crashed := make(chan struct{})
+		var stopFirst func()
+		_, stopFirst = startRelay(t, s, rmq.URL, exchange, func(r *relay) {
+			var once sync.Once
+			r.beforeMove = func(RelayPosition) { once.Do(func() { close(crashed); go stopFirst() }) }
+		})
+		<-crashed
+		stopFirst()
+		pos, _, _, err := s.(relayStore).RelayPosition(t.Context())
+		if err != nil || pos.Seq != 0 {
+			t.Fatalf("position after the crash = %+v, %v; want seq 0", pos, err)
+		}
+		startRelay(t, s, rmq.URL, exchange, nil)
+		cons.waitDistinct(t, n, 30*time.Second)
+		ids, dups := cons.distinct()
+		if dups == 0 {
+			t.Errorf("no duplicates: the first relay's batch was not sent again")
+		}
+		t.Logf("%d events, %d duplicate deliveries (re-sent after the crash)", ids, dups)
+	})
+}
+
+func TestRelay_retentionKeepsUnpublished(t *testing.T) {
+	rmq := sharedRabbit(t)
+	forEachStore(t, func(t *testing.T, s productStore) {
+		switch st := s.(type) {
+		case *sqliteStore:
+			st.keepUnpublished = true
+		case *postgresStore:
+			st.keepUnpublished = true
+		}
+		exchange := newExchangeName(t)
+		cons := startConsumer(t, rmq.URL, exchange)
+		// The broker is unreachable: a port nothing listens on.
+		port, err := freePort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		down, _ := startRelay(t, s, fmt.Sprintf("amqp://guest:guest@127.0.0.1:%d/", port), exchange, nil)
+		const n = 30
+		for i := range n {
+			if _, _, err := s.Create(t.Context(), Product{SKU: fmt.Sprintf("T-%d", i), Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		waitFor(t, 10*time.Second, "the relay to fail to connect", func() bool { return down.Status().Err != "" })
+		if got, err := s.TrimEvents(t.Context(), time.Now().Add(time.Hour)); err != nil || got != 0 {
+			t.Fatalf("TrimEvents with nothing published = %d, %v; want 0", got, err)
+		}
+		// The broker is back.
+		startRelay(t, s, rmq.URL, exchange, nil)
+		cons.waitDistinct(t, n, 30*time.Second)
+		waitFor(t, 10*time.Second, "the position to reach the head", func() bool {
+			pos, _, _, err := s.(relayStore).RelayPosition(t.Context())
+			head, herr := s.FeedHead(t.Context())
+			return err == nil && herr == nil && pos.Seq == head
+		})
+		if got, err := s.TrimEvents(t.Context(), time.Now().Add(time.Hour)); err != nil || got != n {
+			t.Fatalf("TrimEvents after publishing = %d, %v; want %d", got, err, n)
+		}
+		_, dups := cons.distinct()
+		t.Logf("%d events, %d duplicate deliveries", n, dups)
+	})
+}
+
+func TestRelay_oneOfThreeReplicasPublishes(t *testing.T) {
+	rmq := sharedRabbit(t)
+	url := newTestDatabase(t)
+	exchange := newExchangeName(t)
+	cons := startConsumer(t, rmq.URL, exchange)
+	stores := make([]*postgresStore, 3)
+	relays := make([]*relay, 3)
+	stops := make([]func(), 3)
+	for i := range stores {
+		stores[i] = openTestPostgres(t, url)
+		relays[i], stops[i] = startRelay(t, stores[i], rmq.URL, exchange, nil)
+	}
+	leaders := func() (n, which int) {
+		for i, r := range relays {
+			if stops[i] != nil && r.Status().Leader {
+				n, which = n+1, i
+			}
+		}
+		return n, which
+	}
+	waitFor(t, 10*time.Second, "one relay to lead", func() bool { n, _ := leaders(); return n == 1 })
+	_, first := leaders()
+	total := 0
+	write := func(k int) {
+		for i := range k {
+			s := stores[i%3]
+			if _, _, err := s.Create(t.Context(), Product{SKU: fmt.Sprintf("P-%d", total), Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
+				t.Fatal(err)
+			}
+			total++
+		}
+	}
+	write(30)
+	cons.waitDistinct(t, total, 30*time.Second)
+	if n, _ := leaders(); n != 1 {
+		t.Fatalf("%d relays lead; want 1", n)
+	}
+	stops[first]()
+	stops[first] = nil
+	write(30)
+	began := time.Now()
+	waitFor(t, 10*time.Second, "another relay to take over", func() bool { n, _ := leaders(); return n == 1 })
+	_, second := leaders()
+	cons.waitDistinct(t, total, 30*time.Second)
+	ids, dups := cons.distinct()
+	t.Logf("relay %d stopped, relay %d took over in %v; %d events, %d duplicate deliveries", first, second, time.Since(began).Round(time.Millisecond), ids, dups)
+	if ids != total {
+		t.Errorf("%d distinct events delivered, want %d", ids, total)
+	}
+}
+
+func TestRelay_readyReportsBrokerDown(t *testing.T) {
+	port, err := freePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	url := fmt.Sprintf("amqp://relay:s3cret-pw@127.0.0.1:%d/", port)
+	s := newTestStore(t)
+	rl, _ := startRelay(t, s, url, "products", nil)
+	waitFor(t, 10*time.Second, "the relay to fail to connect", func() bool { return rl.Status().Err != "" })
+	svc := newTestService(t, s, ServiceConfig{})
+	life := &lifecycle{}
+	life.started.Store(true)
+	h := newServer(serverDeps{svc: svc, log: svc.log, metrics: svc.metrics, tokens: newTokenSet([]string{testToken}), life: life, relay: rl})
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/ready", nil))
+	var body readyBody
+	if err := json.Unmarshal(rec.Body.Bytes(), &body); err != nil {
+		t.Fatal(err)
+	}
+	if rec.Code != http.StatusOK || body.Status != "degraded" || body.Checks.Broker.Status != "down" {
+		t.Errorf("GET /ready = %d %s; want 200, degraded, broker down", rec.Code, rec.Body)
+	}
+	if strings.Contains(rec.Body.String(), "s3cret-pw") {
+		t.Errorf("GET /ready shows the broker's password: %s", rec.Body)
+	}
+}
+
+func TestParseConfig_amqpURL(t *testing.T) {
+	for _, v := range []string{"http://u:s3cret@host/", "amqp://", "redis://h:1"} {
+		_, err := parseConfig([]string{"productsvc"}, func(k string) string {
+			if k == "AMQP_URL" {
+				return v
+			}
+			return ""
+		}, nil)
+		var cerr *configError
+		if !errors.As(err, &cerr) || !strings.Contains(err.Error(), "AMQP_URL") || strings.Contains(err.Error(), "s3cret") {
+			t.Errorf("AMQP_URL=%q: error %v; want a configError naming AMQP_URL, without the password", v, err)
+		}
+	}
+}
