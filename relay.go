@@ -105,9 +105,9 @@ type relay struct {
 	backoff time.Duration // the longest wait between tries
 
 	// beforeMove, when set, is called with the position about to be
-	// stored after a confirmed publish; a test stops the relay there to
-	// act out a crash between publish and position update.
-	beforeMove func(to RelayPosition)
+	// stored after a confirmed publish; an error stops the step there, as
+	// a crash between publish and position update would (a test's).
+	beforeMove func(to RelayPosition) error
 
 	mu       sync.Mutex
 	leader   bool
@@ -337,9 +337,8 @@ func (r *relay) step(ctx context.Context, lease relayLease, pub publisher) (int,
 	if confirmed > 0 {
 		to := RelayPosition{LogID: logID, Seq: es[confirmed-1].Seq}
 		if r.beforeMove != nil {
-			r.beforeMove(to)
-			if ctx.Err() != nil {
-				return 0, ctx.Err()
+			if err := r.beforeMove(to); err != nil {
+				return 0, err
 			}
 		}
 		if err := lease.Move(ctx, pos, to); err != nil {

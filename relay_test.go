@@ -453,22 +453,36 @@ func TestRelay_crashBetweenPublishAndPositionUpdate(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		// The first relay dies once the broker confirmed its batch, before
-		// it stores its position.
-		crashed := make(chan struct{})
-		var stopFirst func()
-		_, stopFirst = startRelay(t, s, rmq.URL, exchange, func(r *relay) {
-			var once sync.Once
-			r.beforeMove = func(RelayPosition) { once.Do(func() { close(crashed); go stopFirst() }) }
+		// The first relay fails once the broker confirmed its first
+		// batch, before it stores its position; then it is stopped.
+		crashed, resume := make(chan struct{}), make(chan struct{})
+		var once sync.Once
+		_, stopFirst := startRelay(t, s, rmq.URL, exchange, func(r *relay) {
+			r.beforeMove = func(RelayPosition) error {
+				err := errors.New("crashed before the position update")
+				once.Do(func() {
+					close(crashed)
+					<-resume
+				})
+				return err // every time: this relay never moves its position
+			}
 		})
 		<-crashed
-		stopFirst()
 		pos, _, _, err := s.(relayStore).RelayPosition(t.Context())
+		close(resume)
+		stopFirst()
 		if err != nil || pos.Seq != 0 {
 			t.Fatalf("position after the crash = %+v, %v; want seq 0", pos, err)
 		}
+		if got, _ := cons.distinct(); got == 0 {
+			t.Logf("no message arrived before the crash")
+		}
 		startRelay(t, s, rmq.URL, exchange, nil)
 		cons.waitDistinct(t, n, 30*time.Second)
+		// The second relay sends the first one's batch again.
+		waitFor(t, 30*time.Second, "the batch sent before the crash to arrive again", func() bool {
+			return len(cons.deliveries()) >= 2*n
+		})
 		ids, dups := cons.distinct()
 		if dups == 0 {
 			t.Errorf("no duplicates: the first relay's batch was not sent again")
@@ -493,7 +507,7 @@ func TestRelay_retentionKeepsUnpublished(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		down, _ := startRelay(t, s, fmt.Sprintf("amqp://guest:guest@127.0.0.1:%d/", port), exchange, nil)
+		down, stopDown := startRelay(t, s, fmt.Sprintf("amqp://guest:guest@127.0.0.1:%d/", port), exchange, nil)
 		const n = 30
 		for i := range n {
 			if _, _, err := s.Create(t.Context(), Product{SKU: fmt.Sprintf("T-%d", i), Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
@@ -504,7 +518,9 @@ func TestRelay_retentionKeepsUnpublished(t *testing.T) {
 		if got, err := s.TrimEvents(t.Context(), time.Now().Add(time.Hour)); err != nil || got != 0 {
 			t.Fatalf("TrimEvents with nothing published = %d, %v; want 0", got, err)
 		}
-		// The broker is back.
+		// The broker is back (at another address: the relay of a restarted
+		// replica; on PostgreSQL the first must give up the lease).
+		stopDown()
 		startRelay(t, s, rmq.URL, exchange, nil)
 		cons.waitDistinct(t, n, 30*time.Second)
 		waitFor(t, 10*time.Second, "the position to reach the head", func() bool {
