@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -23,6 +24,7 @@ type delivery struct {
 	DeliveryMode                                    uint8
 	Timestamp                                       time.Time
 	Body                                            []byte
+	Received                                        time.Time
 }
 
 // consumer receives everything published to an exchange through a durable
@@ -100,7 +102,7 @@ func (c *consumer) consume(ctx context.Context, url, queue string) {
 			}
 			c.mu.Lock()
 			c.got = append(c.got, delivery{RoutingKey: d.RoutingKey, MessageID: d.MessageId, Type: d.Type,
-				ContentType: d.ContentType, AppID: d.AppId, DeliveryMode: d.DeliveryMode, Timestamp: d.Timestamp, Body: d.Body})
+				ContentType: d.ContentType, AppID: d.AppId, DeliveryMode: d.DeliveryMode, Timestamp: d.Timestamp, Body: d.Body, Received: time.Now()})
 			c.mu.Unlock()
 			d.Ack(false)
 		}
@@ -627,4 +629,65 @@ func TestParseConfig_amqpURL(t *testing.T) {
 			t.Errorf("AMQP_URL=%q: error %v; want a configError naming AMQP_URL, without the password", v, err)
 		}
 	}
+}
+
+// TestRelay_lag measures the time from a write's acknowledgement to its
+// message's first delivery, under a steady load, with the relay woken by
+// this process's writes and polling at its production interval.
+func TestRelay_lag(t *testing.T) {
+	rmq := sharedRabbit(t)
+	forEachStore(t, func(t *testing.T, s productStore) {
+		exchange := newExchangeName(t)
+		cons := startConsumer(t, rmq.URL, exchange)
+		wake := newFeedSignal()
+		startRelay(t, s, rmq.URL, exchange, func(r *relay) {
+			r.cfg.Wake = wake
+			r.poll = relayPoll
+		})
+		p, _, err := s.Create(t.Context(), Product{SKU: "LAG-1", Name: "x", PriceCents: 1, Currency: "EUR"}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var mu sync.Mutex
+		acked := map[int64]time.Time{} // version -> acknowledged at
+		var wg sync.WaitGroup
+		deadline := time.Now().Add(3 * time.Second)
+		for range 4 {
+			wg.Go(func() {
+				for time.Now().Before(deadline) {
+					q, _, err := s.AdjustStock(context.Background(), p.ID, 1, nil, nil)
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					now := time.Now()
+					wake.notify()
+					mu.Lock()
+					acked[q.Version] = now
+					mu.Unlock()
+					time.Sleep(5 * time.Millisecond)
+				}
+			})
+		}
+		wg.Wait()
+		cons.waitDistinct(t, len(acked)+1, 30*time.Second)
+		var lags []time.Duration
+		seen := map[string]bool{}
+		for _, d := range cons.deliveries() {
+			if seen[d.MessageID] {
+				continue
+			}
+			seen[d.MessageID] = true
+			var ce struct {
+				Data struct{ Version int64 } `json:"data"`
+			}
+			json.Unmarshal(d.Body, &ce)
+			if at, ok := acked[ce.Data.Version]; ok {
+				lags = append(lags, d.Received.Sub(at))
+			}
+		}
+		slices.Sort(lags)
+		pct := func(p float64) time.Duration { return lags[int(p*float64(len(lags)-1))].Round(100 * time.Microsecond) }
+		t.Logf("%d writes: acknowledgement to delivery p50 %v, p99 %v, max %v", len(lags), pct(.5), pct(.99), lags[len(lags)-1].Round(100*time.Microsecond))
+	})
 }
