@@ -16,118 +16,27 @@ import (
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	"productsvc/internal/rabbittest"
 )
 
-// delivery is one message a test consumer received.
-type delivery struct {
-	RoutingKey, MessageID, Type, ContentType, AppID string
-	DeliveryMode                                    uint8
-	Timestamp                                       time.Time
-	Body                                            []byte
-	Received                                        time.Time
-}
+// consumer is a rabbittest.Consumer that ends with the test.
+type consumer struct{ *rabbittest.Consumer }
 
-// consumer receives everything published to an exchange through a durable
-// queue bound with "#", reconnecting after the broker fails. A message is
-// acknowledged after it is recorded, so none is lost to a broker crash.
-type consumer struct {
-	mu  sync.Mutex
-	got []delivery
-}
-
-// startConsumer declares exchange (as the relay does) and a durable queue
-// bound to it, and consumes until the test ends.
+// startConsumer consumes everything published to exchange until the test
+// ends.
 func startConsumer(t *testing.T, url, exchange string) *consumer {
 	t.Helper()
-	c := &consumer{}
-	queue := exchange + ".all"
-	if err := c.declare(url, exchange, queue); err != nil {
-		t.Fatalf("declare %s: %v", queue, err)
+	c, err := rabbittest.Consume(url, exchange)
+	if err != nil {
+		t.Fatalf("consume %s: %v", exchange, err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		for ctx.Err() == nil {
-			c.consume(ctx, url, queue)
-			sleepCtx(ctx, 100*time.Millisecond)
-		}
-	})
-	t.Cleanup(func() {
-		cancel()
-		wg.Wait()
-	})
-	return c
+	t.Cleanup(c.Close)
+	return &consumer{c}
 }
 
-func (c *consumer) declare(url, exchange, queue string) error {
-	conn, err := amqp.Dial(url)
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	ch, err := conn.Channel()
-	if err != nil {
-		return err
-	}
-	if err := ch.ExchangeDeclare(exchange, amqp.ExchangeTopic, true, false, false, false, nil); err != nil {
-		return err
-	}
-	if _, err := ch.QueueDeclare(queue, true, false, false, false, nil); err != nil {
-		return err
-	}
-	return ch.QueueBind(queue, "#", exchange, false, nil)
-}
-
-func (c *consumer) consume(ctx context.Context, url, queue string) {
-	conn, err := amqp.DialConfig(url, amqp.Config{Heartbeat: 2 * time.Second, Dial: amqp.DefaultDial(2 * time.Second)})
-	if err != nil {
-		return
-	}
-	defer conn.Close()
-	ch, err := conn.Channel()
-	if err != nil {
-		return
-	}
-	ds, err := ch.ConsumeWithContext(ctx, queue, "", false, false, false, false, nil)
-	if err != nil {
-		return
-	}
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case d, ok := <-ds:
-			if !ok {
-				return
-			}
-			c.mu.Lock()
-			c.got = append(c.got, delivery{RoutingKey: d.RoutingKey, MessageID: d.MessageId, Type: d.Type,
-				ContentType: d.ContentType, AppID: d.AppId, DeliveryMode: d.DeliveryMode, Timestamp: d.Timestamp, Body: d.Body, Received: time.Now()})
-			c.mu.Unlock()
-			d.Ack(false)
-		}
-	}
-}
-
-// deliveries returns what arrived so far, in arrival order.
-func (c *consumer) deliveries() []delivery {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return append([]delivery(nil), c.got...)
-}
-
-// distinct returns how many distinct message ids arrived, and how many
-// deliveries repeated one.
-func (c *consumer) distinct() (ids, duplicates int) {
-	seen := map[string]bool{}
-	for _, d := range c.deliveries() {
-		if seen[d.MessageID] {
-			duplicates++
-		}
-		seen[d.MessageID] = true
-	}
-	return len(seen), duplicates
-}
+func (c *consumer) deliveries() []rabbittest.Delivery { return c.Deliveries() }
+func (c *consumer) distinct() (ids, duplicates int)   { return c.Distinct() }
 
 // waitDistinct waits until at least n distinct messages arrived.
 func (c *consumer) waitDistinct(t *testing.T, n int, timeout time.Duration) {
@@ -229,7 +138,7 @@ func TestRelay_publishesEveryKindOfWrite(t *testing.T) {
 		cons.waitDistinct(t, len(es), 30*time.Second)
 
 		types := map[string]bool{}
-		byID := map[string]delivery{}
+		byID := map[string]rabbittest.Delivery{}
 		for _, d := range cons.deliveries() {
 			byID[d.MessageID] = d
 		}
@@ -423,7 +332,9 @@ func TestRelay_brokerKilledAndPaused(t *testing.T) {
 		rmq.Kill()
 		waitFor(t, 30*time.Second, "the relay to see the broker down", func() bool { return !rl.Status().BrokerUp })
 		waitWrites(100)
-		rmq.Restart(t)
+		if err := rmq.Restart(); err != nil {
+			t.Fatalf("restart RabbitMQ: %v", err)
+		}
 		waitWrites(100)
 
 		rmq.Pause()

@@ -30,9 +30,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
-	amqp "github.com/rabbitmq/amqp091-go"
 
 	"productsvc/internal/pgtest"
+	"productsvc/internal/rabbittest"
 )
 
 // testToken is the bearer token test servers accept unless told otherwise.
@@ -786,31 +786,16 @@ func storeTransition(s productStore, ctx context.Context, id, to string) (Reserv
 
 var (
 	rabbitOnce     sync.Once
-	rabbit         *rabbitServer
+	rabbit         *rabbittest.Server
 	rabbitStartErr error
 )
-
-// rabbitServer is a rabbitmq-server of this test binary's own: its own
-// node name, ports, directories and epmd, all under a temporary directory.
-// Its processes are ended by their ids (process groups it started).
-type rabbitServer struct {
-	dir, bin string
-	URL      string // amqp://guest:guest@127.0.0.1:port/
-	env      []string
-	log      *syncBuffer
-
-	mu   sync.Mutex
-	cmd  *exec.Cmd
-	done chan struct{}
-	epmd *exec.Cmd
-}
 
 // sharedRabbit returns the RabbitMQ server of this test binary, starting
 // it (about 10 s) on first use. Without rabbitmq-server the test is
 // skipped, or fails when REQUIRE_RABBITMQ=1 (as in CI).
-func sharedRabbit(tb testing.TB) *rabbitServer {
+func sharedRabbit(tb testing.TB) *rabbittest.Server {
 	tb.Helper()
-	rabbitOnce.Do(func() { rabbit, rabbitStartErr = startRabbit() })
+	rabbitOnce.Do(func() { rabbit, rabbitStartErr = rabbittest.Start() })
 	if rabbitStartErr != nil {
 		if os.Getenv("REQUIRE_RABBITMQ") == "1" {
 			tb.Fatalf("REQUIRE_RABBITMQ=1 but RabbitMQ could not start: %v", rabbitStartErr)
@@ -818,165 +803,4 @@ func sharedRabbit(tb testing.TB) *rabbitServer {
 		tb.Skipf("RabbitMQ not available: %v", rabbitStartErr)
 	}
 	return rabbit
-}
-
-// rabbitBinary finds rabbitmq-server: the Debian package's /usr/sbin
-// wrapper switches to the rabbitmq user when run as root, so the script it
-// wraps is preferred.
-func rabbitBinary() (string, error) {
-	if _, err := os.Stat("/usr/lib/rabbitmq/bin/rabbitmq-server"); err == nil {
-		return "/usr/lib/rabbitmq/bin/rabbitmq-server", nil
-	}
-	return exec.LookPath("rabbitmq-server")
-}
-
-func startRabbit() (*rabbitServer, error) {
-	bin, err := rabbitBinary()
-	if err != nil {
-		return nil, fmt.Errorf("rabbitmq-server is not installed: %w", err)
-	}
-	epmdBin, err := exec.LookPath("epmd")
-	if err != nil {
-		return nil, fmt.Errorf("epmd is not installed: %w", err)
-	}
-	dir, err := os.MkdirTemp("", "productsvc-rabbitmq-")
-	if err != nil {
-		return nil, err
-	}
-	var ports [3]int
-	for i := range ports {
-		if ports[i], err = freePort(); err != nil {
-			return nil, err
-		}
-	}
-	node, dist, epmdPort := ports[0], ports[1], ports[2]
-	for _, d := range []string{"home", "mnesia", "log"} {
-		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
-			return nil, err
-		}
-	}
-	conf := fmt.Sprintf("listeners.tcp.1 = 127.0.0.1:%d\nlog.console = true\nlog.console.level = warning\nlog.file = false\n", node)
-	if err := os.WriteFile(filepath.Join(dir, "rabbitmq.conf"), []byte(conf), 0o644); err != nil {
-		return nil, err
-	}
-	if err := os.WriteFile(filepath.Join(dir, "enabled_plugins"), []byte("[].\n"), 0o644); err != nil {
-		return nil, err
-	}
-	r := &rabbitServer{dir: dir, bin: bin, log: &syncBuffer{},
-		URL: fmt.Sprintf("amqp://guest:guest@127.0.0.1:%d/", node)}
-	r.env = append(os.Environ(),
-		"HOME="+filepath.Join(dir, "home"),
-		fmt.Sprintf("RABBITMQ_NODENAME=productsvc-test-%d@localhost", node),
-		"RABBITMQ_NODE_IP_ADDRESS=127.0.0.1",
-		fmt.Sprintf("RABBITMQ_NODE_PORT=%d", node),
-		fmt.Sprintf("RABBITMQ_DIST_PORT=%d", dist),
-		fmt.Sprintf("ERL_EPMD_PORT=%d", epmdPort),
-		"ERL_EPMD_ADDRESS=127.0.0.1",
-		"RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=-kernel inet_dist_use_interface {127,0,0,1}",
-		"RABBITMQ_CONFIG_FILE="+filepath.Join(dir, "rabbitmq.conf"),
-		"RABBITMQ_ENABLED_PLUGINS_FILE="+filepath.Join(dir, "enabled_plugins"),
-		"RABBITMQ_MNESIA_BASE="+filepath.Join(dir, "mnesia"),
-		"RABBITMQ_LOG_BASE="+filepath.Join(dir, "log"),
-		"RABBITMQ_PID_FILE="+filepath.Join(dir, "rabbitmq.pid"),
-		"RABBITMQ_LOGS=-",
-	)
-	// Our own epmd, as a child, so that its pid is ours to end.
-	r.epmd = exec.Command(epmdBin, "-port", strconv.Itoa(epmdPort), "-address", "127.0.0.1")
-	r.epmd.Env = r.env
-	r.epmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	r.epmd.Stdout, r.epmd.Stderr = r.log, r.log
-	if err := r.epmd.Start(); err != nil {
-		os.RemoveAll(dir)
-		return nil, fmt.Errorf("start epmd: %w", err)
-	}
-	go r.epmd.Wait()
-	if err := r.start(); err != nil {
-		r.Stop()
-		return nil, err
-	}
-	return r, nil
-}
-
-// start runs rabbitmq-server and waits until it takes AMQP connections.
-func (r *rabbitServer) start() error {
-	cmd := exec.Command(r.bin)
-	cmd.Env = r.env
-	cmd.Dir = r.dir
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // its processes form one group, ended together
-	cmd.Stdout, cmd.Stderr = r.log, r.log
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start rabbitmq-server: %w", err)
-	}
-	done := make(chan struct{})
-	go func() {
-		cmd.Wait()
-		close(done)
-	}()
-	r.mu.Lock()
-	r.cmd, r.done = cmd, done
-	r.mu.Unlock()
-	deadline := time.Now().Add(90 * time.Second)
-	for time.Now().Before(deadline) {
-		if c, err := amqp.DialConfig(r.URL, amqp.Config{Dial: amqp.DefaultDial(time.Second)}); err == nil {
-			c.Close()
-			return nil
-		}
-		select {
-		case <-done:
-			return fmt.Errorf("rabbitmq-server exited at start:\n%s", r.log)
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
-	r.Kill()
-	return fmt.Errorf("rabbitmq-server did not take connections within 90s:\n%s", r.log)
-}
-
-// signal sends sig to the server's process group.
-func (r *rabbitServer) signal(sig syscall.Signal) {
-	r.mu.Lock()
-	cmd := r.cmd
-	r.mu.Unlock()
-	if cmd != nil {
-		syscall.Kill(-cmd.Process.Pid, sig)
-	}
-}
-
-// Kill kills the server's processes with SIGKILL and waits for it to exit.
-func (r *rabbitServer) Kill() {
-	r.mu.Lock()
-	cmd, done := r.cmd, r.done
-	r.cmd = nil
-	r.mu.Unlock()
-	if cmd == nil {
-		return
-	}
-	syscall.Kill(-cmd.Process.Pid, syscall.SIGCONT) // a paused server too
-	syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-	<-done
-}
-
-// Restart starts the server again on its ports and data: durable exchanges,
-// queues and persistent messages survive, as after a crash.
-func (r *rabbitServer) Restart(tb testing.TB) {
-	tb.Helper()
-	r.Kill()
-	if err := r.start(); err != nil {
-		tb.Fatalf("restart RabbitMQ: %v", err)
-	}
-}
-
-// Pause stops every process of the server with SIGSTOP: connections stay
-// open and nothing answers.
-func (r *rabbitServer) Pause() { r.signal(syscall.SIGSTOP) }
-
-// Resume continues a paused server.
-func (r *rabbitServer) Resume() { r.signal(syscall.SIGCONT) }
-
-// Stop ends the server and its epmd and removes its directory.
-func (r *rabbitServer) Stop() {
-	r.Kill()
-	if r.epmd != nil && r.epmd.Process != nil {
-		syscall.Kill(-r.epmd.Process.Pid, syscall.SIGKILL)
-	}
-	os.RemoveAll(r.dir)
 }
