@@ -602,3 +602,44 @@ func TestRelay_lag(t *testing.T) {
 		t.Logf("%d writes: acknowledgement to delivery p50 %v, p99 %v, max %v", len(lags), pct(.5), pct(.99), lags[len(lags)-1].Round(100*time.Microsecond))
 	})
 }
+
+// TestRelay_unroutableAndBlocked: events no queue is bound for are returned,
+// counted and passed over; a broker that blocks publishers (a memory alarm)
+// is down for the relay until the alarm clears, and then it drains.
+func TestRelay_unroutableAndBlocked(t *testing.T) {
+	rmq := sharedRabbit(t)
+	s := newTestStore(t)
+	exchange := newExchangeName(t) // no queue bound yet
+	rl, _ := startRelay(t, s, rmq.URL, exchange, nil)
+	for i := range 5 {
+		if _, _, err := s.Create(t.Context(), Product{SKU: fmt.Sprintf("U-%d", i), Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 30*time.Second, "5 returned messages", func() bool { return counterValue(t, rl.m.returned) == 5 })
+	waitFor(t, 10*time.Second, "the position to pass them", func() bool {
+		pos, _, _, err := s.RelayPosition(t.Context())
+		return err == nil && pos.Seq == 5
+	})
+
+	cons := startConsumer(t, rmq.URL, exchange)
+	if err := rmq.Ctl("set_vm_memory_high_watermark", "0.0000001"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rmq.Ctl("set_vm_memory_high_watermark", "0.4") })
+	for i := range 5 {
+		if _, _, err := s.Create(t.Context(), Product{SKU: fmt.Sprintf("B-%d", i), Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
+			t.Fatalf("a write while the broker blocks publishers: %v", err)
+		}
+	}
+	waitFor(t, 30*time.Second, "the relay to see the blocked broker down", func() bool { return !rl.Status().BrokerUp })
+	if got, _ := cons.distinct(); got != 0 {
+		t.Errorf("%d messages arrived while the broker blocked publishers", got)
+	}
+	if err := rmq.Ctl("set_vm_memory_high_watermark", "0.4"); err != nil {
+		t.Fatal(err)
+	}
+	cons.waitDistinct(t, 5, 60*time.Second)
+	_, dups := cons.distinct()
+	t.Logf("5 returned, 5 published after the alarm cleared, %d duplicate deliveries; relay error while blocked: %s", dups, rl.Status().Err)
+}

@@ -192,6 +192,21 @@ func (s *Server) Pause() { s.signal(syscall.SIGSTOP) }
 // Resume continues a paused server.
 func (s *Server) Resume() { s.signal(syscall.SIGCONT) }
 
+// Ctl runs rabbitmqctl against the server, e.g. Ctl("set_vm_memory_high_watermark", "0.000001").
+func (s *Server) Ctl(args ...string) error {
+	bin := filepath.Join(filepath.Dir(s.bin), "rabbitmqctl")
+	if _, err := os.Stat(bin); err != nil {
+		bin = "rabbitmqctl"
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Env = s.env
+	cmd.Dir = s.dir
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("rabbitmqctl %v: %w\n%s", args, err, out)
+	}
+	return nil
+}
+
 // Stop ends the server and its epmd and removes its directory.
 func (s *Server) Stop() {
 	s.Kill()
