@@ -492,9 +492,27 @@ func TestRelay_oneOfThreeReplicasPublishes(t *testing.T) {
 	began := time.Now()
 	waitFor(t, 10*time.Second, "another relay to take over", func() bool { n, _ := leaders(); return n == 1 })
 	_, second := leaders()
+	tookOver := time.Since(began)
 	cons.waitDistinct(t, total, 30*time.Second)
+
+	// The publishing replica's session dies (as when its process is
+	// killed): PostgreSQL frees the lock, the relay sees its connection
+	// gone and stops, and a relay takes the lock again.
+	var killed int
+	err := stores[first].pool.QueryRow(t.Context(), `SELECT count(pg_terminate_backend(pid)) FROM pg_locks
+		WHERE locktype = 'advisory' AND granted AND classid = $1 AND objid = $2`,
+		uint32(pgRelayLock>>32), uint32(pgRelayLock&0xffffffff)).Scan(&killed)
+	if err != nil || killed != 1 {
+		t.Fatalf("terminating the relay lock's session: %d, %v; want 1", killed, err)
+	}
+	write(30)
+	cons.waitDistinct(t, total, 30*time.Second)
+	if n, _ := leaders(); n != 1 {
+		t.Errorf("%d relays lead after the session died; want 1", n)
+	}
 	ids, dups := cons.distinct()
-	t.Logf("relay %d stopped, relay %d took over in %v; %d events, %d duplicate deliveries", first, second, time.Since(began).Round(time.Millisecond), ids, dups)
+	t.Logf("relay %d stopped, relay %d took over in %v; a relay's session killed, publishing went on; %d events, %d duplicate deliveries",
+		first, second, tookOver.Round(time.Millisecond), ids, dups)
 	if ids != total {
 		t.Errorf("%d distinct events delivered, want %d", ids, total)
 	}
