@@ -638,26 +638,42 @@ func (s *postgresStore) TrimEvents(ctx context.Context, before time.Time) (int64
 // replica of a fleet publishes at a time.
 const pgRelayLock = 0x72656c6179 // "relay"
 
-// LockRelay takes the relay's lease: a session-level advisory lock held on
-// a connection of its own, outside the pool. It returns errRelayLocked when
-// another replica holds it. The lock lasts as long as the connection: when
-// this process dies, PostgreSQL ends its session and frees the lock.
+// LockRelay waits for the relay's lease, until ctx ends: a session-level
+// advisory lock held on a connection of its own, outside the pool. It tries
+// the lock every relayLockRetry on that one connection (a waiting
+// pg_advisory_lock would hold a snapshot, and so hold back vacuum, for as
+// long as another replica publishes). The lock lasts as long as the
+// connection: when this process dies, PostgreSQL ends its session and
+// frees the lock.
 func (s *postgresStore) LockRelay(ctx context.Context) (relayLease, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	conn, err := pgx.ConnectConfig(ctx, s.pool.Config().ConnConfig)
+	cctx, cancel := context.WithTimeout(ctx, s.timeout)
+	conn, err := pgx.ConnectConfig(cctx, s.pool.Config().ConnConfig)
+	cancel()
 	if err != nil {
 		return nil, fmt.Errorf("relay lock: %w", pgTranslate(ctx, err))
 	}
-	var got bool
-	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1)`, int64(pgRelayLock)).Scan(&got); err != nil || !got {
-		conn.Close(context.WithoutCancel(ctx))
+	for {
+		qctx, cancel := context.WithTimeout(ctx, s.timeout)
+		var got bool
+		err := conn.QueryRow(qctx, `SELECT pg_try_advisory_lock($1)`, int64(pgRelayLock)).Scan(&got)
+		cancel()
+		if err == nil && got {
+			return &pgRelayLease{conn: conn, timeout: s.timeout}, nil
+		}
+		if err == nil {
+			t := time.NewTimer(relayLockRetry)
+			select {
+			case <-ctx.Done():
+				err = ctx.Err()
+			case <-t.C:
+			}
+			t.Stop()
+		}
 		if err != nil {
+			conn.Close(context.WithoutCancel(ctx))
 			return nil, fmt.Errorf("relay lock: %w", pgTranslate(ctx, err))
 		}
-		return nil, errRelayLocked
 	}
-	return &pgRelayLease{conn: conn, timeout: s.timeout}, nil
 }
 
 // pgRelayLease is the relay's lease on PostgreSQL. Its position moves on the

@@ -52,9 +52,6 @@ type relayLease interface {
 	Release()
 }
 
-// errRelayLocked is the relay's lease held by another replica.
-var errRelayLocked = errors.New("another replica holds the relay lease")
-
 // relayStore is what the relay needs of the store.
 type relayStore interface {
 	Events(ctx context.Context, after int64, limit int) ([]Event, error)
@@ -62,7 +59,9 @@ type relayStore interface {
 	// RelayPosition returns the relay's position and the change log's id
 	// and start (the seq its oldest kept event follows).
 	RelayPosition(ctx context.Context) (pos RelayPosition, logID string, start int64, err error)
-	// LockRelay takes the relay's lease, or returns errRelayLocked.
+	// LockRelay waits for the relay's lease until ctx ends: at once
+	// where one process is the only relay (SQLite), else while another
+	// replica holds it.
 	LockRelay(ctx context.Context) (relayLease, error)
 }
 
@@ -190,8 +189,8 @@ func (r *relay) Run(ctx context.Context) {
 	for ctx.Err() == nil {
 		lease, err := r.store.LockRelay(ctx)
 		if err != nil {
-			if !errors.Is(err, errRelayLocked) && ctx.Err() == nil {
-				r.log.Warn("relay: cannot take the lease", "err", err.Error())
+			if ctx.Err() == nil {
+				r.log.Warn("relay: cannot wait for the lease", "err", err.Error())
 			}
 			sleepCtx(ctx, relayLockRetry)
 			continue

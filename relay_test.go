@@ -500,7 +500,8 @@ func TestRelay_oneOfThreeReplicasPublishes(t *testing.T) {
 	// gone and stops, and a relay takes the lock again.
 	var killed int
 	err := stores[first].pool.QueryRow(t.Context(), `SELECT count(pg_terminate_backend(pid)) FROM pg_locks
-		WHERE locktype = 'advisory' AND granted AND classid = $1 AND objid = $2`,
+		WHERE locktype = 'advisory' AND granted AND classid = $1 AND objid = $2
+			AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`,
 		uint32(pgRelayLock>>32), uint32(pgRelayLock&0xffffffff)).Scan(&killed)
 	if err != nil || killed != 1 {
 		t.Fatalf("terminating the relay lock's session: %d, %v; want 1", killed, err)
