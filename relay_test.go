@@ -662,3 +662,98 @@ func TestRelay_unroutableAndBlocked(t *testing.T) {
 	_, dups := cons.distinct()
 	t.Logf("5 returned, 5 published after the alarm cleared, %d duplicate deliveries; relay error while blocked: %s", dups, rl.Status().Err)
 }
+
+// storeExec runs one statement on s in a transaction of its own.
+func storeExec(t *testing.T, s productStore, query string, args ...any) {
+	t.Helper()
+	var ss *sqlStore
+	switch st := s.(type) {
+	case *sqliteStore:
+		ss = &st.sqlStore
+	case *postgresStore:
+		ss = &st.sqlStore
+	}
+	err := ss.eng.alone(t.Context(), func(ctx context.Context, q querier) error {
+		_, err := q.exec(ctx, query, args...)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("%s: %v", query, err)
+	}
+}
+
+func TestStore_moveRelay(t *testing.T) {
+	forEachStore(t, func(t *testing.T, s productStore) {
+		rs := s.(relayStore)
+		lease, err := rs.LockRelay(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer lease.Release()
+		pos, logID, start, err := rs.RelayPosition(t.Context())
+		if err != nil || pos != (RelayPosition{}) || logID == "" || start != 0 {
+			t.Fatalf("RelayPosition() = %+v, %q, %d, %v; want the zero position, the feed's log id, 0", pos, logID, start, err)
+		}
+		at5 := RelayPosition{LogID: logID, Seq: 5}
+		if err := lease.Move(t.Context(), pos, at5); err != nil {
+			t.Fatalf("Move(zero → %+v) = %v", at5, err)
+		}
+		// A relay that read the position before the move can neither
+		// move it back nor skip from there.
+		for _, to := range []RelayPosition{{LogID: logID, Seq: 3}, {LogID: logID, Seq: 9}} {
+			if err := lease.Move(t.Context(), RelayPosition{LogID: logID, Seq: 2}, to); !errors.Is(err, errRelayMoved) {
+				t.Errorf("Move(from a stale seq 2 → %d) = %v; want errRelayMoved", to.Seq, err)
+			}
+		}
+		if err := lease.Move(t.Context(), pos, RelayPosition{LogID: logID, Seq: 1}); !errors.Is(err, errRelayMoved) {
+			t.Errorf("Move(from the zero position again) = %v; want errRelayMoved", err)
+		}
+		if got, _, _, _ := rs.RelayPosition(t.Context()); got != at5 {
+			t.Errorf("position = %+v; want %+v", got, at5)
+		}
+	})
+}
+
+// TestRelay_newLog: when the feed's log_id changes (a restore), the relay
+// starts the new log from its oldest kept event, under the new log's ids.
+func TestRelay_newLog(t *testing.T) {
+	rmq := sharedRabbit(t)
+	forEachStore(t, func(t *testing.T, s productStore) {
+		exchange := newExchangeName(t)
+		cons := startConsumer(t, rmq.URL, exchange)
+		for i := range 3 {
+			if _, _, err := s.Create(t.Context(), Product{SKU: fmt.Sprintf("N-%d", i), Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		_, stop := startRelay(t, s, rmq.URL, exchange, nil)
+		cons.waitDistinct(t, 3, 30*time.Second)
+		stop()
+		// Trim the three published events, write a fourth, then give the
+		// log a new identity, as a restore does: the new log starts after
+		// seq 3, its trimmed-through mark.
+		if _, err := s.TrimEvents(t.Context(), time.Now().Add(time.Hour)); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := s.Create(t.Context(), Product{SKU: "N-3", Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
+			t.Fatal(err)
+		}
+		const newLog = "0123456789abcdef0123456789abcdef"
+		storeExec(t, s, `UPDATE feed_state SET log_id = ? WHERE id = 1`, newLog)
+		startRelay(t, s, rmq.URL, exchange, nil)
+		waitFor(t, 30*time.Second, "the new log's event to arrive", func() bool {
+			for _, d := range cons.deliveries() {
+				if d.MessageID == newLog+"-4" {
+					return true
+				}
+			}
+			return false
+		})
+		pos, _, _, err := s.(relayStore).RelayPosition(t.Context())
+		if err != nil || pos.LogID != newLog || pos.Seq != 4 {
+			t.Errorf("position = %+v, %v; want %s at 4", pos, err, newLog)
+		}
+		ids, dups := cons.distinct()
+		t.Logf("%d distinct messages over two logs, %d duplicate deliveries", ids, dups)
+	})
+}
