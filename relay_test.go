@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -526,8 +527,18 @@ func TestRelay_readyReportsBrokerDown(t *testing.T) {
 	}
 	url := fmt.Sprintf("amqp://relay:s3cret-pw@127.0.0.1:%d/", port)
 	s := newTestStore(t)
-	rl, _ := startRelay(t, s, url, "products", nil)
+	logs := &syncBuffer{}
+	rl, _ := startRelay(t, s, url, "products", func(r *relay) {
+		r.log = slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	})
 	waitFor(t, 10*time.Second, "the relay to fail to connect", func() bool { return rl.Status().Err != "" })
+	waitFor(t, 10*time.Second, "the relay to log the failure", func() bool { return strings.Contains(logs.String(), "broker unavailable") })
+	if strings.Contains(logs.String(), "s3cret-pw") {
+		t.Errorf("the relay's log shows the broker's password:\n%s", logs)
+	}
+	if m := counterValue(t, rl.m.failures.WithLabelValues(relayFailConnect)); m == 0 {
+		t.Errorf("relay_failures_total{reason=connect} = 0 after failed connects")
+	}
 	svc := newTestService(t, s, ServiceConfig{})
 	life := &lifecycle{}
 	life.started.Store(true)
