@@ -47,6 +47,10 @@ type config struct {
 	BackupDir       string        // empty: a backups directory beside DBPath
 	BackupInterval  time.Duration // 0: no scheduled backups
 	BackupKeep      int           // 0: keep every backup
+	AMQPURL         string
+	AMQPExchange    string
+	AMQPSource      string
+	RelayWarnAge    time.Duration
 
 	Version          bool
 	HealthCheck      bool
@@ -132,6 +136,10 @@ func (c *config) settings() []setting {
 			return durRange(&c.BackupInterval, time.Minute, 30*24*time.Hour)(s)
 		}},
 		{"BACKUP_KEEP", "backup-keep", "7", "keep the newest `n` backups, deleting older ones after each new one (0: keep all)", intSetting(&c.BackupKeep, 0, 100_000)},
+		{"AMQP_URL", "amqp-url", "", "publish the change feed to the RabbitMQ at `url`, e.g. amqp://user:pass@host:5672/ (empty: no relay)", strSetting(&c.AMQPURL, emptyOr(amqpURL))},
+		{"AMQP_EXCHANGE", "amqp-exchange", "products", "publish to the durable topic exchange `name` (declared at start)", strSetting(&c.AMQPExchange, nonEmpty)},
+		{"AMQP_SOURCE", "amqp-source", "/productsvc", "the CloudEvents `source` of published events", strSetting(&c.AMQPSource, nonEmpty)},
+		{"RELAY_WARN_AGE", "relay-warn-age", "5m", "log a warning while the oldest unpublished event is older than `duration`", durSetting(&c.RelayWarnAge, time.Second)},
 		{"MAX_CONNS_PER_IP", "max-conns-per-ip", strconv.Itoa(defaultMaxConnsPerAddr), "hold `n` TCP connections on the API listener from one client address (IPv6: one /64) (0: no limit)", intSetting(&c.MaxConnsPerIP, 0, 10_000_000)},
 	}
 }
@@ -270,6 +278,15 @@ func loopbackHostPort(s string) error {
 	return nil
 }
 
+// amqpURL accepts an amqp:// or amqps:// URL with a host.
+func amqpURL(s string) error {
+	u, err := url.Parse(s)
+	if err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") || u.Host == "" {
+		return errors.New("must be an amqp:// or amqps:// URL with a host, such as amqp://user:pass@localhost:5672/")
+	}
+	return nil
+}
+
 // emptyOr accepts the empty string (the setting is off) or what check accepts.
 func emptyOr(check func(string) error) func(string) error {
 	return func(s string) error {
@@ -379,7 +396,7 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (*
 			switch s.env {
 			case "API_TOKEN":
 				shown = "[redacted]"
-			case "DATABASE_URL", "REDIS_URL":
+			case "DATABASE_URL", "REDIS_URL", "AMQP_URL":
 				shown = redactURL(v)
 			}
 			return nil, &configError{msg: fmt.Sprintf("invalid %s %q: %v", name, shown, err)}
@@ -417,5 +434,6 @@ func (c *config) logAttrs() []any {
 		"rate_limit_rps", c.RateLimitRPS, "rate_limit_burst", c.RateLimitBurst, "max_in_flight", c.MaxInFlight,
 		"max_conns", c.MaxConns, "max_conns_per_ip", c.MaxConnsPerIP,
 		"backup_dir", c.backupDir(), "backup_interval", c.BackupInterval.String(), "backup_keep", c.BackupKeep,
+		"amqp_url", redactURL(c.AMQPURL), "amqp_exchange", c.AMQPExchange,
 	}
 }

@@ -121,6 +121,9 @@ type StoreConfig struct {
 	Sync        string        // SQLite: "full" or "normal"
 	Timeout     time.Duration // bound on every query and on each write
 	Readers     int           // SQLite read-only connections; 0 picks a default
+	// KeepUnpublished keeps change-feed events the relay has not published
+	// from retention: set when the relay is on.
+	KeepUnpublished bool
 }
 
 // openStore opens and migrates the store cfg selects.

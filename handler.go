@@ -53,6 +53,7 @@ type serverDeps struct {
 	tracing      *tracing     // nil: no tracing
 	streams      *streamSlots // change-feed streams; nil: defaultFeedStreams
 	backups      *backups     // nil: the engine's backups are its own (PostgreSQL)
+	relay        *relay       // nil: no relay (AMQP_URL unset)
 }
 
 // newServer returns the service's HTTP handler: the routes of addRoutes
@@ -80,7 +81,7 @@ func addRoutes(mux *http.ServeMux, d serverDeps) {
 		mux.Handle("GET "+p, handleHealth())
 	}
 	for _, p := range []string{"/ready", "/health/ready", "/readyz"} {
-		mux.Handle("GET "+p, handleReady(d.svc, d.life))
+		mux.Handle("GET "+p, handleReady(d.svc, d.life, d.relay))
 	}
 	mux.Handle("GET /health/startup", handleStartup(d.life))
 	if d.serveMetrics {
@@ -235,13 +236,21 @@ type readyBody struct {
 			Read  string `json:"read"`
 			Write string `json:"write"`
 		} `json:"breaker"`
+		// Broker is the relay's broker: "disabled" (no AMQP_URL), "up",
+		// "down", or "standby" (another replica publishes).
+		Broker struct {
+			Status string `json:"status"`
+			URL    string `json:"url,omitempty"`   // redacted
+			Error  string `json:"error,omitempty"` // the last failure, while down
+		} `json:"broker"`
 	} `json:"checks"`
 }
 
 // handleReady answers 200 while reads can be served ("ok", or "degraded"
-// when Redis is down or writes are failing) and 503 otherwise, including
-// from the moment a shutdown begins.
-func handleReady(svc *ProductService, life *lifecycle) http.Handler {
+// when Redis or the relay's broker is down or writes are failing) and 503
+// otherwise, including from the moment a shutdown begins. rl is nil when
+// the relay is off.
+func handleReady(svc *ProductService, life *lifecycle, rl *relay) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rd := svc.Ready(r.Context())
 		var body readyBody
@@ -251,11 +260,24 @@ func handleReady(svc *ProductService, life *lifecycle) http.Handler {
 		body.Checks.Breaker.Read = breakerName(rd.ReadState)
 		body.Checks.Breaker.Write = breakerName(rd.WriteState)
 		body.Checks.Breaker.State = breakerName(max(rd.ReadState, rd.WriteState))
+		body.Checks.Broker.Status = "disabled"
+		if rl != nil {
+			st := rl.Status()
+			body.Checks.Broker.URL = st.URL
+			switch {
+			case !st.Leader:
+				body.Checks.Broker.Status = "standby"
+			case st.BrokerUp:
+				body.Checks.Broker.Status = "up"
+			default:
+				body.Checks.Broker.Status, body.Checks.Broker.Error = "down", st.Err
+			}
+		}
 		status := http.StatusOK
 		switch {
 		case !life.started.Load() || life.shuttingDown.Load() || !rd.CanServeReads():
 			body.Status, status = "unavailable", http.StatusServiceUnavailable
-		case rd.Cache == "down" || rd.WriteState != 0:
+		case rd.Cache == "down" || rd.WriteState != 0 || body.Checks.Broker.Status == "down":
 			body.Status = "degraded"
 		default:
 			body.Status = "ok"

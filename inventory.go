@@ -22,6 +22,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"time"
 )
@@ -397,11 +398,22 @@ func scanEvents(rows sqlRows) ([]Event, error) {
 }
 
 // trimEvents deletes up to limit events older than before and moves the
-// trimmed-through mark past them. It returns how many it deleted.
-func trimEvents(ctx context.Context, t tx, before time.Time, limit int) (int64, error) {
+// trimmed-through mark past them. It returns how many it deleted. With
+// keepUnpublished it deletes only events the relay has published: at or
+// below its position in this log (none while its position is another
+// log's).
+func trimEvents(ctx context.Context, t tx, before time.Time, limit int, keepUnpublished bool) (int64, error) {
+	through := int64(math.MaxInt64)
+	if keepUnpublished {
+		err := t.queryRow(ctx, `SELECT CASE WHEN r.log_id = f.log_id THEN r.position ELSE 0 END
+			FROM relay_state r, feed_state f WHERE r.id = 1 AND f.id = 1`).Scan(&through)
+		if err != nil {
+			return 0, err
+		}
+	}
 	var top *int64
 	if err := t.queryRow(ctx, `SELECT max(seq) FROM (SELECT seq FROM events
-		WHERE seq IS NOT NULL AND occurred_at < ? ORDER BY seq LIMIT ?) AS t`, t.ts(before), limit).Scan(&top); err != nil {
+		WHERE seq IS NOT NULL AND occurred_at < ? AND seq <= ? ORDER BY seq LIMIT ?) AS t`, t.ts(before), through, limit).Scan(&top); err != nil {
 		return 0, err
 	}
 	if top == nil {
@@ -447,4 +459,42 @@ func feedHead(ctx context.Context, t tx) (int64, error) {
 	err := t.queryRow(ctx, `SELECT CASE WHEN h.m > h.t THEN h.m ELSE h.t END FROM
 		(SELECT coalesce((SELECT max(seq) FROM events), 0) AS m, trimmed_through AS t FROM feed_state WHERE id = 1) AS h`).Scan(&head)
 	return head, err
+}
+
+// RelayPosition is where the relay is in a change log: the broker has
+// confirmed every event of log LogID up to seq Seq. An empty LogID is no
+// log yet.
+type RelayPosition struct {
+	LogID string
+	Seq   int64
+}
+
+// errRelayMoved is a relay position that is no longer where the relay
+// that read it left it: another relay moved it.
+var errRelayMoved = errors.New("relay position moved by another relay")
+
+// relayPosition reads the relay's position.
+func relayPosition(ctx context.Context, t tx) (RelayPosition, error) {
+	var p RelayPosition
+	err := t.queryRow(ctx, `SELECT log_id, position FROM relay_state WHERE id = 1`).Scan(&p.LogID, &p.Seq)
+	return p, err
+}
+
+// moveRelay sets the relay's position to to if it is still from, else
+// returns errRelayMoved: a stale relay can neither move it back nor skip.
+func moveRelay(ctx context.Context, t tx, from, to RelayPosition) error {
+	n, err := t.exec(ctx, `UPDATE relay_state SET log_id = ?, position = ?
+		WHERE id = 1 AND log_id = ? AND position = ?`, to.LogID, to.Seq, from.LogID, from.Seq)
+	if err == nil && n != 1 {
+		err = errRelayMoved
+	}
+	return err
+}
+
+// feedStart returns the seq the feed's oldest kept event follows: the
+// trimmed-through mark.
+func feedStart(ctx context.Context, t tx) (int64, error) {
+	var trimmed int64
+	err := t.queryRow(ctx, `SELECT trimmed_through FROM feed_state WHERE id = 1`).Scan(&trimmed)
+	return trimmed, err
 }

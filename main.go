@@ -95,7 +95,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
-	storeCfg := StoreConfig{DatabaseURL: cfg.DatabaseURL, Path: cfg.DBPath, Sync: cfg.DBSync, Timeout: cfg.DBTimeout}
+	storeCfg := StoreConfig{DatabaseURL: cfg.DatabaseURL, Path: cfg.DBPath, Sync: cfg.DBSync, Timeout: cfg.DBTimeout,
+		KeepUnpublished: cfg.AMQPURL != ""}
 	if cfg.CopyTo != "" {
 		return copyToPostgres(ctx, storeCfg, cfg.CopyTo, stderr)
 	}
@@ -159,6 +160,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	})
 	defer svc.Close()
 
+	var rl *relay
+	if cfg.AMQPURL != "" {
+		rm := m.relay()
+		rl = newRelay(store.(relayStore), relayConfig{
+			Source: cfg.AMQPSource, Dial: dialRelayPublisher(cfg.AMQPURL, cfg.AMQPExchange, rm), BrokerURL: cfg.AMQPURL,
+			WarnAge: cfg.RelayWarnAge, Log: log, Metrics: rm, Wake: svc.feed,
+		})
+	}
+
 	life := &lifecycle{} // started once the store is open and every listener is up
 	tokens := newTokenSet(cfg.APITokens)
 	// Always made: failed authentication is limited even when
@@ -167,7 +177,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	handler := newServer(serverDeps{
 		svc: svc, log: log, metrics: m, tokens: tokens, life: life,
 		limiter: limiter, maxFlight: cfg.MaxInFlight, serveMetrics: cfg.MetricsAddr == "", tracing: tr,
-		streams: newStreamSlots(cfg.FeedMaxStreams), backups: bk,
+		streams: newStreamSlots(cfg.FeedMaxStreams), backups: bk, relay: rl,
 	})
 
 	errc := make(chan error, 3)
@@ -203,6 +213,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	bg.Go(func() { trimChangeFeed(bgCtx, store, log, cfg.EventsRetention, time.Minute) })
 	if bk != nil && cfg.BackupInterval > 0 {
 		bg.Go(func() { bk.Schedule(bgCtx, cfg.BackupInterval) })
+	}
+	if rl != nil {
+		bg.Go(func() { rl.Run(bgCtx) })
 	}
 
 	select {

@@ -314,3 +314,68 @@ func (m *metrics) reservation(state string) { m.reservations.WithLabelValues(sta
 
 // delivered observes the lag of an event delivered now.
 func (m *metrics) delivered(occurred time.Time) { m.feedLag.Observe(time.Since(occurred).Seconds()) }
+
+// relayMetrics are the relay's series, registered when the relay is on.
+type relayMetrics struct {
+	published prometheus.Counter
+	confirm   prometheus.Histogram
+	backlog   prometheus.Gauge
+	oldestAge prometheus.Gauge
+	returned  prometheus.Counter
+	failures  *prometheus.CounterVec
+	leader    prometheus.Gauge
+	brokerUp  prometheus.Gauge
+}
+
+// Relay failure reasons.
+const (
+	relayFailConnect = "connect" // the broker could not be reached, or refused the session
+	relayFailPublish = "publish" // a publish failed, was nacked or not confirmed in time
+	relayFailStore   = "store"   // the database failed a read or a position update
+	relayFailLease   = "lease"   // the relay lost its lease, or another relay moved its position
+	relayFailTrimmed = "trimmed" // retention deleted events before they were published
+)
+
+// relay registers the relay's series on m's registry.
+func (m *metrics) relay() *relayMetrics {
+	r := &relayMetrics{
+		published: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "relay_events_published_total",
+			Help: "Change-feed events the broker confirmed (re-sends after a failure count again).",
+		}),
+		confirm: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "relay_confirm_seconds",
+			Help:    "Time from publishing a batch of events to the broker's confirm of all of them.",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
+		}),
+		backlog: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "relay_backlog_events",
+			Help: "Change-feed events not yet confirmed by the broker (head less the relay's position), as this replica last saw it.",
+		}),
+		oldestAge: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "relay_oldest_unpublished_age_seconds",
+			Help: "Age of the oldest change-feed event not yet confirmed by the broker (0: none).",
+		}),
+		returned: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "relay_returned_total",
+			Help: "Events the broker returned as unroutable (no queue bound for their type); they are passed over.",
+		}),
+		failures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_failures_total",
+			Help: "Relay failures by reason (connect, publish, store, lease, trimmed); after each the relay re-sends from its position.",
+		}, []string{"reason"}),
+		leader: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "relay_leader",
+			Help: "1 while this replica holds the relay's lease and publishes.",
+		}),
+		brokerUp: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "relay_broker_up",
+			Help: "1 while this replica's relay is connected to the broker.",
+		}),
+	}
+	m.reg.MustRegister(r.published, r.confirm, r.backlog, r.oldestAge, r.returned, r.failures, r.leader, r.brokerUp)
+	for _, reason := range []string{relayFailConnect, relayFailPublish, relayFailStore, relayFailLease, relayFailTrimmed} {
+		r.failures.WithLabelValues(reason)
+	}
+	return r
+}

@@ -337,6 +337,12 @@ func TestMetrics_promtool(t *testing.T) {
 			t.Fatalf("%s %s status = %d, want %d; body: %s", r.method, r.target, rec.Code, r.want, rec.Body)
 		}
 	}
+	// The relay's series (registered when AMQP_URL is set), with samples.
+	rm := s.svc.metrics.relay()
+	rm.published.Add(3)
+	rm.confirm.Observe(0.004)
+	rm.returned.Inc()
+	rm.leader.Set(1)
 	rec := s.do(t, http.MethodGet, "/metrics", "")
 	if rec.Code != http.StatusOK {
 		t.Fatalf("GET /metrics status = %d, want 200", rec.Code)

@@ -25,6 +25,8 @@ func TestMigrations_unchanged(t *testing.T) {
 		"migrations/sqlite/0006_reservations_and_feed.sql":   "340fb0fe6495cc467420f48a0f66a4bb8d62ee1c52b8eb4166669d165be46d55",
 		"migrations/postgres/0005_feed_log_id.sql":           "a181438714865142d45800020d14351e07a45d258418438d7d047d63ff8ecd81",
 		"migrations/sqlite/0007_feed_log_id.sql":             "88aa622a10720f1590b314d7adc02b9052cbdd22aeddf8d238800ff87ec5eb8b",
+		"migrations/sqlite/0008_relay.sql":                   "792390f53f3b801fbd7f682b92342ccbf06d25a7e7dfcb7b8593923e3da5446c",
+		"migrations/postgres/0006_relay.sql":                 "33c1383c274cf68fed37fa8f07932017302dce7b7054490c8e71282ec319c181",
 	}
 	got := map[string]string{}
 	err := fs.WalkDir(migrationFiles, "migrations", func(path string, d fs.DirEntry, err error) error {
@@ -52,7 +54,7 @@ func TestMigrations_unchanged(t *testing.T) {
 			t.Errorf("%s was released and is gone", path)
 		}
 	}
-	if len(migrations) != 7 || len(pgMigrations) != 5 {
-		t.Errorf("migrations: %d for SQLite, %d for PostgreSQL, want 7 and 5", len(migrations), len(pgMigrations))
+	if len(migrations) != 8 || len(pgMigrations) != 6 {
+		t.Errorf("migrations: %d for SQLite, %d for PostgreSQL, want 8 and 6", len(migrations), len(pgMigrations))
 	}
 }

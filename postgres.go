@@ -83,7 +83,7 @@ func openPostgres(ctx context.Context, cfg StoreConfig) (*postgresStore, error) 
 		return nil, fmt.Errorf("open database: %w", err)
 	}
 	s := &postgresStore{pool: pool}
-	s.sqlStore = sqlStore{eng: s, d: pgDialect, timeout: cfg.Timeout, now: time.Now}
+	s.sqlStore = sqlStore{eng: s, d: pgDialect, timeout: cfg.Timeout, now: time.Now, keepUnpublished: cfg.KeepUnpublished}
 	mctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
 	if err := s.migrate(mctx); err != nil {
@@ -632,4 +632,81 @@ func (s *postgresStore) TrimEvents(ctx context.Context, before time.Time) (int64
 		return 0, fmt.Errorf("trim events: %w", pgTranslate(ctx, err))
 	}
 	return s.sqlStore.TrimEvents(ctx, before)
+}
+
+// pgRelayLock is the advisory lock the publishing relay holds, so that one
+// replica of a fleet publishes at a time.
+const pgRelayLock = 0x72656c6179 // "relay"
+
+// LockRelay waits for the relay's lease, until ctx ends: a session-level
+// advisory lock held on a connection of its own, outside the pool. It tries
+// the lock every relayLockRetry on that one connection (a waiting
+// pg_advisory_lock would hold a snapshot, and so hold back vacuum, for as
+// long as another replica publishes). The lock lasts as long as the
+// connection: when this process dies, PostgreSQL ends its session and
+// frees the lock.
+func (s *postgresStore) LockRelay(ctx context.Context) (relayLease, error) {
+	cctx, cancel := context.WithTimeout(ctx, s.timeout)
+	conn, err := pgx.ConnectConfig(cctx, s.pool.Config().ConnConfig)
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("relay lock: %w", pgTranslate(ctx, err))
+	}
+	for {
+		qctx, cancel := context.WithTimeout(ctx, s.timeout)
+		var got bool
+		err := conn.QueryRow(qctx, `SELECT pg_try_advisory_lock($1)`, int64(pgRelayLock)).Scan(&got)
+		cancel()
+		if err == nil && got {
+			return &pgRelayLease{conn: conn, timeout: s.timeout}, nil
+		}
+		if err == nil {
+			t := time.NewTimer(relayLockRetry)
+			select {
+			case <-ctx.Done():
+				err = ctx.Err()
+			case <-t.C:
+			}
+			t.Stop()
+		}
+		if err != nil {
+			conn.Close(context.WithoutCancel(ctx))
+			return nil, fmt.Errorf("relay lock: %w", pgTranslate(ctx, err))
+		}
+	}
+}
+
+// pgRelayLease is the relay's lease on PostgreSQL. Its position moves on the
+// lock's own connection: a relay whose connection (and so lock) is gone
+// cannot move it.
+type pgRelayLease struct {
+	conn    *pgx.Conn
+	timeout time.Duration
+}
+
+func (l *pgRelayLease) Move(ctx context.Context, from, to RelayPosition) error {
+	ctx, cancel := context.WithTimeout(ctx, l.timeout)
+	defer cancel()
+	err := moveRelay(ctx, tx{pgQuerier{l.conn}, pgDialect}, from, to)
+	if err != nil && !errors.Is(err, errRelayMoved) {
+		err = fmt.Errorf("move relay: %w", pgTranslate(ctx, err))
+	}
+	return err
+}
+
+// Check returns an error once the lock's connection is gone.
+func (l *pgRelayLease) Check(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, l.timeout)
+	defer cancel()
+	if err := l.conn.Ping(ctx); err != nil {
+		return fmt.Errorf("relay lock: %w", pgTranslate(ctx, err))
+	}
+	return nil
+}
+
+// Release frees the lock by ending its session.
+func (l *pgRelayLease) Release() {
+	ctx, cancel := context.WithTimeout(context.Background(), l.timeout)
+	defer cancel()
+	l.conn.Close(ctx)
 }

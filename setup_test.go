@@ -32,6 +32,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"productsvc/internal/pgtest"
+	"productsvc/internal/rabbittest"
 )
 
 // testToken is the bearer token test servers accept unless told otherwise.
@@ -672,6 +673,9 @@ func TestMain(m *testing.M) {
 	if pgServer != nil {
 		pgServer.Stop()
 	}
+	if rabbit != nil {
+		rabbit.Stop()
+	}
 	os.Exit(code)
 }
 
@@ -778,4 +782,25 @@ func storeReserve(s productStore, ctx context.Context, r Reservation, ttl time.D
 func storeTransition(s productStore, ctx context.Context, id, to string) (Reservation, []Product, error) {
 	out, err := s.Transition(ctx, id, to)
 	return out.Reservation, out.Changed, err
+}
+
+var (
+	rabbitOnce     sync.Once
+	rabbit         *rabbittest.Server
+	rabbitStartErr error
+)
+
+// sharedRabbit returns the RabbitMQ server of this test binary, starting
+// it (about 10 s) on first use. Without rabbitmq-server the test is
+// skipped, or fails when REQUIRE_RABBITMQ=1 (as in CI).
+func sharedRabbit(tb testing.TB) *rabbittest.Server {
+	tb.Helper()
+	rabbitOnce.Do(func() { rabbit, rabbitStartErr = rabbittest.Start() })
+	if rabbitStartErr != nil {
+		if os.Getenv("REQUIRE_RABBITMQ") == "1" {
+			tb.Fatalf("REQUIRE_RABBITMQ=1 but RabbitMQ could not start: %v", rabbitStartErr)
+		}
+		tb.Skipf("RabbitMQ not available: %v", rabbitStartErr)
+	}
+	return rabbit
 }

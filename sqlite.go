@@ -94,7 +94,7 @@ func openSQLite(ctx context.Context, cfg StoreConfig) (*sqliteStore, error) {
 	wdb.SetConnMaxIdleTime(0)
 
 	s := &sqliteStore{path: cfg.Path, wdb: wdb, unlock: unlock}
-	s.sqlStore = sqlStore{eng: s, d: sqliteDialect, timeout: cfg.Timeout, now: time.Now, counted: func(n int64) { s.count.Add(n) }}
+	s.sqlStore = sqlStore{eng: s, d: sqliteDialect, timeout: cfg.Timeout, now: time.Now, counted: func(n int64) { s.count.Add(n) }, keepUnpublished: cfg.KeepUnpublished}
 	s.writer = newWriter(wdb, cfg.Timeout, func() time.Time { return s.now() })
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
@@ -316,3 +316,25 @@ func (r errRow) Scan(...any) error { return r.err }
 type stdRows struct{ *sql.Rows }
 
 func (r stdRows) Close() { r.Rows.Close() }
+
+// LockRelay returns the relay's lease. One process holds a SQLite file
+// (see filelock.go), so there is one relay and the lease is never taken.
+func (s *sqliteStore) LockRelay(ctx context.Context) (relayLease, error) {
+	return sqliteRelayLease{s}, nil
+}
+
+// sqliteRelayLease moves the relay's position between client writes.
+type sqliteRelayLease struct{ s *sqliteStore }
+
+func (l sqliteRelayLease) Move(ctx context.Context, from, to RelayPosition) error {
+	ctx, cancel := context.WithTimeout(ctx, l.s.timeout)
+	defer cancel()
+	err := l.s.eng.alone(ctx, func(ctx context.Context, q querier) error { return moveRelay(ctx, tx{q, l.s.d}, from, to) })
+	if err != nil && !errors.Is(err, errRelayMoved) {
+		err = l.s.translate(ctx, err)
+	}
+	return err
+}
+
+func (sqliteRelayLease) Check(context.Context) error { return nil }
+func (sqliteRelayLease) Release()                    {}

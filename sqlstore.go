@@ -129,6 +129,9 @@ type sqlStore struct {
 	// SQLite keeps its product count by it. Nil where the engine counts
 	// otherwise.
 	counted func(delta int64)
+	// keepUnpublished keeps events the relay has not published from
+	// retention (the relay is on).
+	keepUnpublished bool
 }
 
 // nowMicro is the store's clock at the microsecond both engines keep.
@@ -383,7 +386,7 @@ func (s *sqlStore) TrimEvents(ctx context.Context, before time.Time) (int64, err
 		var n int64
 		err := s.eng.alone(ctx, func(ctx context.Context, q querier) error {
 			var err error
-			n, err = trimEvents(ctx, tx{q, s.d}, before, expireBatch)
+			n, err = trimEvents(ctx, tx{q, s.d}, before, expireBatch, s.keepUnpublished)
 			return err
 		})
 		total += n
@@ -394,6 +397,32 @@ func (s *sqlStore) TrimEvents(ctx context.Context, before time.Time) (int64, err
 			return total, nil
 		}
 	}
+}
+
+// RelayPosition returns the relay's position, and the change log's
+// identity and start (the seq its oldest kept event follows), read together.
+func (s *sqlStore) RelayPosition(ctx context.Context) (pos RelayPosition, logID string, start int64, err error) {
+	type result struct {
+		pos   RelayPosition
+		logID string
+		start int64
+	}
+	r, err := runRead(ctx, s, func(ctx context.Context, t tx) (result, error) {
+		var r result
+		var err error
+		if r.pos, err = relayPosition(ctx, t); err != nil {
+			return r, err
+		}
+		if r.logID, err = feedLogID(ctx, t); err != nil {
+			return r, err
+		}
+		r.start, err = feedStart(ctx, t)
+		return r, err
+	})
+	if err != nil {
+		return RelayPosition{}, "", 0, fmt.Errorf("relay position: %w", err)
+	}
+	return r.pos, r.logID, r.start, nil
 }
 
 // ProbeWrite makes one small real write, to learn whether writes work again

@@ -15,6 +15,8 @@
 //	E2E_BACKEND         sqlite (default) or postgres: the store every
 //	                    scenario runs on; postgres starts a throwaway
 //	                    PostgreSQL server and gives each test a database
+//	REQUIRE_RABBITMQ=1  fail instead of skip when rabbitmq-server is absent
+//	                    (TestRelayCrash)
 //	REQUIRE_POSTGRES=1  fail instead of skip when haproxy is absent (the
 //	                    fleet suite, TestFleet*, runs only on postgres)
 package e2e
