@@ -78,7 +78,7 @@ type serverDeps struct {
 	svc          *ProductService
 	log          *slog.Logger
 	metrics      *metrics
-	tokens       tokenSet
+	tokens       *tokenSet
 	life         *lifecycle
 	limiter      *rateLimiter // nil: no limits; rps 0: failed authentication only
 	maxFlight    int
@@ -107,7 +107,9 @@ func newServer(d serverDeps) http.Handler {
 
 // addRoutes lists the whole API.
 func addRoutes(mux *http.ServeMux, d serverDeps) {
-	auth := func(h http.Handler) http.Handler { return requireToken(d.tokens, d.limiter, h) }
+	// need wraps a handler in requireScope: a valid bearer token whose
+	// credential holds s (or admin). Product reads stay anonymous.
+	need := func(s scope, h http.Handler) http.Handler { return requireScope(d.tokens, d.limiter, s, h) }
 	for _, p := range []string{"/health", "/health/live", "/livez"} {
 		mux.Handle("GET "+p, handleHealth())
 	}
@@ -120,19 +122,19 @@ func addRoutes(mux *http.ServeMux, d serverDeps) {
 	}
 	mux.Handle("GET /openapi.json", handleOpenAPI())
 	mux.Handle("GET /products", handleListProducts(d.svc))
-	mux.Handle("POST /products", auth(handleCreateProduct(d.svc)))
+	mux.Handle("POST /products", need(scopeCatalogWrite, handleCreateProduct(d.svc)))
 	mux.Handle("GET /products/{id}", handleGetProduct(d.svc))
-	mux.Handle("PUT /products/{id}", auth(handleReplaceProduct(d.svc)))
-	mux.Handle("PATCH /products/{id}", auth(handlePatchProduct(d.svc)))
-	mux.Handle("DELETE /products/{id}", auth(handleDeleteProduct(d.svc)))
-	mux.Handle("PUT /products/{id}/stock", auth(handleSetStock(d.svc)))
-	mux.Handle("POST /products/{id}/stock/adjustments", auth(handleAdjustStock(d.svc)))
-	mux.Handle("POST /reservations", auth(handleCreateReservation(d.svc)))
-	mux.Handle("GET /reservations", auth(handleListReservations(d.svc)))
-	mux.Handle("GET /reservations/{id}", auth(handleGetReservation(d.svc)))
-	mux.Handle("POST /reservations/{id}/confirm", auth(handleTransition(d.svc, StateConfirmed)))
-	mux.Handle("POST /reservations/{id}/release", auth(handleTransition(d.svc, StateReleased)))
-	mux.Handle("GET /events", auth(handleEvents(d.svc, d.life, d.streams)))
+	mux.Handle("PUT /products/{id}", need(scopeCatalogWrite, handleReplaceProduct(d.svc)))
+	mux.Handle("PATCH /products/{id}", need(scopeCatalogWrite, handlePatchProduct(d.svc)))
+	mux.Handle("DELETE /products/{id}", need(scopeCatalogWrite, handleDeleteProduct(d.svc)))
+	mux.Handle("PUT /products/{id}/stock", need(scopeStockWrite, handleSetStock(d.svc)))
+	mux.Handle("POST /products/{id}/stock/adjustments", need(scopeStockWrite, handleAdjustStock(d.svc)))
+	mux.Handle("POST /reservations", need(scopeReservationsWrite, handleCreateReservation(d.svc)))
+	mux.Handle("GET /reservations", need(scopeReservationsRead, handleListReservations(d.svc)))
+	mux.Handle("GET /reservations/{id}", need(scopeReservationsRead, handleGetReservation(d.svc)))
+	mux.Handle("POST /reservations/{id}/confirm", need(scopeReservationsWrite, handleTransition(d.svc, StateConfirmed)))
+	mux.Handle("POST /reservations/{id}/release", need(scopeReservationsWrite, handleTransition(d.svc, StateReleased)))
+	mux.Handle("GET /events", need(scopeEventsRead, handleEvents(d.svc, d.life, d.streams)))
 }
 
 // handlerFunc is a handler that can fail; errorHandler writes its error.
@@ -598,6 +600,7 @@ func (e *httpError) Error() string { return e.detail }
 var problemTypes = map[int]string{
 	http.StatusBadRequest:            "bad-request",
 	http.StatusUnauthorized:          "unauthorized",
+	http.StatusForbidden:             "forbidden",
 	http.StatusNotFound:              "not-found",
 	http.StatusMethodNotAllowed:      "method-not-allowed",
 	http.StatusConflict:              "conflict",
@@ -654,8 +657,14 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 		short *ShortageError
 		gone  *FeedGoneError
 		reset *FeedResetError
+		scope *scopeError
 	)
 	switch {
+	case errors.As(err, &scope):
+		// RFC 6750 §3.1: the challenge names the scope the token lacks.
+		status, slug, detail = http.StatusForbidden, "insufficient-scope", scope.Error()
+		problems = map[string]string{"scope": scope.need.String() + " is required"}
+		w.Header().Set("WWW-Authenticate", `Bearer realm="productsvc", error="insufficient_scope", scope="`+scope.need.String()+`"`)
 	case errors.As(err, &herr):
 		status, detail = herr.status, herr.detail
 	case errors.As(err, &bad):

@@ -3,8 +3,6 @@ package main
 import (
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
-	"crypto/subtle"
 	"encoding/hex"
 	"fmt"
 	"hash/maphash"
@@ -33,6 +31,7 @@ type requestInfo struct {
 	cache    string
 	log      *slog.Logger // the service logger; loggerFrom adds the request id
 	rejected bool         // refused by load shedding or a rate limit
+	actor    string       // the credential's name, once authenticated
 }
 
 type requestInfoKey struct{}
@@ -231,6 +230,9 @@ func observe(log *slog.Logger, m *metrics, next http.Handler) http.Handler {
 					slog.Float64("duration_ms", float64(elapsed.Microseconds())/1000),
 					slog.String("request_id", id),
 				}
+				if info.actor != "" {
+					attrs = append(attrs, slog.String("actor", info.actor))
+				}
 				if info.cache != "" {
 					attrs = append(attrs, slog.String("cache", info.cache))
 				}
@@ -300,61 +302,6 @@ func shedLoad(max int, m *metrics, next http.Handler) http.Handler {
 	})
 }
 
-// tokenSet holds the accepted API tokens as SHA-256 digests. Comparing
-// digests in constant time hides both the tokens and their lengths.
-type tokenSet [][sha256.Size]byte
-
-func newTokenSet(tokens []string) tokenSet {
-	var ts tokenSet
-	for _, t := range tokens {
-		if t = strings.TrimSpace(t); t != "" {
-			ts = append(ts, sha256.Sum256([]byte(t)))
-		}
-	}
-	return ts
-}
-
-// match reports whether the request carries a valid bearer token, and
-// returns its digest. Every token is compared, whatever the outcome.
-func (ts tokenSet) match(r *http.Request) ([sha256.Size]byte, bool) {
-	auth := r.Header.Get("Authorization")
-	scheme, tok, ok := strings.Cut(auth, " ")
-	if !ok || !strings.EqualFold(scheme, "Bearer") || tok == "" {
-		return [sha256.Size]byte{}, false
-	}
-	sum := sha256.Sum256([]byte(strings.TrimSpace(tok)))
-	found := 0
-	for _, t := range ts {
-		found |= subtle.ConstantTimeCompare(sum[:], t[:])
-	}
-	return sum, found == 1
-}
-
-// requireToken lets a request through only with a valid bearer token.
-// Repeated failures from one client are limited more tightly than the
-// general rate limit, to slow down token guessing.
-func requireToken(ts tokenSet, limits *rateLimiter, next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if _, ok := ts.match(r); ok {
-			next.ServeHTTP(w, r)
-			return
-		}
-		if limits != nil && !limits.allowAuthFailure(clientKey(r)) {
-			markRejected(r.Context())
-			writeError(w, r, &rateLimitError{retryAfter: limits.authRetryAfter})
-			return
-		}
-		detail := "this request needs an Authorization: Bearer token"
-		challenge := `Bearer realm="productsvc"`
-		if r.Header.Get("Authorization") != "" {
-			detail = "the bearer token is not valid"
-			challenge = `Bearer realm="productsvc", error="invalid_token"`
-		}
-		w.Header().Set("WWW-Authenticate", challenge)
-		writeError(w, r, &httpError{status: http.StatusUnauthorized, detail: detail})
-	})
-}
-
 func clientIP(r *http.Request) string {
 	host, _, err := net.SplitHostPort(r.RemoteAddr)
 	if err != nil {
@@ -404,7 +351,7 @@ func clientPrefix(a netip.Addr) netip.Prefix {
 type rateLimiter struct {
 	rps    rate.Limit // 0: no general limit, only failed authentication is limited
 	burst  int
-	tokens tokenSet
+	tokens *tokenSet
 
 	seed   maphash.Seed
 	shards [limiterShards]limiterShard
@@ -430,7 +377,7 @@ const (
 
 // newRateLimiter returns a limiter of rps requests per second per client
 // (0: none) with burst; failed authentication is limited either way.
-func newRateLimiter(rps float64, burst int, tokens tokenSet) *rateLimiter {
+func newRateLimiter(rps float64, burst int, tokens *tokenSet) *rateLimiter {
 	if burst <= 0 {
 		burst = max(1, int(math.Ceil(rps)))
 	}
@@ -505,8 +452,8 @@ func (rl *rateLimiter) limit(m *metrics, next http.Handler) http.Handler {
 			return
 		}
 		key := "ip:" + clientKey(r)
-		if sum, ok := rl.tokens.match(r); ok {
-			key = "token:" + hex.EncodeToString(sum[:8])
+		if p, ok := rl.tokens.match(r); ok {
+			key = "token:" + p.key
 		}
 		now := time.Now()
 		s := rl.shard(key)

@@ -398,6 +398,7 @@ func TestOpenAPI_Responses(t *testing.T) {
 	oaEventResponses(t, srv, router, seen, s.store, &skew)
 
 	oaFaultResponses(t, seen)
+	oaScopeResponses(t, srv, router, seen)
 
 	// Every declared response of every operation was seen.
 	doc := oaLoadDoc(t)
@@ -425,6 +426,30 @@ func TestOpenAPI_Responses(t *testing.T) {
 		}
 	}
 	t.Logf("%d documented (operation, status) pairs seen and validated; %d declared but not provoked (oaUnexercised)", requests, len(oaUnexercised))
+}
+
+// oaScopeResponses sends each operation that needs a token a valid token
+// without its scope: 403, with the scope named in WWW-Authenticate.
+func oaScopeResponses(t *testing.T, srv *httptest.Server, router routers.Router, seen oaCoverage) {
+	doc := oaLoadDoc(t)
+	for _, route := range oaDocRoutes(doc) {
+		method, path, _ := strings.Cut(route, " ")
+		op := doc.Paths.Find(path).GetOperation(method)
+		if op.Security == nil || len(*op.Security) == 0 {
+			continue
+		}
+		need := (*op.Security)[0]["bearerAuth"]
+		tok := mtFeedToken
+		if slices.Contains(need, "events:read") {
+			tok = mtCatalogToken
+		}
+		target := strings.ReplaceAll(path, "{id}", "1")
+		if strings.HasPrefix(path, "/reservations/{id}") {
+			target = strings.ReplaceAll(path, "{id}", oaNoSuchReservation)
+		}
+		oaRun(t, srv, router, seen, oaCase{name: route + " without its scope", method: method, path: target, noAuth: true,
+			header: map[string]string{"Authorization": "Bearer " + tok}, want: 403, problem: "insufficient-scope"})
+	}
 }
 
 // oaFaultResponses provokes the documented responses that need a fault:

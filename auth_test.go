@@ -1,0 +1,319 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// addTestCredential adds a credential named name with scopes s for token
+// to ts, as a line of the tokens file would.
+func addTestCredential(tb testing.TB, ts *tokenSet, name string, s scope, token string) {
+	tb.Helper()
+	sum := sha256.Sum256([]byte(token))
+	creds := append([]credential(nil), *ts.creds.Load()...)
+	creds = append(creds, credential{principal: principal{Name: name, Scopes: s, key: name}, digest: sum})
+	ts.creds.Store(&creds)
+}
+
+// digestOf is the sha256:<hex> field of a tokens-file line for token.
+func digestOf(token string) string {
+	sum := sha256.Sum256([]byte(token))
+	return "sha256:" + hex.EncodeToString(sum[:])
+}
+
+// writeTokensFile writes lines to a tokens file in dir and returns its path.
+func writeTokensFile(tb testing.TB, path string, lines ...string) string {
+	tb.Helper()
+	if err := os.WriteFile(path, []byte(strings.Join(lines, "\n")+"\n"), 0o600); err != nil {
+		tb.Fatal(err)
+	}
+	return path
+}
+
+// routeScopes is the scope each route of addRoutes needs; a route not
+// listed is anonymous.
+var routeScopes = map[string]scope{
+	"POST /products":                        scopeCatalogWrite,
+	"PUT /products/{id}":                    scopeCatalogWrite,
+	"PATCH /products/{id}":                  scopeCatalogWrite,
+	"DELETE /products/{id}":                 scopeCatalogWrite,
+	"PUT /products/{id}/stock":              scopeStockWrite,
+	"POST /products/{id}/stock/adjustments": scopeStockWrite,
+	"POST /reservations":                    scopeReservationsWrite,
+	"POST /reservations/{id}/confirm":       scopeReservationsWrite,
+	"POST /reservations/{id}/release":       scopeReservationsWrite,
+	"GET /reservations":                     scopeReservationsRead,
+	"GET /reservations/{id}":                scopeReservationsRead,
+	"GET /events":                           scopeEventsRead,
+}
+
+// TestRequireScope_everyRoute sends every route of addRoutes a well-formed
+// request with no credential, a wrong token, a credential of each scope
+// alone and an admin credential, and checks the answer: 401, 403 naming
+// the scope, or through to the handler; and that a refusal changed
+// nothing (the change feed's head stays where it was).
+func TestRequireScope_everyRoute(t *testing.T) {
+	dir := t.TempDir()
+	lines := []string{"# one credential per scope, and an administrator", ""}
+	for _, n := range scopeNames {
+		lines = append(lines, fmt.Sprintf("only-%s %s %s", strings.ReplaceAll(n.name, ":", "-"), n.name, digestOf("tok-"+n.name)))
+	}
+	ts := newTokenSet(nil)
+	if err := ts.useFile(writeTokensFile(t, filepath.Join(dir, "tokens"), lines...)); err != nil {
+		t.Fatal(err)
+	}
+	store, err := openSQLite(t.Context(), StoreConfig{Path: filepath.Join(dir, "products.db")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	m := newMetrics(prometheus.NewRegistry())
+	life := &lifecycle{}
+	life.started.Store(true)
+	h := newServer(serverDeps{svc: NewProductService(store, ServiceConfig{Metrics: m}), log: slog.New(slog.DiscardHandler),
+		metrics: m, tokens: ts, life: life, serveMetrics: true, streams: newStreamSlots(4)})
+
+	send := func(method, target, body, token string) *httptest.ResponseRecorder {
+		t.Helper()
+		var r io.Reader
+		if body != "" {
+			r = strings.NewReader(body)
+		}
+		req := httptest.NewRequest(method, target, r)
+		if body != "" {
+			req.Header.Set("Content-Type", "application/json")
+		}
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		return rec
+	}
+	admin := "tok-admin"
+	var resID string
+	for i := range 40 {
+		if rec := send("POST", "/products", fmt.Sprintf(`{"sku":"S-%d","name":"pen","price_cents":1,"stock":100}`, i), admin); rec.Code != http.StatusCreated {
+			t.Fatalf("seed: %d %s", rec.Code, rec.Body)
+		}
+	}
+	rec := send("POST", "/reservations", `{"reference":"o-1","lines":[{"product_id":1,"quantity":1}]}`, admin)
+	if rec.Code != http.StatusCreated {
+		t.Fatalf("seed reservation: %d %s", rec.Code, rec.Body)
+	}
+	var res struct{ ID string }
+	json.Unmarshal(rec.Body.Bytes(), &res)
+	resID = res.ID
+
+	// A request each route answers with something other than 401 or 403
+	// when let through; the product ids differ so that one credential's
+	// delete does not turn the next one's request into a 404.
+	next := 10
+	product := func() string { next++; return fmt.Sprint(next) }
+	request := func(route string) (method, target, body string) {
+		method, path, _ := strings.Cut(route, " ")
+		switch route {
+		case "POST /products":
+			return method, path, fmt.Sprintf(`{"sku":"N-%d","name":"pen","price_cents":1}`, next+1000)
+		case "PUT /products/{id}":
+			id := product()
+			return method, "/products/" + id, fmt.Sprintf(`{"sku":"S-%s","name":"pencil","price_cents":2}`, id)
+		case "PATCH /products/{id}":
+			return method, "/products/" + product(), `{"name":"patched"}`
+		case "DELETE /products/{id}":
+			return method, "/products/" + product(), ""
+		case "PUT /products/{id}/stock":
+			return method, "/products/" + product() + "/stock", `{"stock":7}`
+		case "POST /products/{id}/stock/adjustments":
+			return method, "/products/" + product() + "/stock/adjustments", `{"delta":1}`
+		case "POST /reservations":
+			return method, path, fmt.Sprintf(`{"reference":"o-2","lines":[{"product_id":%s,"quantity":1}]}`, product())
+		case "GET /reservations":
+			return method, "/reservations?reference=o-1", ""
+		case "GET /events":
+			return method, "/events?limit=1", ""
+		}
+		return method, strings.ReplaceAll(strings.ReplaceAll(path, "{id}", "1"), "/reservations/1", "/reservations/"+resID), ""
+	}
+
+	routes := oaSourceRoutes(t)
+	for route := range routeScopes {
+		if !strings.Contains(strings.Join(routes, "\n"), route) {
+			t.Errorf("routeScopes names %s, which addRoutes does not have", route)
+		}
+	}
+	type who struct{ name, token string }
+	creds := []who{{"no credential", ""}, {"wrong token", "tok-nope"}}
+	for _, n := range scopeNames {
+		creds = append(creds, who{n.name, "tok-" + n.name})
+	}
+	for _, route := range routes {
+		need, secured := routeScopes[route]
+		for _, c := range creds {
+			method, target, body := request(route)
+			head, err := store.FeedHead(t.Context())
+			if err != nil {
+				t.Fatal(err)
+			}
+			rec := send(method, target, body, c.token)
+			s, _ := scopeNamed(c.name)
+			switch {
+			case !secured:
+				if rec.Code == http.StatusUnauthorized || rec.Code == http.StatusForbidden {
+					t.Errorf("%s with %s = %d, want the anonymous answer", route, c.name, rec.Code)
+				}
+				continue
+			case c.token == "" || c.token == "tok-nope":
+				if rec.Code != http.StatusUnauthorized || !strings.HasPrefix(rec.Header().Get("WWW-Authenticate"), "Bearer ") {
+					t.Errorf("%s with %s = %d (WWW-Authenticate %q), want 401 with a Bearer challenge", route, c.name, rec.Code, rec.Header().Get("WWW-Authenticate"))
+				}
+			case s.allows(need):
+				if rec.Code == http.StatusUnauthorized || rec.Code == http.StatusForbidden || rec.Code >= 500 {
+					t.Errorf("%s with %s = %d %s, want it let through", route, c.name, rec.Code, rec.Body)
+				}
+				continue
+			default:
+				wantChallenge := fmt.Sprintf(`Bearer realm="productsvc", error="insufficient_scope", scope="%s"`, need)
+				var p problem
+				json.Unmarshal(rec.Body.Bytes(), &p)
+				if rec.Code != http.StatusForbidden || rec.Header().Get("WWW-Authenticate") != wantChallenge ||
+					p.Type != "/problems/insufficient-scope" || p.Errors["scope"] != need.String()+" is required" {
+					t.Errorf("%s with %s = %d (WWW-Authenticate %q) %s, want 403 insufficient-scope with %q",
+						route, c.name, rec.Code, rec.Header().Get("WWW-Authenticate"), rec.Body, wantChallenge)
+				}
+			}
+			if after, _ := store.FeedHead(t.Context()); after != head {
+				t.Errorf("%s with %s was refused %d but the feed moved from %d to %d", route, c.name, rec.Code, head, after)
+			}
+		}
+	}
+}
+
+func TestParseTokensFile(t *testing.T) {
+	d1, d2 := digestOf("one"), digestOf("two")
+	good := strings.Join([]string{
+		"# comment",
+		"",
+		"  checkout   reservations:write,reservations:read  " + d1 + "  max_held=50",
+		"ops admin sha256:" + strings.ToUpper(strings.TrimPrefix(d2, "sha256:")),
+	}, "\n")
+	creds, err := parseTokensFile(strings.NewReader(good))
+	if err != nil {
+		t.Fatalf("parseTokensFile: %v", err)
+	}
+	if len(creds) != 2 || creds[0].Name != "checkout" || creds[0].Scopes != scopeReservationsWrite|scopeReservationsRead ||
+		creds[0].MaxHeld != 50 || creds[1].Name != "ops" || creds[1].Scopes != scopeAdmin || creds[1].digest != sha256.Sum256([]byte("two")) {
+		t.Errorf("parseTokensFile = %+v", creds)
+	}
+
+	tests := []struct{ name, text, want string }{
+		{"too few fields", "a admin", "line 1: too few fields"},
+		{"unknown scope", "# x\na catalog:read " + d1, `line 2: unknown scope "catalog:read"`},
+		{"empty scope", "a admin, " + d1, `unknown scope ""`},
+		{"bad name", "a/b admin " + d1, "line 1: the name"},
+		{"token in clear", "a admin one", "line 1: the third field must be sha256:"},
+		{"short digest", "a admin " + d1[:40], "line 1: the third field"},
+		{"duplicate name", "a admin " + d1 + "\na admin " + d2, `line 2: name "a" is already used on line 1`},
+		{"duplicate digest", "a admin " + d1 + "\nb admin " + d1, "line 2: the digest is already used on line 1"},
+		{"bad max_held", "a admin " + d1 + " max_held=0", "line 1: max_held must be"},
+		{"unknown option", "a admin " + d1 + " ttl=5", `line 1: unknown option "ttl"`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := parseTokensFile(strings.NewReader(tt.text))
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("parseTokensFile(%q) error = %v, want one containing %q", tt.text, err, tt.want)
+			}
+			for _, d := range []string{d1, d2} {
+				if h := strings.TrimPrefix(d, "sha256:"); strings.Contains(strings.ToLower(err.Error()), h[:16]) {
+					t.Errorf("error %q shows a digest", err)
+				}
+			}
+		})
+	}
+}
+
+// TestTokenSet_watch checks the reload path SIGHUP triggers and the one a
+// change to the file triggers: a new file replaces the credentials (API_TOKEN's
+// stay), and one that does not parse leaves them as they were and says
+// why, by line number and without the digest.
+func TestTokenSet_watch(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "tokens")
+	writeTokensFile(t, path, "alice catalog:write "+digestOf("a-token"))
+	ts := newTokenSet([]string{"static"})
+	if err := ts.useFile(path); err != nil {
+		t.Fatal(err)
+	}
+	var logs syncBuffer
+	log := slog.New(slog.NewJSONHandler(&logs, nil))
+	watch := func(interval time.Duration) (chan os.Signal, func()) {
+		hup := make(chan os.Signal, 1)
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan struct{})
+		go func() { defer close(done); ts.watch(ctx, hup, interval, log) }()
+		return hup, func() { cancel(); <-done }
+	}
+	// First only the signal: the file is not looked at in the meantime.
+	hup, stop := watch(time.Hour)
+	defer func() { stop() }()
+
+	accepts := func(token string) (string, bool) {
+		r := httptest.NewRequest("GET", "/", nil)
+		r.Header.Set("Authorization", "Bearer "+token)
+		p, ok := ts.match(r)
+		return p.Name, ok
+	}
+	if name, ok := accepts("a-token"); !ok || name != "alice" {
+		t.Fatalf("a-token = %q, %v; want alice", name, ok)
+	}
+
+	// SIGHUP.
+	writeTokensFile(t, path, "bobby catalog:write "+digestOf("b-token"))
+	hup <- syscallSIGHUP
+	waitFor(t, 10*time.Second, "bobby after SIGHUP", func() bool { _, ok := accepts("b-token"); return ok })
+	if _, ok := accepts("a-token"); ok {
+		t.Error("a-token is still accepted after the file dropped it")
+	}
+	if name, ok := accepts("static"); !ok || name != apiTokenName {
+		t.Errorf("API_TOKEN = %q, %v after a reload; want %s", name, ok, apiTokenName)
+	}
+
+	// A file that does not parse keeps the previous set.
+	bad := digestOf("c-token")
+	writeTokensFile(t, path, "# header", "carol catalog:write "+bad, "dave catalog:writ "+digestOf("d-token"))
+	hup <- syscallSIGHUP
+	waitFor(t, 10*time.Second, "the refusal in the log", func() bool { return strings.Contains(logs.String(), "not reloaded") })
+	if _, ok := accepts("b-token"); !ok {
+		t.Error("b-token was dropped by a file that does not parse")
+	}
+	if _, ok := accepts("c-token"); ok {
+		t.Error("c-token accepted from a file that does not parse")
+	}
+	if l := logs.String(); !strings.Contains(l, "line 3") || strings.Contains(l, strings.TrimPrefix(bad, "sha256:")[:16]) {
+		t.Errorf("log %s: want the line number and no digest", l)
+	}
+
+	// A change to the file, without a signal.
+	stop()
+	_, stop = watch(10 * time.Millisecond)
+	writeTokensFile(t, path, "erin events:read "+digestOf("e-token"), "# a longer file")
+	waitFor(t, 10*time.Second, "erin after the file changed", func() bool { _, ok := accepts("e-token"); return ok })
+	if !bytes.Contains([]byte(logs.String()), []byte(`"why":"file changed"`)) {
+		t.Errorf("log %s: want a reload for the changed file", logs.String())
+	}
+}
