@@ -357,6 +357,15 @@ func principalFrom(ctx context.Context) (principal, bool) {
 	return p, ok
 }
 
+// actorFrom returns the name of who the request authenticated as, "" if
+// it did not. The actor travels from requireScope to the service in the
+// request's context, as the request id does; the service hands it to the
+// store as an explicit argument of each write (see productStore).
+func actorFrom(ctx context.Context) string {
+	p, _ := principalFrom(ctx)
+	return p.Name
+}
+
 // authorize returns nil if the request authenticated with a credential
 // that allows need, a *scopeError if it authenticated without it, and
 // errUnauthenticated if it did not authenticate. Code outside addRoutes'

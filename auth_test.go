@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -315,5 +316,233 @@ func TestTokenSet_watch(t *testing.T) {
 	waitFor(t, 10*time.Second, "erin after the file changed", func() bool { _, ok := accepts("e-token"); return ok })
 	if !bytes.Contains([]byte(logs.String()), []byte(`"why":"file changed"`)) {
 		t.Errorf("log %s: want a reload for the changed file", logs.String())
+	}
+}
+
+// TestStore_actor checks, on both engines, that each write records its
+// actor on its change-feed events, that a reservation records who holds
+// it, and that an expiry, which nobody asked for, records none.
+func TestStore_actor(t *testing.T) {
+	forEachStore(t, func(t *testing.T, s productStore) {
+		ctx := t.Context()
+		head, err := s.FeedHead(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, _, err := s.Create(ctx, "editor", Product{SKU: "ACT-1", Name: "pen", Currency: "USD", Stock: 5}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := s.AdjustStock(ctx, "stocker", p.ID, 1, nil, nil); err != nil {
+			t.Fatal(err)
+		}
+		held, err := s.Reserve(ctx, Reservation{ID: newReservationID(), Reference: "o-1", Lines: []ReservationLine{{ProductID: p.ID, Quantity: 2}},
+			CreatedBy: "checkout"}, time.Minute, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Transition(ctx, "clerk", held.Reservation.ID, StateReleased); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := s.Update(ctx, "", p.ID, ProductUpdate{Patch: ProductPatch{Name: optional[string]{Set: true, Value: "ink"}}}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Delete(ctx, "editor", p.ID, nil); err != nil {
+			t.Fatal(err)
+		}
+		got, err := s.Reservation(ctx, held.Reservation.ID)
+		if err != nil || got.CreatedBy != "checkout" {
+			t.Errorf("Reservation(%s) = created_by %q, %v; want checkout", held.Reservation.ID, got.CreatedBy, err)
+		}
+		if held.Reservation.CreatedBy != "checkout" {
+			t.Errorf("Reserve returned created_by %q, want checkout", held.Reservation.CreatedBy)
+		}
+		var es []Event
+		waitFor(t, 10*time.Second, "the events sequenced", func() bool {
+			es, err = s.Events(ctx, head, 100)
+			return err == nil && len(es) == 8
+		})
+		var actors []string
+		for _, e := range es {
+			actors = append(actors, e.Type+" "+e.Actor)
+		}
+		want := []string{"product.created editor", "stock.changed stocker", "stock.changed checkout", "reservation.held checkout",
+			"stock.changed clerk", "reservation.released clerk", "product.updated ", "product.deleted editor"}
+		if diff := cmp.Diff(want, actors); diff != "" {
+			t.Errorf("event actors (-want +got):\n%s", diff)
+		}
+	})
+}
+
+// TestActor_recorded checks, through the handler, that a write's actor is
+// the credential's name in the access log, in GET /events and on the
+// reservation, and that no token appears in any of them.
+func TestActor_recorded(t *testing.T) {
+	dir := t.TempDir()
+	ts := newTokenSet([]string{"static-token-1"})
+	if err := ts.useFile(writeTokensFile(t, filepath.Join(dir, "tokens"),
+		"editor catalog:write "+digestOf("editor-token-1"),
+		"checkout reservations:write,reservations:read "+digestOf("checkout-token-1"),
+		"feeder events:read "+digestOf("feeder-token-1"))); err != nil {
+		t.Fatal(err)
+	}
+	store, err := openSQLite(t.Context(), StoreConfig{Path: filepath.Join(dir, "products.db")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	var logs syncBuffer
+	m := newMetrics(prometheus.NewRegistry())
+	life := &lifecycle{}
+	life.started.Store(true)
+	h := newServer(serverDeps{svc: NewProductService(store, ServiceConfig{Metrics: m}), log: slog.New(slog.NewJSONHandler(&logs, nil)),
+		metrics: m, tokens: ts, life: life, streams: newStreamSlots(4)})
+	send := func(method, target, body, token string) *httptest.ResponseRecorder {
+		t.Helper()
+		var r io.Reader
+		if body != "" {
+			r = strings.NewReader(body)
+		}
+		req := httptest.NewRequest(method, target, r)
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Authorization", "Bearer "+token)
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		return rec
+	}
+	if rec := send("POST", "/products", `{"sku":"A-1","name":"pen","price_cents":1,"stock":3}`, "editor-token-1"); rec.Code != http.StatusCreated {
+		t.Fatalf("create: %d %s", rec.Code, rec.Body)
+	}
+	if rec := send("POST", "/products/1/stock/adjustments", `{"delta":1}`, "static-token-1"); rec.Code != http.StatusOK {
+		t.Fatalf("adjust: %d %s", rec.Code, rec.Body)
+	}
+	rec := send("POST", "/reservations", `{"reference":"o-1","lines":[{"product_id":1,"quantity":1}]}`, "checkout-token-1")
+	var res Reservation
+	if err := json.Unmarshal(rec.Body.Bytes(), &res); rec.Code != http.StatusCreated || err != nil || res.CreatedBy != "checkout" {
+		t.Fatalf("reserve: %d %s; want 201 with created_by checkout", rec.Code, rec.Body)
+	}
+	rec = send("GET", "/reservations/"+res.ID, "", "checkout-token-1")
+	if !strings.Contains(rec.Body.String(), `"created_by":"checkout"`) {
+		t.Errorf("GET /reservations/%s = %s, want created_by checkout", res.ID, rec.Body)
+	}
+	rec = send("GET", "/events", "", "feeder-token-1")
+	var page struct {
+		Events []struct {
+			Type  string
+			Actor *string
+		}
+	}
+	if err := json.Unmarshal(rec.Body.Bytes(), &page); err != nil || rec.Code != http.StatusOK {
+		t.Fatalf("GET /events = %d %s", rec.Code, rec.Body)
+	}
+	var got []string
+	for _, e := range page.Events {
+		got = append(got, e.Type+" "+*e.Actor)
+	}
+	want := []string{"product.created editor", "stock.changed api-token", "stock.changed checkout", "reservation.held checkout"}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("GET /events actors (-want +got):\n%s", diff)
+	}
+
+	var logged []string
+	for _, l := range logs.logLines() {
+		if l["msg"] == "request" {
+			actor, _ := l["actor"].(string)
+			logged = append(logged, fmt.Sprint(l["method"], " ", l["route"], " ", actor))
+		}
+	}
+	wantLog := []string{"POST POST /products editor", "POST POST /products/{id}/stock/adjustments api-token",
+		"POST POST /reservations checkout", "GET GET /reservations/{id} checkout", "GET GET /events feeder"}
+	if diff := cmp.Diff(wantLog, logged); diff != "" {
+		t.Errorf("access log actors (-want +got):\n%s", diff)
+	}
+	for _, tok := range []string{"editor-token-1", "checkout-token-1", "feeder-token-1", "static-token-1"} {
+		if strings.Contains(logs.String(), tok) {
+			t.Errorf("the log shows the token %s", tok)
+		}
+	}
+}
+
+func TestTrustedProxies_client(t *testing.T) {
+	tp, err := parseTrustedProxies("10.0.0.0/8, 192.168.1.1, fd00::/8")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name, peer string
+		xff        []string
+		want       string
+	}{
+		{"no proxies trusted: header ignored", "203.0.113.9:5000", []string{"198.51.100.1"}, "203.0.113.9"},
+		{"untrusted peer: header ignored", "203.0.113.9:5000", []string{"198.51.100.1"}, "203.0.113.9"},
+		{"trusted peer, one hop", "10.1.2.3:5000", []string{"198.51.100.1"}, "198.51.100.1"},
+		{"forged left part is skipped", "10.1.2.3:5000", []string{"1.2.3.4, 198.51.100.1"}, "198.51.100.1"},
+		{"chain of trusted proxies", "10.1.2.3:5000", []string{"198.51.100.1, 192.168.1.1", "10.9.9.9"}, "198.51.100.1"},
+		{"trusted peer without the header", "10.1.2.3:5000", nil, "10.1.2.3"},
+		{"garbage hop stops at the proxy", "10.1.2.3:5000", []string{"198.51.100.1, not-an-ip"}, "10.1.2.3"},
+		{"all hops trusted: the leftmost", "10.1.2.3:5000", []string{"10.0.0.1, 10.0.0.2"}, "10.0.0.1"},
+		{"IPv6 proxy", "[fd00::1]:5000", []string{"2001:db8::7"}, "2001:db8::7"},
+		{"IPv4-mapped peer", "[::ffff:10.1.2.3]:5000", []string{"198.51.100.1"}, "198.51.100.1"},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := httptest.NewRequest("GET", "/", nil)
+			r.RemoteAddr = tt.peer
+			for _, v := range tt.xff {
+				r.Header.Add("X-Forwarded-For", v)
+			}
+			p := tp
+			if i == 0 {
+				p = nil
+			}
+			if got := p.client(r); got != tt.want {
+				t.Errorf("client(peer %s, X-Forwarded-For %q) = %s, want %s", tt.peer, tt.xff, got, tt.want)
+			}
+		})
+	}
+	if _, err := parseTrustedProxies("10.0.0.0/33"); err == nil {
+		t.Error("parseTrustedProxies(10.0.0.0/33) = nil error, want one")
+	}
+}
+
+// TestTrustedProxies_limits checks that failed authentication is limited
+// per client behind a trusted proxy, and per peer when the peer is not
+// trusted however it fills X-Forwarded-For.
+func TestTrustedProxies_limits(t *testing.T) {
+	tp, _ := parseTrustedProxies("10.0.0.0/8")
+	ts := newTokenSet([]string{"tok"})
+	m := newMetrics(prometheus.NewRegistry())
+	var logs syncBuffer
+	h := newServer(serverDeps{svc: NewProductService(newTestStore(t), ServiceConfig{Metrics: m}), log: slog.New(slog.NewJSONHandler(&logs, nil)),
+		metrics: m, tokens: ts, life: &lifecycle{}, limiter: newRateLimiter(0, 0, ts), proxies: tp})
+	fail := func(peer, xff string) int {
+		r := httptest.NewRequest("DELETE", "/products/1", nil)
+		r.RemoteAddr = peer + ":4000"
+		r.Header.Set("Authorization", "Bearer wrong")
+		r.Header.Set("X-Forwarded-For", xff)
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, r)
+		return rec.Code
+	}
+	for range authFailureBurst {
+		if code := fail("10.0.0.1", "198.51.100.1"); code != http.StatusUnauthorized {
+			t.Fatalf("failure within the burst = %d, want 401", code)
+		}
+	}
+	if code := fail("10.0.0.1", "198.51.100.1"); code != http.StatusTooManyRequests {
+		t.Errorf("client 198.51.100.1 past its burst = %d, want 429", code)
+	}
+	if code := fail("10.0.0.1", "198.51.100.2"); code != http.StatusUnauthorized {
+		t.Errorf("another client behind the same proxy = %d, want 401 (its own budget)", code)
+	}
+	// An untrusted peer cannot buy fresh budgets by varying the header.
+	for i := range authFailureBurst {
+		fail("203.0.113.5", fmt.Sprintf("198.51.100.%d", 100+i))
+	}
+	if code := fail("203.0.113.5", "198.51.100.250"); code != http.StatusTooManyRequests {
+		t.Errorf("untrusted peer with a new X-Forwarded-For = %d, want 429", code)
+	}
+	if !strings.Contains(logs.String(), `"client_ip":"198.51.100.2"`) || !strings.Contains(logs.String(), `"client_ip":"203.0.113.5"`) {
+		t.Errorf("access log does not show the resolved client addresses:\n%.2000s", logs.String())
 	}
 }

@@ -31,6 +31,7 @@ type config struct {
 	CacheMemory     int
 	APITokens       []string
 	APITokensFile   string
+	TrustedProxies  trustedProxies
 	LogLevel        slog.Level
 	ShutdownDelay   time.Duration
 	ShutdownTimeout time.Duration
@@ -87,6 +88,11 @@ func (c *config) settings() []setting {
 			return nil
 		}},
 		{"API_TOKENS_FILE", "api-tokens-file", "", "accept the named, scoped credentials listed in `file`, one a line: name scope[,scope...] sha256:<hex digest of the token> [max_held=N]; re-read on SIGHUP and when it changes", strSetting(&c.APITokensFile, func(string) error { return nil })},
+		{"TRUSTED_PROXIES", "trusted-proxies", "", "believe X-Forwarded-For only from peers in these comma-separated `CIDRs` (empty: never; the TCP peer is the client)", func(s string) error {
+			tp, err := parseTrustedProxies(s)
+			c.TrustedProxies = tp
+			return err
+		}},
 		{"LOG_LEVEL", "log-level", "info", "log at `level` debug, info, warn or error", func(s string) error {
 			// slog also reads "INFO+2" and upper case; the documented
 			// values are these four, and an error lists them.
@@ -360,7 +366,7 @@ func (c *config) logAttrs() []any {
 	return []any{
 		"addr", c.Addr, "backend", backend, "database_url", redactURL(c.DatabaseURL), "db_path", c.DBPath, "db_sync", c.DBSync, "db_timeout", c.DBTimeout.String(),
 		"redis_url", redis, "redis_timeout", c.RedisTimeout.String(), "cache_ttl", c.CacheTTL.String(),
-		"local_cache_size", c.LocalCacheSize, "cache_memory", c.CacheMemory, "api_tokens", len(c.APITokens), "api_tokens_file", c.APITokensFile, "log_level", c.LogLevel.String(),
+		"local_cache_size", c.LocalCacheSize, "cache_memory", c.CacheMemory, "api_tokens", len(c.APITokens), "api_tokens_file", c.APITokensFile, "trusted_proxies", len(c.TrustedProxies), "log_level", c.LogLevel.String(),
 		"shutdown_delay", c.ShutdownDelay.String(), "shutdown_timeout", c.ShutdownTimeout.String(),
 		"metrics_addr", c.MetricsAddr, "admin_addr", c.AdminAddr,
 		"rate_limit_rps", c.RateLimitRPS, "rate_limit_burst", c.RateLimitBurst, "max_in_flight", c.MaxInFlight,

@@ -423,6 +423,9 @@ type Reservation struct {
 	CreatedAt time.Time         `json:"created_at"`
 	ExpiresAt time.Time         `json:"expires_at"`
 	UpdatedAt time.Time         `json:"updated_at"`
+	// CreatedBy is who holds it: the name of the credential that made it
+	// (empty for reservations from before it was recorded).
+	CreatedBy string `json:"created_by,omitempty"`
 }
 
 // ReservationLine is a quantity of one product.
@@ -501,6 +504,7 @@ type Event struct {
 	Seq         int64
 	Type        string
 	OccurredAt  time.Time
+	Actor       string // who made the write; empty for the service's own (an expiry)
 	ProductID   int64
 	Version     int64
 	Product     *Product

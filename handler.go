@@ -80,7 +80,8 @@ type serverDeps struct {
 	metrics      *metrics
 	tokens       *tokenSet
 	life         *lifecycle
-	limiter      *rateLimiter // nil: no limits; rps 0: failed authentication only
+	limiter      *rateLimiter   // nil: no limits; rps 0: failed authentication only
+	proxies      trustedProxies // whose X-Forwarded-For names the client; nil: nobody's
 	maxFlight    int
 	serveMetrics bool         // /metrics on this listener
 	tracing      *tracing     // nil: no tracing
@@ -98,7 +99,7 @@ func newServer(d serverDeps) http.Handler {
 	}
 	h = shedLoad(d.maxFlight, d.metrics, h)
 	h = canonicalPaths(h)
-	h = observe(d.log, d.metrics, h)
+	h = observe(d.log, d.metrics, d.proxies, h)
 	if d.tracing != nil {
 		h = d.tracing.wrap(h) // outermost: the server span covers everything
 	}

@@ -2038,7 +2038,7 @@ func TestWriteError_everySentinel(t *testing.T) {
 		}
 	}
 	// A constraint the database enforces comes back as ErrInvalid.
-	_, _, constraintErr := newTestStore(t).Create(t.Context(), Product{SKU: "C-1", Name: "x", PriceCents: -1, Currency: "USD"}, nil)
+	_, _, constraintErr := newTestStore(t).Create(t.Context(), "", Product{SKU: "C-1", Name: "x", PriceCents: -1, Currency: "USD"}, nil)
 	if !errors.Is(constraintErr, ErrInvalid) {
 		t.Fatalf("Create with a negative price error = %v, want ErrInvalid", constraintErr)
 	}

@@ -169,7 +169,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	limiter := newRateLimiter(cfg.RateLimitRPS, cfg.RateLimitBurst, tokens)
 	handler := newServer(serverDeps{
 		svc: svc, log: log, metrics: m, tokens: tokens, life: life,
-		limiter: limiter, maxFlight: cfg.MaxInFlight, serveMetrics: cfg.MetricsAddr == "", tracing: tr,
+		limiter: limiter, proxies: cfg.TrustedProxies, maxFlight: cfg.MaxInFlight, serveMetrics: cfg.MetricsAddr == "", tracing: tr,
 		streams: newStreamSlots(cfg.FeedMaxStreams),
 	})
 

@@ -218,6 +218,7 @@ func TestRun_invalidConfig(t *testing.T) {
 		{name: "REDIS_TIMEOUT", env: map[string]string{"REDIS_TIMEOUT": "fast"}, wantName: "REDIS_TIMEOUT"},
 		{name: "CACHE_TTL", env: map[string]string{"CACHE_TTL": "1ms"}, wantName: "CACHE_TTL"},
 		{name: "API_TOKEN only commas", env: map[string]string{"API_TOKEN": " , ,"}, wantName: "API_TOKEN"},
+		{name: "TRUSTED_PROXIES", env: map[string]string{"TRUSTED_PROXIES": "10.0.0.0/8, proxy.internal"}, wantName: "TRUSTED_PROXIES", wantText: "proxy.internal"},
 		{name: "API_TOKENS_FILE missing", env: map[string]string{"API_TOKENS_FILE": "/nonexistent/tokens"}, wantName: "API_TOKENS_FILE"},
 		{name: "SHUTDOWN_DELAY", env: map[string]string{"SHUTDOWN_DELAY": "-1s"}, wantName: "SHUTDOWN_DELAY"},
 		{name: "SHUTDOWN_TIMEOUT", env: map[string]string{"SHUTDOWN_TIMEOUT": "48h"}, wantName: "SHUTDOWN_TIMEOUT"},

@@ -32,6 +32,7 @@ type requestInfo struct {
 	log      *slog.Logger // the service logger; loggerFrom adds the request id
 	rejected bool         // refused by load shedding or a rate limit
 	actor    string       // the credential's name, once authenticated
+	client   string       // the client's address (see trustedProxies.client)
 }
 
 type requestInfoKey struct{}
@@ -165,7 +166,10 @@ var nosniff = []string{"nosniff"}
 // observe is the outermost middleware: request id, security headers, access
 // log, metrics and panic recovery, for every request. The access log line is
 // at INFO, except for probes and scrapes (isProbe) that succeed: DEBUG.
-func observe(log *slog.Logger, m *metrics, next http.Handler) http.Handler {
+//
+// The client's address is resolved here once, through proxies, for the
+// limits and the log.
+func observe(log *slog.Logger, m *metrics, proxies trustedProxies, next http.Handler) http.Handler {
 	rejects := &rejectLog{interval: time.Second}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
@@ -177,7 +181,7 @@ func observe(log *slog.Logger, m *metrics, next http.Handler) http.Handler {
 		h["X-Request-Id"] = []string{id}
 		h["X-Content-Type-Options"] = nosniff
 
-		info := &requestInfo{id: id, log: log}
+		info := &requestInfo{id: id, log: log, client: proxies.client(r)}
 		r = r.WithContext(context.WithValue(r.Context(), requestInfoKey{}, info))
 		rec := &recorder{ResponseWriter: w, r: r}
 		m.inFlight.Inc()
@@ -229,6 +233,7 @@ func observe(log *slog.Logger, m *metrics, next http.Handler) http.Handler {
 					slog.Int("bytes", rec.bytes),
 					slog.Float64("duration_ms", float64(elapsed.Microseconds())/1000),
 					slog.String("request_id", id),
+					slog.String("client_ip", info.client),
 				}
 				if info.actor != "" {
 					attrs = append(attrs, slog.String("actor", info.actor))
@@ -302,12 +307,90 @@ func shedLoad(max int, m *metrics, next http.Handler) http.Handler {
 	})
 }
 
+// clientIP returns the client's address: as observe resolved it (through
+// TRUSTED_PROXIES), else the TCP peer's.
 func clientIP(r *http.Request) string {
+	if info := infoFrom(r.Context()); info != nil && info.client != "" {
+		return info.client
+	}
+	return peerIP(r)
+}
+
+// peerIP returns the address of the TCP peer.
+func peerIP(r *http.Request) string {
 	host, _, err := net.SplitHostPort(r.RemoteAddr)
 	if err != nil {
 		return r.RemoteAddr
 	}
 	return host
+}
+
+// trustedProxies are the networks of TRUSTED_PROXIES: the reverse proxies
+// whose X-Forwarded-For is believed. Empty: the header is never read.
+type trustedProxies []netip.Prefix
+
+// parseTrustedProxies parses a comma-separated list of CIDRs (a bare
+// address is its own /32 or /128).
+func parseTrustedProxies(s string) (trustedProxies, error) {
+	var tp trustedProxies
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(f)
+		if err != nil {
+			a, aerr := netip.ParseAddr(f)
+			if aerr != nil {
+				return nil, fmt.Errorf("%q is not a CIDR such as 10.0.0.0/8 or an address", f)
+			}
+			p = netip.PrefixFrom(a, a.BitLen())
+		}
+		tp = append(tp, p.Masked())
+	}
+	return tp, nil
+}
+
+func (tp trustedProxies) trusts(a netip.Addr) bool {
+	a = a.Unmap().WithZone("")
+	for _, p := range tp {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+// client returns the address a request comes from. Only when the TCP peer
+// is a trusted proxy is X-Forwarded-For read, from the right: each trusted
+// proxy appends the address it took the request from, so the rightmost
+// address that is not a trusted proxy is the client; what is left of it
+// anyone could have written. A hop that is not an address stops the walk
+// at the proxy that passed it on.
+func (tp trustedProxies) client(r *http.Request) string {
+	peer := peerIP(r)
+	if len(tp) == 0 {
+		return peer
+	}
+	a, err := netip.ParseAddr(peer)
+	if err != nil || !tp.trusts(a) {
+		return peer
+	}
+	hops := r.Header.Values("X-Forwarded-For")
+	client := a
+	for i := len(hops) - 1; i >= 0; i-- {
+		list := strings.Split(hops[i], ",")
+		for j := len(list) - 1; j >= 0; j-- {
+			hop, err := netip.ParseAddr(strings.TrimSpace(list[j]))
+			if err != nil {
+				return client.Unmap().String()
+			}
+			client = hop
+			if !tp.trusts(hop) {
+				return hop.Unmap().WithZone("").String()
+			}
+		}
+	}
+	return client.Unmap().WithZone("").String() // every hop is a trusted proxy: the leftmost
 }
 
 // clientKey is what a client is limited by when it has no valid token: its

@@ -25,6 +25,8 @@ func TestMigrations_unchanged(t *testing.T) {
 		"migrations/sqlite/0006_reservations_and_feed.sql":   "340fb0fe6495cc467420f48a0f66a4bb8d62ee1c52b8eb4166669d165be46d55",
 		"migrations/postgres/0005_feed_log_id.sql":           "a181438714865142d45800020d14351e07a45d258418438d7d047d63ff8ecd81",
 		"migrations/sqlite/0007_feed_log_id.sql":             "88aa622a10720f1590b314d7adc02b9052cbdd22aeddf8d238800ff87ec5eb8b",
+		"migrations/postgres/0006_actor.sql":                 "2c8ebd73ed20c5bd444eb8ca9f4aef286b4012d8659c186c61246caf8a53fa5e",
+		"migrations/sqlite/0008_actor.sql":                   "ac2b5288051266af90d5ed87ceecacd02913916c4f985c0190f00c3da725b967",
 	}
 	got := map[string]string{}
 	err := fs.WalkDir(migrationFiles, "migrations", func(path string, d fs.DirEntry, err error) error {
@@ -52,7 +54,7 @@ func TestMigrations_unchanged(t *testing.T) {
 			t.Errorf("%s was released and is gone", path)
 		}
 	}
-	if len(migrations) != 7 || len(pgMigrations) != 5 {
-		t.Errorf("migrations: %d for SQLite, %d for PostgreSQL, want 7 and 5", len(migrations), len(pgMigrations))
+	if len(migrations) != 8 || len(pgMigrations) != 6 {
+		t.Errorf("migrations: %d for SQLite, %d for PostgreSQL, want 8 and 6", len(migrations), len(pgMigrations))
 	}
 }

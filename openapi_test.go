@@ -595,22 +595,22 @@ type oaPanicStore struct{ *sqliteStore }
 func (oaPanicStore) Get(context.Context, int64) (Product, error)    { panic("test: store bug") }
 func (oaPanicStore) List(context.Context, ListFilter) (Page, error) { panic("test: store bug") }
 func (oaPanicStore) Ping(context.Context) error                     { panic("test: store bug") }
-func (oaPanicStore) Create(context.Context, Product, *IdempotencyKey) (Product, bool, error) {
+func (oaPanicStore) Create(context.Context, string, Product, *IdempotencyKey) (Product, bool, error) {
 	panic("test: store bug")
 }
-func (oaPanicStore) Update(context.Context, int64, ProductUpdate) (Product, bool, error) {
+func (oaPanicStore) Update(context.Context, string, int64, ProductUpdate) (Product, bool, error) {
 	panic("test: store bug")
 }
-func (oaPanicStore) AdjustStock(context.Context, int64, int64, *IfMatch, *IdempotencyKey) (Product, bool, error) {
+func (oaPanicStore) AdjustStock(context.Context, string, int64, int64, *IfMatch, *IdempotencyKey) (Product, bool, error) {
 	panic("test: store bug")
 }
-func (oaPanicStore) Delete(context.Context, int64, *IfMatch) (Product, error) {
+func (oaPanicStore) Delete(context.Context, string, int64, *IfMatch) (Product, error) {
 	panic("test: store bug")
 }
 func (oaPanicStore) Reserve(context.Context, Reservation, time.Duration, *IdempotencyKey) (Reserved, error) {
 	panic("test: store bug")
 }
-func (oaPanicStore) Transition(context.Context, string, string) (Reserved, error) {
+func (oaPanicStore) Transition(context.Context, string, string, string) (Reserved, error) {
 	panic("test: store bug")
 }
 func (oaPanicStore) Reservation(context.Context, string) (Reservation, error) {

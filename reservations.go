@@ -28,7 +28,7 @@ func (s *ProductService) Reserve(ctx context.Context, in ReservationInput, idem 
 	if in.TTLSeconds != nil {
 		ttl = time.Duration(*in.TTLSeconds) * time.Second
 	}
-	r := Reservation{ID: newReservationID(), Reference: *in.Reference, Lines: in.Lines}
+	r := Reservation{ID: newReservationID(), Reference: *in.Reference, Lines: in.Lines, CreatedBy: actorFrom(ctx)}
 	var held Reserved
 	err := s.write(ctx, "reserve", func(ctx context.Context) error {
 		var err error
@@ -65,7 +65,7 @@ func (s *ProductService) transition(ctx context.Context, id, to string) (Reserva
 	var out Reserved
 	err := s.write(ctx, "reservation "+to, func(ctx context.Context) error {
 		var err error
-		out, err = s.store.Transition(ctx, id, to)
+		out, err = s.store.Transition(ctx, actorFrom(ctx), id, to)
 		return err
 	})
 	if err != nil {
