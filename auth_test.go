@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -14,6 +15,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -337,7 +340,7 @@ func TestStore_actor(t *testing.T) {
 			t.Fatal(err)
 		}
 		held, err := s.Reserve(ctx, Reservation{ID: newReservationID(), Reference: "o-1", Lines: []ReservationLine{{ProductID: p.ID, Quantity: 2}},
-			CreatedBy: "checkout"}, time.Minute, nil)
+			CreatedBy: "checkout"}, time.Minute, 0, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -544,5 +547,116 @@ func TestTrustedProxies_limits(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), `"client_ip":"198.51.100.2"`) || !strings.Contains(logs.String(), `"client_ip":"203.0.113.5"`) {
 		t.Errorf("access log does not show the resolved client addresses:\n%.2000s", logs.String())
+	}
+}
+
+// TestStore_holdCap checks, on both engines, that a holder's cap on units
+// in open reservations is kept: by concurrent holds too, counting neither
+// released holds nor another holder's, and refusing with nothing held.
+func TestStore_holdCap(t *testing.T) {
+	forEachStore(t, func(t *testing.T, s productStore) {
+		ctx := t.Context()
+		p, _, err := s.Create(ctx, "", Product{SKU: "CAP-1", Name: "pen", Currency: "USD", Stock: 1000}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		hold := func(who string, qty, maxHeld int64) (Reserved, error) {
+			return s.Reserve(ctx, Reservation{ID: newReservationID(), Reference: "o", CreatedBy: who,
+				Lines: []ReservationLine{{ProductID: p.ID, Quantity: qty}}}, time.Minute, maxHeld, nil)
+		}
+		const capUnits = 5
+		var wg sync.WaitGroup
+		var ok, refused atomic.Int64
+		for range 20 {
+			wg.Go(func() {
+				_, err := hold("shop", 1, capUnits)
+				switch {
+				case err == nil:
+					ok.Add(1)
+				case errors.Is(err, ErrHoldCap):
+					refused.Add(1)
+				default:
+					t.Errorf("Reserve: %v", err)
+				}
+			})
+		}
+		wg.Wait()
+		if ok.Load() != capUnits || refused.Load() != 20-capUnits {
+			t.Fatalf("20 concurrent holds of 1 under a cap of %d: %d held, %d refused; want %d and %d",
+				capUnits, ok.Load(), refused.Load(), capUnits, 20-capUnits)
+		}
+		got, _ := s.Get(ctx, p.ID)
+		if got.Reserved != capUnits {
+			t.Errorf("reserved = %d after the refusals, want %d", got.Reserved, capUnits)
+		}
+		var capErr *HoldCapError
+		if _, err := hold("shop", 2, capUnits); !errors.As(err, &capErr) || *capErr != (HoldCapError{Cap: capUnits, Held: capUnits, Requested: 2}) {
+			t.Errorf("hold past the cap = %v, want HoldCapError{5 5 2}", err)
+		}
+		if _, err := hold("other", capUnits, capUnits); err != nil {
+			t.Errorf("another holder's hold = %v, want it held (caps are per holder)", err)
+		}
+		if _, err := hold("shop", 100, 0); err != nil {
+			t.Errorf("a hold without a cap = %v, want it held", err)
+		}
+		// Releasing frees room under the cap.
+		rs, err := s.ReservationsByReference(ctx, "o", 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range rs {
+			if r.CreatedBy == "shop" && r.Lines[0].Quantity == 1 {
+				if _, err := s.Transition(ctx, "shop", r.ID, StateReleased); err != nil {
+					t.Fatal(err)
+				}
+				break
+			}
+		}
+		// shop now holds 4 + 100: one more fits under 105, a second does not.
+		if _, err := hold("shop", 1, capUnits+100); err != nil {
+			t.Errorf("hold of 1 with 104 held under a cap of 105 = %v, want it held", err)
+		}
+		if _, err := hold("shop", 1, capUnits+100); !errors.Is(err, ErrHoldCap) {
+			t.Errorf("hold of 1 with 105 held under a cap of 105 = %v, want ErrHoldCap", err)
+		}
+	})
+}
+
+// TestHoldCap_tokensFile checks the cap end to end: max_held on a line of
+// the tokens file refuses the hold that would pass it with 409
+// hold-cap-exceeded, naming the cap, and holds nothing.
+func TestHoldCap_tokensFile(t *testing.T) {
+	dir := t.TempDir()
+	ts := newTokenSet(nil)
+	if err := ts.useFile(writeTokensFile(t, filepath.Join(dir, "tokens"),
+		"shop reservations:write,catalog:write "+digestOf("shop-token")+" max_held=2")); err != nil {
+		t.Fatal(err)
+	}
+	m := newMetrics(prometheus.NewRegistry())
+	store := newTestStore(t)
+	h := newServer(serverDeps{svc: NewProductService(store, ServiceConfig{Metrics: m}), log: slog.New(slog.DiscardHandler),
+		metrics: m, tokens: ts, life: &lifecycle{}})
+	send := func(method, target, body string) *httptest.ResponseRecorder {
+		req := httptest.NewRequest(method, target, strings.NewReader(body))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Authorization", "Bearer shop-token")
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		return rec
+	}
+	if rec := send("POST", "/products", `{"sku":"C-1","name":"pen","price_cents":1,"stock":10}`); rec.Code != http.StatusCreated {
+		t.Fatalf("create: %d %s", rec.Code, rec.Body)
+	}
+	if rec := send("POST", "/reservations", `{"reference":"o-1","lines":[{"product_id":1,"quantity":2}]}`); rec.Code != http.StatusCreated {
+		t.Fatalf("hold of 2 under a cap of 2: %d %s", rec.Code, rec.Body)
+	}
+	rec := send("POST", "/reservations", `{"reference":"o-2","lines":[{"product_id":1,"quantity":1}]}`)
+	var p problem
+	json.Unmarshal(rec.Body.Bytes(), &p)
+	if rec.Code != http.StatusConflict || p.Type != "/problems/hold-cap-exceeded" || !strings.Contains(p.Detail, "at most 2 units") {
+		t.Errorf("hold past the cap = %d %s, want 409 hold-cap-exceeded naming the cap", rec.Code, rec.Body)
+	}
+	if got, _ := store.Get(t.Context(), 1); got.Reserved != 2 {
+		t.Errorf("reserved = %d after the refusal, want 2", got.Reserved)
 	}
 }

@@ -65,8 +65,11 @@ type productStore interface {
 	// Reserve holds r.Lines (r.ID and r.Reference set by the caller) for
 	// ttl, all or nothing. It returns a *ValidationError naming a line
 	// whose product does not exist, or a *ShortageError naming every
-	// short line, and then holds nothing.
-	Reserve(ctx context.Context, r Reservation, ttl time.Duration, key *IdempotencyKey) (Reserved, error)
+	// short line, and then holds nothing. With maxHeld above 0 it returns
+	// a *HoldCapError, holding nothing, if r.CreatedBy would hold more
+	// than maxHeld units in open reservations, counted in the same
+	// transaction as the hold.
+	Reserve(ctx context.Context, r Reservation, ttl time.Duration, maxHeld int64, key *IdempotencyKey) (Reserved, error)
 	// Transition confirms or releases reservation id (to is StateConfirmed
 	// or StateReleased). Repeating a transition changes nothing; the other
 	// one after it is ErrInvalidState; a hold whose time ran out is

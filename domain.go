@@ -30,6 +30,9 @@ var (
 	ErrInvalidState = errors.New("reservation is not in a state that allows this")
 	// ErrReservationExpired is a transition of a hold whose time ran out.
 	ErrReservationExpired = errors.New("reservation expired")
+	// ErrHoldCap is a hold its holder may not take: it would hold more
+	// units in open reservations than its cap.
+	ErrHoldCap = errors.New("hold cap reached")
 )
 
 // IdempotencyKey identifies a write that a client may retry. Scope keeps one
@@ -487,6 +490,18 @@ type Shortage struct {
 	Requested int64
 	Available int64
 }
+
+// HoldCapError is a reservation refused because its holder would then hold
+// more than Cap units in open reservations: it holds Held, and the
+// reservation asks for Requested. Nothing was held. It unwraps to
+// ErrHoldCap.
+type HoldCapError struct{ Cap, Held, Requested int64 }
+
+func (e *HoldCapError) Error() string {
+	return fmt.Sprintf("this credential may hold at most %d units in open reservations; it holds %d and this reservation asks for %d more; nothing was held",
+		e.Cap, e.Held, e.Requested)
+}
+func (e *HoldCapError) Unwrap() error { return ErrHoldCap }
 
 // ShortageError is a reservation refused because lines are short; nothing
 // was held. It unwraps to ErrInsufficientStock.

@@ -633,6 +633,7 @@ var errorStatus = []struct {
 	{ErrReservationNotFound, http.StatusNotFound, "reservation-not-found", "no reservation has this id"},
 	{ErrInvalidState, http.StatusConflict, "invalid-state", "the reservation was already confirmed or released the other way; nothing was changed"},
 	{ErrReservationExpired, http.StatusConflict, "reservation-expired", "the hold expired and its units are available again; reserve again"},
+	{ErrHoldCap, http.StatusConflict, "hold-cap-exceeded", "this credential may not hold more units in open reservations (max_held); nothing was held"},
 	{ErrFeedGone, http.StatusGone, "feed-gone", ""},
 	{ErrUnavailable, http.StatusServiceUnavailable, "unavailable", ""},
 }
@@ -659,6 +660,7 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 		gone  *FeedGoneError
 		reset *FeedResetError
 		scope *scopeError
+		hcap  *HoldCapError
 	)
 	switch {
 	case errors.As(err, &scope):
@@ -675,6 +677,9 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	case errors.As(err, &rerr):
 		status, detail = http.StatusTooManyRequests, rerr.Error()
 		w.Header().Set("Retry-After", retryAfter(rerr.retryAfter))
+	case errors.As(err, &hcap):
+		status, slug, detail = http.StatusConflict, "hold-cap-exceeded", hcap.Error()
+		problems = map[string]string{"lines": fmt.Sprintf("%d units requested; the cap (max_held) is %d and %d are held", hcap.Requested, hcap.Cap, hcap.Held)}
 	case errors.As(err, &short):
 		status, slug, detail = http.StatusConflict, "insufficient-stock", "some lines are short; nothing was held: see errors"
 		problems = make(map[string]string, len(short.Lines))

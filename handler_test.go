@@ -2007,6 +2007,7 @@ func TestWriteError_everySentinel(t *testing.T) {
 		"ErrInvalidState":        ErrInvalidState,
 		"ErrReservationExpired":  ErrReservationExpired,
 		"ErrFeedGone":            ErrFeedGone,
+		"ErrHoldCap":             ErrHoldCap,
 	}
 	files, err := filepath.Glob("*.go")
 	if err != nil {

@@ -93,11 +93,20 @@ func releaseDueLines(ctx context.Context, t tx, now time.Time, id int64) error {
 }
 
 // reserve holds r.Lines for ttl, all or nothing, for r.CreatedBy (also
-// the actor of its events). It returns a
+// the actor of its events). With maxHeld above 0 it returns a
+// *HoldCapError, before writing anything, if r.CreatedBy would then hold
+// more than maxHeld units in open reservations: the count and the hold are
+// one transaction, and the holder's reservations are serialised (lockHolder)
+// so two holds at once cannot both pass under the cap. It returns a
 // *ValidationError naming lines whose product does not exist, or a
 // *ShortageError naming every short line, before writing anything; else
 // the held reservation and the products it changed.
-func reserve(ctx context.Context, t tx, now time.Time, r Reservation, ttl time.Duration) (Reservation, []Product, error) {
+func reserve(ctx context.Context, t tx, now time.Time, r Reservation, ttl time.Duration, maxHeld int64) (Reservation, []Product, error) {
+	if maxHeld > 0 {
+		if err := checkHoldCap(ctx, t, now, r, maxHeld); err != nil {
+			return Reservation{}, nil, err
+		}
+	}
 	order := make([]int, len(r.Lines)) // line indexes in product id order, for the locks
 	for i := range order {
 		order[i] = i
@@ -168,6 +177,34 @@ func reserve(ctx context.Context, t tx, now time.Time, r Reservation, ttl time.D
 		return Reservation{}, nil, err
 	}
 	return r, changed, nil
+}
+
+// checkHoldCap returns a *HoldCapError if r.CreatedBy, holding r's units
+// too, would hold more than maxHeld units in open reservations. A hold
+// whose time ran out no longer counts, as it no longer counts against
+// stock. It takes the holder's lock first (before any product row), so it
+// runs before the statements whose snapshot it must see.
+func checkHoldCap(ctx context.Context, t tx, now time.Time, r Reservation, maxHeld int64) error {
+	if t.lockHolder != "" {
+		if _, err := t.exec(ctx, t.lockHolder, r.CreatedBy); err != nil {
+			return err
+		}
+	}
+	var held int64
+	if err := t.queryRow(ctx, `SELECT coalesce(sum(l.quantity), 0) FROM reservations r
+		JOIN reservation_lines l ON l.reservation_id = r.id
+		WHERE r.created_by = ? AND r.state = 'held' AND l.holding = 1 AND l.expires_at > ?`,
+		r.CreatedBy, t.ts(now)).Scan(&held); err != nil {
+		return err
+	}
+	var want int64
+	for _, l := range r.Lines {
+		want += l.Quantity
+	}
+	if held+want > maxHeld {
+		return &HoldCapError{Cap: maxHeld, Held: held, Requested: want}
+	}
+	return nil
 }
 
 // dueUnits returns the units that expired holds still count against

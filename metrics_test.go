@@ -40,6 +40,8 @@ type mtServer struct {
 const (
 	mtFeedToken    = "feed-only"
 	mtCatalogToken = "catalog-only"
+	mtCappedToken  = "capped" // reservations:write, holding at most mtCap units
+	mtCap          = 3
 )
 
 // mtTokens accepts mtToken with every scope, mtFeedToken with events:read
@@ -49,6 +51,9 @@ func mtTokens(tb testing.TB) *tokenSet {
 	ts := newTokenSet([]string{mtToken})
 	addTestCredential(tb, ts, "feed-reader", scopeEventsRead, mtFeedToken)
 	addTestCredential(tb, ts, "catalog-editor", scopeCatalogWrite, mtCatalogToken)
+	addTestCredential(tb, ts, "capped", scopeReservationsWrite, mtCappedToken)
+	creds := *ts.creds.Load()
+	creds[len(creds)-1].MaxHeld = mtCap
 	return ts
 }
 

@@ -341,7 +341,7 @@ func parseTrustedProxies(s string) (trustedProxies, error) {
 		if err != nil {
 			a, aerr := netip.ParseAddr(f)
 			if aerr != nil {
-				return nil, fmt.Errorf("%q is not a CIDR such as 10.0.0.0/8 or an address", f)
+				return nil, fmt.Errorf("%q is not a CIDR or an address, such as 10.0.0.0/8 or 192.168.1.1", f)
 			}
 			p = netip.PrefixFrom(a, a.BitLen())
 		}

@@ -607,7 +607,7 @@ func (oaPanicStore) AdjustStock(context.Context, string, int64, int64, *IfMatch,
 func (oaPanicStore) Delete(context.Context, string, int64, *IfMatch) (Product, error) {
 	panic("test: store bug")
 }
-func (oaPanicStore) Reserve(context.Context, Reservation, time.Duration, *IdempotencyKey) (Reserved, error) {
+func (oaPanicStore) Reserve(context.Context, Reservation, time.Duration, int64, *IdempotencyKey) (Reserved, error) {
 	panic("test: store bug")
 }
 func (oaPanicStore) Transition(context.Context, string, string, string) (Reserved, error) {
@@ -889,6 +889,8 @@ func oaReservationResponses(t *testing.T, srv *httptest.Server, router routers.R
 			header: map[string]string{"Idempotency-Key": ""}, want: 400, docRejects: true},
 		{name: "reserve short lines", method: "POST", path: "/reservations",
 			body: fmt.Sprintf(`{"reference":"order-2","lines":[{"product_id":%d,"quantity":100},{"product_id":%d,"quantity":5}]}`, p, q), want: 409, problem: "insufficient-stock"},
+		{name: "reserve past the hold cap", method: "POST", path: "/reservations", body: hold("order-cap", mtCap+1, ""), noAuth: true,
+			header: map[string]string{"Authorization": "Bearer " + mtCappedToken}, want: 409, problem: "hold-cap-exceeded"},
 		{name: "reserve unknown product", method: "POST", path: "/reservations", body: `{"reference":"order-2","lines":[{"product_id":999999,"quantity":1}]}`, want: 422, problem: "validation"},
 		{name: "reserve blank reference", method: "POST", path: "/reservations", body: `{"reference":"","lines":[{"product_id":1,"quantity":1}]}`, want: 422, docRejects: true},
 		{name: "reserve unprintable reference", method: "POST", path: "/reservations", body: `{"reference":"a\u0007b","lines":[{"product_id":1,"quantity":1}]}`, want: 422, docRejects: true},

@@ -40,6 +40,9 @@ var pgDialect = newDialect(dialect{
 	fullText: func(terms []string, _ bool) (string, string, any, string) {
 		return "products", "products.search @@ to_tsquery('simple', ?)", tsQuery(terms), "products.id"
 	},
+	// A transaction-scoped advisory lock per holder, in a key space of its
+	// own (the first key spells "hold").
+	lockHolder: `SELECT pg_advisory_xact_lock(1752132708, hashtext(?))`,
 })
 
 // pgMigrationLock is the advisory lock key under which replicas migrate,

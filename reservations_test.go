@@ -261,7 +261,7 @@ func TestStore_Reserve_idempotent(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		again, err := s.Reserve(t.Context(), hold("o-9", ReservationLine{p.ID, 4}), time.Minute, key)
+		again, err := s.Reserve(t.Context(), hold("o-9", ReservationLine{p.ID, 4}), time.Minute, 0, key)
 		if err != nil || !again.Replayed || !cmp.Equal(again.Reservation, first) || len(again.Changed) != 0 {
 			t.Fatalf("retried Reserve = %+v, %v, want a replay of %+v changing nothing", again, err, first)
 		}

@@ -771,7 +771,7 @@ func setStoreClock(s productStore, now func() time.Time) {
 // storeReserve and storeTransition call a store's Reserve and Transition
 // and return the reservation and the products changed apart.
 func storeReserve(s productStore, ctx context.Context, r Reservation, ttl time.Duration, key *IdempotencyKey) (Reservation, []Product, error) {
-	out, err := s.Reserve(ctx, r, ttl, key)
+	out, err := s.Reserve(ctx, r, ttl, 0, key)
 	return out.Reservation, out.Changed, err
 }
 

@@ -83,6 +83,11 @@ type dialect struct {
 	// (byID: the listing is in id order).
 	fullText func(terms []string, byID bool) (from, cond string, arg any, idColumn string)
 
+	// lockHolder, given a holder's name, serialises that holder's
+	// reservations until the transaction ends, so a hold cap is counted
+	// and kept atomically; "" where one write runs at a time (SQLite).
+	lockHolder string
+
 	// Statements that depend on the fields above, built once.
 	insertProduct, updateProduct string
 }
@@ -265,12 +270,13 @@ func (s *sqlStore) Delete(ctx context.Context, actor string, id int64, cond *IfM
 	return gone, nil
 }
 
-// Reserve holds r.Lines for ttl, all or nothing; see reserve. A replay of
-// key returns the reservation the first request made, and no products.
-func (s *sqlStore) Reserve(ctx context.Context, r Reservation, ttl time.Duration, key *IdempotencyKey) (Reserved, error) {
+// Reserve holds r.Lines for ttl, all or nothing, within maxHeld (0: no
+// cap); see reserve. A replay of key returns the reservation the first
+// request made, and no products.
+func (s *sqlStore) Reserve(ctx context.Context, r Reservation, ttl time.Duration, maxHeld int64, key *IdempotencyKey) (Reserved, error) {
 	var changed []Product
 	held, replayed, err := runWrite(ctx, s, key, func(ctx context.Context, t tx) (Reservation, error) {
-		held, ps, err := reserve(ctx, t, s.nowMicro(), r, ttl)
+		held, ps, err := reserve(ctx, t, s.nowMicro(), r, ttl, maxHeld)
 		changed = ps
 		return held, err
 	})
