@@ -103,6 +103,10 @@ type tokenSet struct {
 	// time and size of what was last read, to notice a change.
 	file   string
 	loaded atomic.Pointer[fileStamp]
+
+	// jwt verifies OAuth 2 access tokens (JWT_ISSUER); nil: none accepted.
+	// Set before serving.
+	jwt *jwtVerifier
 }
 
 type fileStamp struct {
@@ -137,7 +141,29 @@ func (ts *tokenSet) len() int { return len(*ts.creds.Load()) }
 // match returns the principal of the request's bearer token, if the token
 // is one of the set's. Every digest is compared, in constant time, whatever
 // the outcome.
+//
+// An access token (JWT) is verified when no static credential matches. The
+// outcome is kept for the request, so the rate limiter and requireScope
+// verify a signature once between them.
 func (ts *tokenSet) match(r *http.Request) (principal, bool) {
+	info := infoFrom(r.Context())
+	if info != nil && info.auth != nil {
+		return info.auth.p, info.auth.ok
+	}
+	p, ok := ts.authenticate(r)
+	if info != nil {
+		info.auth = &authOutcome{p, ok}
+	}
+	return p, ok
+}
+
+// authOutcome is a request's authentication, once done.
+type authOutcome struct {
+	p  principal
+	ok bool
+}
+
+func (ts *tokenSet) authenticate(r *http.Request) (principal, bool) {
 	tok, ok := bearerToken(r)
 	if !ok {
 		return principal{}, false
@@ -151,6 +177,10 @@ func (ts *tokenSet) match(r *http.Request) (principal, bool) {
 		}
 	}
 	if found < 0 {
+		if ts.jwt != nil && looksLikeJWT(tok) {
+			p, err := ts.jwt.verify(r.Context(), tok)
+			return p, err == nil
+		}
 		return principal{}, false
 	}
 	return creds[found].principal, true

@@ -84,7 +84,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		routeOTelErrors(log)
 	}
 	log.Info("starting", append([]any{"version", buildVersion(), "tracing", tr.enabled}, cfg.logAttrs()...)...)
-	if len(cfg.APITokens) == 0 && cfg.APITokensFile == "" {
+	if len(cfg.APITokens) == 0 && cfg.APITokensFile == "" && cfg.JWTIssuer == "" {
 		var b [24]byte
 		rand.Read(b[:])
 		cfg.APITokens = []string{hex.EncodeToString(b[:])}
@@ -100,6 +100,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			return &configError{msg: err.Error()}
 		}
 		log.Info("tokens file loaded", "file", cfg.APITokensFile, "credentials", tokens.len())
+	}
+	if cfg.JWTIssuer != "" {
+		tokens.jwt = newJWTVerifier(cfg.JWTIssuer, cfg.JWTAudience, cfg.JWTJWKSURL, int64(cfg.JWTMaxHeld), log)
+		// Not fatal: an issuer that is down now may be up by the first
+		// request, which fetches the keys again.
+		tokens.jwt.refresh(ctx)
 	}
 
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)

@@ -33,6 +33,7 @@ type requestInfo struct {
 	rejected bool         // refused by load shedding or a rate limit
 	actor    string       // the credential's name, once authenticated
 	client   string       // the client's address (see trustedProxies.client)
+	auth     *authOutcome // who the request authenticated as, once tokenSet.match ran
 }
 
 type requestInfoKey struct{}
