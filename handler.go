@@ -409,7 +409,8 @@ func handleAdjustStock(svc *ProductService) http.Handler {
 }
 
 // idempotencyKey reads the Idempotency-Key of a write. Keys are scoped to
-// the bearer token, and bound to the method, path and body of the request.
+// the bearer token (an access token's subject), and bound to the method,
+// path and body of the request.
 func idempotencyKey(r *http.Request, body []byte) (*IdempotencyKey, error) {
 	vals := r.Header.Values("Idempotency-Key")
 	if len(vals) == 0 {
@@ -421,7 +422,14 @@ func idempotencyKey(r *http.Request, body []byte) (*IdempotencyKey, error) {
 			Problems: map[string]string{"Idempotency-Key": "is malformed"}}
 	}
 	_, tok, _ := strings.Cut(r.Header.Get("Authorization"), " ")
-	scope := sha256.Sum256([]byte(strings.TrimSpace(tok)))
+	owner := strings.TrimSpace(tok)
+	if p, ok := principalFrom(r.Context()); ok && strings.HasPrefix(p.key, "jwt:") {
+		// An access token is replaced every few minutes: its subject, not
+		// the token, owns the keys, so a retry with a fresh token replays.
+		// A NUL cannot be in a static token (nor in any header).
+		owner = "\x00" + p.key
+	}
+	scope := sha256.Sum256([]byte(owner))
 	h := sha256.New()
 	io.WriteString(h, r.Method+" "+r.URL.Path+"\n")
 	h.Write(body)

@@ -322,6 +322,25 @@ func TestJWT_http(t *testing.T) {
 	if rec := send("POST", "/products", admin); rec.Code != http.StatusCreated {
 		t.Fatalf("POST /products with admin = %d %s, want 201", rec.Code, rec.Body)
 	}
+	// An Idempotency-Key belongs to the subject: a retry with a fresh token
+	// of the same subject replays, and creates nothing twice.
+	retry := func(token string) *httptest.ResponseRecorder {
+		req := httptest.NewRequest("POST", "/products", strings.NewReader(`{"sku":"J-2","name":"pen","price_cents":1}`))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Authorization", "Bearer "+token)
+		req.Header.Set("Idempotency-Key", "create-j-2")
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		return rec
+	}
+	if rec := retry(admin); rec.Code != http.StatusCreated {
+		t.Fatalf("create with a key = %d %s", rec.Code, rec.Body)
+	}
+	fresh := idp.sign(t, "ed-1", jwa.EdDSA(), func(tok jwt.Token) { tok.Set("scope", "admin"); tok.Set(jwt.SubjectKey, "ops-bot") })
+	if rec := retry(fresh); rec.Code != http.StatusCreated || rec.Header().Get("Idempotency-Replayed") != "true" {
+		t.Errorf("retry with a fresh token of the same subject = %d (Idempotency-Replayed %q), want 201 replayed",
+			rec.Code, rec.Header().Get("Idempotency-Replayed"))
+	}
 	if !strings.Contains(logs.String(), `"actor":"ops-bot"`) || strings.Contains(logs.String(), admin[:40]) {
 		t.Errorf("access log: want actor ops-bot and no token:\n%.3000s", logs.String())
 	}
