@@ -70,7 +70,7 @@ func TestBackup_measure(t *testing.T) {
 					}
 					id := i.Add(1)%int64(n) + 1
 					t0 := time.Now()
-					if _, _, err := s.AdjustStock(context.Background(), id, 1, nil, nil); err != nil {
+					if _, _, err := s.AdjustStock(context.Background(), "", id, 1, nil, nil); err != nil {
 						t.Error(err)
 						return
 					}

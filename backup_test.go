@@ -56,7 +56,7 @@ func TestBackups_Create(t *testing.T) {
 	ctx := t.Context()
 	s := newTestStore(t)
 	for i := range 5 {
-		if _, _, err := s.Create(ctx, newProduct(fmt.Sprintf("B-%d", i)), nil); err != nil {
+		if _, _, err := s.Create(ctx, "", newProduct(fmt.Sprintf("B-%d", i)), nil); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -165,7 +165,7 @@ func TestBackups_failureLeavesNothing(t *testing.T) {
 	for _, stage := range []string{"snapshot", "verify", "rename"} {
 		t.Run(stage, func(t *testing.T) {
 			s := newTestStore(t)
-			if _, _, err := s.Create(t.Context(), newProduct("F-1"), nil); err != nil {
+			if _, _, err := s.Create(t.Context(), "", newProduct("F-1"), nil); err != nil {
 				t.Fatal(err)
 			}
 			b := newTestBackups(t, s, 0)
@@ -255,7 +255,7 @@ func TestBackup_underWritersRestoresAcknowledged(t *testing.T) {
 	for i := range 50 {
 		p := newProduct(fmt.Sprintf("W-%d", i))
 		p.Stock = 1000
-		if _, _, err := s.Create(ctx, p, nil); err != nil {
+		if _, _, err := s.Create(ctx, "", p, nil); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -280,23 +280,23 @@ func TestBackup_underWritersRestoresAcknowledged(t *testing.T) {
 				var err error
 				switch rng.IntN(5) {
 				case 0:
-					_, _, err = s.Create(ctx, newProduct(fmt.Sprintf("N-%d-%d", w, n)), nil)
+					_, _, err = s.Create(ctx, "", newProduct(fmt.Sprintf("N-%d-%d", w, n)), nil)
 				case 1, 2:
-					_, _, err = s.AdjustStock(ctx, id, rng.Int64N(5)-1, nil, nil)
+					_, _, err = s.AdjustStock(ctx, "", id, rng.Int64N(5)-1, nil, nil)
 				case 3:
 					var r Reserved
 					r, err = s.Reserve(ctx, Reservation{ID: newReservationID(), Reference: fmt.Sprintf("o-%d-%d", w, n),
-						Lines: []ReservationLine{{ProductID: id, Quantity: 1}}}, time.Hour, nil)
+						Lines: []ReservationLine{{ProductID: id, Quantity: 1}}}, time.Hour, 0, nil)
 					if err == nil && rng.IntN(2) == 0 {
-						_, err = s.Transition(ctx, r.Reservation.ID, StateConfirmed)
+						_, err = s.Transition(ctx, "", r.Reservation.ID, StateConfirmed)
 					} else if err == nil {
-						_, err = s.Transition(ctx, r.Reservation.ID, StateReleased)
+						_, err = s.Transition(ctx, "", r.Reservation.ID, StateReleased)
 					}
 				case 4:
 					p := newProduct(fmt.Sprintf("D-%d-%d", w, n))
 					var c Product
-					if c, _, err = s.Create(ctx, p, nil); err == nil {
-						_, err = s.Delete(ctx, c.ID, nil)
+					if c, _, err = s.Create(ctx, "", p, nil); err == nil {
+						_, err = s.Delete(ctx, "", c.ID, nil)
 					}
 				}
 				if err != nil && !errors.Is(err, ErrInsufficientStock) {
@@ -421,7 +421,7 @@ func TestRestore_refuses(t *testing.T) {
 	ctx := t.Context()
 	s := newTestStore(t)
 	for i := range 200 {
-		if _, _, err := s.Create(ctx, newProduct(fmt.Sprintf("R-%d", i)), nil); err != nil {
+		if _, _, err := s.Create(ctx, "", newProduct(fmt.Sprintf("R-%d", i)), nil); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -533,7 +533,7 @@ func TestRestore_besideRunningService(t *testing.T) {
 func TestRestore_ifMissing(t *testing.T) {
 	ctx := t.Context()
 	s := newTestStore(t)
-	if _, _, err := s.Create(ctx, newProduct("M-1"), nil); err != nil {
+	if _, _, err := s.Create(ctx, "", newProduct("M-1"), nil); err != nil {
 		t.Fatal(err)
 	}
 	b := newTestBackups(t, s, 0)
@@ -570,7 +570,7 @@ func TestRestore_keepsCurrent(t *testing.T) {
 	dbPath := filepath.Join(dir, "products.db")
 	s := openTestStore(t, dbPath)
 	for i := range 3 {
-		if _, _, err := s.Create(ctx, newProduct(fmt.Sprintf("K-%d", i)), nil); err != nil {
+		if _, _, err := s.Create(ctx, "", newProduct(fmt.Sprintf("K-%d", i)), nil); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -579,7 +579,7 @@ func TestRestore_keepsCurrent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := s.Create(ctx, newProduct("K-after"), nil); err != nil {
+	if _, _, err := s.Create(ctx, "", newProduct("K-after"), nil); err != nil {
 		t.Fatal(err)
 	}
 	// Stop without a checkpoint, as a crash would: the last write is
@@ -624,7 +624,7 @@ func TestRestore_feedReset(t *testing.T) {
 	dir := t.TempDir()
 	s := openTestStore(t, filepath.Join(dir, "live.db"))
 	for i := range 3 {
-		if _, _, err := s.Create(ctx, newProduct(fmt.Sprintf("E-%d", i)), nil); err != nil {
+		if _, _, err := s.Create(ctx, "", newProduct(fmt.Sprintf("E-%d", i)), nil); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -634,7 +634,7 @@ func TestRestore_feedReset(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i := range 5 {
-		if _, _, err := s.Create(ctx, newProduct(fmt.Sprintf("E-after-%d", i)), nil); err != nil {
+		if _, _, err := s.Create(ctx, "", newProduct(fmt.Sprintf("E-after-%d", i)), nil); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -667,7 +667,7 @@ func TestRestore_feedReset(t *testing.T) {
 
 func TestBackupsAPI(t *testing.T) {
 	s := newTestStore(t)
-	if _, _, err := s.Create(t.Context(), newProduct("A-1"), nil); err != nil {
+	if _, _, err := s.Create(t.Context(), "", newProduct("A-1"), nil); err != nil {
 		t.Fatal(err)
 	}
 	svc := newTestService(t, s, ServiceConfig{})

@@ -59,7 +59,7 @@ func benchStore(b *testing.B, n int, sync string) *sqliteStore {
 	}
 	b.Cleanup(func() { s.Close() })
 	for i := range n {
-		_, _, err := s.Create(context.Background(), Product{SKU: "S-" + strconv.Itoa(i), Name: "product " + strconv.Itoa(i),
+		_, _, err := s.Create(context.Background(), "", Product{SKU: "S-" + strconv.Itoa(i), Name: "product " + strconv.Itoa(i),
 			Category: "cat-" + strconv.Itoa(i%20), PriceCents: int64(i * 7 % 10000), Currency: "USD"}, nil)
 		if err != nil {
 			b.Fatal(err)
@@ -108,7 +108,7 @@ func BenchmarkStore_Create(b *testing.B) {
 			b.RunParallel(func(pb *testing.PB) {
 				for pb.Next() {
 					i := n.Add(1)
-					_, _, err := s.Create(context.Background(), Product{SKU: "C-" + strconv.FormatInt(i, 10), Name: "bench",
+					_, _, err := s.Create(context.Background(), "", Product{SKU: "C-" + strconv.FormatInt(i, 10), Name: "bench",
 						PriceCents: 1, Currency: "USD"}, nil)
 					if err != nil {
 						b.Fatal(err)

@@ -75,7 +75,7 @@ func TestProductService_Get_redisHitMiss(t *testing.T) {
 	misses := svc.metrics.cacheRequests.WithLabelValues(cacheMiss)
 
 	// Written straight to SQLite: no cache layer has heard of it.
-	p, _, err := store.Create(t.Context(), newProduct("HIT-1"), nil)
+	p, _, err := store.Create(t.Context(), "", newProduct("HIT-1"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -158,7 +158,7 @@ func TestProductService_invalidation(t *testing.T) {
 			t.Run(fmt.Sprintf("%s/local=%d", w.name, local), func(t *testing.T) {
 				store := newTestStore(t)
 				svc := newCachedService(t, r, store, ServiceConfig{LocalCacheSize: local})
-				p, _, err := store.Create(t.Context(), newProduct(fmt.Sprintf("INV-%d", local)), nil)
+				p, _, err := store.Create(t.Context(), "", newProduct(fmt.Sprintf("INV-%d", local)), nil)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -225,7 +225,7 @@ func TestProductService_Get_staleFillLoses(t *testing.T) {
 			t.Run(fmt.Sprintf("%s/local=%d", w.name, local), func(t *testing.T) {
 				gs := newGatedStore(newTestStore(t))
 				svc := newCachedService(t, r, gs, ServiceConfig{LocalCacheSize: local})
-				p, _, err := gs.productStore.Create(t.Context(), newProduct("RACE-1"), nil)
+				p, _, err := gs.productStore.Create(t.Context(), "", newProduct("RACE-1"), nil)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -303,7 +303,7 @@ func TestProductService_Get_staleFillAfterFailedPublish(t *testing.T) {
 	r := startRedis(t)
 	gs := newGatedStore(newTestStore(t))
 	svc := newCachedService(t, r, gs, ServiceConfig{RedisTimeout: 200 * time.Millisecond})
-	p, _, err := gs.productStore.Create(t.Context(), newProduct("FORGET-1"), nil)
+	p, _, err := gs.productStore.Create(t.Context(), "", newProduct("FORGET-1"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -463,7 +463,7 @@ func TestProductService_localCache(t *testing.T) {
 	}
 
 	// Unknown to the caches: one database read fills both layers.
-	p, _, err := store.Create(t.Context(), newProduct("LOCAL-1"), nil)
+	p, _, err := store.Create(t.Context(), "", newProduct("LOCAL-1"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -582,7 +582,7 @@ func TestProductService_Get_fillAcrossRedisRestart(t *testing.T) {
 	rc := newTestRedisCache(t, r, time.Second)
 	store := &holdFirstGet{productStore: newTestStore(t), read: make(chan struct{}), release: make(chan struct{})}
 	svc := newTestService(t, store, ServiceConfig{Cache: rc, RedisTimeout: time.Second, LocalCacheSize: 0})
-	p, _, err := store.productStore.Create(t.Context(), Product{SKU: "RS-1", Name: "old", Currency: "USD"}, nil)
+	p, _, err := store.productStore.Create(t.Context(), "", Product{SKU: "RS-1", Name: "old", Currency: "USD"}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -32,6 +32,12 @@ type config struct {
 	LocalCacheSize  int
 	CacheMemory     int
 	APITokens       []string
+	APITokensFile   string
+	TrustedProxies  trustedProxies
+	JWTIssuer       string
+	JWTAudience     string
+	JWTJWKSURL      string
+	JWTMaxHeld      int
 	LogLevel        slog.Level
 	ShutdownDelay   time.Duration
 	ShutdownTimeout time.Duration
@@ -97,6 +103,16 @@ func (c *config) settings() []setting {
 			}
 			return nil
 		}},
+		{"API_TOKENS_FILE", "api-tokens-file", "", "accept the named, scoped credentials listed in `file`, one a line: name scope[,scope...] sha256:<hex digest of the token> [max_held=N]; re-read on SIGHUP and when it changes", strSetting(&c.APITokensFile, func(string) error { return nil })},
+		{"TRUSTED_PROXIES", "trusted-proxies", "", "believe X-Forwarded-For only from peers in these comma-separated `CIDRs` (empty: never; the TCP peer is the client)", func(s string) error {
+			tp, err := parseTrustedProxies(s)
+			c.TrustedProxies = tp
+			return err
+		}},
+		{"JWT_ISSUER", "jwt-issuer", "", "accept OAuth 2 access tokens (JWT, RFC 9068) whose iss is `issuer` (with JWT_AUDIENCE and JWT_JWKS_URL)", strSetting(&c.JWTIssuer, func(string) error { return nil })},
+		{"JWT_AUDIENCE", "jwt-audience", "", "accept access tokens whose aud names `audience`", strSetting(&c.JWTAudience, func(string) error { return nil })},
+		{"JWT_JWKS_URL", "jwt-jwks-url", "", "verify access tokens with the keys published at `url` (https, or http on loopback)", strSetting(&c.JWTJWKSURL, emptyOr(jwksURL))},
+		{"JWT_MAX_HELD", "jwt-max-held", "0", "let an access token without a max_held claim hold at most `n` units in open reservations (0: no cap)", intSetting(&c.JWTMaxHeld, 0, maxStock)},
 		{"LOG_LEVEL", "log-level", "info", "log at `level` debug, info, warn or error", func(s string) error {
 			// slog also reads "INFO+2" and upper case; the documented
 			// values are these four, and an error lists them.
@@ -405,6 +421,9 @@ func parseConfig(args []string, getenv func(string) string, stdout io.Writer) (*
 	if c.Restore != "" && c.DatabaseURL != "" {
 		return nil, &configError{msg: "-restore writes DB_PATH, a SQLite database; unset DATABASE_URL (a PostgreSQL database is restored with pg_restore, then -renew-log-id)"}
 	}
+	if n := countSet(c.JWTIssuer, c.JWTAudience, c.JWTJWKSURL); n != 0 && n != 3 {
+		return nil, &configError{msg: "JWT_ISSUER, JWT_AUDIENCE and JWT_JWKS_URL must be set together, or none of them"}
+	}
 	return c, nil
 }
 
@@ -413,6 +432,34 @@ func btoi(b bool) int {
 		return 1
 	}
 	return 0
+}
+
+func countSet(vals ...string) int {
+	n := 0
+	for _, v := range vals {
+		if v != "" {
+			n++
+		}
+	}
+	return n
+}
+
+// jwksURL accepts an https URL, or http to a loopback host (a local
+// identity provider, a test).
+func jwksURL(s string) error {
+	u, err := url.Parse(s)
+	if err != nil || u.Host == "" || (u.Scheme != "https" && !(u.Scheme == "http" && isLoopbackHost(u.Hostname()))) {
+		return errors.New("must be an https URL such as https://idp.example.com/.well-known/jwks.json")
+	}
+	return nil
+}
+
+func isLoopbackHost(h string) bool {
+	if h == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(h)
+	return ip != nil && ip.IsLoopback()
 }
 
 // logAttrs describes the effective configuration, secrets redacted.
@@ -428,7 +475,7 @@ func (c *config) logAttrs() []any {
 	return []any{
 		"addr", c.Addr, "backend", backend, "database_url", redactURL(c.DatabaseURL), "db_path", c.DBPath, "db_sync", c.DBSync, "db_timeout", c.DBTimeout.String(),
 		"redis_url", redis, "redis_timeout", c.RedisTimeout.String(), "cache_ttl", c.CacheTTL.String(),
-		"local_cache_size", c.LocalCacheSize, "cache_memory", c.CacheMemory, "api_tokens", len(c.APITokens), "log_level", c.LogLevel.String(),
+		"local_cache_size", c.LocalCacheSize, "cache_memory", c.CacheMemory, "api_tokens", len(c.APITokens), "api_tokens_file", c.APITokensFile, "trusted_proxies", len(c.TrustedProxies), "jwt_issuer", c.JWTIssuer, "jwt_audience", c.JWTAudience, "jwt_jwks_url", c.JWTJWKSURL, "jwt_max_held", c.JWTMaxHeld, "log_level", c.LogLevel.String(),
 		"shutdown_delay", c.ShutdownDelay.String(), "shutdown_timeout", c.ShutdownTimeout.String(),
 		"metrics_addr", c.MetricsAddr, "admin_addr", c.AdminAddr,
 		"rate_limit_rps", c.RateLimitRPS, "rate_limit_burst", c.RateLimitBurst, "max_in_flight", c.MaxInFlight,

@@ -119,8 +119,8 @@ type copiedTable struct {
 
 var copiedTables = []copiedTable{
 	{name: "reservations", keys: 1, micros: []int{3, 4, 5},
-		read: `SELECT id, reference, state, created_at, expires_at, updated_at FROM reservations WHERE id > ? ORDER BY id LIMIT ?`,
-		write: `INSERT INTO reservations (id, reference, state, created_at, expires_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6)
+		read: `SELECT id, reference, state, created_at, expires_at, updated_at, created_by FROM reservations WHERE id > ? ORDER BY id LIMIT ?`,
+		write: `INSERT INTO reservations (id, reference, state, created_at, expires_at, updated_at, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7)
 			ON CONFLICT (id) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at
 			WHERE reservations.updated_at < excluded.updated_at`},
 	{name: "reservation lines", keys: 2, micros: []int{5},
@@ -132,9 +132,9 @@ var copiedTables = []copiedTable{
 	// position means the same after the move; PostgreSQL's sequencer goes on
 	// from the highest.
 	{name: "events", keys: 1, micros: []int{2},
-		read: `SELECT seq, type, occurred_at, product_id, version, reservation_id, state, data FROM events WHERE seq > ? ORDER BY seq LIMIT ?`,
-		write: `INSERT INTO events (id, seq, type, occurred_at, product_id, version, reservation_id, state, data)
-			VALUES ($1, $1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING`},
+		read: `SELECT seq, type, occurred_at, product_id, version, reservation_id, state, data, actor FROM events WHERE seq > ? ORDER BY seq LIMIT ?`,
+		write: `INSERT INTO events (id, seq, type, occurred_at, product_id, version, reservation_id, state, data, actor)
+			VALUES ($1, $1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING`},
 }
 
 // copyTable copies t from src to dst in pages of copyBatch rows, each page

@@ -31,6 +31,12 @@ import (
 // data — a product, a patch, a delta, a precondition — never a function:
 // the store applies the domain's rules in the write's own transaction.
 //
+// Every write names its actor, who asked for it (a credential's name; ""
+// for the service's own work), as an explicit argument rather than a value
+// in the context, so that a write is fully described by its arguments like
+// any other data it takes; the store records it on the write's change-feed
+// events. Reserve's actor is its reservation's CreatedBy.
+//
 // A store knows nothing of HTTP or of caches. Writes are atomic under any
 // number of connections and processes: every returned product carries the
 // version it was committed at, and the service keeps its caches coherent by
@@ -44,29 +50,32 @@ type productStore interface {
 	List(ctx context.Context, f ListFilter) (Page, error)
 	// Create inserts p and returns it with its id, version 1 and
 	// timestamps, and whether it is a replay of key.
-	Create(ctx context.Context, p Product, key *IdempotencyKey) (Product, bool, error)
+	Create(ctx context.Context, actor string, p Product, key *IdempotencyKey) (Product, bool, error)
 	// Update applies u and returns the product as it is after the call,
 	// and whether the call changed it (a patch that changes nothing
 	// writes nothing).
-	Update(ctx context.Context, id int64, u ProductUpdate) (Product, bool, error)
+	Update(ctx context.Context, actor string, id int64, u ProductUpdate) (Product, bool, error)
 	// AdjustStock adds delta to the stock in one atomic step, if cond
 	// holds, and reports whether the result is a replay of key. It
 	// returns ErrInsufficientStock, changing nothing, if stock would leave
 	// its range.
-	AdjustStock(ctx context.Context, id, delta int64, cond *IfMatch, key *IdempotencyKey) (Product, bool, error)
+	AdjustStock(ctx context.Context, actor string, id, delta int64, cond *IfMatch, key *IdempotencyKey) (Product, bool, error)
 	// Delete removes the product, if cond holds, and returns it as it was.
-	Delete(ctx context.Context, id int64, cond *IfMatch) (Product, error)
+	Delete(ctx context.Context, actor string, id int64, cond *IfMatch) (Product, error)
 	// Reserve holds r.Lines (r.ID and r.Reference set by the caller) for
 	// ttl, all or nothing. It returns a *ValidationError naming a line
 	// whose product does not exist, or a *ShortageError naming every
-	// short line, and then holds nothing.
-	Reserve(ctx context.Context, r Reservation, ttl time.Duration, key *IdempotencyKey) (Reserved, error)
+	// short line, and then holds nothing. With maxHeld above 0 it returns
+	// a *HoldCapError, holding nothing, if r.CreatedBy would hold more
+	// than maxHeld units in open reservations, counted in the same
+	// transaction as the hold.
+	Reserve(ctx context.Context, r Reservation, ttl time.Duration, maxHeld int64, key *IdempotencyKey) (Reserved, error)
 	// Transition confirms or releases reservation id (to is StateConfirmed
 	// or StateReleased). Repeating a transition changes nothing; the other
 	// one after it is ErrInvalidState; a hold whose time ran out is
 	// recorded expired and returned in that state. It returns
 	// ErrReservationNotFound.
-	Transition(ctx context.Context, id, to string) (Reserved, error)
+	Transition(ctx context.Context, actor, id, to string) (Reserved, error)
 	Reservation(ctx context.Context, id string) (Reservation, error)
 	ReservationsByReference(ctx context.Context, ref string, limit int) ([]Reservation, error)
 	// NextHoldExpiry returns when the earliest open hold expires (the zero

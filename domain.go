@@ -37,6 +37,9 @@ var (
 	// ErrBackupsUnsupported is a backup asked of an engine whose backups
 	// are its own (PostgreSQL).
 	ErrBackupsUnsupported = errors.New("backups are the database's own")
+	// ErrHoldCap is a hold its holder may not take: it would hold more
+	// units in open reservations than its cap.
+	ErrHoldCap = errors.New("hold cap reached")
 )
 
 // IdempotencyKey identifies a write that a client may retry. Scope keeps one
@@ -430,6 +433,9 @@ type Reservation struct {
 	CreatedAt time.Time         `json:"created_at"`
 	ExpiresAt time.Time         `json:"expires_at"`
 	UpdatedAt time.Time         `json:"updated_at"`
+	// CreatedBy is who holds it: the name of the credential that made it
+	// (empty for reservations from before it was recorded).
+	CreatedBy string `json:"created_by,omitempty"`
 }
 
 // ReservationLine is a quantity of one product.
@@ -492,6 +498,18 @@ type Shortage struct {
 	Available int64
 }
 
+// HoldCapError is a reservation refused because its holder would then hold
+// more than Cap units in open reservations: it holds Held, and the
+// reservation asks for Requested. Nothing was held. It unwraps to
+// ErrHoldCap.
+type HoldCapError struct{ Cap, Held, Requested int64 }
+
+func (e *HoldCapError) Error() string {
+	return fmt.Sprintf("this credential may hold at most %d units in open reservations; it holds %d and this reservation asks for %d more; nothing was held",
+		e.Cap, e.Held, e.Requested)
+}
+func (e *HoldCapError) Unwrap() error { return ErrHoldCap }
+
 // ShortageError is a reservation refused because lines are short; nothing
 // was held. It unwraps to ErrInsufficientStock.
 type ShortageError struct{ Lines []Shortage }
@@ -508,6 +526,7 @@ type Event struct {
 	Seq         int64
 	Type        string
 	OccurredAt  time.Time
+	Actor       string // who made the write; empty for the service's own (an expiry)
 	ProductID   int64
 	Version     int64
 	Product     *Product

@@ -261,9 +261,10 @@ func streamEvents(w http.ResponseWriter, r *http.Request, svc *ProductService, l
 	}
 }
 
-// appendEventJSON appends e as the API's JSON: seq, type, occurred_at, the
-// product id and version or the reservation id and state, and data, the
-// resource as it became (null after a delete).
+// appendEventJSON appends e as the API's JSON: seq, type, occurred_at,
+// actor (who made the write; null for the service's own, such as an
+// expiry), the product id and version or the reservation id and state, and
+// data, the resource as it became (null after a delete).
 func appendEventJSON(b []byte, e *Event) []byte {
 	b = append(b, `{"seq":`...)
 	b = strconv.AppendInt(b, e.Seq, 10)
@@ -271,7 +272,12 @@ func appendEventJSON(b []byte, e *Event) []byte {
 	b = appendString(b, e.Type)
 	b = append(b, `,"occurred_at":"`...)
 	b = e.OccurredAt.UTC().AppendFormat(b, timeLayout)
-	b = append(b, '"')
+	b = append(b, `","actor":`...)
+	if e.Actor != "" {
+		b = appendString(b, e.Actor)
+	} else {
+		b = append(b, "null"...)
+	}
 	switch {
 	case e.Reservation != nil:
 		b = append(b, `,"reservation_id":`...)

@@ -13,7 +13,7 @@ import (
 func TestStore_Events_afterTrimmingEverything(t *testing.T) {
 	forEachStore(t, func(t *testing.T, s productStore) {
 		ctx := t.Context()
-		if _, _, err := s.Create(ctx, newProduct("TRIM-1"), nil); err != nil {
+		if _, _, err := s.Create(ctx, "", newProduct("TRIM-1"), nil); err != nil {
 			t.Fatal(err)
 		}
 		es, err := s.Events(ctx, 0, 100)
@@ -24,7 +24,7 @@ func TestStore_Events_afterTrimmingEverything(t *testing.T) {
 		if n, err := s.TrimEvents(ctx, time.Now().Add(time.Hour)); err != nil || n != int64(len(es)) {
 			t.Fatalf("TrimEvents(an hour from now) = %d, %v; want %d", n, err, len(es))
 		}
-		if _, _, err := s.Create(ctx, newProduct("TRIM-2"), nil); err != nil {
+		if _, _, err := s.Create(ctx, "", newProduct("TRIM-2"), nil); err != nil {
 			t.Fatal(err)
 		}
 		es, err = s.Events(ctx, last, 100)

@@ -195,7 +195,7 @@ func TestFollower_adoptsAfterCrash(t *testing.T) {
 	// so no running follower pushes the event.
 	stopA()
 	crashed := openTestPostgres(t, url)
-	w, _, err := crashed.Update(t.Context(), p.ID, ProductUpdate{Patch: ProductPatch{Name: optional[string]{Set: true, Value: "v2"}}})
+	w, _, err := crashed.Update(t.Context(), "", p.ID, ProductUpdate{Patch: ProductPatch{Name: optional[string]{Set: true, Value: "v2"}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -295,7 +295,7 @@ func boundedReplica(t *testing.T, store productStore, cfg ServiceConfig, batch, 
 // replica's write, which notifies nobody.
 func rename(t *testing.T, store productStore, id int64, name string) Product {
 	t.Helper()
-	p, _, err := store.Update(t.Context(), id, ProductUpdate{Patch: ProductPatch{Name: optional[string]{Set: true, Value: name}}})
+	p, _, err := store.Update(t.Context(), "", id, ProductUpdate{Patch: ProductPatch{Name: optional[string]{Set: true, Value: name}}})
 	if err != nil {
 		t.Fatalf("Update(%d) error = %v", id, err)
 	}
@@ -304,7 +304,7 @@ func rename(t *testing.T, store productStore, id int64, name string) Product {
 
 func createIn(t *testing.T, store productStore, sku string) Product {
 	t.Helper()
-	p, _, err := store.Create(t.Context(), Product{SKU: sku, Name: "v1", Currency: "USD"}, nil)
+	p, _, err := store.Create(t.Context(), "", Product{SKU: sku, Name: "v1", Currency: "USD"}, nil)
 	if err != nil {
 		t.Fatalf("Create(%s) error = %v", sku, err)
 	}

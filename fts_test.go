@@ -35,7 +35,7 @@ func testFullTextIndexFollowsWrites(t *testing.T, s productStore) {
 	}
 	rename := func(id int64, name string) {
 		t.Helper()
-		if _, _, err := s.Update(ctx, id, ProductUpdate{Patch: ProductPatch{Name: optional[string]{Set: true, Value: name}}}); err != nil {
+		if _, _, err := s.Update(ctx, "", id, ProductUpdate{Patch: ProductPatch{Name: optional[string]{Set: true, Value: name}}}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -45,7 +45,7 @@ func testFullTextIndexFollowsWrites(t *testing.T, s productStore) {
 	ids := make([]int64, 40)
 	for i := range ids {
 		wg.Go(func() {
-			p, _, err := s.Create(ctx, Product{SKU: "F-" + string(rune('A'+i%26)) + string(rune('a'+i/26)), Name: "alpha widget",
+			p, _, err := s.Create(ctx, "", Product{SKU: "F-" + string(rune('A'+i%26)) + string(rune('a'+i/26)), Name: "alpha widget",
 				Description: "gamma", Currency: "USD"}, nil)
 			if err != nil {
 				t.Error(err)
@@ -69,7 +69,7 @@ func testFullTextIndexFollowsWrites(t *testing.T, s productStore) {
 	for _, id := range ids[10:20] {
 		wg.Go(func() {
 			rename(id, "beta widget")
-			if _, err := s.Delete(ctx, id, nil); err != nil {
+			if _, err := s.Delete(ctx, "", id, nil); err != nil {
 				t.Error(err)
 			}
 		})

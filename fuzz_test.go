@@ -265,7 +265,7 @@ func fzCheckFilter(t *testing.T, raw string, fl ListFilter) {
 // fzStatuses are the statuses the document allows without rate limiting,
 // load shedding or a failing database: never a 5xx, never a redirect.
 var fzStatuses = map[int]bool{200: true, 201: true, 204: true, 304: true, 400: true, 401: true,
-	404: true, 405: true, 409: true, 412: true, 413: true, 415: true, 422: true}
+	403: true, 404: true, 405: true, 409: true, 412: true, 413: true, 415: true, 422: true}
 
 // fzValidMethod reports whether m is an HTTP token, as a server would
 // require of a request line.
@@ -324,7 +324,21 @@ func FuzzHandler(f *testing.F) {
 		{"GET", "/health", "", "", false, "X-Request-ID: abc.DEF_1-2"},
 	}
 	for _, s := range seeds {
-		f.Add(s.method, s.path, s.ct, []byte(s.body), s.auth, s.header)
+		f.Add(s.method, s.path, s.ct, []byte(s.body), s.auth, s.header, "")
+	}
+	// The Authorization header, fuzzed: credentials with one scope, the
+	// scheme's spellings, and what is not a bearer token at all.
+	for _, s := range []struct{ method, path, ct, body, authorization string }{
+		{"POST", "/products", "application/json", `{"sku":"F-20","name":"pen","price_cents":1}`, "Bearer " + mtCatalogToken},
+		{"POST", "/products", "application/json", `{"sku":"F-21","name":"pen","price_cents":1}`, "Bearer " + mtFeedToken},
+		{"GET", "/events", "", "", "Bearer " + mtFeedToken},
+		{"GET", "/events", "", "", "Bearer " + mtCatalogToken},
+		{"PUT", "/products/1/stock", "application/json", `{"stock":2}`, "bearer   " + mtToken + " "},
+		{"DELETE", "/products/1", "", "", "Basic dDp0"},
+		{"GET", "/reservations?reference=x", "", "", "Bearer"},
+		{"GET", "/products/1", "", "", "Bearer " + mtFeedToken},
+	} {
+		f.Add(s.method, s.path, s.ct, []byte(s.body), false, "", s.authorization)
 	}
 
 	// One store per fuzz target (and per fuzzing worker process), with a
@@ -336,11 +350,11 @@ func FuzzHandler(f *testing.F) {
 		}
 	}
 
-	f.Fuzz(func(t *testing.T, method, target, contentType string, body []byte, auth bool, header string) {
+	f.Fuzz(func(t *testing.T, method, target, contentType string, body []byte, auth bool, header, authorization string) {
 		// What a server would refuse before the handler sees it.
 		hname, hvalue, _ := strings.Cut(header, ":")
 		hvalue = strings.TrimSpace(hvalue)
-		if !fzValidMethod(method) || strings.ContainsAny(contentType, "\r\n\x00") || strings.ContainsAny(target, " \r\n\x00") ||
+		if !fzValidMethod(method) || strings.ContainsAny(contentType, "\r\n\x00") || strings.ContainsAny(target, " \r\n\x00") || strings.ContainsAny(authorization, "\r\n\x00") ||
 			(header != "" && (!fzValidMethod(hname) || strings.ContainsAny(hvalue, "\r\n\x00"))) {
 			return
 		}
@@ -356,13 +370,16 @@ func FuzzHandler(f *testing.F) {
 		if auth {
 			req.Header.Set("Authorization", "Bearer "+mtToken)
 		}
+		if authorization != "" {
+			req.Header.Set("Authorization", authorization)
+		}
 		if header != "" {
 			req.Header.Add(hname, hvalue)
 		}
 		rec := httptest.NewRecorder()
 		s.handler.ServeHTTP(rec, req)
 
-		desc := fmt.Sprintf("%s %q (Content-Type %q, auth %v, header %q, body %q)", method, target, contentType, auth, header, body)
+		desc := fmt.Sprintf("%s %q (Content-Type %q, auth %v, header %q, Authorization %q, body %q)", method, target, contentType, auth, header, authorization, body)
 		if !fzStatuses[rec.Code] {
 			t.Fatalf("%s: status %d, not a documented status; headers %v; body: %s", desc, rec.Code, rec.Header(), rec.Body)
 		}
@@ -372,6 +389,16 @@ func FuzzHandler(f *testing.F) {
 		}
 		if id := req.Header.Get("X-Request-Id"); validRequestID(id) && h.Get("X-Request-Id") != id {
 			t.Errorf("%s: X-Request-ID %q, want the request's %q echoed", desc, h.Get("X-Request-Id"), id)
+		}
+		switch wa := h.Get("WWW-Authenticate"); rec.Code {
+		case http.StatusUnauthorized:
+			if !strings.HasPrefix(wa, "Bearer ") {
+				t.Errorf("%s: 401 with WWW-Authenticate %q, want a Bearer challenge", desc, wa)
+			}
+		case http.StatusForbidden:
+			if !strings.Contains(wa, `error="insufficient_scope", scope="`) {
+				t.Errorf("%s: 403 with WWW-Authenticate %q, want insufficient_scope naming the scope", desc, wa)
+			}
 		}
 		if rec.Code >= 400 && h.Get("Content-Type") != contentTypeProblem {
 			t.Errorf("%s: status %d with Content-Type %q, want %s", desc, rec.Code, h.Get("Content-Type"), contentTypeProblem)

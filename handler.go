@@ -45,9 +45,10 @@ type serverDeps struct {
 	svc          *ProductService
 	log          *slog.Logger
 	metrics      *metrics
-	tokens       tokenSet
+	tokens       *tokenSet
 	life         *lifecycle
-	limiter      *rateLimiter // nil: no limits; rps 0: failed authentication only
+	limiter      *rateLimiter   // nil: no limits; rps 0: failed authentication only
+	proxies      trustedProxies // whose X-Forwarded-For names the client; nil: nobody's
 	maxFlight    int
 	serveMetrics bool         // /metrics on this listener
 	tracing      *tracing     // nil: no tracing
@@ -67,7 +68,7 @@ func newServer(d serverDeps) http.Handler {
 	}
 	h = shedLoad(d.maxFlight, d.metrics, h)
 	h = canonicalPaths(h)
-	h = observe(d.log, d.metrics, h)
+	h = observe(d.log, d.metrics, d.proxies, h)
 	if d.tracing != nil {
 		h = d.tracing.wrap(h) // outermost: the server span covers everything
 	}
@@ -76,7 +77,9 @@ func newServer(d serverDeps) http.Handler {
 
 // addRoutes lists the whole API.
 func addRoutes(mux *http.ServeMux, d serverDeps) {
-	auth := func(h http.Handler) http.Handler { return requireToken(d.tokens, d.limiter, h) }
+	// need wraps a handler in requireScope: a valid bearer token whose
+	// credential holds s (or admin). Product reads stay anonymous.
+	need := func(s scope, h http.Handler) http.Handler { return requireScope(d.tokens, d.limiter, s, h) }
 	for _, p := range []string{"/health", "/health/live", "/livez"} {
 		mux.Handle("GET "+p, handleHealth())
 	}
@@ -89,24 +92,23 @@ func addRoutes(mux *http.ServeMux, d serverDeps) {
 	}
 	mux.Handle("GET /openapi.json", handleOpenAPI())
 	mux.Handle("GET /products", handleListProducts(d.svc))
-	mux.Handle("POST /products", auth(handleCreateProduct(d.svc)))
+	mux.Handle("POST /products", need(scopeCatalogWrite, handleCreateProduct(d.svc)))
 	mux.Handle("GET /products/{id}", handleGetProduct(d.svc))
-	mux.Handle("PUT /products/{id}", auth(handleReplaceProduct(d.svc)))
-	mux.Handle("PATCH /products/{id}", auth(handlePatchProduct(d.svc)))
-	mux.Handle("DELETE /products/{id}", auth(handleDeleteProduct(d.svc)))
-	mux.Handle("PUT /products/{id}/stock", auth(handleSetStock(d.svc)))
-	mux.Handle("POST /products/{id}/stock/adjustments", auth(handleAdjustStock(d.svc)))
-	mux.Handle("POST /reservations", auth(handleCreateReservation(d.svc)))
-	mux.Handle("GET /reservations", auth(handleListReservations(d.svc)))
-	mux.Handle("GET /reservations/{id}", auth(handleGetReservation(d.svc)))
-	mux.Handle("POST /reservations/{id}/confirm", auth(handleTransition(d.svc, StateConfirmed)))
-	mux.Handle("POST /reservations/{id}/release", auth(handleTransition(d.svc, StateReleased)))
-	mux.Handle("GET /events", auth(handleEvents(d.svc, d.life, d.streams)))
-	admin := func(h http.Handler) http.Handler { return requireAdmin(d.tokens, d.limiter, h) }
-	mux.Handle("POST /admin/backups", admin(handleCreateBackup(d.backups)))
-	mux.Handle("GET /admin/backups", admin(handleListBackups(d.backups)))
-	mux.Handle("GET /admin/backups/{name}", admin(handleGetBackup(d.backups)))
-	mux.Handle("DELETE /admin/backups/{name}", admin(handleDeleteBackup(d.backups)))
+	mux.Handle("PUT /products/{id}", need(scopeCatalogWrite, handleReplaceProduct(d.svc)))
+	mux.Handle("PATCH /products/{id}", need(scopeCatalogWrite, handlePatchProduct(d.svc)))
+	mux.Handle("DELETE /products/{id}", need(scopeCatalogWrite, handleDeleteProduct(d.svc)))
+	mux.Handle("PUT /products/{id}/stock", need(scopeStockWrite, handleSetStock(d.svc)))
+	mux.Handle("POST /products/{id}/stock/adjustments", need(scopeStockWrite, handleAdjustStock(d.svc)))
+	mux.Handle("POST /reservations", need(scopeReservationsWrite, handleCreateReservation(d.svc)))
+	mux.Handle("GET /reservations", need(scopeReservationsRead, handleListReservations(d.svc)))
+	mux.Handle("GET /reservations/{id}", need(scopeReservationsRead, handleGetReservation(d.svc)))
+	mux.Handle("POST /reservations/{id}/confirm", need(scopeReservationsWrite, handleTransition(d.svc, StateConfirmed)))
+	mux.Handle("POST /reservations/{id}/release", need(scopeReservationsWrite, handleTransition(d.svc, StateReleased)))
+	mux.Handle("GET /events", need(scopeEventsRead, handleEvents(d.svc, d.life, d.streams)))
+	mux.Handle("POST /admin/backups", need(scopeAdmin, handleCreateBackup(d.backups)))
+	mux.Handle("GET /admin/backups", need(scopeAdmin, handleListBackups(d.backups)))
+	mux.Handle("GET /admin/backups/{name}", need(scopeAdmin, handleGetBackup(d.backups)))
+	mux.Handle("DELETE /admin/backups/{name}", need(scopeAdmin, handleDeleteBackup(d.backups)))
 }
 
 // handleCreateBackup takes a backup now: 201 with its manifest, 409 while
@@ -486,7 +488,8 @@ func handleAdjustStock(svc *ProductService) http.Handler {
 }
 
 // idempotencyKey reads the Idempotency-Key of a write. Keys are scoped to
-// the bearer token, and bound to the method, path and body of the request.
+// the bearer token (an access token's subject), and bound to the method,
+// path and body of the request.
 func idempotencyKey(r *http.Request, body []byte) (*IdempotencyKey, error) {
 	vals := r.Header.Values("Idempotency-Key")
 	if len(vals) == 0 {
@@ -498,7 +501,14 @@ func idempotencyKey(r *http.Request, body []byte) (*IdempotencyKey, error) {
 			Problems: map[string]string{"Idempotency-Key": "is malformed"}}
 	}
 	_, tok, _ := strings.Cut(r.Header.Get("Authorization"), " ")
-	scope := sha256.Sum256([]byte(strings.TrimSpace(tok)))
+	owner := strings.TrimSpace(tok)
+	if p, ok := principalFrom(r.Context()); ok && strings.HasPrefix(p.key, "jwt:") {
+		// An access token is replaced every few minutes: its subject, not
+		// the token, owns the keys, so a retry with a fresh token replays.
+		// A NUL cannot be in a static token (nor in any header).
+		owner = "\x00" + p.key
+	}
+	scope := sha256.Sum256([]byte(owner))
 	h := sha256.New()
 	io.WriteString(h, r.Method+" "+r.URL.Path+"\n")
 	h.Write(body)
@@ -678,6 +688,7 @@ func (e *httpError) Error() string { return e.detail }
 var problemTypes = map[int]string{
 	http.StatusBadRequest:            "bad-request",
 	http.StatusUnauthorized:          "unauthorized",
+	http.StatusForbidden:             "forbidden",
 	http.StatusNotFound:              "not-found",
 	http.StatusMethodNotAllowed:      "method-not-allowed",
 	http.StatusConflict:              "conflict",
@@ -709,6 +720,7 @@ var errorStatus = []struct {
 	{ErrReservationNotFound, http.StatusNotFound, "reservation-not-found", "no reservation has this id"},
 	{ErrInvalidState, http.StatusConflict, "invalid-state", "the reservation was already confirmed or released the other way; nothing was changed"},
 	{ErrReservationExpired, http.StatusConflict, "reservation-expired", "the hold expired and its units are available again; reserve again"},
+	{ErrHoldCap, http.StatusConflict, "hold-cap-exceeded", "this credential may not hold more units in open reservations (max_held); nothing was held"},
 	{ErrFeedGone, http.StatusGone, "feed-gone", ""},
 	{ErrBackupNotFound, http.StatusNotFound, "backup-not-found", "no backup has this name"},
 	{ErrBackupRunning, http.StatusConflict, "backup-running", "a backup is being taken; retry when it is done"},
@@ -737,8 +749,15 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 		short *ShortageError
 		gone  *FeedGoneError
 		reset *FeedResetError
+		scope *scopeError
+		hcap  *HoldCapError
 	)
 	switch {
+	case errors.As(err, &scope):
+		// RFC 6750 §3.1: the challenge names the scope the token lacks.
+		status, slug, detail = http.StatusForbidden, "insufficient-scope", scope.Error()
+		problems = map[string]string{"scope": scope.need.String() + " is required"}
+		w.Header().Set("WWW-Authenticate", `Bearer realm="productsvc", error="insufficient_scope", scope="`+scope.need.String()+`"`)
 	case errors.As(err, &herr):
 		status, detail = herr.status, herr.detail
 	case errors.As(err, &bad):
@@ -748,6 +767,9 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	case errors.As(err, &rerr):
 		status, detail = http.StatusTooManyRequests, rerr.Error()
 		w.Header().Set("Retry-After", retryAfter(rerr.retryAfter))
+	case errors.As(err, &hcap):
+		status, slug, detail = http.StatusConflict, "hold-cap-exceeded", hcap.Error()
+		problems = map[string]string{"lines": fmt.Sprintf("%d units requested; the cap (max_held) is %d and %d are held", hcap.Requested, hcap.Cap, hcap.Held)}
 	case errors.As(err, &short):
 		status, slug, detail = http.StatusConflict, "insufficient-stock", "some lines are short; nothing was held: see errors"
 		problems = make(map[string]string, len(short.Lines))

@@ -2010,6 +2010,7 @@ func TestWriteError_everySentinel(t *testing.T) {
 		"ErrBackupNotFound":      ErrBackupNotFound,
 		"ErrBackupRunning":       ErrBackupRunning,
 		"ErrBackupsUnsupported":  ErrBackupsUnsupported,
+		"ErrHoldCap":             ErrHoldCap,
 	}
 	files, err := filepath.Glob("*.go")
 	if err != nil {
@@ -2041,7 +2042,7 @@ func TestWriteError_everySentinel(t *testing.T) {
 		}
 	}
 	// A constraint the database enforces comes back as ErrInvalid.
-	_, _, constraintErr := newTestStore(t).Create(t.Context(), Product{SKU: "C-1", Name: "x", PriceCents: -1, Currency: "USD"}, nil)
+	_, _, constraintErr := newTestStore(t).Create(t.Context(), "", Product{SKU: "C-1", Name: "x", PriceCents: -1, Currency: "USD"}, nil)
 	if !errors.Is(constraintErr, ErrInvalid) {
 		t.Fatalf("Create with a negative price error = %v, want ErrInvalid", constraintErr)
 	}

@@ -55,8 +55,9 @@ func newReservationID() string {
 // appendEvent records a committed write in the change feed, in the write's
 // own transaction. A product event carries the product as it became; a
 // delete carries none, at the version one above the deleted product (the
-// tombstone's).
-func appendEvent(ctx context.Context, t tx, now time.Time, typ string, p *Product, r *Reservation) error {
+// tombstone's). actor is who made the write ("" for the service's own:
+// NULL).
+func appendEvent(ctx context.Context, t tx, now time.Time, actor, typ string, p *Product, r *Reservation) error {
 	var productID, version, reservationID, state, data any
 	switch {
 	case r != nil:
@@ -68,9 +69,18 @@ func appendEvent(ctx context.Context, t tx, now time.Time, typ string, p *Produc
 		productID, version = p.ID, p.Version
 		data, _ = json.Marshal(p)
 	}
-	_, err := t.exec(ctx, `INSERT INTO events (type, occurred_at, product_id, version, reservation_id, state, data)
-		VALUES (?, ?, ?, ?, ?, ?, ?)`, typ, t.ts(now), productID, version, reservationID, state, data)
+	_, err := t.exec(ctx, `INSERT INTO events (type, occurred_at, product_id, version, reservation_id, state, data, actor)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?)`, typ, t.ts(now), productID, version, reservationID, state, data, nullable(actor))
 	return err
+}
+
+// nullable stores "" as NULL: the columns that say who did something are
+// NULL when nobody did (the service itself).
+func nullable(s string) any {
+	if s == "" {
+		return nil
+	}
+	return s
 }
 
 // releaseDueLines ends the holding of the lines on product id whose hold
@@ -83,11 +93,21 @@ func releaseDueLines(ctx context.Context, t tx, now time.Time, id int64) error {
 	return err
 }
 
-// reserve holds r.Lines for ttl, all or nothing. It returns a
+// reserve holds r.Lines for ttl, all or nothing, for r.CreatedBy (also
+// the actor of its events). With maxHeld above 0 it returns a
+// *HoldCapError, before writing anything, if r.CreatedBy would then hold
+// more than maxHeld units in open reservations: the count and the hold are
+// one transaction, and the holder's reservations are serialised (lockHolder)
+// so two holds at once cannot both pass under the cap. It returns a
 // *ValidationError naming lines whose product does not exist, or a
 // *ShortageError naming every short line, before writing anything; else
 // the held reservation and the products it changed.
-func reserve(ctx context.Context, t tx, now time.Time, r Reservation, ttl time.Duration) (Reservation, []Product, error) {
+func reserve(ctx context.Context, t tx, now time.Time, r Reservation, ttl time.Duration, maxHeld int64) (Reservation, []Product, error) {
+	if maxHeld > 0 {
+		if err := checkHoldCap(ctx, t, now, r, maxHeld); err != nil {
+			return Reservation{}, nil, err
+		}
+	}
 	order := make([]int, len(r.Lines)) // line indexes in product id order, for the locks
 	for i := range order {
 		order[i] = i
@@ -128,8 +148,8 @@ func reserve(ctx context.Context, t tx, now time.Time, r Reservation, ttl time.D
 	}
 
 	r.State, r.CreatedAt, r.UpdatedAt, r.ExpiresAt = StateHeld, now, now, now.Add(ttl)
-	if _, err := t.exec(ctx, `INSERT INTO reservations (id, reference, state, created_at, expires_at, updated_at)
-		VALUES (?, ?, ?, ?, ?, ?)`, r.ID, r.Reference, r.State, t.ts(now), t.ts(r.ExpiresAt), t.ts(now)); err != nil {
+	if _, err := t.exec(ctx, `INSERT INTO reservations (id, reference, state, created_at, expires_at, updated_at, created_by)
+		VALUES (?, ?, ?, ?, ?, ?, ?)`, r.ID, r.Reference, r.State, t.ts(now), t.ts(r.ExpiresAt), t.ts(now), nullable(r.CreatedBy)); err != nil {
 		return Reservation{}, nil, err
 	}
 	changed := make([]Product, 0, len(r.Lines))
@@ -149,15 +169,43 @@ func reserve(ctx context.Context, t tx, now time.Time, r Reservation, ttl time.D
 		if err != nil {
 			return Reservation{}, nil, err
 		}
-		if err := appendEvent(ctx, t, now, EventStockChanged, &p, nil); err != nil {
+		if err := appendEvent(ctx, t, now, r.CreatedBy, EventStockChanged, &p, nil); err != nil {
 			return Reservation{}, nil, err
 		}
 		changed = append(changed, p)
 	}
-	if err := appendEvent(ctx, t, now, EventReservationHeld, nil, &r); err != nil {
+	if err := appendEvent(ctx, t, now, r.CreatedBy, EventReservationHeld, nil, &r); err != nil {
 		return Reservation{}, nil, err
 	}
 	return r, changed, nil
+}
+
+// checkHoldCap returns a *HoldCapError if r.CreatedBy, holding r's units
+// too, would hold more than maxHeld units in open reservations. A hold
+// whose time ran out no longer counts, as it no longer counts against
+// stock. It takes the holder's lock first (before any product row), so it
+// runs before the statements whose snapshot it must see.
+func checkHoldCap(ctx context.Context, t tx, now time.Time, r Reservation, maxHeld int64) error {
+	if t.lockHolder != "" {
+		if _, err := t.exec(ctx, t.lockHolder, r.CreatedBy); err != nil {
+			return err
+		}
+	}
+	var held int64
+	if err := t.queryRow(ctx, `SELECT coalesce(sum(l.quantity), 0) FROM reservations r
+		JOIN reservation_lines l ON l.reservation_id = r.id
+		WHERE r.created_by = ? AND r.state = 'held' AND l.holding = 1 AND l.expires_at > ?`,
+		r.CreatedBy, t.ts(now)).Scan(&held); err != nil {
+		return err
+	}
+	var want int64
+	for _, l := range r.Lines {
+		want += l.Quantity
+	}
+	if held+want > maxHeld {
+		return &HoldCapError{Cap: maxHeld, Held: held, Requested: want}
+	}
+	return nil
 }
 
 // dueUnits returns the units that expired holds still count against
@@ -174,17 +222,21 @@ func dueUnits(ctx context.Context, t tx, now time.Time, id int64) (int64, error)
 func loadReservation(ctx context.Context, t tx, id string, lock bool) (Reservation, error) {
 	r := Reservation{ID: id}
 	var created, expires, updated dbTime
-	q := `SELECT reference, state, created_at, expires_at, updated_at FROM reservations WHERE id = ?`
+	var by *string
+	q := `SELECT reference, state, created_at, expires_at, updated_at, created_by FROM reservations WHERE id = ?`
 	if lock {
 		q += t.forUpdate
 	}
-	if err := t.queryRow(ctx, q, id).Scan(&r.Reference, &r.State, &created, &expires, &updated); err != nil {
+	if err := t.queryRow(ctx, q, id).Scan(&r.Reference, &r.State, &created, &expires, &updated, &by); err != nil {
 		if errors.Is(err, ErrNotFound) {
 			return Reservation{}, ErrReservationNotFound
 		}
 		return Reservation{}, err
 	}
 	r.CreatedAt, r.ExpiresAt, r.UpdatedAt = created.Time, expires.Time, updated.Time
+	if by != nil {
+		r.CreatedBy = *by
+	}
 	rows, err := t.query(ctx, `SELECT product_id, quantity FROM reservation_lines WHERE reservation_id = ? ORDER BY line`, id)
 	if err != nil {
 		return Reservation{}, err
@@ -237,7 +289,7 @@ func reservationsByReference(ctx context.Context, t tx, ref string, limit int) (
 // returned in that state with the products that changed: the caller
 // answers it as ErrReservationExpired. The other transition after one is
 // ErrInvalidState.
-func transition(ctx context.Context, t tx, now time.Time, id, to string) (Reservation, []Product, error) {
+func transition(ctx context.Context, t tx, now time.Time, actor, id, to string) (Reservation, []Product, error) {
 	r, err := loadReservation(ctx, t, id, true)
 	if err != nil {
 		return Reservation{}, nil, err
@@ -250,15 +302,18 @@ func transition(ctx context.Context, t tx, now time.Time, id, to string) (Reserv
 	case !now.Before(r.ExpiresAt):
 		to = StateExpired
 	}
-	changed, err := finish(ctx, t, now, &r, to)
+	if to == StateExpired {
+		actor = "" // the hold ran out; this call only records it
+	}
+	changed, err := finish(ctx, t, now, actor, &r, to)
 	return r, changed, err
 }
 
 // finish ends held reservation r in state to: confirmed takes its units out
 // of stock; released and expired give them back. Lines that a write already
 // released (their hold had expired) are skipped. It returns the products
-// that changed.
-func finish(ctx context.Context, t tx, now time.Time, r *Reservation, to string) ([]Product, error) {
+// that changed. actor is who ended it ("" when it expired).
+func finish(ctx context.Context, t tx, now time.Time, actor string, r *Reservation, to string) ([]Product, error) {
 	rows, err := t.query(ctx, `SELECT product_id, quantity FROM reservation_lines
 		WHERE reservation_id = ? AND holding = 1 ORDER BY product_id`, r.ID)
 	if err != nil {
@@ -289,7 +344,7 @@ func finish(ctx context.Context, t tx, now time.Time, r *Reservation, to string)
 		if err != nil {
 			return nil, err
 		}
-		if err := appendEvent(ctx, t, now, EventStockChanged, &p, nil); err != nil {
+		if err := appendEvent(ctx, t, now, actor, EventStockChanged, &p, nil); err != nil {
 			return nil, err
 		}
 		changed = append(changed, p)
@@ -302,7 +357,7 @@ func finish(ctx context.Context, t tx, now time.Time, r *Reservation, to string)
 	}
 	r.State, r.UpdatedAt = to, now
 	typ := map[string]string{StateConfirmed: EventReservationConfirmed, StateReleased: EventReservationReleased, StateExpired: EventReservationExpired}[to]
-	if err := appendEvent(ctx, t, now, typ, nil, r); err != nil {
+	if err := appendEvent(ctx, t, now, actor, typ, nil, r); err != nil {
 		return nil, err
 	}
 	return changed, nil
@@ -334,7 +389,7 @@ func expireOne(ctx context.Context, t tx, now time.Time, id string) (bool, []Pro
 	if err != nil || r.State != StateHeld || now.Before(r.ExpiresAt) {
 		return false, nil, err // another write finished it first
 	}
-	changed, err := finish(ctx, t, now, &r, StateExpired)
+	changed, err := finish(ctx, t, now, "", &r, StateExpired)
 	return err == nil, changed, err
 }
 
@@ -358,7 +413,7 @@ func readEvents(ctx context.Context, t tx, after int64, limit int) ([]Event, err
 
 // eventColumns are the columns scanEvents reads; an event without a seq
 // yet (PostgreSQL, between commit and sequencing) reads as seq 0.
-const eventColumns = `coalesce(seq, 0), type, occurred_at, product_id, version, data`
+const eventColumns = `coalesce(seq, 0), type, occurred_at, product_id, version, data, actor`
 
 // scanEvents reads rows of eventColumns and closes them.
 func scanEvents(rows sqlRows) ([]Event, error) {
@@ -369,8 +424,12 @@ func scanEvents(rows sqlRows) ([]Event, error) {
 		var at dbTime
 		var productID, version *int64
 		var data []byte
-		if err := rows.Scan(&e.Seq, &e.Type, &at, &productID, &version, &data); err != nil {
+		var actor *string
+		if err := rows.Scan(&e.Seq, &e.Type, &at, &productID, &version, &data, &actor); err != nil {
 			return nil, err
+		}
+		if actor != nil {
+			e.Actor = *actor
 		}
 		e.OccurredAt = at.Time
 		if productID != nil {

@@ -421,7 +421,12 @@ func appendReservation(b []byte, r *Reservation) []byte {
 	b = r.ExpiresAt.UTC().AppendFormat(b, timeLayout)
 	b = append(b, `","updated_at":"`...)
 	b = r.UpdatedAt.UTC().AppendFormat(b, timeLayout)
-	return append(b, `"}`...)
+	b = append(b, '"')
+	if r.CreatedBy != "" {
+		b = append(b, `,"created_by":`...)
+		b = appendString(b, r.CreatedBy)
+	}
+	return append(b, '}')
 }
 
 // reservationBody is the body of POST /reservations as read: each line is

@@ -84,7 +84,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		routeOTelErrors(log)
 	}
 	log.Info("starting", append([]any{"version", buildVersion(), "tracing", tr.enabled}, cfg.logAttrs()...)...)
-	if len(cfg.APITokens) == 0 {
+	if len(cfg.APITokens) == 0 && cfg.APITokensFile == "" && cfg.JWTIssuer == "" {
 		var b [24]byte
 		rand.Read(b[:])
 		cfg.APITokens = []string{hex.EncodeToString(b[:])}
@@ -92,8 +92,30 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		log.Warn("API_TOKEN is not set; writes need this generated token", "token", cfg.APITokens[0])
 	}
 
+	// The tokens file is read before anything is bound or opened: a file
+	// that does not parse stops the start, as another invalid setting does.
+	tokens := newTokenSet(cfg.APITokens)
+	if cfg.APITokensFile != "" {
+		if err := tokens.useFile(cfg.APITokensFile); err != nil {
+			return &configError{msg: err.Error()}
+		}
+		log.Info("tokens file loaded", "file", cfg.APITokensFile, "credentials", tokens.len())
+	}
+	if cfg.JWTIssuer != "" {
+		tokens.jwt = newJWTVerifier(cfg.JWTIssuer, cfg.JWTAudience, cfg.JWTJWKSURL, int64(cfg.JWTMaxHeld), log)
+		// Not fatal: an issuer that is down now may be up by the first
+		// request, which fetches the keys again.
+		tokens.jwt.refresh(ctx)
+	}
+
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	// SIGHUP re-reads API_TOKENS_FILE (see tokenSet.watch); so does a
+	// change to it, looked for every few seconds. Without a file, SIGHUP is
+	// taken and ignored rather than ending the process.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 
 	storeCfg := StoreConfig{DatabaseURL: cfg.DatabaseURL, Path: cfg.DBPath, Sync: cfg.DBSync, Timeout: cfg.DBTimeout,
 		KeepUnpublished: cfg.AMQPURL != ""}
@@ -170,13 +192,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 
 	life := &lifecycle{} // started once the store is open and every listener is up
-	tokens := newTokenSet(cfg.APITokens)
 	// Always made: failed authentication is limited even when
 	// RATE_LIMIT_RPS is 0 and requests in general are not.
 	limiter := newRateLimiter(cfg.RateLimitRPS, cfg.RateLimitBurst, tokens)
 	handler := newServer(serverDeps{
 		svc: svc, log: log, metrics: m, tokens: tokens, life: life,
-		limiter: limiter, maxFlight: cfg.MaxInFlight, serveMetrics: cfg.MetricsAddr == "", tracing: tr,
+		limiter: limiter, proxies: cfg.TrustedProxies, maxFlight: cfg.MaxInFlight, serveMetrics: cfg.MetricsAddr == "", tracing: tr,
 		streams: newStreamSlots(cfg.FeedMaxStreams), backups: bk, relay: rl,
 	})
 
@@ -217,6 +238,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if rl != nil {
 		bg.Go(func() { rl.Run(bgCtx) })
 	}
+	bg.Go(func() { tokens.watch(bgCtx, hup, tokensFilePoll, log) })
 
 	select {
 	case <-ctx.Done():
@@ -238,6 +260,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return errors.New("second signal: exiting without draining")
 	}
 }
+
+// tokensFilePoll is how often run looks for a change to API_TOKENS_FILE.
+const tokensFilePoll = 3 * time.Second
 
 // listeners are the bound listeners; metrics and admin are nil when their
 // setting is empty.

@@ -35,6 +35,28 @@ type mtServer struct {
 	svc     *ProductService
 }
 
+// mtFeedToken and mtCatalogToken are credentials with one scope each, for
+// requests refused 403.
+const (
+	mtFeedToken    = "feed-only"
+	mtCatalogToken = "catalog-only"
+	mtCappedToken  = "capped" // reservations:write, holding at most mtCap units
+	mtCap          = 3
+)
+
+// mtTokens accepts mtToken with every scope, mtFeedToken with events:read
+// and mtCatalogToken with catalog:write.
+func mtTokens(tb testing.TB) *tokenSet {
+	tb.Helper()
+	ts := newTokenSet([]string{mtToken})
+	addTestCredential(tb, ts, "feed-reader", scopeEventsRead, mtFeedToken)
+	addTestCredential(tb, ts, "catalog-editor", scopeCatalogWrite, mtCatalogToken)
+	addTestCredential(tb, ts, "capped", scopeReservationsWrite, mtCappedToken)
+	creds := *ts.creds.Load()
+	creds[len(creds)-1].MaxHeld = mtCap
+	return ts
+}
+
 // mtNewServer builds the service's handler over a new SQLite database in a
 // temporary directory, with the in-process cache on, no Redis, no rate limit
 // and no load shedding.
@@ -58,7 +80,7 @@ func mtNewServer(tb testing.TB) *mtServer {
 		svc:          svc,
 		log:          slog.New(slog.DiscardHandler),
 		metrics:      m,
-		tokens:       newTokenSet([]string{mtToken}),
+		tokens:       mtTokens(tb),
 		life:         life,
 		serveMetrics: true,
 		maxFlight:    0,

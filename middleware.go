@@ -3,8 +3,6 @@ package main
 import (
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
-	"crypto/subtle"
 	"encoding/hex"
 	"fmt"
 	"hash/maphash"
@@ -33,6 +31,9 @@ type requestInfo struct {
 	cache    string
 	log      *slog.Logger // the service logger; loggerFrom adds the request id
 	rejected bool         // refused by load shedding or a rate limit
+	actor    string       // the credential's name, once authenticated
+	client   string       // the client's address (see trustedProxies.client)
+	auth     *authOutcome // who the request authenticated as, once tokenSet.match ran
 }
 
 type requestInfoKey struct{}
@@ -166,7 +167,10 @@ var nosniff = []string{"nosniff"}
 // observe is the outermost middleware: request id, security headers, access
 // log, metrics and panic recovery, for every request. The access log line is
 // at INFO, except for probes and scrapes (isProbe) that succeed: DEBUG.
-func observe(log *slog.Logger, m *metrics, next http.Handler) http.Handler {
+//
+// The client's address is resolved here once, through proxies, for the
+// limits and the log.
+func observe(log *slog.Logger, m *metrics, proxies trustedProxies, next http.Handler) http.Handler {
 	rejects := &rejectLog{interval: time.Second}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
@@ -178,7 +182,7 @@ func observe(log *slog.Logger, m *metrics, next http.Handler) http.Handler {
 		h["X-Request-Id"] = []string{id}
 		h["X-Content-Type-Options"] = nosniff
 
-		info := &requestInfo{id: id, log: log}
+		info := &requestInfo{id: id, log: log, client: proxies.client(r)}
 		r = r.WithContext(context.WithValue(r.Context(), requestInfoKey{}, info))
 		rec := &recorder{ResponseWriter: w, r: r}
 		m.inFlight.Inc()
@@ -230,6 +234,10 @@ func observe(log *slog.Logger, m *metrics, next http.Handler) http.Handler {
 					slog.Int("bytes", rec.bytes),
 					slog.Float64("duration_ms", float64(elapsed.Microseconds())/1000),
 					slog.String("request_id", id),
+					slog.String("client_ip", info.client),
+				}
+				if info.actor != "" {
+					attrs = append(attrs, slog.String("actor", info.actor))
 				}
 				if info.cache != "" {
 					attrs = append(attrs, slog.String("cache", info.cache))
@@ -300,75 +308,90 @@ func shedLoad(max int, m *metrics, next http.Handler) http.Handler {
 	})
 }
 
-// tokenSet holds the accepted API tokens as SHA-256 digests. Comparing
-// digests in constant time hides both the tokens and their lengths.
-type tokenSet [][sha256.Size]byte
-
-func newTokenSet(tokens []string) tokenSet {
-	var ts tokenSet
-	for _, t := range tokens {
-		if t = strings.TrimSpace(t); t != "" {
-			ts = append(ts, sha256.Sum256([]byte(t)))
-		}
-	}
-	return ts
-}
-
-// match reports whether the request carries a valid bearer token, and
-// returns its digest. Every token is compared, whatever the outcome.
-func (ts tokenSet) match(r *http.Request) ([sha256.Size]byte, bool) {
-	auth := r.Header.Get("Authorization")
-	scheme, tok, ok := strings.Cut(auth, " ")
-	if !ok || !strings.EqualFold(scheme, "Bearer") || tok == "" {
-		return [sha256.Size]byte{}, false
-	}
-	sum := sha256.Sum256([]byte(strings.TrimSpace(tok)))
-	found := 0
-	for _, t := range ts {
-		found |= subtle.ConstantTimeCompare(sum[:], t[:])
-	}
-	return sum, found == 1
-}
-
-// requireToken lets a request through only with a valid bearer token.
-// Repeated failures from one client are limited more tightly than the
-// general rate limit, to slow down token guessing.
-func requireToken(ts tokenSet, limits *rateLimiter, next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if _, ok := ts.match(r); ok {
-			next.ServeHTTP(w, r)
-			return
-		}
-		if limits != nil && !limits.allowAuthFailure(clientKey(r)) {
-			markRejected(r.Context())
-			writeError(w, r, &rateLimitError{retryAfter: limits.authRetryAfter})
-			return
-		}
-		detail := "this request needs an Authorization: Bearer token"
-		challenge := `Bearer realm="productsvc"`
-		if r.Header.Get("Authorization") != "" {
-			detail = "the bearer token is not valid"
-			challenge = `Bearer realm="productsvc", error="invalid_token"`
-		}
-		w.Header().Set("WWW-Authenticate", challenge)
-		writeError(w, r, &httpError{status: http.StatusUnauthorized, detail: detail})
-	})
-}
-
-// requireAdmin lets a request through only with an administrator's
-// credential. Every /admin route passes through it, and only it: today any
-// valid bearer token is one (requireToken); scoped credentials will ask
-// for an admin scope here.
-func requireAdmin(ts tokenSet, limits *rateLimiter, next http.Handler) http.Handler {
-	return requireToken(ts, limits, next)
-}
-
+// clientIP returns the client's address: as observe resolved it (through
+// TRUSTED_PROXIES), else the TCP peer's.
 func clientIP(r *http.Request) string {
+	if info := infoFrom(r.Context()); info != nil && info.client != "" {
+		return info.client
+	}
+	return peerIP(r)
+}
+
+// peerIP returns the address of the TCP peer.
+func peerIP(r *http.Request) string {
 	host, _, err := net.SplitHostPort(r.RemoteAddr)
 	if err != nil {
 		return r.RemoteAddr
 	}
 	return host
+}
+
+// trustedProxies are the networks of TRUSTED_PROXIES: the reverse proxies
+// whose X-Forwarded-For is believed. Empty: the header is never read.
+type trustedProxies []netip.Prefix
+
+// parseTrustedProxies parses a comma-separated list of CIDRs (a bare
+// address is its own /32 or /128).
+func parseTrustedProxies(s string) (trustedProxies, error) {
+	var tp trustedProxies
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(f)
+		if err != nil {
+			a, aerr := netip.ParseAddr(f)
+			if aerr != nil {
+				return nil, fmt.Errorf("%q is not a CIDR or an address, such as 10.0.0.0/8 or 192.168.1.1", f)
+			}
+			p = netip.PrefixFrom(a, a.BitLen())
+		}
+		tp = append(tp, p.Masked())
+	}
+	return tp, nil
+}
+
+func (tp trustedProxies) trusts(a netip.Addr) bool {
+	a = a.Unmap().WithZone("")
+	for _, p := range tp {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+// client returns the address a request comes from. Only when the TCP peer
+// is a trusted proxy is X-Forwarded-For read, from the right: each trusted
+// proxy appends the address it took the request from, so the rightmost
+// address that is not a trusted proxy is the client; what is left of it
+// anyone could have written. A hop that is not an address stops the walk
+// at the proxy that passed it on.
+func (tp trustedProxies) client(r *http.Request) string {
+	peer := peerIP(r)
+	if len(tp) == 0 {
+		return peer
+	}
+	a, err := netip.ParseAddr(peer)
+	if err != nil || !tp.trusts(a) {
+		return peer
+	}
+	hops := r.Header.Values("X-Forwarded-For")
+	client := a
+	for i := len(hops) - 1; i >= 0; i-- {
+		list := strings.Split(hops[i], ",")
+		for j := len(list) - 1; j >= 0; j-- {
+			hop, err := netip.ParseAddr(strings.TrimSpace(list[j]))
+			if err != nil {
+				return client.Unmap().String()
+			}
+			client = hop
+			if !tp.trusts(hop) {
+				return hop.Unmap().WithZone("").String()
+			}
+		}
+	}
+	return client.Unmap().WithZone("").String() // every hop is a trusted proxy: the leftmost
 }
 
 // clientKey is what a client is limited by when it has no valid token: its
@@ -412,7 +435,7 @@ func clientPrefix(a netip.Addr) netip.Prefix {
 type rateLimiter struct {
 	rps    rate.Limit // 0: no general limit, only failed authentication is limited
 	burst  int
-	tokens tokenSet
+	tokens *tokenSet
 
 	seed   maphash.Seed
 	shards [limiterShards]limiterShard
@@ -438,7 +461,7 @@ const (
 
 // newRateLimiter returns a limiter of rps requests per second per client
 // (0: none) with burst; failed authentication is limited either way.
-func newRateLimiter(rps float64, burst int, tokens tokenSet) *rateLimiter {
+func newRateLimiter(rps float64, burst int, tokens *tokenSet) *rateLimiter {
 	if burst <= 0 {
 		burst = max(1, int(math.Ceil(rps)))
 	}
@@ -513,8 +536,8 @@ func (rl *rateLimiter) limit(m *metrics, next http.Handler) http.Handler {
 			return
 		}
 		key := "ip:" + clientKey(r)
-		if sum, ok := rl.tokens.match(r); ok {
-			key = "token:" + hex.EncodeToString(sum[:8])
+		if p, ok := rl.tokens.match(r); ok {
+			key = "token:" + p.key
 		}
 		now := time.Now()
 		s := rl.shard(key)

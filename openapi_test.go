@@ -401,6 +401,7 @@ func TestOpenAPI_Responses(t *testing.T) {
 
 	oaFaultResponses(t, seen)
 	oaBackupResponses(t, seen)
+	oaScopeResponses(t, srv, router, seen)
 
 	// Every declared response of every operation was seen.
 	doc := oaLoadDoc(t)
@@ -428,6 +429,30 @@ func TestOpenAPI_Responses(t *testing.T) {
 		}
 	}
 	t.Logf("%d documented (operation, status) pairs seen and validated; %d declared but not provoked (oaUnexercised)", requests, len(oaUnexercised))
+}
+
+// oaScopeResponses sends each operation that needs a token a valid token
+// without its scope: 403, with the scope named in WWW-Authenticate.
+func oaScopeResponses(t *testing.T, srv *httptest.Server, router routers.Router, seen oaCoverage) {
+	doc := oaLoadDoc(t)
+	for _, route := range oaDocRoutes(doc) {
+		method, path, _ := strings.Cut(route, " ")
+		op := doc.Paths.Find(path).GetOperation(method)
+		if op.Security == nil || len(*op.Security) == 0 {
+			continue
+		}
+		need := (*op.Security)[0]["bearerAuth"]
+		tok := mtFeedToken
+		if slices.Contains(need, "events:read") {
+			tok = mtCatalogToken
+		}
+		target := strings.ReplaceAll(path, "{id}", "1")
+		if strings.HasPrefix(path, "/reservations/{id}") {
+			target = strings.ReplaceAll(path, "{id}", oaNoSuchReservation)
+		}
+		oaRun(t, srv, router, seen, oaCase{name: route + " without its scope", method: method, path: target, noAuth: true,
+			header: map[string]string{"Authorization": "Bearer " + tok}, want: 403, problem: "insufficient-scope"})
+	}
 }
 
 // oaFaultResponses provokes the documented responses that need a fault:
@@ -695,22 +720,22 @@ type oaPanicStore struct{ *sqliteStore }
 func (oaPanicStore) Get(context.Context, int64) (Product, error)    { panic("test: store bug") }
 func (oaPanicStore) List(context.Context, ListFilter) (Page, error) { panic("test: store bug") }
 func (oaPanicStore) Ping(context.Context) error                     { panic("test: store bug") }
-func (oaPanicStore) Create(context.Context, Product, *IdempotencyKey) (Product, bool, error) {
+func (oaPanicStore) Create(context.Context, string, Product, *IdempotencyKey) (Product, bool, error) {
 	panic("test: store bug")
 }
-func (oaPanicStore) Update(context.Context, int64, ProductUpdate) (Product, bool, error) {
+func (oaPanicStore) Update(context.Context, string, int64, ProductUpdate) (Product, bool, error) {
 	panic("test: store bug")
 }
-func (oaPanicStore) AdjustStock(context.Context, int64, int64, *IfMatch, *IdempotencyKey) (Product, bool, error) {
+func (oaPanicStore) AdjustStock(context.Context, string, int64, int64, *IfMatch, *IdempotencyKey) (Product, bool, error) {
 	panic("test: store bug")
 }
-func (oaPanicStore) Delete(context.Context, int64, *IfMatch) (Product, error) {
+func (oaPanicStore) Delete(context.Context, string, int64, *IfMatch) (Product, error) {
 	panic("test: store bug")
 }
-func (oaPanicStore) Reserve(context.Context, Reservation, time.Duration, *IdempotencyKey) (Reserved, error) {
+func (oaPanicStore) Reserve(context.Context, Reservation, time.Duration, int64, *IdempotencyKey) (Reserved, error) {
 	panic("test: store bug")
 }
-func (oaPanicStore) Transition(context.Context, string, string) (Reserved, error) {
+func (oaPanicStore) Transition(context.Context, string, string, string) (Reserved, error) {
 	panic("test: store bug")
 }
 func (oaPanicStore) Reservation(context.Context, string) (Reservation, error) {
@@ -989,6 +1014,8 @@ func oaReservationResponses(t *testing.T, srv *httptest.Server, router routers.R
 			header: map[string]string{"Idempotency-Key": ""}, want: 400, docRejects: true},
 		{name: "reserve short lines", method: "POST", path: "/reservations",
 			body: fmt.Sprintf(`{"reference":"order-2","lines":[{"product_id":%d,"quantity":100},{"product_id":%d,"quantity":5}]}`, p, q), want: 409, problem: "insufficient-stock"},
+		{name: "reserve past the hold cap", method: "POST", path: "/reservations", body: hold("order-cap", mtCap+1, ""), noAuth: true,
+			header: map[string]string{"Authorization": "Bearer " + mtCappedToken}, want: 409, problem: "hold-cap-exceeded"},
 		{name: "reserve unknown product", method: "POST", path: "/reservations", body: `{"reference":"order-2","lines":[{"product_id":999999,"quantity":1}]}`, want: 422, problem: "validation"},
 		{name: "reserve blank reference", method: "POST", path: "/reservations", body: `{"reference":"","lines":[{"product_id":1,"quantity":1}]}`, want: 422, docRejects: true},
 		{name: "reserve unprintable reference", method: "POST", path: "/reservations", body: `{"reference":"a\u0007b","lines":[{"product_id":1,"quantity":1}]}`, want: 422, docRejects: true},

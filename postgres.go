@@ -40,6 +40,9 @@ var pgDialect = newDialect(dialect{
 	fullText: func(terms []string, _ bool) (string, string, any, string) {
 		return "products", "products.search @@ to_tsquery('simple', ?)", tsQuery(terms), "products.id"
 	},
+	// A transaction-scoped advisory lock per holder, in a key space of its
+	// own (the first key spells "hold").
+	lockHolder: `SELECT pg_advisory_xact_lock(1752132708, hashtext(?))`,
 })
 
 // pgMigrationLock is the advisory lock key under which replicas migrate,
@@ -222,24 +225,24 @@ func (s *postgresStore) claimKey(ctx context.Context, tx pgx.Tx, k *IdempotencyK
 
 // Create inserts p; see sqlStore.Create. Without an Idempotency-Key it is
 // one statement (createAlone).
-func (s *postgresStore) Create(ctx context.Context, p Product, key *IdempotencyKey) (Product, bool, error) {
+func (s *postgresStore) Create(ctx context.Context, actor string, p Product, key *IdempotencyKey) (Product, bool, error) {
 	if key != nil {
-		return s.sqlStore.Create(ctx, p, key)
+		return s.sqlStore.Create(ctx, actor, p, key)
 	}
-	out, err := s.createAlone(ctx, p)
+	out, err := s.createAlone(ctx, actor, p)
 	return out, false, err
 }
 
 // AdjustStock adds delta to the stock; see sqlStore.AdjustStock. Without a
 // precondition or an Idempotency-Key it is one statement when it can be
 // (adjustAlone).
-func (s *postgresStore) AdjustStock(ctx context.Context, id, delta int64, cond *IfMatch, key *IdempotencyKey) (Product, bool, error) {
+func (s *postgresStore) AdjustStock(ctx context.Context, actor string, id, delta int64, cond *IfMatch, key *IdempotencyKey) (Product, bool, error) {
 	if cond == nil && key == nil {
-		if p, done, err := s.adjustAlone(ctx, id, delta); done || err != nil {
+		if p, done, err := s.adjustAlone(ctx, actor, id, delta); done || err != nil {
 			return p, false, err
 		}
 	}
-	return s.sqlStore.AdjustStock(ctx, id, delta, cond, key)
+	return s.sqlStore.AdjustStock(ctx, actor, id, delta, cond, key)
 }
 
 // pgProductJSON builds a product's feed representation from its row, for
@@ -251,7 +254,7 @@ const pgProductJSON = `jsonb_build_object('id', id, 'sku', sku, 'name', name, 'd
 
 // createAlone is Create without an Idempotency-Key: the product and its
 // event in one statement, one round trip, atomic by itself.
-func (s *postgresStore) createAlone(ctx context.Context, p Product) (Product, error) {
+func (s *postgresStore) createAlone(ctx context.Context, actor string, p Product) (Product, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	now := s.nowMicro()
@@ -259,11 +262,11 @@ func (s *postgresStore) createAlone(ctx context.Context, p Product) (Product, er
 	err := s.pool.QueryRow(ctx, `WITH p AS (INSERT INTO products
 			(sku, name, description, category, price_cents, currency, stock, version, created_at, updated_at, search)
 			VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $8, to_tsvector('simple', $9)) RETURNING *),
-		e AS (INSERT INTO events (type, occurred_at, product_id, version, data)
-			SELECT 'product.created', $8, id, version, `+pgProductJSON+` FROM p)
+		e AS (INSERT INTO events (type, occurred_at, product_id, version, data, actor)
+			SELECT 'product.created', $8, id, version, `+pgProductJSON+`, $10 FROM p)
 		SELECT id FROM p`,
 		p.SKU, p.Name, p.Description, p.Category, p.PriceCents, p.Currency, p.Stock, now,
-		searchText(p.Name, p.Description)).Scan(&p.ID)
+		searchText(p.Name, p.Description), nullable(actor)).Scan(&p.ID)
 	if err != nil {
 		return Product{}, fmt.Errorf("create product: %w", pgTranslate(ctx, err))
 	}
@@ -275,7 +278,7 @@ func (s *postgresStore) createAlone(ctx context.Context, p Product) (Product, er
 // reports false, having changed nothing, when the one statement cannot
 // decide (no such product, short stock, or expired holds to release first),
 // and the caller takes the transaction path.
-func (s *postgresStore) adjustAlone(ctx context.Context, id, delta int64) (Product, bool, error) {
+func (s *postgresStore) adjustAlone(ctx context.Context, actor string, id, delta int64) (Product, bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	now := s.nowMicro()
@@ -284,9 +287,9 @@ func (s *postgresStore) adjustAlone(ctx context.Context, id, delta int64) (Produ
 			WHERE id = $3 AND stock + $1 BETWEEN reserved AND 1000000000000
 				AND NOT EXISTS (SELECT 1 FROM reservation_lines WHERE product_id = $3 AND holding = 1 AND expires_at <= $2)
 			RETURNING *),
-		e AS (INSERT INTO events (type, occurred_at, product_id, version, data)
-			SELECT 'stock.changed', $2, id, version, `+pgProductJSON+` FROM p)
-		SELECT `+productColumns+` FROM p`, delta, now, id))
+		e AS (INSERT INTO events (type, occurred_at, product_id, version, data, actor)
+			SELECT 'stock.changed', $2, id, version, `+pgProductJSON+`, $4 FROM p)
+		SELECT `+productColumns+` FROM p`, delta, now, id, nullable(actor)))
 	if errors.Is(err, pgx.ErrNoRows) {
 		return Product{}, false, nil
 	}

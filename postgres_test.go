@@ -174,24 +174,24 @@ func TestRun_copyTo(t *testing.T) {
 		p := newProduct(fmt.Sprintf("CP-%04d", i))
 		p.Description = "é " + fmt.Sprint(i)
 		p.Stock = int64(i)
-		p, _, err := src.Create(t.Context(), p, nil)
+		p, _, err := src.Create(t.Context(), "", p, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
 		want = append(want, p)
 	}
 	// Versions above 1, a gap in the ids, an idempotency record.
-	if p, _, err := src.AdjustStock(t.Context(), want[10].ID, 5, nil, nil); err != nil {
+	if p, _, err := src.AdjustStock(t.Context(), "", want[10].ID, 5, nil, nil); err != nil {
 		t.Fatal(err)
 	} else {
 		want[10] = p
 	}
-	if _, err := src.Delete(t.Context(), want[20].ID, nil); err != nil {
+	if _, err := src.Delete(t.Context(), "", want[20].ID, nil); err != nil {
 		t.Fatal(err)
 	}
 	want = append(want[:20], want[21:]...)
 	key := &IdempotencyKey{Scope: "scope", Key: "order-1", Fingerprint: "fp"}
-	keyed, _, err := src.Create(t.Context(), newProduct("CP-KEYED"), key)
+	keyed, _, err := src.Create(t.Context(), "", newProduct("CP-KEYED"), key)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -270,10 +270,10 @@ func TestRun_copyTo(t *testing.T) {
 	if page, err := dst.List(t.Context(), ListFilter{Limit: 5, Sort: "id", Terms: []string{"e", "2499"}}); err != nil || len(page.Items) != 1 {
 		t.Errorf("search on copied rows = %+v, %v, want one product", page.Items, err)
 	}
-	if _, replayed, err := dst.Create(t.Context(), newProduct("CP-KEYED"), key); err != nil || !replayed {
+	if _, replayed, err := dst.Create(t.Context(), "", newProduct("CP-KEYED"), key); err != nil || !replayed {
 		t.Errorf("Create with a copied key = replayed %v, %v, want a replay", replayed, err)
 	}
-	fresh, _, err := dst.Create(t.Context(), newProduct("CP-NEW"), nil)
+	fresh, _, err := dst.Create(t.Context(), "", newProduct("CP-NEW"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -290,7 +290,7 @@ func TestRun_copyTo(t *testing.T) {
 	want[1] = mustGet(t, dst, want[1].ID)
 
 	// Re-running changes nothing, and keeps a change made in PostgreSQL.
-	changed, _, err := dst.AdjustStock(t.Context(), want[0].ID, 7, nil, nil)
+	changed, _, err := dst.AdjustStock(t.Context(), "", want[0].ID, 7, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -316,7 +316,7 @@ func decodeJSON(tb testing.TB, resp *http.Response, v any) {
 // numbered, the event is found by its seq, and nothing after the head.
 func TestPostgres_changesUnnumbered(t *testing.T) {
 	s := newTestPostgres(t)
-	p, _, err := s.Create(t.Context(), newProduct("CH-1"), nil)
+	p, _, err := s.Create(t.Context(), "", newProduct("CH-1"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

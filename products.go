@@ -137,7 +137,7 @@ func listQuery(d *dialect, f ListFilter) (string, []any) {
 
 // createProduct inserts p and returns it with its id, version 1 and
 // timestamps.
-func createProduct(ctx context.Context, t tx, now time.Time, p Product) (Product, error) {
+func createProduct(ctx context.Context, t tx, now time.Time, actor string, p Product) (Product, error) {
 	p.Version, p.Reserved, p.CreatedAt, p.UpdatedAt = 1, 0, now, now
 	args := append([]any{p.SKU, p.Name, p.Description, p.Category, p.PriceCents, p.Currency, p.Stock,
 		t.ts(now), t.ts(now)}, t.searchArgs(&p)...)
@@ -147,14 +147,14 @@ func createProduct(ctx context.Context, t tx, now time.Time, p Product) (Product
 	}
 	p.ID = id
 	t.textChanged(id, nil)
-	return p, appendEvent(ctx, t, now, EventProductCreated, &p, nil)
+	return p, appendEvent(ctx, t, now, actor, EventProductCreated, &p, nil)
 }
 
 // updateProduct applies u to the product with id, holding its row, and
 // stores the result at the next version. It returns the product as it is
 // after the call, and false when the patch changed nothing (nothing is
 // written).
-func updateProduct(ctx context.Context, t tx, now time.Time, id int64, u ProductUpdate) (Product, bool, error) {
+func updateProduct(ctx context.Context, t tx, now time.Time, actor string, id int64, u ProductUpdate) (Product, bool, error) {
 	cur, err := getProduct(ctx, t, id, true)
 	if err != nil {
 		return Product{}, false, err
@@ -187,14 +187,14 @@ func updateProduct(ctx context.Context, t tx, now time.Time, id int64, u Product
 	if cur.Name != out.Name || cur.Description != out.Description {
 		t.textChanged(id, &cur)
 	}
-	return out, true, appendEvent(ctx, t, now, updateEvent(cur, next), &out, nil)
+	return out, true, appendEvent(ctx, t, now, actor, updateEvent(cur, next), &out, nil)
 }
 
 // adjustStock adds delta to the stock of the product with id in one
 // statement, holding its row, after checking cond against its version. It
 // returns ErrInsufficientStock if the stock would go below what open holds
 // keep or above the maximum.
-func adjustStock(ctx context.Context, t tx, now time.Time, id, delta int64, cond *IfMatch) (Product, error) {
+func adjustStock(ctx context.Context, t tx, now time.Time, actor string, id, delta int64, cond *IfMatch) (Product, error) {
 	var version int64
 	if err := t.queryRow(ctx, `SELECT version FROM products WHERE id = ?`+t.forUpdate, id).Scan(&version); err != nil {
 		return Product{}, err
@@ -221,13 +221,13 @@ func adjustStock(ctx context.Context, t tx, now time.Time, id, delta int64, cond
 	if err != nil {
 		return Product{}, err
 	}
-	return p, appendEvent(ctx, t, now, EventStockChanged, &p, nil)
+	return p, appendEvent(ctx, t, now, actor, EventStockChanged, &p, nil)
 }
 
 // deleteProduct removes the product with id, holding its row, after
 // checking cond against its version, and returns it as it was. It returns
 // ErrReserved while open holds name it.
-func deleteProduct(ctx context.Context, t tx, now time.Time, id int64, cond *IfMatch) (Product, error) {
+func deleteProduct(ctx context.Context, t tx, now time.Time, actor string, id int64, cond *IfMatch) (Product, error) {
 	cur, err := getProduct(ctx, t, id, true)
 	if err != nil {
 		return Product{}, err
@@ -251,7 +251,7 @@ func deleteProduct(ctx context.Context, t tx, now time.Time, id int64, cond *IfM
 		return Product{}, err
 	}
 	t.textChanged(id, &cur)
-	return cur, appendEvent(ctx, t, now, EventProductDeleted, &cur, nil)
+	return cur, appendEvent(ctx, t, now, actor, EventProductDeleted, &cur, nil)
 }
 
 // updateEvent is the event type of a product update from cur to next: a

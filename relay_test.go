@@ -97,14 +97,14 @@ func TestRelay_publishesEveryKindOfWrite(t *testing.T) {
 		clock := time.Now()
 		setStoreClock(s, func() time.Time { return clock })
 
-		p, _, err := s.Create(ctx, Product{SKU: "R-1", Name: "pen", PriceCents: 100, Currency: "EUR", Stock: 10}, nil)
+		p, _, err := s.Create(ctx, "", Product{SKU: "R-1", Name: "pen", PriceCents: 100, Currency: "EUR", Stock: 10}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, _, err := s.Update(ctx, p.ID, ProductUpdate{Patch: ProductPatch{Name: optional[string]{Set: true, Value: "pencil"}}}); err != nil {
+		if _, _, err := s.Update(ctx, "", p.ID, ProductUpdate{Patch: ProductPatch{Name: optional[string]{Set: true, Value: "pencil"}}}); err != nil {
 			t.Fatal(err)
 		}
-		if _, _, err := s.AdjustStock(ctx, p.ID, 5, nil, nil); err != nil {
+		if _, _, err := s.AdjustStock(ctx, "", p.ID, 5, nil, nil); err != nil {
 			t.Fatal(err)
 		}
 		for _, to := range []string{StateConfirmed, StateReleased} {
@@ -123,7 +123,7 @@ func TestRelay_publishesEveryKindOfWrite(t *testing.T) {
 		if n, _, err := s.ExpireReservations(ctx, 10); err != nil || n != 1 {
 			t.Fatalf("ExpireReservations = %d, %v; want 1", n, err)
 		}
-		if _, err := s.Delete(ctx, p.ID, nil); err != nil {
+		if _, err := s.Delete(ctx, "", p.ID, nil); err != nil {
 			t.Fatal(err)
 		}
 		es, err := s.Events(ctx, 0, 100)
@@ -202,7 +202,7 @@ func runWriteLoad(t *testing.T, s productStore, writers int, stop <-chan struct{
 	w := &writeLoad{acked: map[int64][]int64{}}
 	var ids []int64
 	for i := range writers {
-		p, _, err := s.Create(t.Context(), Product{SKU: fmt.Sprintf("L-%d", i), Name: "load", PriceCents: 1, Currency: "EUR", Stock: 5}, nil)
+		p, _, err := s.Create(t.Context(), "", Product{SKU: fmt.Sprintf("L-%d", i), Name: "load", PriceCents: 1, Currency: "EUR", Stock: 5}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -223,7 +223,7 @@ func runWriteLoad(t *testing.T, s productStore, writers int, stop <-chan struct{
 				if n%5 == 4 {
 					delta = -1_000_000 // refused: stock cannot go below zero
 				}
-				p, _, err := s.AdjustStock(context.Background(), id, delta, nil, nil)
+				p, _, err := s.AdjustStock(context.Background(), "", id, delta, nil, nil)
 				switch {
 				case errors.Is(err, ErrInsufficientStock):
 					w.refused.Add(1)
@@ -363,7 +363,7 @@ func TestRelay_crashBetweenPublishAndPositionUpdate(t *testing.T) {
 		cons := startConsumer(t, rmq.URL, exchange)
 		const n = 50
 		for i := range n {
-			if _, _, err := s.Create(t.Context(), Product{SKU: fmt.Sprintf("C-%d", i), Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
+			if _, _, err := s.Create(t.Context(), "", Product{SKU: fmt.Sprintf("C-%d", i), Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -424,7 +424,7 @@ func TestRelay_retentionKeepsUnpublished(t *testing.T) {
 		down, stopDown := startRelay(t, s, fmt.Sprintf("amqp://guest:guest@127.0.0.1:%d/", port), exchange, nil)
 		const n = 30
 		for i := range n {
-			if _, _, err := s.Create(t.Context(), Product{SKU: fmt.Sprintf("T-%d", i), Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
+			if _, _, err := s.Create(t.Context(), "", Product{SKU: fmt.Sprintf("T-%d", i), Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -476,7 +476,7 @@ func TestRelay_oneOfThreeReplicasPublishes(t *testing.T) {
 	write := func(k int) {
 		for i := range k {
 			s := stores[i%3]
-			if _, _, err := s.Create(t.Context(), Product{SKU: fmt.Sprintf("P-%d", total), Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
+			if _, _, err := s.Create(t.Context(), "", Product{SKU: fmt.Sprintf("P-%d", total), Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
 				t.Fatal(err)
 			}
 			total++
@@ -585,7 +585,7 @@ func TestRelay_lag(t *testing.T) {
 			r.cfg.Wake = wake
 			r.poll = relayPoll
 		})
-		p, _, err := s.Create(t.Context(), Product{SKU: "LAG-1", Name: "x", PriceCents: 1, Currency: "EUR"}, nil)
+		p, _, err := s.Create(t.Context(), "", Product{SKU: "LAG-1", Name: "x", PriceCents: 1, Currency: "EUR"}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -596,7 +596,7 @@ func TestRelay_lag(t *testing.T) {
 		for range 4 {
 			wg.Go(func() {
 				for time.Now().Before(deadline) {
-					q, _, err := s.AdjustStock(context.Background(), p.ID, 1, nil, nil)
+					q, _, err := s.AdjustStock(context.Background(), "", p.ID, 1, nil, nil)
 					if err != nil {
 						t.Error(err)
 						return
@@ -642,7 +642,7 @@ func TestRelay_unroutableAndBlocked(t *testing.T) {
 	exchange := newExchangeName(t) // no queue bound yet
 	rl, _ := startRelay(t, s, rmq.URL, exchange, nil)
 	for i := range 5 {
-		if _, _, err := s.Create(t.Context(), Product{SKU: fmt.Sprintf("U-%d", i), Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
+		if _, _, err := s.Create(t.Context(), "", Product{SKU: fmt.Sprintf("U-%d", i), Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -658,7 +658,7 @@ func TestRelay_unroutableAndBlocked(t *testing.T) {
 	}
 	t.Cleanup(func() { rmq.Ctl("set_vm_memory_high_watermark", "0.4") })
 	for i := range 5 {
-		if _, _, err := s.Create(t.Context(), Product{SKU: fmt.Sprintf("B-%d", i), Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
+		if _, _, err := s.Create(t.Context(), "", Product{SKU: fmt.Sprintf("B-%d", i), Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
 			t.Fatalf("a write while the broker blocks publishers: %v", err)
 		}
 	}
@@ -733,7 +733,7 @@ func TestRelay_newLog(t *testing.T) {
 		exchange := newExchangeName(t)
 		cons := startConsumer(t, rmq.URL, exchange)
 		for i := range 3 {
-			if _, _, err := s.Create(t.Context(), Product{SKU: fmt.Sprintf("N-%d", i), Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
+			if _, _, err := s.Create(t.Context(), "", Product{SKU: fmt.Sprintf("N-%d", i), Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -746,7 +746,7 @@ func TestRelay_newLog(t *testing.T) {
 		if _, err := s.TrimEvents(t.Context(), time.Now().Add(time.Hour)); err != nil {
 			t.Fatal(err)
 		}
-		if _, _, err := s.Create(t.Context(), Product{SKU: "N-3", Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
+		if _, _, err := s.Create(t.Context(), "", Product{SKU: "N-3", Name: "x", PriceCents: 1, Currency: "EUR"}, nil); err != nil {
 			t.Fatal(err)
 		}
 		const newLog = "0123456789abcdef0123456789abcdef"

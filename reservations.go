@@ -16,8 +16,9 @@ const maxByReference = 100
 
 // Reserve validates in and holds its lines, all or nothing, and reports
 // whether the reservation is the replay of an earlier request with the same
-// idem. It returns a *ValidationError (also for a line whose product does
-// not exist), a *ShortageError, ErrIdempotencyMismatch, or an
+// idem. The request's credential holds it, within its cap (max_held). It
+// returns a *ValidationError (also for a line whose product does not
+// exist), a *ShortageError, a *HoldCapError, ErrIdempotencyMismatch, or an
 // *UnavailableError.
 func (s *ProductService) Reserve(ctx context.Context, in ReservationInput, idem *IdempotencyKey) (Reservation, bool, error) {
 	if problems := in.Valid(); len(problems) > 0 {
@@ -27,11 +28,12 @@ func (s *ProductService) Reserve(ctx context.Context, in ReservationInput, idem 
 	if in.TTLSeconds != nil {
 		ttl = time.Duration(*in.TTLSeconds) * time.Second
 	}
-	r := Reservation{ID: newReservationID(), Reference: *in.Reference, Lines: in.Lines}
+	who, _ := principalFrom(ctx)
+	r := Reservation{ID: newReservationID(), Reference: *in.Reference, Lines: in.Lines, CreatedBy: who.Name}
 	var held Reserved
 	err := s.write(ctx, "reserve", func(ctx context.Context) error {
 		var err error
-		held, err = s.store.Reserve(ctx, r, ttl, idem)
+		held, err = s.store.Reserve(ctx, r, ttl, who.MaxHeld, idem)
 		return err
 	})
 	if err != nil {
@@ -64,7 +66,7 @@ func (s *ProductService) transition(ctx context.Context, id, to string) (Reserva
 	var out Reserved
 	err := s.write(ctx, "reservation "+to, func(ctx context.Context) error {
 		var err error
-		out, err = s.store.Transition(ctx, id, to)
+		out, err = s.store.Transition(ctx, actorFrom(ctx), id, to)
 		return err
 	})
 	if err != nil {

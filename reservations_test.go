@@ -41,7 +41,7 @@ func stocked(tb testing.TB, s productStore, sku string, stock int64) Product {
 	tb.Helper()
 	p := newProduct(sku)
 	p.Stock = stock
-	p, _, err := s.Create(context.Background(), p, nil)
+	p, _, err := s.Create(context.Background(), "", p, nil)
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -179,7 +179,7 @@ func TestStore_Reservation_expiry(t *testing.T) {
 		}
 		// An adjustment, too, may take what the expired hold had.
 		clock.advance(time.Minute) // r2 expires as well
-		if q, _, err := s.AdjustStock(t.Context(), p.ID, -10, nil, nil); err != nil || q.Stock != 0 || q.Reserved != 0 {
+		if q, _, err := s.AdjustStock(t.Context(), "", p.ID, -10, nil, nil); err != nil || q.Stock != 0 || q.Reserved != 0 {
 			t.Errorf("adjust -10 after both holds expired = %+v, %v, want stock 0, reserved 0", q, err)
 		}
 		// Confirming an expired hold is refused, and records it expired.
@@ -235,16 +235,16 @@ func TestStore_Reservation_stockKeepsHolds(t *testing.T) {
 		if _, _, err := storeReserve(s, t.Context(), hold("o-k", ReservationLine{p.ID, 6}), time.Minute, nil); err != nil {
 			t.Fatal(err)
 		}
-		if _, _, err := s.AdjustStock(t.Context(), p.ID, -5, nil, nil); !errors.Is(err, ErrInsufficientStock) {
+		if _, _, err := s.AdjustStock(t.Context(), "", p.ID, -5, nil, nil); !errors.Is(err, ErrInsufficientStock) {
 			t.Errorf("adjust below the held units error = %v, want ErrInsufficientStock", err)
 		}
-		if q, _, err := s.AdjustStock(t.Context(), p.ID, -4, nil, nil); err != nil || q.Stock != 6 {
+		if q, _, err := s.AdjustStock(t.Context(), "", p.ID, -4, nil, nil); err != nil || q.Stock != 6 {
 			t.Errorf("adjust down to the held units = %+v, %v, want stock 6", q, err)
 		}
-		if _, _, err := s.Update(t.Context(), p.ID, ProductUpdate{Patch: ProductPatch{Stock: optional[int64]{Set: true, Value: 5}}}); !errors.Is(err, ErrInsufficientStock) {
+		if _, _, err := s.Update(t.Context(), "", p.ID, ProductUpdate{Patch: ProductPatch{Stock: optional[int64]{Set: true, Value: 5}}}); !errors.Is(err, ErrInsufficientStock) {
 			t.Errorf("set stock below the held units error = %v, want ErrInsufficientStock", err)
 		}
-		if _, err := s.Delete(t.Context(), p.ID, nil); !errors.Is(err, ErrReserved) {
+		if _, err := s.Delete(t.Context(), "", p.ID, nil); !errors.Is(err, ErrReserved) {
 			t.Errorf("delete with open holds error = %v, want ErrReserved", err)
 		}
 		if got := mustGet(t, s, p.ID); got.Stock != 6 || got.Reserved != 6 {
@@ -261,7 +261,7 @@ func TestStore_Reserve_idempotent(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		again, err := s.Reserve(t.Context(), hold("o-9", ReservationLine{p.ID, 4}), time.Minute, key)
+		again, err := s.Reserve(t.Context(), hold("o-9", ReservationLine{p.ID, 4}), time.Minute, 0, key)
 		if err != nil || !again.Replayed || !cmp.Equal(again.Reservation, first) || len(again.Changed) != 0 {
 			t.Fatalf("retried Reserve = %+v, %v, want a replay of %+v changing nothing", again, err, first)
 		}
@@ -361,9 +361,9 @@ func TestStore_Events_everyWrite(t *testing.T) {
 		ctx := t.Context()
 		p := stocked(t, s, "EV", 5)
 		created := p
-		p, _, _ = s.Update(ctx, p.ID, ProductUpdate{Patch: ProductPatch{Name: optional[string]{Set: true, Value: "renamed"}}})
+		p, _, _ = s.Update(ctx, "", p.ID, ProductUpdate{Patch: ProductPatch{Name: optional[string]{Set: true, Value: "renamed"}}})
 		updated := p
-		p, _, _ = s.AdjustStock(ctx, p.ID, 1, nil, nil)
+		p, _, _ = s.AdjustStock(ctx, "", p.ID, 1, nil, nil)
 		adjusted := p
 		r, _, err := storeReserve(s, ctx, hold("o-e", ReservationLine{p.ID, 2}), time.Minute, nil)
 		if err != nil {
@@ -373,11 +373,11 @@ func TestStore_Events_everyWrite(t *testing.T) {
 			t.Fatal(err)
 		}
 		// A refused write leaves no event.
-		if _, _, err := s.AdjustStock(ctx, p.ID, -100, nil, nil); !errors.Is(err, ErrInsufficientStock) {
+		if _, _, err := s.AdjustStock(ctx, "", p.ID, -100, nil, nil); !errors.Is(err, ErrInsufficientStock) {
 			t.Fatal(err)
 		}
 		q := stocked(t, s, "EV2", 0)
-		if _, err := s.Delete(ctx, q.ID, nil); err != nil {
+		if _, err := s.Delete(ctx, "", q.ID, nil); err != nil {
 			t.Fatal(err)
 		}
 		es, err := s.Events(ctx, 0, 100)

@@ -26,14 +26,14 @@ func TestRenewLogID_postgres(t *testing.T) {
 	for i := range 20 {
 		p := newProduct(fmt.Sprintf("PG-%d", i))
 		p.Stock = 10
-		c, _, err := src.Create(ctx, p, nil)
+		c, _, err := src.Create(ctx, "", p, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
 		ids = append(ids, c.ID)
 	}
 	if _, err := src.Reserve(ctx, Reservation{ID: newReservationID(), Reference: "order-1",
-		Lines: []ReservationLine{{ProductID: ids[0], Quantity: 2}}}, time.Hour, nil); err != nil {
+		Lines: []ReservationLine{{ProductID: ids[0], Quantity: 2}}}, time.Hour, 0, nil); err != nil {
 		t.Fatal(err)
 	}
 	oldID, _ := src.LogID(ctx)
@@ -84,7 +84,7 @@ func TestRenewLogID_postgres(t *testing.T) {
 		}
 	}
 	// New writes continue the id and seq sequences.
-	c, _, err := dst.Create(ctx, newProduct("PG-new"), nil)
+	c, _, err := dst.Create(ctx, "", newProduct("PG-new"), nil)
 	if err != nil || c.ID <= ids[len(ids)-1] {
 		t.Errorf("create after the restore: id %d, %v; want an id above %d", c.ID, err, ids[len(ids)-1])
 	}

@@ -322,7 +322,7 @@ func (s *ProductService) Create(ctx context.Context, in ProductInput, idem *Idem
 	var replayed bool
 	err := s.write(ctx, "create product", func(ctx context.Context) error {
 		var err error
-		p, replayed, err = s.store.Create(ctx, p, idem)
+		p, replayed, err = s.store.Create(ctx, actorFrom(ctx), p, idem)
 		return err
 	})
 	if err != nil {
@@ -365,7 +365,7 @@ func (s *ProductService) update(ctx context.Context, id int64, u ProductUpdate) 
 	var changed bool
 	err := s.write(ctx, "update product", func(ctx context.Context) error {
 		var err error
-		out, changed, err = s.store.Update(ctx, id, u)
+		out, changed, err = s.store.Update(ctx, actorFrom(ctx), id, u)
 		return err
 	})
 	if err != nil {
@@ -390,7 +390,7 @@ func (s *ProductService) AdjustStock(ctx context.Context, id, delta int64, cond 
 	var replayed bool
 	err := s.write(ctx, "adjust stock", func(ctx context.Context) error {
 		var err error
-		p, replayed, err = s.store.AdjustStock(ctx, id, delta, cond, idem)
+		p, replayed, err = s.store.AdjustStock(ctx, actorFrom(ctx), id, delta, cond, idem)
 		return err
 	})
 	if err != nil {
@@ -408,7 +408,7 @@ func (s *ProductService) Delete(ctx context.Context, id int64, cond *IfMatch) er
 	var gone Product
 	err := s.write(ctx, "delete product", func(ctx context.Context) error {
 		var err error
-		gone, err = s.store.Delete(ctx, id, cond)
+		gone, err = s.store.Delete(ctx, actorFrom(ctx), id, cond)
 		return err
 	})
 	if err != nil {

@@ -422,28 +422,28 @@ func (f *failingStore) List(ctx context.Context, lf ListFilter) (Page, error) {
 	return f.productStore.List(ctx, lf)
 }
 
-func (f *failingStore) Create(ctx context.Context, p Product, idem *IdempotencyKey) (Product, bool, error) {
+func (f *failingStore) Create(ctx context.Context, actor string, p Product, idem *IdempotencyKey) (Product, bool, error) {
 	f.writes.Add(1)
 	if _, err := f.errs(); err != nil {
 		return Product{}, false, fmt.Errorf("create product: %w", err)
 	}
-	return f.productStore.Create(ctx, p, idem)
+	return f.productStore.Create(ctx, actor, p, idem)
 }
 
-func (f *failingStore) Update(ctx context.Context, id int64, u ProductUpdate) (Product, bool, error) {
+func (f *failingStore) Update(ctx context.Context, actor string, id int64, u ProductUpdate) (Product, bool, error) {
 	f.writes.Add(1)
 	if _, err := f.errs(); err != nil {
 		return Product{}, false, fmt.Errorf("update product %d: %w", id, err)
 	}
-	return f.productStore.Update(ctx, id, u)
+	return f.productStore.Update(ctx, actor, id, u)
 }
 
-func (f *failingStore) AdjustStock(ctx context.Context, id, delta int64, cond *IfMatch, idem *IdempotencyKey) (Product, bool, error) {
+func (f *failingStore) AdjustStock(ctx context.Context, actor string, id, delta int64, cond *IfMatch, idem *IdempotencyKey) (Product, bool, error) {
 	f.writes.Add(1)
 	if _, err := f.errs(); err != nil {
 		return Product{}, false, fmt.Errorf("adjust stock of product %d: %w", id, err)
 	}
-	return f.productStore.AdjustStock(ctx, id, delta, cond, idem)
+	return f.productStore.AdjustStock(ctx, actor, id, delta, cond, idem)
 }
 
 // ProbeWrite fails like the writes: the write breaker's background probe
@@ -456,12 +456,12 @@ func (f *failingStore) ProbeWrite(ctx context.Context) error {
 	return f.productStore.ProbeWrite(ctx)
 }
 
-func (f *failingStore) Delete(ctx context.Context, id int64, check *IfMatch) (Product, error) {
+func (f *failingStore) Delete(ctx context.Context, actor string, id int64, check *IfMatch) (Product, error) {
 	f.writes.Add(1)
 	if _, err := f.errs(); err != nil {
 		return Product{}, fmt.Errorf("delete product %d: %w", id, err)
 	}
-	return f.productStore.Delete(ctx, id, check)
+	return f.productStore.Delete(ctx, actor, id, check)
 }
 
 // redisServer is a redis-server child process on a fixed loopback port,
@@ -775,12 +775,12 @@ func setStoreClock(s productStore, now func() time.Time) {
 // storeReserve and storeTransition call a store's Reserve and Transition
 // and return the reservation and the products changed apart.
 func storeReserve(s productStore, ctx context.Context, r Reservation, ttl time.Duration, key *IdempotencyKey) (Reservation, []Product, error) {
-	out, err := s.Reserve(ctx, r, ttl, key)
+	out, err := s.Reserve(ctx, r, ttl, 0, key)
 	return out.Reservation, out.Changed, err
 }
 
 func storeTransition(s productStore, ctx context.Context, id, to string) (Reservation, []Product, error) {
-	out, err := s.Transition(ctx, id, to)
+	out, err := s.Transition(ctx, "", id, to)
 	return out.Reservation, out.Changed, err
 }
 

@@ -83,6 +83,11 @@ type dialect struct {
 	// (byID: the listing is in id order).
 	fullText func(terms []string, byID bool) (from, cond string, arg any, idColumn string)
 
+	// lockHolder, given a holder's name, serialises that holder's
+	// reservations until the transaction ends, so a hold cap is counted
+	// and kept atomically; "" where one write runs at a time (SQLite).
+	lockHolder string
+
 	// Statements that depend on the fields above, built once.
 	insertProduct, updateProduct string
 }
@@ -203,9 +208,9 @@ func (s *sqlStore) List(ctx context.Context, f ListFilter) (Page, error) {
 // Create inserts p and returns it with its id, version 1 and timestamps,
 // and whether it is the replay of an earlier request with key. It returns
 // ErrConflict if the SKU is taken, or ErrIdempotencyMismatch.
-func (s *sqlStore) Create(ctx context.Context, p Product, key *IdempotencyKey) (Product, bool, error) {
+func (s *sqlStore) Create(ctx context.Context, actor string, p Product, key *IdempotencyKey) (Product, bool, error) {
 	out, replayed, err := runWrite(ctx, s, key, func(ctx context.Context, t tx) (Product, error) {
-		return createProduct(ctx, t, s.nowMicro(), p)
+		return createProduct(ctx, t, s.nowMicro(), actor, p)
 	})
 	if err != nil {
 		return Product{}, false, fmt.Errorf("create product: %w", err)
@@ -221,13 +226,13 @@ func (s *sqlStore) Create(ctx context.Context, p Product, key *IdempotencyKey) (
 // the call changed it (a patch that changes nothing writes nothing). It
 // returns ErrNotFound, ErrPrecondition, ErrConflict (SKU taken) or
 // ErrInsufficientStock (stock below what open holds keep).
-func (s *sqlStore) Update(ctx context.Context, id int64, u ProductUpdate) (Product, bool, error) {
+func (s *sqlStore) Update(ctx context.Context, actor string, id int64, u ProductUpdate) (Product, bool, error) {
 	type result struct {
 		P       Product
 		Changed bool
 	}
 	r, _, err := runWrite(ctx, s, nil, func(ctx context.Context, t tx) (result, error) {
-		p, changed, err := updateProduct(ctx, t, s.nowMicro(), id, u)
+		p, changed, err := updateProduct(ctx, t, s.nowMicro(), actor, id, u)
 		return result{p, changed}, err
 	})
 	if err != nil {
@@ -242,9 +247,9 @@ func (s *sqlStore) Update(ctx context.Context, id int64, u ProductUpdate) (Produ
 // ErrNotFound, ErrPrecondition, ErrIdempotencyMismatch, or
 // ErrInsufficientStock, changing nothing, if stock would go below what open
 // holds keep or above its maximum.
-func (s *sqlStore) AdjustStock(ctx context.Context, id, delta int64, cond *IfMatch, key *IdempotencyKey) (Product, bool, error) {
+func (s *sqlStore) AdjustStock(ctx context.Context, actor string, id, delta int64, cond *IfMatch, key *IdempotencyKey) (Product, bool, error) {
 	p, replayed, err := runWrite(ctx, s, key, func(ctx context.Context, t tx) (Product, error) {
-		return adjustStock(ctx, t, s.nowMicro(), id, delta, cond)
+		return adjustStock(ctx, t, s.nowMicro(), actor, id, delta, cond)
 	})
 	if err != nil {
 		return Product{}, false, fmt.Errorf("adjust stock of product %d: %w", id, err)
@@ -255,9 +260,9 @@ func (s *sqlStore) AdjustStock(ctx context.Context, id, delta int64, cond *IfMat
 // Delete removes the product with id, after checking cond against its
 // version, and returns it as it was. It returns ErrNotFound,
 // ErrPrecondition, or ErrReserved while open holds name it.
-func (s *sqlStore) Delete(ctx context.Context, id int64, cond *IfMatch) (Product, error) {
+func (s *sqlStore) Delete(ctx context.Context, actor string, id int64, cond *IfMatch) (Product, error) {
 	gone, _, err := runWrite(ctx, s, nil, func(ctx context.Context, t tx) (Product, error) {
-		return deleteProduct(ctx, t, s.nowMicro(), id, cond)
+		return deleteProduct(ctx, t, s.nowMicro(), actor, id, cond)
 	})
 	if err != nil {
 		return Product{}, fmt.Errorf("delete product %d: %w", id, err)
@@ -268,12 +273,13 @@ func (s *sqlStore) Delete(ctx context.Context, id int64, cond *IfMatch) (Product
 	return gone, nil
 }
 
-// Reserve holds r.Lines for ttl, all or nothing; see reserve. A replay of
-// key returns the reservation the first request made, and no products.
-func (s *sqlStore) Reserve(ctx context.Context, r Reservation, ttl time.Duration, key *IdempotencyKey) (Reserved, error) {
+// Reserve holds r.Lines for ttl, all or nothing, within maxHeld (0: no
+// cap); see reserve. A replay of key returns the reservation the first
+// request made, and no products.
+func (s *sqlStore) Reserve(ctx context.Context, r Reservation, ttl time.Duration, maxHeld int64, key *IdempotencyKey) (Reserved, error) {
 	var changed []Product
 	held, replayed, err := runWrite(ctx, s, key, func(ctx context.Context, t tx) (Reservation, error) {
-		held, ps, err := reserve(ctx, t, s.nowMicro(), r, ttl)
+		held, ps, err := reserve(ctx, t, s.nowMicro(), r, ttl, maxHeld)
 		changed = ps
 		return held, err
 	})
@@ -287,9 +293,9 @@ func (s *sqlStore) Reserve(ctx context.Context, r Reservation, ttl time.Duration
 }
 
 // Transition moves reservation id to state to; see transition.
-func (s *sqlStore) Transition(ctx context.Context, id, to string) (Reserved, error) {
+func (s *sqlStore) Transition(ctx context.Context, actor, id, to string) (Reserved, error) {
 	out, _, err := runWrite(ctx, s, nil, func(ctx context.Context, t tx) (Reserved, error) {
-		r, changed, err := transition(ctx, t, s.nowMicro(), id, to)
+		r, changed, err := transition(ctx, t, s.nowMicro(), actor, id, to)
 		return Reserved{Reservation: r, Changed: changed}, err
 	})
 	if err != nil {

@@ -34,7 +34,7 @@ func TestStore_migrationsIdempotent(t *testing.T) {
 			s := open(t)
 			if i == 0 {
 				var err error
-				if created, _, err = s.Create(t.Context(), newProduct("MIG-1"), nil); err != nil {
+				if created, _, err = s.Create(t.Context(), "", newProduct("MIG-1"), nil); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -88,7 +88,7 @@ func TestSQLite_Close(t *testing.T) {
 				t.Fatal(err)
 			}
 			for i := range 20 {
-				if _, _, err := s.Create(t.Context(), newProduct(fmt.Sprintf("WAL-%d", i)), nil); err != nil {
+				if _, _, err := s.Create(t.Context(), "", newProduct(fmt.Sprintf("WAL-%d", i)), nil); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -122,7 +122,7 @@ func TestStore_writeAfterClose(t *testing.T) {
 }
 
 func testWriteAfterClose(t *testing.T, s productStore) {
-	p, _, err := s.Create(t.Context(), newProduct("CL-1"), nil)
+	p, _, err := s.Create(t.Context(), "", newProduct("CL-1"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -131,13 +131,13 @@ func testWriteAfterClose(t *testing.T, s productStore) {
 	}
 	// Every write after Close fails with ErrUnavailable; none may block.
 	writes := map[string]func(ctx context.Context) error{
-		"Create": func(ctx context.Context) error { _, _, err := s.Create(ctx, newProduct("CL-2"), nil); return err },
+		"Create": func(ctx context.Context) error { _, _, err := s.Create(ctx, "", newProduct("CL-2"), nil); return err },
 		"Update": func(ctx context.Context) error {
-			_, _, err := s.Update(ctx, p.ID, ProductUpdate{Patch: ProductPatch{Name: optional[string]{Set: true, Value: "x"}}})
+			_, _, err := s.Update(ctx, "", p.ID, ProductUpdate{Patch: ProductPatch{Name: optional[string]{Set: true, Value: "x"}}})
 			return err
 		},
-		"AdjustStock": func(ctx context.Context) error { _, _, err := s.AdjustStock(ctx, p.ID, 1, nil, nil); return err },
-		"Delete":      func(ctx context.Context) error { _, err := s.Delete(ctx, p.ID, nil); return err },
+		"AdjustStock": func(ctx context.Context) error { _, _, err := s.AdjustStock(ctx, "", p.ID, 1, nil, nil); return err },
+		"Delete":      func(ctx context.Context) error { _, err := s.Delete(ctx, "", p.ID, nil); return err },
 	}
 	for name, write := range writes {
 		t.Run(name, func(t *testing.T) {
@@ -168,7 +168,7 @@ func testCloseWithWritesInFlight(t *testing.T, s productStore) {
 	errs := make(chan error, 200)
 	for i := range 200 {
 		wg.Go(func() {
-			_, _, err := s.Create(context.Background(), newProduct(fmt.Sprintf("RACE-%d", i)), nil)
+			_, _, err := s.Create(context.Background(), "", newProduct(fmt.Sprintf("RACE-%d", i)), nil)
 			errs <- err
 		})
 	}
@@ -195,10 +195,10 @@ func TestStore_Create_duplicateSKU(t *testing.T) {
 }
 
 func testCreateDuplicateSKU(t *testing.T, s productStore) {
-	if _, _, err := s.Create(t.Context(), newProduct("UNIQ-1"), nil); err != nil {
+	if _, _, err := s.Create(t.Context(), "", newProduct("UNIQ-1"), nil); err != nil {
 		t.Fatal(err)
 	}
-	_, _, err := s.Create(t.Context(), newProduct("UNIQ-1"), nil)
+	_, _, err := s.Create(t.Context(), "", newProduct("UNIQ-1"), nil)
 	if !errors.Is(err, ErrConflict) {
 		t.Errorf("Create(duplicate sku) error = %v, want ErrConflict", err)
 	}
@@ -209,11 +209,11 @@ func testCreateDuplicateSKU(t *testing.T, s productStore) {
 		t.Errorf("Count() = %d, want 1", n)
 	}
 	// Update onto a taken sku is a conflict too.
-	q, _, err := s.Create(t.Context(), newProduct("UNIQ-2"), nil)
+	q, _, err := s.Create(t.Context(), "", newProduct("UNIQ-2"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, _, err = s.Update(t.Context(), q.ID, ProductUpdate{Patch: ProductPatch{SKU: optional[string]{Set: true, Value: "UNIQ-1"}}})
+	_, _, err = s.Update(t.Context(), "", q.ID, ProductUpdate{Patch: ProductPatch{SKU: optional[string]{Set: true, Value: "UNIQ-1"}}})
 	if !errors.Is(err, ErrConflict) {
 		t.Errorf("Update(sku taken) error = %v, want ErrConflict", err)
 	}
@@ -295,7 +295,7 @@ func TestStore_AdjustStock(t *testing.T) {
 func testAdjustStock(t *testing.T, s productStore) {
 	p := newProduct("ADJ")
 	p.Stock = 5
-	p, _, err := s.Create(t.Context(), p, nil)
+	p, _, err := s.Create(t.Context(), "", p, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -316,7 +316,7 @@ func testAdjustStock(t *testing.T, s productStore) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			before, _ := s.Get(t.Context(), p.ID)
-			out, _, err := s.AdjustStock(t.Context(), tt.id, tt.delta, tt.cond, nil)
+			out, _, err := s.AdjustStock(t.Context(), "", tt.id, tt.delta, tt.cond, nil)
 			if !errors.Is(err, tt.wantErr) || (tt.wantErr == nil && err != nil) {
 				t.Fatalf("AdjustStock(%d, %d) error = %v, want %v", tt.id, tt.delta, err, tt.wantErr)
 			}
@@ -349,10 +349,10 @@ func testGetNotFound(t *testing.T, s productStore) {
 	if _, err := s.Get(t.Context(), 1); !errors.Is(err, ErrNotFound) {
 		t.Errorf("Get(1) on an empty store error = %v, want ErrNotFound", err)
 	}
-	if _, err := s.Delete(t.Context(), 1, nil); !errors.Is(err, ErrNotFound) {
+	if _, err := s.Delete(t.Context(), "", 1, nil); !errors.Is(err, ErrNotFound) {
 		t.Errorf("Delete(1) on an empty store error = %v, want ErrNotFound", err)
 	}
-	if _, _, err := s.Update(t.Context(), 1, ProductUpdate{}); !errors.Is(err, ErrNotFound) {
+	if _, _, err := s.Update(t.Context(), "", 1, ProductUpdate{}); !errors.Is(err, ErrNotFound) {
 		t.Errorf("Update(1) on an empty store error = %v, want ErrNotFound", err)
 	}
 }
@@ -369,21 +369,21 @@ func testExpireIdempotencyKeys(t *testing.T, s productStore) {
 	clock.Store(&now)
 	setStoreClock(s, func() time.Time { return *clock.Load() })
 	key := &IdempotencyKey{Scope: "s", Key: "k", Fingerprint: "f"}
-	first, _, err := s.Create(t.Context(), newProduct("EXP-1"), key)
+	first, _, err := s.Create(t.Context(), "", newProduct("EXP-1"), key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	again, replayed, err := s.Create(t.Context(), newProduct("EXP-1"), key)
+	again, replayed, err := s.Create(t.Context(), "", newProduct("EXP-1"), key)
 	if err != nil || !replayed || !cmp.Equal(again, first) {
 		t.Fatalf("Create with a used key = %+v, replayed %v, %v, want a replay of %+v", again, replayed, err, first)
 	}
-	if _, _, err := s.Create(t.Context(), newProduct("EXP-X"), &IdempotencyKey{Scope: "s", Key: "k", Fingerprint: "other"}); !errors.Is(err, ErrIdempotencyMismatch) {
+	if _, _, err := s.Create(t.Context(), "", newProduct("EXP-X"), &IdempotencyKey{Scope: "s", Key: "k", Fingerprint: "other"}); !errors.Is(err, ErrIdempotencyMismatch) {
 		t.Errorf("Create with a used key and another request error = %v, want ErrIdempotencyMismatch", err)
 	}
 	if _, err := s.ExpireIdempotencyKeys(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	if _, replayed, err := s.Create(t.Context(), newProduct("EXP-1"), key); err != nil || !replayed {
+	if _, replayed, err := s.Create(t.Context(), "", newProduct("EXP-1"), key); err != nil || !replayed {
 		t.Errorf("after expiring none, Create with the key = replayed %v, %v, want a replay", replayed, err)
 	}
 
@@ -393,7 +393,7 @@ func testExpireIdempotencyKeys(t *testing.T, s productStore) {
 		t.Fatal(err)
 	}
 	// An expired key is a new request.
-	second, _, err := s.Create(t.Context(), newProduct("EXP-2"), key)
+	second, _, err := s.Create(t.Context(), "", newProduct("EXP-2"), key)
 	if err != nil || second.ID == first.ID {
 		t.Errorf("Create with an expired key = %+v, %v, want a new product", second, err)
 	}
@@ -403,7 +403,7 @@ func TestSQLite_ExpireIdempotencyKeys_deletes(t *testing.T) {
 	s := newTestStore(t)
 	now := time.Now()
 	s.now = func() time.Time { return now }
-	if _, _, err := s.Create(t.Context(), newProduct("DEL-1"), &IdempotencyKey{Scope: "s", Key: "k", Fingerprint: "f"}); err != nil {
+	if _, _, err := s.Create(t.Context(), "", newProduct("DEL-1"), &IdempotencyKey{Scope: "s", Key: "k", Fingerprint: "f"}); err != nil {
 		t.Fatal(err)
 	}
 	count := func() (n int) {
@@ -433,7 +433,7 @@ func TestStore_List_sameOrderOnBoth(t *testing.T) {
 		for i, n := range names {
 			p := newProduct(fmt.Sprintf("ORD-%d", i))
 			p.Name = n
-			if _, _, err := s.Create(t.Context(), p, nil); err != nil {
+			if _, _, err := s.Create(t.Context(), "", p, nil); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -482,7 +482,7 @@ func TestStore_List_search(t *testing.T) {
 		} {
 			p := newProduct(fmt.Sprintf("FTS-%d", i))
 			p.Name, p.Description = pr[0], pr[1]
-			if _, _, err := s.Create(t.Context(), p, nil); err != nil {
+			if _, _, err := s.Create(t.Context(), "", p, nil); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -525,7 +525,7 @@ func TestStore_concurrentWrites(t *testing.T) {
 	forEachStore(t, func(t *testing.T, s productStore) {
 		p := newProduct("CONC-1")
 		p.Stock = 100
-		p, _, err := s.Create(t.Context(), p, nil)
+		p, _, err := s.Create(t.Context(), "", p, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -539,7 +539,7 @@ func TestStore_concurrentWrites(t *testing.T) {
 		var last Product // the update committed at the highest version
 		for range 60 {
 			wg.Go(func() {
-				q, _, err := s.AdjustStock(context.Background(), p.ID, -2, nil, nil)
+				q, _, err := s.AdjustStock(context.Background(), "", p.ID, -2, nil, nil)
 				switch {
 				case err == nil:
 					okAdjust.Add(1)
@@ -553,7 +553,7 @@ func TestStore_concurrentWrites(t *testing.T) {
 		}
 		for i := range 20 {
 			wg.Go(func() {
-				q, _, err := s.Update(context.Background(), p.ID, ProductUpdate{Patch: ProductPatch{
+				q, _, err := s.Update(context.Background(), "", p.ID, ProductUpdate{Patch: ProductPatch{
 					Description: optional[string]{Set: true, Value: fmt.Sprintf("[%d]", i)}}})
 				if err != nil {
 					t.Errorf("Update: %v", err)
@@ -596,7 +596,7 @@ func TestStore_idempotencyKeyRace(t *testing.T) {
 	forEachStore(t, func(t *testing.T, s productStore) {
 		p := newProduct("IDEM-R")
 		p.Stock = 10
-		p, _, err := s.Create(t.Context(), p, nil)
+		p, _, err := s.Create(t.Context(), "", p, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -607,7 +607,7 @@ func TestStore_idempotencyKeyRace(t *testing.T) {
 		var wg sync.WaitGroup
 		for range 20 {
 			wg.Go(func() {
-				q, _, err := s.AdjustStock(context.Background(), p.ID, -3, nil, key)
+				q, _, err := s.AdjustStock(context.Background(), "", p.ID, -3, nil, key)
 				if err != nil {
 					t.Errorf("AdjustStock: %v", err)
 					return
@@ -631,14 +631,14 @@ func TestStore_idempotencyKeyRace(t *testing.T) {
 
 func TestStore_Delete_returnsProduct(t *testing.T) {
 	forEachStore(t, func(t *testing.T, s productStore) {
-		p, _, err := s.Create(t.Context(), newProduct("DEL-R"), nil)
+		p, _, err := s.Create(t.Context(), "", newProduct("DEL-R"), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := s.Delete(t.Context(), p.ID, &IfMatch{Versions: []int64{p.Version + 1}}); !errors.Is(err, ErrPrecondition) {
+		if _, err := s.Delete(t.Context(), "", p.ID, &IfMatch{Versions: []int64{p.Version + 1}}); !errors.Is(err, ErrPrecondition) {
 			t.Errorf("Delete with a failing If-Match error = %v, want ErrPrecondition", err)
 		}
-		gone, err := s.Delete(t.Context(), p.ID, nil)
+		gone, err := s.Delete(t.Context(), "", p.ID, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -649,7 +649,7 @@ func TestStore_Delete_returnsProduct(t *testing.T) {
 			t.Errorf("Get after Delete error = %v, want ErrNotFound", err)
 		}
 		// Ids are never reused.
-		q, _, err := s.Create(t.Context(), newProduct("DEL-R2"), nil)
+		q, _, err := s.Create(t.Context(), "", newProduct("DEL-R2"), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -668,7 +668,7 @@ func TestStore_List_cursorWalkEverySort(t *testing.T) {
 			p.Name = []string{"b", "a", "c"}[i%3]
 			p.PriceCents = int64(i % 4 * 100)
 			p.Stock = int64(i % 2)
-			q, _, err := s.Create(t.Context(), p, nil)
+			q, _, err := s.Create(t.Context(), "", p, nil)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -83,7 +83,7 @@ func TestStore_failingWriteFailsOnlyItself(t *testing.T) {
 	errNew := errors.New("a refusal no list names")
 	for i := range 3 {
 		queue(fmt.Sprintf("create %d", i), func() (Product, error) {
-			p, _, err := s.Create(context.Background(), newProduct(fmt.Sprintf("OK-%d", i)), nil)
+			p, _, err := s.Create(context.Background(), "", newProduct(fmt.Sprintf("OK-%d", i)), nil)
 			return p, err
 		})
 		if i == 0 {
@@ -138,7 +138,7 @@ func TestStore_failingWriteFailsOnlyItself(t *testing.T) {
 		t.Errorf("idempotency records = %d, %v, want 0", keys, err)
 	}
 	// The writer is alive and the count maintained.
-	if _, _, err := s.Create(t.Context(), newProduct("LATER"), nil); err != nil {
+	if _, _, err := s.Create(t.Context(), "", newProduct("LATER"), nil); err != nil {
 		t.Errorf("Create after the failures error = %v, want nil", err)
 	}
 	var rows int64
@@ -178,10 +178,10 @@ type panickyStore struct {
 	panicUpdates bool
 }
 
-func (s *panickyStore) Update(ctx context.Context, id int64, u ProductUpdate) (Product, bool, error) {
+func (s *panickyStore) Update(ctx context.Context, actor string, id int64, u ProductUpdate) (Product, bool, error) {
 	if s.panicUpdates {
 		_, err := s.write(ctx, nil, func(context.Context, querier) ([]byte, error) { panic("bug in a write") })
 		return Product{}, false, err
 	}
-	return s.sqliteStore.Update(ctx, id, u)
+	return s.sqliteStore.Update(ctx, actor, id, u)
 }
