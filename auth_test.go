@@ -64,6 +64,10 @@ var routeScopes = map[string]scope{
 	"GET /reservations":                     scopeReservationsRead,
 	"GET /reservations/{id}":                scopeReservationsRead,
 	"GET /events":                           scopeEventsRead,
+	"POST /admin/backups":                   scopeAdmin,
+	"GET /admin/backups":                    scopeAdmin,
+	"GET /admin/backups/{name}":             scopeAdmin,
+	"DELETE /admin/backups/{name}":          scopeAdmin,
 }
 
 // TestRequireScope_everyRoute sends every route of addRoutes a well-formed
@@ -187,7 +191,9 @@ func TestRequireScope_everyRoute(t *testing.T) {
 					t.Errorf("%s with %s = %d (WWW-Authenticate %q), want 401 with a Bearer challenge", route, c.name, rec.Code, rec.Header().Get("WWW-Authenticate"))
 				}
 			case s.allows(need):
-				if rec.Code == http.StatusUnauthorized || rec.Code == http.StatusForbidden || rec.Code >= 500 {
+				// 501: the backups of a store that has none of its own
+				// (this server is given none) is an answer past the check.
+				if rec.Code == http.StatusUnauthorized || rec.Code == http.StatusForbidden || rec.Code >= 500 && rec.Code != http.StatusNotImplemented {
 					t.Errorf("%s with %s = %d %s, want it let through", route, c.name, rec.Code, rec.Body)
 				}
 				continue

@@ -67,45 +67,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if cfg.HealthCheck {
 		return healthCheck(ctx, cfg.Addr)
 	}
-
-	tr, err := newTracing(ctx, getenv, buildVersion())
+	log, tr, closeLog, err := newLogger(ctx, cfg, getenv, stdout)
 	if err != nil {
-		return &configError{msg: "invalid OTEL_* settings: " + err.Error()}
+		return err
 	}
-	defer tr.close(tracingShutdownTimeout)
-	logOut := newLogWriter(stdout, 100*time.Millisecond)
-	defer logOut.Close()
-	var logh slog.Handler = flushHandler{slog.NewJSONHandler(logOut, &slog.HandlerOptions{Level: cfg.LogLevel}), logOut}
-	if tr.enabled {
-		logh = traceLogHandler{logh}
-	}
-	log := slog.New(logh)
-	if tr.enabled {
-		routeOTelErrors(log)
-	}
-	log.Info("starting", append([]any{"version", buildVersion(), "tracing", tr.enabled}, cfg.logAttrs()...)...)
-	if len(cfg.APITokens) == 0 && cfg.APITokensFile == "" && cfg.JWTIssuer == "" {
-		var b [24]byte
-		rand.Read(b[:])
-		cfg.APITokens = []string{hex.EncodeToString(b[:])}
-		// Logged once so a developer can write; set API_TOKEN in production.
-		log.Warn("API_TOKEN is not set; writes need this generated token", "token", cfg.APITokens[0])
-	}
-
-	// The tokens file is read before anything is bound or opened: a file
-	// that does not parse stops the start, as another invalid setting does.
-	tokens := newTokenSet(cfg.APITokens)
-	if cfg.APITokensFile != "" {
-		if err := tokens.useFile(cfg.APITokensFile); err != nil {
-			return &configError{msg: err.Error()}
-		}
-		log.Info("tokens file loaded", "file", cfg.APITokensFile, "credentials", tokens.len())
-	}
-	if cfg.JWTIssuer != "" {
-		tokens.jwt = newJWTVerifier(cfg.JWTIssuer, cfg.JWTAudience, cfg.JWTJWKSURL, int64(cfg.JWTMaxHeld), log)
-		// Not fatal: an issuer that is down now may be up by the first
-		// request, which fetches the keys again.
-		tokens.jwt.refresh(ctx)
+	defer closeLog()
+	tokens, err := newCredentials(ctx, cfg, log)
+	if err != nil {
+		return err
 	}
 
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
@@ -119,13 +88,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 
 	storeCfg := StoreConfig{DatabaseURL: cfg.DatabaseURL, Path: cfg.DBPath, Sync: cfg.DBSync, Timeout: cfg.DBTimeout,
 		KeepUnpublished: cfg.AMQPURL != ""}
-	if cfg.CopyTo != "" {
+	switch {
+	case cfg.CopyTo != "":
 		return copyToPostgres(ctx, storeCfg, cfg.CopyTo, stderr)
-	}
-	if cfg.Restore != "" {
+	case cfg.Restore != "":
 		return restoreSQLite(ctx, cfg.DBPath, cfg.Restore, cfg.RestoreIfMissing, stdout)
-	}
-	if cfg.RenewLogID {
+	case cfg.RenewLogID:
 		return renewLogID(ctx, storeCfg, stdout)
 	}
 	// Bind every listener before the store is opened: a port another
@@ -146,99 +114,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		}
 	}()
 
-	var c cache
-	if cfg.RedisURL != "" {
-		routeRedisLogs(log)
-		rc, err := newRedisCache(cfg.RedisURL, cfg.RedisTimeout, cfg.CacheTTL)
-		if err != nil {
-			return &configError{msg: "invalid REDIS_URL: " + err.Error()}
-		}
-		c = rc
-		checkRedis(ctx, rc, cfg, log)
+	a, err := assemble(ctx, cfg, store, tokens, log, tr)
+	if err != nil {
+		return err
 	}
-
-	reg := prometheus.NewRegistry()
-	m := newMetrics(reg)
-	switch st := store.(type) {
-	case *sqliteStore:
-		m.dbPools(sqlPoolCollector(st.rdb, "sqlite_read"), sqlPoolCollector(st.wdb, "sqlite_write"))
-		m.writeGroups(st.GroupStats)
-	case *postgresStore:
-		m.dbPools(pgPoolCollector{st.Stat})
-	}
-	var bk *backups // SQLite's; PostgreSQL's backups are its own
-	if st, ok := store.(*sqliteStore); ok {
-		if bk, err = newBackups(cfg.backupDir(), cfg.BackupKeep, st, log, m); err != nil {
-			return err
-		}
-	}
-	localSize := cfg.LocalCacheSize
-	if cfg.CacheMemory == 0 {
-		localSize = 0 // CACHE_MEMORY=0: no in-process caches
-	}
-	svc := NewProductService(store, ServiceConfig{
-		Cache: c, RedisTimeout: cfg.RedisTimeout, LocalCacheSize: localSize, CacheMemory: cfg.CacheMemory,
-		CacheTTL: cfg.CacheTTL, Logger: log, Metrics: m, Tracing: tr,
-	})
-	defer svc.Close()
-
-	var rl *relay
-	if cfg.AMQPURL != "" {
-		rm := m.relay()
-		rl = newRelay(store.(relayStore), relayConfig{
-			Source: cfg.AMQPSource, Dial: dialRelayPublisher(cfg.AMQPURL, cfg.AMQPExchange, rm), BrokerURL: cfg.AMQPURL,
-			WarnAge: cfg.RelayWarnAge, Log: log, Metrics: rm, Wake: svc.feed,
-		})
-	}
-
-	life := &lifecycle{} // started once the store is open and every listener is up
-	// Always made: failed authentication is limited even when
-	// RATE_LIMIT_RPS is 0 and requests in general are not.
-	limiter := newRateLimiter(cfg.RateLimitRPS, cfg.RateLimitBurst, tokens)
-	handler := newServer(serverDeps{
-		svc: svc, log: log, metrics: m, tokens: tokens, life: life,
-		limiter: limiter, proxies: cfg.TrustedProxies, maxFlight: cfg.MaxInFlight, serveMetrics: cfg.MetricsAddr == "", tracing: tr,
-		streams: newStreamSlots(cfg.FeedMaxStreams), backups: bk, relay: rl,
-	})
-
+	defer a.svc.Close()
 	errc := make(chan error, 3)
-	servers := []*http.Server{serve(lns.main, handler, log, errc, newConnLimiter(cfg.MaxConns, cfg.MaxConnsPerIP, m, log))}
-	log.Info("listening", "addr", lns.main.Addr().String())
-	if lns.metrics != nil {
-		mux := http.NewServeMux()
-		mux.Handle("GET /metrics", m.handler())
-		servers = append(servers, serve(lns.metrics, mux, log, errc, nil))
-		log.Info("metrics listening", "addr", lns.metrics.Addr().String())
-	}
-	if lns.admin != nil {
-		servers = append(servers, serve(lns.admin, adminMux(m), log, errc, nil))
-		log.Info("admin listening", "addr", lns.admin.Addr().String())
-	}
-	life.started.Store(true)
-
-	// The background goroutines are joined before the store closes: the
-	// deferred calls run in reverse, so bgCancel, then bg.Wait, then (far
-	// above) store.Close.
-	var bg sync.WaitGroup
-	defer bg.Wait()
-	bgCtx, bgCancel := context.WithCancel(ctx)
-	defer bgCancel()
-	bg.Go(func() { expireIdempotencyKeys(bgCtx, store, log) })
-	bg.Go(func() { svc.Probe(bgCtx, time.Second) })
-	// The follower serves reads: it stops after the listeners drained, not
-	// at the signal as the other background work does.
-	followCtx, followCancel := context.WithCancel(context.WithoutCancel(ctx))
-	defer followCancel()
-	bg.Go(func() { svc.Follow(followCtx) })
-	bg.Go(func() { svc.SweepReservations(bgCtx, time.Second) })
-	bg.Go(func() { trimChangeFeed(bgCtx, store, log, cfg.EventsRetention, time.Minute) })
-	if bk != nil && cfg.BackupInterval > 0 {
-		bg.Go(func() { bk.Schedule(bgCtx, cfg.BackupInterval) })
-	}
-	if rl != nil {
-		bg.Go(func() { rl.Run(bgCtx) })
-	}
-	bg.Go(func() { tokens.watch(bgCtx, hup, tokensFilePoll, log) })
+	servers := a.serve(lns, cfg, errc)
+	a.life.started.Store(true)
+	// Joined before the store closes: deferred calls run in reverse.
+	defer a.startBackground(ctx, cfg, hup)()
 
 	select {
 	case <-ctx.Done():
@@ -252,12 +137,172 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	defer signal.Stop(second)
 	stop()
 	done := make(chan error, 1)
-	go func() { done <- shutdown(life, servers, cfg, log) }()
+	go func() { done <- shutdown(a.life, servers, cfg, a.log) }()
 	select {
 	case err := <-done:
 		return err
 	case <-second:
 		return errors.New("second signal: exiting without draining")
+	}
+}
+
+// newLogger returns the process's JSON logger (trace-aware when
+// OTEL_EXPORTER_OTLP_ENDPOINT is set), the tracing, and what closes both.
+func newLogger(ctx context.Context, cfg *config, getenv func(string) string, stdout io.Writer) (*slog.Logger, *tracing, func(), error) {
+	tr, err := newTracing(ctx, getenv, buildVersion())
+	if err != nil {
+		return nil, nil, nil, &configError{msg: "invalid OTEL_* settings: " + err.Error()}
+	}
+	logOut := newLogWriter(stdout, 100*time.Millisecond)
+	var logh slog.Handler = flushHandler{slog.NewJSONHandler(logOut, &slog.HandlerOptions{Level: cfg.LogLevel}), logOut}
+	if tr.enabled {
+		logh = traceLogHandler{logh}
+	}
+	log := slog.New(logh)
+	if tr.enabled {
+		routeOTelErrors(log)
+	}
+	log.Info("starting", append([]any{"version", buildVersion(), "tracing", tr.enabled}, cfg.logAttrs()...)...)
+	return log, tr, func() { logOut.Close(); tr.close(tracingShutdownTimeout) }, nil
+}
+
+// newCredentials returns the credentials cfg names: API_TOKEN,
+// API_TOKENS_FILE and OIDC access tokens. With none set, it makes a token
+// and logs it once, so a developer can write. The tokens file is read
+// before anything is bound or opened: a file that does not parse stops the
+// start, as another invalid setting does.
+func newCredentials(ctx context.Context, cfg *config, log *slog.Logger) (*tokenSet, error) {
+	if len(cfg.APITokens) == 0 && cfg.APITokensFile == "" && cfg.JWTIssuer == "" {
+		var b [24]byte
+		rand.Read(b[:])
+		cfg.APITokens = []string{hex.EncodeToString(b[:])}
+		log.Warn("API_TOKEN is not set; writes need this generated token", "token", cfg.APITokens[0])
+	}
+	tokens := newTokenSet(cfg.APITokens)
+	if cfg.APITokensFile != "" {
+		if err := tokens.useFile(cfg.APITokensFile); err != nil {
+			return nil, &configError{msg: err.Error()}
+		}
+		log.Info("tokens file loaded", "file", cfg.APITokensFile, "credentials", tokens.len())
+	}
+	if cfg.JWTIssuer != "" {
+		tokens.jwt = newJWTVerifier(cfg.JWTIssuer, cfg.JWTAudience, cfg.JWTJWKSURL, int64(cfg.JWTMaxHeld), log)
+		// Not fatal: an issuer that is down now may be up by the first
+		// request, which fetches the keys again.
+		tokens.jwt.refresh(ctx)
+	}
+	return tokens, nil
+}
+
+// app is the service wired over an open store: what run serves and runs
+// in the background.
+type app struct {
+	store   productStore
+	svc     *ProductService
+	metrics *metrics
+	tokens  *tokenSet
+	backups *backups // nil: the engine's backups are its own (PostgreSQL)
+	relay   *relay   // nil: AMQP_URL unset
+	life    *lifecycle
+	handler http.Handler
+	log     *slog.Logger
+}
+
+// assemble wires the caches, metrics, service, backups, relay and handler
+// over store.
+func assemble(ctx context.Context, cfg *config, store productStore, tokens *tokenSet, log *slog.Logger, tr *tracing) (*app, error) {
+	var c cache
+	if cfg.RedisURL != "" {
+		routeRedisLogs(log)
+		rc, err := newRedisCache(cfg.RedisURL, cfg.RedisTimeout, cfg.CacheTTL)
+		if err != nil {
+			return nil, &configError{msg: "invalid REDIS_URL: " + err.Error()}
+		}
+		c = rc
+		checkRedis(ctx, rc, cfg, log)
+	}
+	a := &app{store: store, tokens: tokens, log: log, metrics: newMetrics(prometheus.NewRegistry()),
+		life: &lifecycle{}} // started once the store is open and every listener is up
+	m := a.metrics
+	switch st := store.(type) {
+	case *sqliteStore:
+		m.dbPools(sqlPoolCollector(st.rdb, "sqlite_read"), sqlPoolCollector(st.wdb, "sqlite_write"))
+		m.writeGroups(st.GroupStats)
+		var err error
+		if a.backups, err = newBackups(cfg.backupDir(), cfg.BackupKeep, st, log, m); err != nil {
+			return nil, err
+		}
+	case *postgresStore:
+		m.dbPools(pgPoolCollector{st.Stat})
+	}
+	localSize := cfg.LocalCacheSize
+	if cfg.CacheMemory == 0 {
+		localSize = 0 // CACHE_MEMORY=0: no in-process caches
+	}
+	a.svc = NewProductService(store, ServiceConfig{
+		Cache: c, RedisTimeout: cfg.RedisTimeout, LocalCacheSize: localSize, CacheMemory: cfg.CacheMemory,
+		CacheTTL: cfg.CacheTTL, Logger: log, Metrics: m, Tracing: tr,
+	})
+	if cfg.AMQPURL != "" {
+		rm := m.relay()
+		a.relay = newRelay(store.(relayStore), relayConfig{
+			Source: cfg.AMQPSource, Dial: dialRelayPublisher(cfg.AMQPURL, cfg.AMQPExchange, rm), BrokerURL: cfg.AMQPURL,
+			WarnAge: cfg.RelayWarnAge, Log: log, Metrics: rm, Wake: a.svc.feed,
+		})
+	}
+	a.handler = newServer(serverDeps{
+		svc: a.svc, log: log, metrics: m, tokens: tokens, life: a.life,
+		// Always made: failed authentication is limited even when
+		// RATE_LIMIT_RPS is 0 and requests in general are not.
+		limiter: newRateLimiter(cfg.RateLimitRPS, cfg.RateLimitBurst, tokens),
+		proxies: cfg.TrustedProxies, maxFlight: cfg.MaxInFlight, serveMetrics: cfg.MetricsAddr == "", tracing: tr,
+		streams: newStreamSlots(cfg.FeedMaxStreams), backups: a.backups, relay: a.relay,
+	})
+	return a, nil
+}
+
+// serve serves the API, and /metrics and the admin endpoints where they
+// have listeners of their own, in the background.
+func (a *app) serve(lns listeners, cfg *config, errc chan<- error) []*http.Server {
+	servers := []*http.Server{serve(lns.main, a.handler, a.log, errc, newConnLimiter(cfg.MaxConns, cfg.MaxConnsPerIP, a.metrics, a.log))}
+	a.log.Info("listening", "addr", lns.main.Addr().String())
+	if lns.metrics != nil {
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", a.metrics.handler())
+		servers = append(servers, serve(lns.metrics, mux, a.log, errc, nil))
+		a.log.Info("metrics listening", "addr", lns.metrics.Addr().String())
+	}
+	if lns.admin != nil {
+		servers = append(servers, serve(lns.admin, adminMux(a.metrics), a.log, errc, nil))
+		a.log.Info("admin listening", "addr", lns.admin.Addr().String())
+	}
+	return servers
+}
+
+// startBackground starts the background work and returns what stops it
+// and waits for it. Most of it stops when ctx ends (the shutdown signal);
+// the follower serves reads, so it runs until the returned function is
+// called, after the listeners drained.
+func (a *app) startBackground(ctx context.Context, cfg *config, hup <-chan os.Signal) (stop func()) {
+	var bg sync.WaitGroup
+	bgCtx, bgCancel := context.WithCancel(ctx)
+	followCtx, followCancel := context.WithCancel(context.WithoutCancel(ctx))
+	bg.Go(func() { expireIdempotencyKeys(bgCtx, a.store, a.log) })
+	bg.Go(func() { a.svc.Probe(bgCtx, time.Second) })
+	bg.Go(func() { a.svc.Follow(followCtx) })
+	bg.Go(func() { a.svc.SweepReservations(bgCtx, time.Second) })
+	bg.Go(func() { trimChangeFeed(bgCtx, a.store, a.log, cfg.EventsRetention, time.Minute) })
+	if a.backups != nil && cfg.BackupInterval > 0 {
+		bg.Go(func() { a.backups.Schedule(bgCtx, cfg.BackupInterval) })
+	}
+	if a.relay != nil {
+		bg.Go(func() { a.relay.Run(bgCtx) })
+	}
+	bg.Go(func() { a.tokens.watch(bgCtx, hup, tokensFilePoll, a.log) })
+	return func() {
+		bgCancel()
+		followCancel()
+		bg.Wait()
 	}
 }
 
