@@ -16,7 +16,8 @@
 //	                    scenario runs on; postgres starts a throwaway
 //	                    PostgreSQL server and gives each test a database
 //	REQUIRE_RABBITMQ=1  fail instead of skip when rabbitmq-server is absent
-//	                    (TestRelayCrash)
+//	                    (TestRelayCrash, TestRelayTakeover; one server
+//	                    for the whole binary, started on first use)
 //	REQUIRE_POSTGRES=1  fail instead of skip when haproxy is absent (the
 //	                    fleet suite, TestFleet*, runs only on postgres)
 package e2e
@@ -80,6 +81,7 @@ func runTests(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
+	defer stopRabbit()
 	binPath = filepath.Join(dir, "productsvc")
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
