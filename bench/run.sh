@@ -26,6 +26,11 @@
 #   BENCH_HAPROXY_THREADS  HAProxy's nbthread (default 1: the one thread
 #                     used well under a core in these runs, and a second
 #                     one measured no faster)
+#   BENCH_RELAY       0 skips the relay's rows of workload i (default 1):
+#                     otherwise workload i runs productsvc with AMQP_URL on
+#                     a throwaway rabbitmq-server (Debian's package; skipped
+#                     with a note when it is missing) and `harness relaylag`
+#                     measures the lag from commit to broker delivery
 #
 # Only 127.0.0.1 is used, every load is bounded by -d, and everything this
 # script starts is stopped on exit.
@@ -136,6 +141,7 @@ mkdir -p "$OUT/raw" "$OUT/logs" "$DATA"
 : >"$DATA/results.tsv"
 : >"$DATA/startup.tsv"
 : >"$DATA/feedlag.tsv"
+: >"$DATA/relaylag.tsv"
 : >"$DATA/fence.tsv"
 : >"$DATA/cpu.tsv"
 : >"$DATA/notes.txt"
@@ -173,6 +179,7 @@ fi
 # has reached the end of the feed (or LAG_PID="" if it could not start).
 start_feedlag() {
 	local server=$1 url=$2 f=$3 i
+	: >"$f.log" # exists before the poll below, whoever runs first
 	"$HARNESS" feedlag -url "$url" -token "$TOKEN" -duration "$((DUR + 1))s" -o "$f" >"$f.log" 2>&1 &
 	LAG_PID=$!
 	PIDS+=("$LAG_PID")
@@ -200,6 +207,51 @@ finish_feedlag() {
 		log "  $server feed lag run $rep: $(cat "$f")"
 	else
 		note "$server: the feed consumer failed in run $rep: $(tail -3 "$f.log" | tr '\n' ' ')"
+	fi
+}
+
+# start_relaylag SERVER URL FILE waits until the relay of the server at URL
+# has published its backlog (relay_backlog_events 0 on /metrics), then
+# consumes the relay's exchange with the harness for a little longer than
+# one measured run and sets RLAG_PID once it consumes (or RLAG_PID="").
+start_relaylag() {
+	local server=$1 url=$2 f=$3 i caught=0
+	for ((i = 0; i < 600; i++)); do
+		if curl -s --max-time 2 "$url/metrics" | grep -q '^relay_backlog_events 0$'; then
+			caught=1
+			break
+		fi
+		sleep 0.1
+	done
+	((caught)) || note "$server: the relay had not published its backlog after 60 s; its lag includes the rest"
+	: >"$f.log" # exists before the poll below, whoever runs first
+	"$HARNESS" relaylag -amqp "$RABBIT_URL" -exchange "$SVC_EXCHANGE" -duration "$((DUR + 1))s" -o "$f" >"$f.log" 2>&1 &
+	RLAG_PID=$!
+	PIDS+=("$RLAG_PID")
+	for ((i = 0; i < 6000; i++)); do
+		grep -q '^following' "$f.log" && return
+		running "$RLAG_PID" || break
+		sleep 0.01
+	done
+	note "$server: the relay's consumer did not start: $(tail -3 "$f.log" | tr '\n' ' ')"
+	stop_pid "$RLAG_PID"
+	RLAG_PID=""
+}
+
+# finish_relaylag SERVER REP FILE waits for the relay's consumer to end its
+# run and records its summary.
+finish_relaylag() {
+	local server=$1 rep=$2 f=$3 i
+	for ((i = 0; i < 100 * (DUR + 30); i++)); do
+		running "$RLAG_PID" || break
+		sleep 0.01
+	done
+	stop_pid "$RLAG_PID"
+	if ((STOP_RC == 0)) && [[ -s $f ]]; then
+		printf '%s\t%s\t%s\n' "$server" "$rep" "$f" >>"$DATA/relaylag.tsv"
+		log "  $server relay lag run $rep: $(cat "$f")"
+	else
+		note "$server: the relay's consumer failed in run $rep: $(tail -3 "$f.log" | tr '\n' ' ')"
 	fi
 }
 
@@ -280,7 +332,9 @@ probed() {
 # run_workload SERVER LETTER PIDS URL runs one workload: a warm-up, then
 # REPEATS measured wrk runs, each followed by a read of the server's VmHWM
 # (the largest of PIDS, comma-separated: the processes serving URL).
-# Workload i runs a feed consumer (harness feedlag) beside each measured run.
+# Workload i runs a feed consumer (harness feedlag) beside each measured run,
+# and while the server's relay publishes (SVC_EXCHANGE set) a consumer of its
+# exchange (harness relaylag).
 run_workload() {
 	local server=$1 wl=$2 pid=$3 url=$4 rep f hwm rps
 	local args=(mode="${MODE[$wl]}" n="$N" token="$TOKEN")
@@ -294,8 +348,9 @@ run_workload() {
 	fi
 	for ((rep = 1; rep <= REPEATS; rep++)); do
 		f=$OUT/raw/${server//+/-}.$wl.$rep.txt
-		LAG_PID=""
+		LAG_PID="" RLAG_PID=""
 		[[ $wl != i ]] || start_feedlag "$server" "$url" "$f.lag"
+		[[ $wl != i || -z $SVC_EXCHANGE ]] || start_relaylag "$server" "$url" "$f.rlag"
 		probe before "$f"
 		children_cpu
 		probe_wrk before "$f"
@@ -303,12 +358,14 @@ run_workload() {
 			-- "${args[@]}" nonce="$RUN_ID.${server//+/}.$wl$rep" >"$f" 2>&1; then
 			note "wrk failed for workload $wl on $server (see $f)"
 			[[ -z $LAG_PID ]] || stop_pid "$LAG_PID"
+			[[ -z $RLAG_PID ]] || stop_pid "$RLAG_PID"
 			continue
 		fi
 		children_cpu
 		probe after "$f"
 		probe_wrk after "$f"
 		[[ -z $LAG_PID ]] || finish_feedlag "$server" "$rep" "$f.lag"
+		[[ -z $RLAG_PID ]] || finish_relaylag "$server" "$rep" "$f.rlag"
 		hwm=$(peak_kb "$pid")
 		printf '%s\t%s\t%s\t%s\t%s\n' "$wl" "$server" "$rep" "$f" "${hwm:-0}" >>"$DATA/results.tsv"
 		probed "$server" "$wl" "$rep" "$f"
@@ -360,16 +417,18 @@ start_ref() {
 
 # start_svc LABEL DB REDIS_URL [DATABASE_URL] starts productsvc on a free
 # port and sets SVC_PID, SVC_URL and READY_MS (process start to first 200 on
-# /ready).
+# /ready). With SVC_EXCHANGE set its relay publishes to that exchange on
+# RABBIT_URL.
+SVC_EXCHANGE=""
 start_svc() {
 	local label=$1 db=$2 redis=$3 pg=${4:-} port start
 	port=$("$HARNESS" port)
 	SVC_URL=http://127.0.0.1:$port
 	start=$(now_ns)
 	env -u REDIS_URL -u RATE_LIMIT_RPS -u RATE_LIMIT_BURST -u MAX_IN_FLIGHT -u METRICS_ADDR -u ADMIN_ADDR \
-		-u OTEL_EXPORTER_OTLP_ENDPOINT -u DB_SYNC -u SHUTDOWN_DELAY -u DATABASE_URL \
+		-u OTEL_EXPORTER_OTLP_ENDPOINT -u DB_SYNC -u SHUTDOWN_DELAY -u DATABASE_URL -u AMQP_URL -u AMQP_EXCHANGE \
 		ADDR="127.0.0.1:$port" DB_PATH="$db" API_TOKEN="$TOKEN" LOG_LEVEL=info ${redis:+REDIS_URL="$redis"} \
-		${pg:+DATABASE_URL="$pg"} \
+		${pg:+DATABASE_URL="$pg"} ${SVC_EXCHANGE:+AMQP_URL="$RABBIT_URL" AMQP_EXCHANGE="$SVC_EXCHANGE"} \
 		"$SVC_BIN" >>"$OUT/logs/$label.log" 2>&1 &
 	SVC_PID=$!
 	PIDS+=("$SVC_PID")
@@ -514,8 +573,89 @@ seed_products() {
 	fi
 }
 
-# ---- reference servers -------------------------------------------------------
+# run_svc_workloads CFG LABEL DB REDIS_URL [DATABASE_URL] runs WORKLOADS on
+# the productsvc started by start_svc with those arguments (SVC_PID). For
+# workload i (unless RELAY=0) it starts RabbitMQ and restarts the service
+# with its relay on (AMQP_URL, the exchange bench.CFG); after it, RabbitMQ
+# stops and the service restarts without the relay.
+run_svc_workloads() {
+	local cfg=$1 label=$2 db=$3 redis=$4 pg=${5:-} wl
+	for wl in $WORKLOADS; do
+		[[ $wl != i || $RELAY == 0 ]] || start_rabbit "$cfg"
+		if [[ $wl == i && -n $RABBIT_URL ]]; then
+			stop_svc "$cfg" "$db"
+			SVC_EXCHANGE=bench.${cfg//+/-}
+			start_svc "$label-relay" "$db" "$redis" "$pg"
+			probe_svc "$pg"
+			run_workload "$cfg" "$wl" "$SVC_PID" "$SVC_URL"
+			grep -q '^relay_leader 1$' <(curl -s --max-time 5 "$SVC_URL/metrics") ||
+				note "$cfg: relay_leader was not 1 after workload i: the relay did not publish"
+			stop_svc "$cfg" "$db"
+			stop_rabbit
+			SVC_EXCHANGE=""
+			start_svc "$label" "$db" "$redis" "$pg"
+			probe_svc "$pg"
+		else
+			run_workload "$cfg" "$wl" "$SVC_PID" "$SVC_URL"
+		fi
+	done
+}
+
+# probe_svc DATABASE_URL points the probes of the PostgreSQL runs at the
+# current SVC_PID and SVC_URL.
+probe_svc() {
+	[[ -z $1 ]] || {
+		PROBE_URLS=("$SVC_URL")
+		PROBE_PROCS=(productsvc="$SVC_PID" postgres="$PG_PID")
+	}
+}
+
+# ---- RabbitMQ, for the relay's rows of workload i ----------------------------
+# It runs only around workload i (its idle Erlang schedulers would take CPU
+# from the other workloads): start_rabbit and stop_rabbit, once per server.
 has() { [[ " $WORKLOADS " == *" $1 "* ]]; }
+RELAY=0
+RABBIT_URL="" RABBIT_PID=""
+if [[ ${BENCH_RELAY:-1} == 0 ]]; then
+	log "relay: skipped (BENCH_RELAY=0)"
+elif ! has i; then
+	log "relay: skipped (it runs with workload i; BENCH_WORKLOADS has not)"
+elif [[ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] && ! command -v rabbitmq-server >/dev/null; then
+	note "relay: rabbitmq-server is not installed (apt-get install rabbitmq-server): workload i ran without the relay's rows"
+else
+	RELAY=1
+	printf 'rabbitmq\t%s on 127.0.0.1 (internal/rabbittest: own node, ports and epmd), started for workload i only\n' \
+		"$(dpkg-query -W -f '${Version}' rabbitmq-server 2>/dev/null || echo rabbitmq-server)" >>"$DATA/meta.tsv"
+fi
+
+# start_rabbit SERVER starts a throwaway RabbitMQ server (harness rabbitmq:
+# its directories under WORK) and sets RABBIT_PID and RABBIT_URL, or notes
+# the problem and leaves RABBIT_URL empty.
+start_rabbit() {
+	local rlog=$OUT/logs/rabbitmq-${1//+/-}.log i
+	: >"$rlog"
+	mkdir -p "$WORK/rabbitmq"
+	TMPDIR=$WORK/rabbitmq "$HARNESS" rabbitmq >"$rlog" 2>&1 &
+	RABBIT_PID=$!
+	PIDS+=("$RABBIT_PID")
+	RABBIT_URL=""
+	for ((i = 0; i < 1200; i++)); do
+		RABBIT_URL=$(awk '$1 == "listening" {print $2; exit}' "$rlog")
+		[[ -n $RABBIT_URL ]] && return
+		running "$RABBIT_PID" || break
+		sleep 0.1
+	done
+	note "$1: RabbitMQ did not start, workload i ran without the relay: $(tail -3 "$rlog" | tr '\n' ' ')"
+	stop_rabbit
+}
+
+# stop_rabbit stops the RabbitMQ server start_rabbit started.
+stop_rabbit() {
+	[[ -z $RABBIT_PID ]] || stop_pid "$RABBIT_PID"
+	RABBIT_PID="" RABBIT_URL=""
+}
+
+# ---- reference servers -------------------------------------------------------
 
 log "refhttp"
 start_ref refhttp
@@ -577,9 +717,7 @@ for cfg in productsvc productsvc+redis; do
 	check "$cfg" 201 POST "$SVC_URL/products" "{\"sku\":\"check-$RUN_ID-${cfg//+/-}\",\"name\":\"check\",\"price_cents\":1}" || true
 	check "$cfg" 200 POST "$SVC_URL/products/5/stock/adjustments" '{"delta":1}' || true
 
-	for wl in $WORKLOADS; do
-		run_workload "$cfg" "$wl" "$SVC_PID" "$SVC_URL"
-	done
+	run_svc_workloads "$cfg" "${cfg//+/-}" "$dir/products.db" "$redis_url"
 	stop_svc "$cfg" "$dir/products.db"
 	if [[ -n $REDIS_PID ]]; then
 		stop_pid "$REDIS_PID"
@@ -730,11 +868,8 @@ if [[ ${BENCH_POSTGRES:-1} != 0 ]]; then
 	check "$cfg" 200 GET "$SVC_URL/products/2" || true
 	check "$cfg" 200 GET "$SVC_URL/products?q=steel&limit=20" || true
 	check "$cfg" 201 POST "$SVC_URL/products" "{\"sku\":\"check-$RUN_ID-pg\",\"name\":\"check\",\"price_cents\":1}" || true
-	PROBE_URLS=("$SVC_URL")
-	PROBE_PROCS=(productsvc="$SVC_PID" postgres="$PG_PID")
-	for wl in $WORKLOADS; do
-		run_workload "$cfg" "$wl" "$SVC_PID" "$SVC_URL"
-	done
+	probe_svc "$PG_SVC"
+	run_svc_workloads "$cfg" productsvc-postgres "$WORK/unused.db" "" "$PG_SVC"
 	PROBE_URLS=()
 	PROBE_PROCS=()
 	stop_svc "$cfg" "$WORK/unused.db"

@@ -16,6 +16,14 @@
 //	                                      follow U/events as Server-Sent Events from the
 //	                                      feed's current end for D; print the delivery lag
 //	                                      (receive time - occurred_at) of the events seen
+//	harness rabbitmq                      start a throwaway RabbitMQ server (internal/rabbittest;
+//	                                      its directories under TMPDIR), print "listening AMQP_URL",
+//	                                      stop it on SIGTERM
+//	harness relaylag -amqp U -exchange X -duration D [-o FILE]
+//	                                      consume everything the relay publishes to X for D
+//	                                      through a queue of its own bound with "#"; print the
+//	                                      lag (receive time - the CloudEvent's time) of each
+//	                                      message's first delivery
 package main
 
 import (
@@ -66,6 +74,10 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		return cmdFeedlag(ctx, rest, stdout)
 	case "cpu":
 		return cmdCPU(rest, stdout)
+	case "rabbitmq":
+		return cmdRabbitMQ(ctx, stdout)
+	case "relaylag":
+		return cmdRelaylag(ctx, rest, stdout)
 	default:
 		return fmt.Errorf("unknown command %q", cmd)
 	}
@@ -457,7 +469,7 @@ func cmdReport(args []string, stdout io.Writer) error {
 	fmt.Fprintf(&b, "# productsvc benchmark\n\n")
 	for _, f := range []struct{ label, key string }{
 		{"Date", "date"}, {"Host", "uname"}, {"CPU", "cpu"}, {"Go", "go"}, {"Load generator", "wrk"},
-		{"Settings", "settings"}, {"Data", "data"}, {"HAProxy", "haproxy"},
+		{"Settings", "settings"}, {"Data", "data"}, {"HAProxy", "haproxy"}, {"RabbitMQ", "rabbitmq"},
 	} {
 		if v := meta[f.key]; v != "" {
 			fmt.Fprintf(&b, "- %s: %s\n", f.label, v)
@@ -558,27 +570,29 @@ func cmdReport(args []string, stdout io.Writer) error {
 	return err
 }
 
-// feedLagTable writes the delivery lag the feed consumer measured during
-// workload i: feedlag.tsv lists server, repeat and the summary file of each
-// run.
-func feedLagTable(b *strings.Builder, dir string, sums map[key]summary) error {
-	rows, err := readTSV(dir + "/feedlag.tsv")
-	if err != nil || len(rows) == 0 {
-		return err
+// lagAcc adds up one consumer's summaries of the repeats of workload i.
+type lagAcc struct {
+	events           int64
+	p50, p99, maxLag []float64
+	outOfOrder       int64
+	duplicates       int64
+}
+
+// readLags reads a list of summary files (server, repeat, file; feedlag's
+// or relaylag's lines) into one lagAcc per server. A missing list is none.
+func readLags(path string) (map[string]*lagAcc, error) {
+	rows, err := readTSV(path)
+	if err != nil {
+		return nil, err
 	}
-	type acc struct {
-		events           int64
-		p50, p99, maxLag []float64
-		outOfOrder       int64
-	}
-	accs := map[string]*acc{}
+	accs := map[string]*lagAcc{}
 	for _, r := range rows {
 		if len(r) < 3 {
 			continue
 		}
 		out, err := os.ReadFile(r[2])
 		if err != nil {
-			return err
+			return nil, err
 		}
 		vals := map[string]float64{}
 		for _, f := range strings.Fields(string(out)) {
@@ -588,7 +602,7 @@ func feedLagTable(b *strings.Builder, dir string, sums map[key]summary) error {
 		}
 		a := accs[r[0]]
 		if a == nil {
-			a = &acc{}
+			a = &lagAcc{}
 			accs[r[0]] = a
 		}
 		a.events += int64(vals["events"])
@@ -596,20 +610,44 @@ func feedLagTable(b *strings.Builder, dir string, sums map[key]summary) error {
 		a.p99 = append(a.p99, vals["p99_ms"])
 		a.maxLag = append(a.maxLag, vals["max_ms"])
 		a.outOfOrder += int64(vals["out_of_order"])
+		a.duplicates += int64(vals["duplicates"])
+	}
+	return accs, nil
+}
+
+// feedLagTable writes the delivery lag the consumers measured during
+// workload i: feedlag.tsv (GET /events as SSE) and relaylag.tsv (the
+// relay's RabbitMQ exchange) list server, repeat and the summary file of
+// each run.
+func feedLagTable(b *strings.Builder, dir string, sums map[key]summary) error {
+	sse, err := readLags(dir + "/feedlag.tsv")
+	if err != nil {
+		return err
+	}
+	relay, err := readLags(dir + "/relaylag.tsv")
+	if err != nil {
+		return err
+	}
+	if len(sse) == 0 && len(relay) == 0 {
+		return nil
 	}
 	fmt.Fprintf(b, "\n## Change-feed delivery lag\n\n")
 	fmt.Fprintf(b, "During workload i one consumer follows GET /events as Server-Sent Events from the end of the feed; lag is the time it read an event minus the event's occurred_at (same host, same clock; occurred_at is taken in the write's transaction, so the lag includes the commit). p50/p99 are medians of the repeats; max is the largest of any repeat; out of order counts events whose seq did not exceed the one before. Each write appends one event, so a consumer that keeps up receives about as many events as there were writes; fewer means it fell behind and the lag grows with the run.\n\n")
-	fmt.Fprintf(b, "| server | write load req/s | writes | events received | lag p50 | lag p99 | lag max | out of order |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
+	if len(relay) > 0 {
+		fmt.Fprintf(b, "The relay rows: the same writes, the service running with AMQP_URL (a throwaway local RabbitMQ), consumed by `harness relaylag` through a queue of its own bound to the exchange with `#`; lag is the time of a message's first delivery minus the CloudEvent's time (the event's occurred_at): commit, the relay's wake-up or poll, publish, the broker's confirm, the routing and the delivery. Duplicates are deliveries of a message id already received.\n\n")
+	}
+	fmt.Fprintf(b, "| server | consumer | write load req/s | writes | events received | lag p50 | lag p99 | lag max | out of order | duplicates |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, srv := range serverOrder {
-		a, ok := accs[srv]
-		if !ok {
-			continue
-		}
 		load, writes := "—", "—"
 		if s, ok := sums[key{"i", srv}]; ok {
 			load, writes = fmt.Sprintf("%.0f", s.median), strconv.FormatInt(s.requests, 10)
 		}
-		fmt.Fprintf(b, "| %s | %s | %s | %d | %s | %s | %s | %d |\n", srv, load, writes, a.events, fmtMS(median(a.p50)), fmtMS(median(a.p99)), fmtMS(slices.Max(a.maxLag)), a.outOfOrder)
+		if a, ok := sse[srv]; ok {
+			fmt.Fprintf(b, "| %s | GET /events (SSE) | %s | %s | %d | %s | %s | %s | %d | — |\n", srv, load, writes, a.events, fmtMS(median(a.p50)), fmtMS(median(a.p99)), fmtMS(slices.Max(a.maxLag)), a.outOfOrder)
+		}
+		if a, ok := relay[srv]; ok {
+			fmt.Fprintf(b, "| %s | relay → RabbitMQ | %s | %s | %d | %s | %s | %s | %d | %d |\n", srv, load, writes, a.events, fmtMS(median(a.p50)), fmtMS(median(a.p99)), fmtMS(slices.Max(a.maxLag)), a.outOfOrder, a.duplicates)
+		}
 	}
 	return nil
 }
