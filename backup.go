@@ -280,18 +280,11 @@ func (b *backups) prune() error {
 
 // Schedule takes a backup every interval until ctx ends.
 func (b *backups) Schedule(ctx context.Context, interval time.Duration) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			if _, err := b.Create(ctx); errors.Is(err, ErrBackupRunning) {
-				b.log.Info("scheduled backup skipped: another is being taken")
-			}
+	every(ctx, interval, func() {
+		if _, err := b.Create(ctx); errors.Is(err, ErrBackupRunning) {
+			b.log.Info("scheduled backup skipped: another is being taken")
 		}
-	}
+	})
 }
 
 // sqliteURI is path as a SQLite URI filename, with query.

@@ -14,6 +14,22 @@ import (
 	"time"
 )
 
+// every calls fn every interval until ctx ends: the loop of each
+// background job (the sweeper, the trim, the probe, key expiry, scheduled
+// backups). The first call comes one interval after the start.
+func every(ctx context.Context, interval time.Duration, fn func()) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			fn()
+		}
+	}
+}
+
 // lifecycle is what /ready and /health/startup know about the process.
 type lifecycle struct {
 	started      atomic.Bool // the database is open and migrated, and the listeners are up

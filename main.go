@@ -415,21 +415,14 @@ type idempotencyExpirer interface {
 
 // expireIdempotencyKeys deletes expired idempotency keys every few minutes.
 func expireIdempotencyKeys(ctx context.Context, store idempotencyExpirer, log *slog.Logger) {
-	t := time.NewTicker(10 * time.Minute)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			n, err := store.ExpireIdempotencyKeys(ctx)
-			if err != nil && ctx.Err() == nil {
-				log.Warn("expire idempotency keys", "err", err.Error(), "deleted", n)
-			} else if n > 0 {
-				log.Info("expired idempotency keys", "deleted", n)
-			}
+	every(ctx, 10*time.Minute, func() {
+		n, err := store.ExpireIdempotencyKeys(ctx)
+		if err != nil && ctx.Err() == nil {
+			log.Warn("expire idempotency keys", "err", err.Error(), "deleted", n)
+		} else if n > 0 {
+			log.Info("expired idempotency keys", "deleted", n)
 		}
-	}
+	})
 }
 
 // healthCheck GETs the service's own /health, for container HEALTHCHECKs on

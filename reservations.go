@@ -124,21 +124,14 @@ func (s *ProductService) publishAll(ctx context.Context, ps []Product) {
 // every interval, so that holds no read or write touches are recorded too
 // (see expireDue for reads, releaseDueLines for writes).
 func (s *ProductService) SweepReservations(ctx context.Context, interval time.Duration) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	every(ctx, interval, func() {
 		s.flight.Do("expire holds", func() (any, error) {
 			if err := s.sweepHolds(ctx); err != nil && ctx.Err() == nil {
 				s.log.Warn("expire reservations", "err", err.Error())
 			}
 			return nil, nil
 		})
-	}
+	})
 }
 
 // LogID returns the change log's identity. With want set (the log_id a
@@ -192,19 +185,12 @@ type eventTrimmer interface {
 // trimChangeFeed deletes change-feed events older than retention every
 // interval, until ctx ends.
 func trimChangeFeed(ctx context.Context, store eventTrimmer, log *slog.Logger, retention, interval time.Duration) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	every(ctx, interval, func() {
 		n, err := store.TrimEvents(ctx, time.Now().Add(-retention))
 		if err != nil && ctx.Err() == nil {
 			log.Warn("trim events", "err", err.Error())
 		} else if n > 0 {
 			log.Debug("trimmed events", slog.Int64("events", n))
 		}
-	}
+	})
 }

@@ -494,21 +494,14 @@ type breakerProbe interface {
 // the fault is gone, even when no client request comes to test it.
 func (s *ProductService) Probe(ctx context.Context, interval time.Duration) {
 	var store breakerProbe = s.store // the probe's needs, held to by the compiler
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	every(ctx, interval, func() {
 		if s.writeCB.State() != gobreaker.StateClosed {
 			guard(s.writeCB, func() error { return store.ProbeWrite(ctx) })
 		}
 		if s.readCB.State() != gobreaker.StateClosed {
 			guard(s.readCB, func() error { return store.Ping(ctx) })
 		}
-	}
+	})
 }
 
 // Readiness is the service's view of its dependencies, for /ready.
