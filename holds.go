@@ -8,11 +8,13 @@ package main
 // a read that arrives at or after that moment first records every due hold
 // as expired (sweepHolds, shared by all the reads waiting for it), then
 // answers with the products that sweep changed. Reads before it pay one
-// clock comparison.
+// atomic load and a comparison, no lock.
 
 import (
 	"context"
+	"math"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -21,6 +23,12 @@ import (
 // from its own reservations, and, on a shared store, from the change log's
 // reservation.held events, which the read fence applies before any read.
 type holdClock struct {
+	// dueAt is what every read looks at, without a lock: 0 when the clock
+	// must be looked up, math.MaxInt64 when no hold is open, else the
+	// earliest expiry in Unix nanoseconds. The fields below it are
+	// changed under mu, which then stores dueAt.
+	dueAt atomic.Int64
+
 	mu      sync.Mutex
 	known   bool      // next was looked up; false: look before the next read
 	next    time.Time // the earliest expiry of an open hold; zero: none is open
@@ -29,11 +37,22 @@ type holdClock struct {
 }
 
 // due reports whether a hold may have expired by now, or the clock must be
-// looked up.
+// looked up. It takes no lock: every read asks it.
 func (c *holdClock) due(now time.Time) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return !c.known || !c.next.IsZero() && !now.Before(c.next)
+	at := c.dueAt.Load()
+	return at == 0 || now.UnixNano() >= at
+}
+
+// publish stores what due reads; c.mu is held.
+func (c *holdClock) publish() {
+	switch {
+	case !c.known:
+		c.dueAt.Store(0)
+	case c.next.IsZero():
+		c.dueAt.Store(math.MaxInt64)
+	default:
+		c.dueAt.Store(max(c.next.UnixNano(), 1))
+	}
 }
 
 // forget makes the next read look the clock up again.
@@ -41,6 +60,7 @@ func (c *holdClock) forget() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.known = false
+	c.publish()
 }
 
 // lower records a hold that expires at t.
@@ -52,6 +72,7 @@ func (c *holdClock) lower(t time.Time) {
 	}
 	if c.known && (c.next.IsZero() || t.Before(c.next)) {
 		c.next = t
+		c.publish()
 	}
 }
 
@@ -68,6 +89,7 @@ func (c *holdClock) begin() {
 func (c *holdClock) finish(next time.Time, ok bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	defer c.publish()
 	c.looking, c.known = false, ok
 	if !ok {
 		return

@@ -7,6 +7,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"time"
 )
@@ -215,7 +216,7 @@ func adjustStock(ctx context.Context, t tx, now time.Time, actor string, id, del
 		stock = stock + ?, reserved = reserved - ?, version = version + 1, updated_at = ?
 		WHERE id = ? AND stock + ? BETWEEN reserved - ? AND 1000000000000
 		RETURNING `+productColumns, delta, due, t.ts(now), id, delta, due))
-	if err == ErrNotFound {
+	if errors.Is(err, ErrNotFound) {
 		return Product{}, ErrInsufficientStock // the row is there: it was read above
 	}
 	if err != nil {
