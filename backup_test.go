@@ -99,7 +99,7 @@ func TestBackups_Create(t *testing.T) {
 		t.Errorf("manifest on disk (-returned +on disk):\n%s", diff)
 	}
 	// The copy is a database whole on its own: read-only, no WAL.
-	if _, err := inspectBackup(ctx, filepath.Join(b.dir, man.Name), false); err != nil {
+	if _, err := inspectBackup(ctx, filepath.Join(b.dir, man.Name)); err != nil {
 		t.Errorf("inspect the backup read-only: %v", err)
 	}
 	list, err := b.List()

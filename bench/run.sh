@@ -31,6 +31,10 @@
 #                     a throwaway rabbitmq-server (Debian's package; skipped
 #                     with a note when it is missing) and `harness relaylag`
 #                     measures the lag from commit to broker delivery
+#   BENCH_BACKUP      0 skips the backup rows (default 1): productsvc on
+#                     SQLite seeded with BENCH_BACKUP_PRODUCTS products
+#                     (default 200000), a backup alone, and write runs with
+#                     and without a backup beside them
 #
 # Only 127.0.0.1 is used, every load is bounded by -d, and everything this
 # script starts is stopped on exit.
@@ -144,6 +148,7 @@ mkdir -p "$OUT/raw" "$OUT/logs" "$DATA"
 : >"$DATA/relaylag.tsv"
 : >"$DATA/fence.tsv"
 : >"$DATA/cpu.tsv"
+: >"$DATA/backup.tsv"
 : >"$DATA/notes.txt"
 
 log "building into $OUT/"
@@ -420,6 +425,7 @@ start_ref() {
 # /ready). With SVC_EXCHANGE set its relay publishes to that exchange on
 # RABBIT_URL.
 SVC_EXCHANGE=""
+SVC_BACKUP_DIR=""
 start_svc() {
 	local label=$1 db=$2 redis=$3 pg=${4:-} port start
 	port=$("$HARNESS" port)
@@ -427,8 +433,10 @@ start_svc() {
 	start=$(now_ns)
 	env -u REDIS_URL -u RATE_LIMIT_RPS -u RATE_LIMIT_BURST -u MAX_IN_FLIGHT -u METRICS_ADDR -u ADMIN_ADDR \
 		-u OTEL_EXPORTER_OTLP_ENDPOINT -u DB_SYNC -u SHUTDOWN_DELAY -u DATABASE_URL -u AMQP_URL -u AMQP_EXCHANGE \
+		-u BACKUP_DIR -u BACKUP_INTERVAL -u BACKUP_KEEP \
 		ADDR="127.0.0.1:$port" DB_PATH="$db" API_TOKEN="$TOKEN" LOG_LEVEL=info ${redis:+REDIS_URL="$redis"} \
 		${pg:+DATABASE_URL="$pg"} ${SVC_EXCHANGE:+AMQP_URL="$RABBIT_URL" AMQP_EXCHANGE="$SVC_EXCHANGE"} \
+		${SVC_BACKUP_DIR:+BACKUP_DIR="$SVC_BACKUP_DIR"} \
 		"$SVC_BIN" >>"$OUT/logs/$label.log" 2>&1 &
 	SVC_PID=$!
 	PIDS+=("$SVC_PID")
@@ -724,6 +732,64 @@ for cfg in productsvc productsvc+redis; do
 		REDIS_PID=""
 	fi
 done
+
+# ---- backups: an online backup of a large catalog under writes ---------------
+# productsvc on SQLite with BACKUP_DIR, on a catalog of BACKUP_N products
+# seeded through the API. First a backup with no load (its time and MB/s);
+# then BENCH_REPEATS pairs of wrk runs of the writes mix (workload i's: half
+# creates, half stock adjustments over the whole catalog) from 8
+# connections, the same length: one without a backup, one with a backup
+# started 1 s in. The runs last the idle backup's time plus 2 s, so most of
+# the second run is spent beside the backup.
+backup_bench() {
+	local dir=$WORK/backup rep f0 f1 secs bpid code
+	BACKUP_N=${BENCH_BACKUP_PRODUCTS:-200000}
+	log "backups: seeding $BACKUP_N products through POST /products"
+	mkdir -p "$dir"
+	SVC_BACKUP_DIR=$dir/backups
+	start_svc productsvc-backup "$dir/products.db" ""
+	N=$BACKUP_N seed_products "$SVC_URL"
+	log "seeded $BACKUP_N products in ${SEED_S}s"
+	printf 'backup_data\t%s products seeded through POST /products in %s s, %s MB on disk before the backups\n' \
+		"$BACKUP_N" "$SEED_S" "$(awk -v b="$(cat "$dir"/products.db* | wc -c)" 'BEGIN {printf "%.1f", b / 1e6}')" >>"$DATA/meta.tsv"
+	f0=$OUT/raw/backup.alone.json
+	code=$(curl -s --max-time 600 -o "$f0" -w '%{http_code}' -X POST -H "Authorization: Bearer $TOKEN" "$SVC_URL/admin/backups" || true)
+	if [[ $code != 201 ]]; then
+		note "backups: POST /admin/backups with no load answered ${code:-no response}: $(head -c 200 "$f0" 2>/dev/null | tr '\n' ' ')"
+		stop_svc productsvc-backup "$dir/products.db"
+		SVC_BACKUP_DIR=""
+		return
+	fi
+	printf 'alone\t%s\n' "$f0" >>"$DATA/backup.tsv"
+	secs=$(awk '{ if (match($0, /"duration_ms": *[0-9]+/)) { v = substr($0, RSTART, RLENGTH); sub(/.*: */, "", v); printf "%d", v / 1000 + 3 } }' "$f0")
+	log "  a backup with no load: $(tr -d ' \n' <"$f0" | grep -o '"duration_ms":[0-9]*'); writes runs of ${secs:-10}s"
+	local args=(mode=writes n="$BACKUP_N" token="$TOKEN")
+	for ((rep = 1; rep <= REPEATS; rep++)); do
+		f0=$OUT/raw/backup.without.$rep.txt
+		f1=$OUT/raw/backup.with.$rep.txt
+		wrk -t1 -c8 -d"${secs:-10}s" --timeout 5s --latency -s "$LUA" "$SVC_URL" -- "${args[@]}" nonce="$RUN_ID.bk0$rep" >"$f0" 2>&1 ||
+			note "backups: wrk failed in run $rep without a backup (see $f0)"
+		(sleep 1 && curl -s --max-time 600 -o "$f1.json" -w '%{http_code}' -X POST -H "Authorization: Bearer $TOKEN" \
+			"$SVC_URL/admin/backups" >"$f1.code") &
+		bpid=$!
+		wrk -t1 -c8 -d"${secs:-10}s" --timeout 5s --latency -s "$LUA" "$SVC_URL" -- "${args[@]}" nonce="$RUN_ID.bk1$rep" >"$f1" 2>&1 ||
+			note "backups: wrk failed in run $rep beside a backup (see $f1)"
+		wait "$bpid" || true
+		if [[ $(cat "$f1.code" 2>/dev/null) != 201 ]]; then
+			note "backups: POST /admin/backups during run $rep answered $(cat "$f1.code" 2>/dev/null): $(head -c 200 "$f1.json" 2>/dev/null)"
+			continue
+		fi
+		printf 'pair\t%s\t%s\t%s\t%s\n' "$rep" "$f0" "$f1" "$f1.json" >>"$DATA/backup.tsv"
+		log "  backups run $rep: writes p99 $(awk '$1 == "99%" {print $2}' "$f0") without, $(awk '$1 == "99%" {print $2}' "$f1") beside a backup"
+	done
+	stop_svc productsvc-backup "$dir/products.db"
+	SVC_BACKUP_DIR=""
+}
+if [[ ${BENCH_BACKUP:-1} != 0 ]]; then
+	backup_bench
+else
+	log "backups: skipped (BENCH_BACKUP=0)"
+fi
 
 # ---- fleet: replicas on one PostgreSQL database and one Redis -----------------
 # The reads only: GET by id (a) and listings (b), as far as BENCH_WORKLOADS

@@ -530,6 +530,9 @@ func cmdReport(args []string, stdout io.Writer) error {
 	if err := fleetReport(&b, *dir, rows, sums); err != nil {
 		return err
 	}
+	if err := backupTable(&b, *dir, meta); err != nil {
+		return err
+	}
 
 	fmt.Fprintf(&b, "\n## Workloads and references\n\n")
 	for _, w := range workloads {
