@@ -41,7 +41,7 @@ func backupTable(b *strings.Builder, dir string, meta map[string]string) error {
 		return nil
 	}
 	fmt.Fprintf(b, "\n## Backups (SQLite)\n\n")
-	fmt.Fprintf(b, "productsvc on SQLite (DB_SYNC=full) with BACKUP_DIR; %s. POST /admin/backups copies the live database with SQLite's online backup API, checks the copy (PRAGMA integrity_check, at the lowest CPU priority), fsyncs it, hashes it and renames it into place; its time is the manifest's duration_ms, from the start to the manifest. Then pairs of wrk runs of workload i's writes (half creates, half stock adjustments over the whole catalog) from 8 connections, the same length: one without a backup, then one with a backup started 1 s in. Target: writes' p99 at most 10 ms more beside a backup than without.\n\n", orDash(meta["backup_data"], ""))
+	fmt.Fprintf(b, "productsvc on SQLite (DB_SYNC=full) with BACKUP_DIR; %s. POST /admin/backups copies the live database with SQLite's online backup API, writes the copy back to disk a MiB at a time and fsyncs it, checks it (PRAGMA integrity_check), hashes it and renames it into place; its time is the manifest's duration_ms, from the start to the manifest. Then pairs of wrk runs of workload i's writes (half creates, half stock adjustments over the whole catalog) from 8 connections, the same length: one without a backup, then one with a backup started 1 s in. Target: writes' p99 at most 10 ms more beside a backup than without.\n\n", orDash(meta["backup_data"], ""))
 	var diffs []float64
 	fmt.Fprintf(b, "| run | backup | backup time | size | MB/s | writes/s without | p99 without | writes/s with | p99 with | p99 difference |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, r := range rows {
