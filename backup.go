@@ -340,9 +340,10 @@ func snapshotBackupAPI(ctx context.Context, src, dst string) error {
 			return errors.New("the SQLite driver has no backup API")
 		}
 		// No journal and no fsync on the copy: a copy that fails is
-		// removed, and the caller fsyncs the whole file once, after its
-		// check. (SQLite's own fsync here stalled concurrent commits:
-		// their fsync waits for the filesystem to flush the copy.)
+		// removed, and the caller writes the whole file back gently and
+		// fsyncs it once (see syncGently). (SQLite's own fsync here
+		// stalled concurrent commits: their fsync waits for the
+		// filesystem to flush the copy.)
 		bk, err := bc.NewBackup(sqliteURI(dst, "_pragma=journal_mode(off)&_pragma=synchronous(off)"))
 		if err != nil {
 			return err

@@ -215,20 +215,23 @@ finish_feedlag() {
 	fi
 }
 
-# start_relaylag SERVER URL FILE waits until the relay of the server at URL
-# has published its backlog (relay_backlog_events 0 on /metrics), then
-# consumes the relay's exchange with the harness for a little longer than
-# one measured run and sets RLAG_PID once it consumes (or RLAG_PID="").
-start_relaylag() {
-	local server=$1 url=$2 f=$3 i caught=0
+# wait_relay_backlog SERVER URL waits until the relay of the server at URL
+# has published its backlog (relay_backlog_events 0 on /metrics): at its
+# first start it publishes the whole feed.
+wait_relay_backlog() {
+	local server=$1 url=$2 i
 	for ((i = 0; i < 600; i++)); do
-		if curl -s --max-time 2 "$url/metrics" | grep -q '^relay_backlog_events 0$'; then
-			caught=1
-			break
-		fi
+		curl -s --max-time 2 "$url/metrics" | grep -q '^relay_backlog_events 0$' && return
 		sleep 0.1
 	done
-	((caught)) || note "$server: the relay had not published its backlog after 60 s; its lag includes the rest"
+	note "$server: the relay had not published its backlog after 60 s; its lag includes the rest"
+}
+
+# start_relaylag SERVER FILE consumes the relay's exchange with the harness
+# for a little longer than one measured run and sets RLAG_PID once it
+# consumes (or RLAG_PID="").
+start_relaylag() {
+	local server=$1 f=$2 i
 	: >"$f.log" # exists before the poll below, whoever runs first
 	"$HARNESS" relaylag -amqp "$RABBIT_URL" -exchange "$SVC_EXCHANGE" -duration "$((DUR + 1))s" -o "$f" >"$f.log" 2>&1 &
 	RLAG_PID=$!
@@ -354,8 +357,11 @@ run_workload() {
 	for ((rep = 1; rep <= REPEATS; rep++)); do
 		f=$OUT/raw/${server//+/-}.$wl.$rep.txt
 		LAG_PID="" RLAG_PID=""
+		# The relay's backlog first: the consumers' runs, which start when
+		# they are ready, must not be spent waiting for it.
+		[[ $wl != i || -z $SVC_EXCHANGE ]] || wait_relay_backlog "$server" "$url"
 		[[ $wl != i ]] || start_feedlag "$server" "$url" "$f.lag"
-		[[ $wl != i || -z $SVC_EXCHANGE ]] || start_relaylag "$server" "$url" "$f.rlag"
+		[[ $wl != i || -z $SVC_EXCHANGE ]] || start_relaylag "$server" "$f.rlag"
 		probe before "$f"
 		children_cpu
 		probe_wrk before "$f"
