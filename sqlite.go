@@ -53,7 +53,8 @@ type sqliteStore struct {
 	rdb    *sql.DB // read-only connections
 	reads  sqliteRead
 
-	writer    // the group-commit writer (sqlite_writer.go)
+	writer                  // the group-commit writer (sqlite_writer.go)
+	mergeDone chan struct{} // closed when ftsMergeLoop returns
 	closeOnce sync.Once
 
 	count atomic.Int64 // number of products, kept up to date by writes
@@ -115,6 +116,15 @@ func openSQLite(ctx context.Context, cfg StoreConfig) (*sqliteStore, error) {
 	s.rdb = rdb
 	s.reads = sqliteRead{db: rdb, stmts: new(sync.Map)}
 
+	// The full-text index's segments are merged by ftsMergeLoop, a little
+	// at a time, not by FTS5's automerge inside a client's commit (see
+	// ftsMergeLoop). The setting is kept in the database; set it at every
+	// open, so a database from before this keeps no automerge either.
+	if _, err := s.wdb.ExecContext(ctx, `INSERT INTO products_fts (products_fts, rank) VALUES ('automerge', 0)`); err != nil {
+		s.closeDBs()
+		return nil, fmt.Errorf("full-text index settings: %w", err)
+	}
+
 	var n int64
 	if err := rdb.QueryRowContext(ctx, `SELECT count(*) FROM products`).Scan(&n); err != nil {
 		s.closeDBs()
@@ -123,6 +133,11 @@ func openSQLite(ctx context.Context, cfg StoreConfig) (*sqliteStore, error) {
 	s.count.Store(n)
 
 	go s.writeLoop()
+	s.mergeDone = make(chan struct{})
+	go func() {
+		defer close(s.mergeDone)
+		s.ftsMergeLoop(ftsMergeInterval)
+	}()
 	return s, nil
 }
 
@@ -174,6 +189,7 @@ func (s *sqliteStore) Close() error {
 	var err error
 	s.closeOnce.Do(func() {
 		s.stopWriter()
+		<-s.mergeDone // ends with the writer
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		s.rdb.Close() // readers first, so the writer's close is the last and removes the WAL

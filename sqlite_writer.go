@@ -38,6 +38,7 @@ type writer struct {
 	fts       ftsBatch
 
 	groups, grouped atomic.Int64 // write groups committed, and the writes in them
+	ftsGroups       atomic.Int64 // groups committed that changed the full-text index
 }
 
 func newWriter(db *sql.DB, timeout time.Duration, clock func() time.Time) writer {
@@ -232,6 +233,9 @@ func (w *writer) commitGroup(ops []*writeOp) {
 	}
 	w.groups.Add(1)
 	w.grouped.Add(int64(len(ops)))
+	if len(w.fts.journal) > 0 {
+		w.ftsGroups.Add(1)
+	}
 	for i, op := range ops {
 		op.done <- errs[i]
 	}
@@ -430,4 +434,76 @@ func (b *ftsBatch) flush(ctx context.Context, w *writer, tx *sql.Tx) error {
 	_, err := w.exec(ctx, tx, `INSERT INTO products_fts (rowid, name, description)
 		SELECT id, name, description FROM products WHERE id IN (SELECT value FROM json_each(?))`, string(ids))
 	return err
+}
+
+// The full-text index (FTS5) writes a new segment at every commit that
+// changes it, and segments must be merged as they pile up. FTS5's own
+// automerge does that inside the commit that crosses its threshold,
+// 64 pages times the number of levels at once: on 200,000 products about
+// 500 pages, 40-60 ms of the writer's time for each of several
+// consecutive groups every several seconds, during which every write
+// waits (and the WAL those pages fill then triggers a checkpoint as well).
+// So automerge is off (openSQLite), and ftsMergeLoop merges a few pages at
+// a time, each step a transaction of its own between client groups, with
+// the same threshold as automerge (usermerge, 4 segments a level). If it
+// ever fell behind, FTS5's crisis merge (16 segments a level) still bounds
+// the segments. Merging changes how the index is stored, never what it
+// holds.
+const (
+	ftsMergeInterval = 50 * time.Millisecond // how often to look for merge work
+	ftsMergePages    = 64                    // pages one step writes at most: a few ms
+	ftsMergePause    = 10 * time.Millisecond // between steps that found work
+)
+
+// ftsMergeLoop merges the full-text index's segments until the writer
+// stops: every interval in which a group changed the index, steps until a
+// step finds nothing to merge.
+func (w *writer) ftsMergeLoop(interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	seen := w.ftsGroups.Load()
+	for {
+		select {
+		case <-w.stop:
+			return
+		case <-t.C:
+		}
+		if n := w.ftsGroups.Load(); n == seen {
+			continue
+		} else {
+			seen = n
+		}
+		for {
+			merged, err := w.ftsMergeStep()
+			if err != nil || !merged {
+				break // an error: the next interval tries again
+			}
+			select {
+			case <-w.stop:
+				return
+			case <-time.After(ftsMergePause):
+			}
+		}
+	}
+}
+
+// ftsMergeStep runs one FTS5 'merge' of at most ftsMergePages pages and
+// reports whether it merged anything: the command changes two or more rows
+// when it does (see the FTS5 documentation of 'merge').
+func (w *writer) ftsMergeStep() (merged bool, err error) {
+	err = w.alone(context.Background(), func(ctx context.Context, q querier) error {
+		var before, after int64
+		if err := q.queryRow(ctx, `SELECT total_changes()`).Scan(&before); err != nil {
+			return err
+		}
+		if _, err := q.exec(ctx, `INSERT INTO products_fts (products_fts, rank) VALUES ('merge', ?)`, ftsMergePages); err != nil {
+			return err
+		}
+		if err := q.queryRow(ctx, `SELECT total_changes()`).Scan(&after); err != nil {
+			return err
+		}
+		merged = after-before >= 2
+		return nil
+	})
+	return merged, err
 }
