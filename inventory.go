@@ -314,6 +314,18 @@ func transition(ctx context.Context, t tx, now time.Time, actor, id, to string) 
 // released (their hold had expired) are skipped. It returns the products
 // that changed. actor is who ended it ("" when it expired).
 func finish(ctx context.Context, t tx, now time.Time, actor string, r *Reservation, to string) ([]Product, error) {
+	// The lines' products are locked first, in id order, as every write
+	// that touches a product locks it before it releases the product's due
+	// lines (releaseDueLines). Read before the locks, a line could be
+	// released by such a write between the read and the products' update,
+	// and both would give its units back: reserved would drift below the
+	// units held, and a later release would break its constraint.
+	// (PostgreSQL; SQLite runs one write at a time.)
+	if t.forUpdate != "" {
+		if err := lockLineProducts(ctx, t, r.ID); err != nil {
+			return nil, err
+		}
+	}
 	rows, err := t.query(ctx, `SELECT product_id, quantity FROM reservation_lines
 		WHERE reservation_id = ? AND holding = 1 ORDER BY product_id`, r.ID)
 	if err != nil {
@@ -361,6 +373,35 @@ func finish(ctx context.Context, t tx, now time.Time, actor string, r *Reservati
 		return nil, err
 	}
 	return changed, nil
+}
+
+// lockLineProducts locks, in id order, the products of reservation id's
+// lines that still hold units.
+func lockLineProducts(ctx context.Context, t tx, id string) error {
+	rows, err := t.query(ctx, `SELECT DISTINCT product_id FROM reservation_lines
+		WHERE reservation_id = ? AND holding = 1 ORDER BY product_id`, id)
+	if err != nil {
+		return err
+	}
+	var ids []int64
+	for rows.Next() {
+		var pid int64
+		if err := rows.Scan(&pid); err != nil {
+			rows.Close()
+			return err
+		}
+		ids = append(ids, pid)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	for _, pid := range ids {
+		if _, err := getProduct(ctx, t, pid, true); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // dueReservations returns up to limit held reservations whose time ran out.
