@@ -118,20 +118,7 @@ func TestRelayCrash(t *testing.T) {
 	got := map[int64]bool{}
 	deadline := time.Now().Add(60 * time.Second)
 	for len(got) < want && time.Now().Before(deadline) {
-		got = map[int64]bool{}
-		for _, d := range cons.Deliveries() {
-			if d.Type != "product.created" {
-				continue
-			}
-			var ce struct {
-				Data struct {
-					ProductID int64 `json:"product_id"`
-				} `json:"data"`
-			}
-			if json.Unmarshal(d.Body, &ce) == nil && acked[ce.Data.ProductID] {
-				got[ce.Data.ProductID] = true
-			}
-		}
+		got = createdAmong(cons, acked)
 		time.Sleep(100 * time.Millisecond)
 	}
 	for id := range acked {
@@ -279,20 +266,7 @@ func TestRelayTakeover(t *testing.T) {
 			ids[id] = true
 		}
 		mu.Unlock()
-		seen := map[int64]bool{}
-		for _, d := range cons.Deliveries() {
-			if d.Type != "product.created" {
-				continue
-			}
-			var ce struct {
-				Data struct {
-					ProductID int64 `json:"product_id"`
-				} `json:"data"`
-			}
-			if json.Unmarshal(d.Body, &ce) == nil && ids[ce.Data.ProductID] {
-				seen[ce.Data.ProductID] = true
-			}
-		}
+		seen := createdAmong(cons, ids)
 		for id := range ids {
 			if !seen[id] {
 				missing = append(missing, id)
@@ -379,4 +353,24 @@ func TestRelayTakeover(t *testing.T) {
 	ids, dups := cons.Distinct()
 	t.Logf("RESULT relay takeover: slot %d killed, slot %d publishing %v later (relay_leader 1), deliveries again after %v; acknowledged creates=%d (%d before the kill) delivered=%d distinct messages=%d duplicate deliveries=%d",
 		leader, next[0], tookOver.Round(time.Millisecond), resumed.Round(time.Millisecond), want, ackedAtKill, got, ids, dups)
+}
+
+// createdAmong returns the products among ids whose product.created cons
+// has received.
+func createdAmong(cons *rabbittest.Consumer, ids map[int64]bool) map[int64]bool {
+	got := map[int64]bool{}
+	for _, d := range cons.Deliveries() {
+		if d.Type != "product.created" {
+			continue
+		}
+		var ce struct {
+			Data struct {
+				ProductID int64 `json:"product_id"`
+			} `json:"data"`
+		}
+		if json.Unmarshal(d.Body, &ce) == nil && ids[ce.Data.ProductID] {
+			got[ce.Data.ProductID] = true
+		}
+	}
+	return got
 }
